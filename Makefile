@@ -1,0 +1,56 @@
+# normserve — the two commands: `make run` and `make test`. Each installs what
+# is missing (scripts/provision.sh: libtorch via the torch==2.11.0 wheel and the
+# Python test dependencies, in ${XDG_CACHE_HOME:-~/.cache}/normserve), builds,
+# then serves or tests. Set LIBTORCH to build against your own libtorch 2.11.0.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+CARGO ?= cargo
+PROVISION := scripts/provision.sh
+# Resolved lazily, so `make help` installs nothing.
+LIBTORCH_DIR = $(shell $(PROVISION) --libtorch)
+PYTHON = $(shell $(PROVISION) --python)
+PYGEN := target/pygen
+LISTEN ?= 127.0.0.1:50051
+DATA_DIR ?= data
+
+.PHONY: help setup build run test test-rust test-python pystubs bench lint fmt clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
+
+setup: ## install libtorch and the Python test environment (idempotent)
+	@$(PROVISION)
+
+build: setup ## release build of the server
+	LIBTORCH="$(LIBTORCH_DIR)" $(CARGO) build --release --locked
+
+run: build ## build and serve on 127.0.0.1:50051 (override LISTEN=, DATA_DIR=)
+	./target/release/normserve --listen "$(LISTEN)" --data-dir "$(DATA_DIR)"
+
+pystubs: setup ## generate Python gRPC stubs from proto/ into target/pygen
+	@mkdir -p $(PYGEN)
+	"$(PYTHON)" -m grpc_tools.protoc -Iproto --python_out=$(PYGEN) --grpc_python_out=$(PYGEN) \
+		proto/normserve/v1/*.proto
+
+test: build pystubs ## run every test: Rust unit + integration, Python conformance
+	$(MAKE) --no-print-directory test-rust test-python
+
+test-rust:
+	LIBTORCH="$(LIBTORCH_DIR)" $(CARGO) test --release --locked
+
+test-python:
+	NORMSERVE_BIN="$(CURDIR)/target/release/normserve" PYTHONPATH="$(CURDIR)/$(PYGEN)" \
+		"$(PYTHON)" -m pytest -q tests/conformance
+
+lint: setup ## clippy with warnings as errors, and rustfmt check
+	LIBTORCH="$(LIBTORCH_DIR)" $(CARGO) clippy --release --locked --all-targets -- -D warnings
+	$(CARGO) fmt --check
+
+fmt: ## format the Rust code
+	$(CARGO) fmt
+
+clean: ## remove build outputs (the cached Python environment stays)
+	$(CARGO) clean

@@ -1,0 +1,137 @@
+//! Configuration: command-line flags and `NORMSERVE_*` environment variables
+//! parsed into one validated [`Config`]. This is the single source of truth for
+//! every option; `--help` and the README's table describe the same fields.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+use crate::device::DeviceChoice;
+
+/// normserve: a gRPC batch-normalization service on libtorch.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "normserve", version, about, long_about = None)]
+pub struct Config {
+    /// Address to listen on (use port 0 for an ephemeral port).
+    #[arg(long, env = "NORMSERVE_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+
+    /// Directory for durable state (created if missing).
+    #[arg(long, env = "NORMSERVE_DATA_DIR", default_value = "data")]
+    pub data_dir: PathBuf,
+
+    /// Default device of new sessions and of Compare: auto (CUDA when
+    /// available, else CPU), cpu, cuda or cuda:N.
+    #[arg(long, env = "NORMSERVE_DEVICE", default_value = "auto")]
+    pub device: DeviceChoice,
+
+    /// Largest accepted request or response message, in bytes.
+    #[arg(long, env = "NORMSERVE_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub max_message_bytes: usize,
+
+    /// Largest number of elements in one tensor.
+    #[arg(long, env = "NORMSERVE_MAX_TENSOR_ELEMENTS", default_value_t = 32 * 1024 * 1024)]
+    pub max_tensor_elements: u64,
+
+    /// Largest num_features (channels) of a session.
+    #[arg(long, env = "NORMSERVE_MAX_NUM_FEATURES", default_value_t = 65_536)]
+    pub max_num_features: i64,
+
+    /// Largest number of live sessions.
+    #[arg(long, env = "NORMSERVE_MAX_SESSIONS", default_value_t = 100_000)]
+    pub max_sessions: u64,
+
+    /// libtorch intra-op threads per tensor operation. 1 suits a server that
+    /// runs many small requests at once: parallelism comes from the compute
+    /// pool instead of OpenMP threads spinning on shared cores.
+    #[arg(long, env = "NORMSERVE_INTRA_OP_THREADS", default_value_t = 1)]
+    pub intra_op_threads: i32,
+
+    /// Tensor operations that may run at once (0: one per CPU core).
+    #[arg(long, env = "NORMSERVE_COMPUTE_THREADS", default_value_t = 0)]
+    pub compute_threads: usize,
+
+    /// Recent request ids remembered per session for idempotent retries.
+    #[arg(long, env = "NORMSERVE_REPLAY_WINDOW", default_value_t = 64)]
+    pub replay_window: usize,
+
+    /// Bytes of forward outputs kept per session to answer retries in full.
+    #[arg(long, env = "NORMSERVE_REPLAY_CACHE_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub replay_cache_bytes: usize,
+
+    /// Seconds in-flight requests get to finish after SIGTERM/SIGINT.
+    #[arg(long, env = "NORMSERVE_DRAIN_SECONDS", default_value_t = 10)]
+    pub drain_seconds: u64,
+
+    /// Log format.
+    #[arg(long, env = "NORMSERVE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Log filter in tracing's EnvFilter syntax, e.g. "info" or "normserve=debug".
+    #[arg(long, env = "NORMSERVE_LOG", default_value = "info")]
+    pub log: String,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// A configuration value that parsed but cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(String);
+
+impl Config {
+    /// Checks the cross-field rules clap cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let positive = [
+            ("--max-message-bytes", self.max_message_bytes as u64),
+            ("--max-tensor-elements", self.max_tensor_elements),
+            ("--max-sessions", self.max_sessions),
+        ];
+        for (flag, value) in positive {
+            if value == 0 {
+                return Err(ConfigError(format!("{flag} must be at least 1")));
+            }
+        }
+        if self.max_num_features < 1 {
+            return Err(ConfigError("--max-num-features must be at least 1".into()));
+        }
+        if self.intra_op_threads < 1 {
+            return Err(ConfigError("--intra-op-threads must be at least 1".into()));
+        }
+        if self.max_message_bytes > u32::MAX as usize {
+            return Err(ConfigError(
+                "--max-message-bytes must be below 4 GiB".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Compute pool size with the `0 = one per core` default resolved.
+    pub fn resolved_compute_threads(&self) -> usize {
+        if self.compute_threads > 0 {
+            return self.compute_threads;
+        }
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
+
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_secs(self.drain_seconds)
+    }
+
+    /// A configuration with every default, listening on `listen`; for tests
+    /// and embedding.
+    pub fn with_defaults(listen: SocketAddr) -> Self {
+        let mut config = Config::parse_from(["normserve"]);
+        config.listen = listen;
+        config
+    }
+}

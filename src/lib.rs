@@ -1,0 +1,14 @@
+//! normserve: a gRPC batch-normalization service on libtorch.
+//!
+//! Modules in reading order; dependencies point upwards only
+//! (`numerics <- session <- transport`, with `config`, `device`, `compute`
+//! and `telemetry` usable anywhere). See ARCHITECTURE.md.
+
+pub mod compute;
+pub mod config;
+pub mod device;
+pub mod numerics;
+pub mod proto;
+pub mod session;
+pub mod telemetry;
+pub mod transport;

@@ -1,0 +1,95 @@
+//! The `normserve` binary: parse the configuration, start logging, bind, serve
+//! until SIGTERM/SIGINT. The one place that maps errors to exit codes:
+//! 0 clean stop, 1 runtime failure, 2 bad configuration or device.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use normserve::config::Config;
+use normserve::device::device_name;
+use normserve::transport;
+
+fn main() -> ExitCode {
+    let config = Config::parse();
+    if let Err(error) = config.validate() {
+        eprintln!("normserve: {error}");
+        return ExitCode::from(2);
+    }
+    if let Err(error) = normserve::telemetry::init(&config) {
+        eprintln!("normserve: {error}");
+        return ExitCode::from(2);
+    }
+    let device = match transport::prepare(&config) {
+        Ok(device) => device,
+        Err(error) => {
+            tracing::error!(%error, "cannot use the requested device");
+            eprintln!("normserve: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("normserve: cannot start the async runtime: {error}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(config, device)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(%error, "normserve stopped with an error");
+            eprintln!("normserve: {error}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn run(config: Config, device: tch::Device) -> Result<(), transport::ServeError> {
+    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    let address = listener.local_addr()?;
+    tracing::info!(
+        %address,
+        device = %device_name(device),
+        libtorch = transport::LIBTORCH_VERSION,
+        intra_op_threads = config.intra_op_threads,
+        compute_threads = config.resolved_compute_threads(),
+        "normserve listening"
+    );
+    // One plain line on stdout for people and scripts (tests read the port
+    // from it). Connections made before serving starts wait in the backlog.
+    println!(
+        "normserve listening on {address} (device {}, libtorch {})",
+        device_name(device),
+        transport::LIBTORCH_VERSION
+    );
+    transport::serve(config, device, listener, shutdown_signal()).await
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate = match tokio::signal::unix::signal(
+            tokio::signal::unix::SignalKind::terminate(),
+        ) {
+            Ok(signal) => signal,
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM; only SIGINT stops the server");
+                let _ = interrupt.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+}

@@ -1,0 +1,112 @@
+//! Batch-norm math on `tch::Tensor`: the forward pass and running-statistics
+//! update with PyTorch's exact semantics and validation texts, tensor
+//! encoding, and `state_dict` (safetensors) import/export.
+//!
+//! This module knows nothing about gRPC, tokio, sessions or I/O: it takes
+//! tensors and plain values and returns tensors or a [`NumericsError`].
+
+pub mod batch_norm;
+pub mod codec;
+pub mod state_dict;
+
+pub use batch_norm::{LayerKind, Momentum};
+pub use codec::TensorData;
+
+/// Element types normserve accepts, with PyTorch's names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DType {
+    Float32,
+    Float64,
+    Float16,
+    BFloat16,
+}
+
+impl DType {
+    pub fn kind(self) -> tch::Kind {
+        match self {
+            DType::Float32 => tch::Kind::Float,
+            DType::Float64 => tch::Kind::Double,
+            DType::Float16 => tch::Kind::Half,
+            DType::BFloat16 => tch::Kind::BFloat16,
+        }
+    }
+
+    pub fn from_kind(kind: tch::Kind) -> Option<Self> {
+        match kind {
+            tch::Kind::Float => Some(DType::Float32),
+            tch::Kind::Double => Some(DType::Float64),
+            tch::Kind::Half => Some(DType::Float16),
+            tch::Kind::BFloat16 => Some(DType::BFloat16),
+            _ => None,
+        }
+    }
+
+    /// Bytes per element.
+    pub fn itemsize(self) -> usize {
+        match self {
+            DType::Float32 => 4,
+            DType::Float64 => 8,
+            DType::Float16 | DType::BFloat16 => 2,
+        }
+    }
+
+    /// As PyTorch prints it, e.g. "torch.float32".
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            DType::Float32 => "torch.float32",
+            DType::Float64 => "torch.float64",
+            DType::Float16 => "torch.float16",
+            DType::BFloat16 => "torch.bfloat16",
+        }
+    }
+}
+
+/// Why a numerical operation was refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NumericsError {
+    /// The caller sent something malformed; `field` names it ("input",
+    /// "weight", "input.raw", ...) and `message` says what is wrong, with
+    /// PyTorch's own text where PyTorch has one.
+    #[error("{field}: {message}")]
+    Invalid { field: String, message: String },
+    /// A configured limit was exceeded.
+    #[error("{field}: {what} {actual} exceeds the limit {limit} ({limit_name})")]
+    LimitExceeded {
+        field: String,
+        what: &'static str,
+        actual: u64,
+        limit: u64,
+        limit_name: &'static str,
+    },
+    /// libtorch failed on input that passed validation: a bug or a device
+    /// fault, never the caller's fault.
+    #[error("libtorch: {0}")]
+    Torch(String),
+}
+
+impl NumericsError {
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        NumericsError::Invalid {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl From<tch::TchError> for NumericsError {
+    fn from(error: tch::TchError) -> Self {
+        // libtorch appends a C++ backtrace after the message; keep the message.
+        let text = error.to_string();
+        let first = text
+            .split("\nException raised from")
+            .next()
+            .unwrap_or(&text);
+        NumericsError::Torch(first.trim().to_owned())
+    }
+}
+
+/// Formats a shape as PyTorch prints `tensor.shape`: `torch.Size([2, 3])`.
+pub fn torch_size(shape: &[i64]) -> String {
+    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+    format!("torch.Size([{}])", dims.join(", "))
+}

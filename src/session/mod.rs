@@ -1,0 +1,218 @@
+//! Stateful batch-norm sessions: one `torch.nn.BatchNorm*d` layer each, kept
+//! in memory (on its device) between requests.
+//!
+//! Owns: [`SessionId`], [`SessionConfig`], the [`Registry`] of live sessions,
+//! per-session ordering (mutations apply one at a time in arrival order),
+//! versions, idempotent replays and limits. Contains no proto types and no
+//! networking; tensor math is delegated to [`crate::numerics`].
+
+mod id;
+mod registry;
+mod replay;
+
+use std::collections::BTreeMap;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+
+pub use id::{InvalidSessionId, SessionId};
+pub use registry::{Limits, Registry, RegistryOptions};
+
+use crate::compute::ComputeError;
+use crate::device::{DeviceChoice, DeviceError};
+use crate::numerics::{DType, LayerKind, Momentum, NumericsError, TensorData};
+
+/// Forward behaviour.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Train,
+    Eval,
+}
+
+/// A session's configuration as created. `eps` and `momentum` here are the
+/// creation values; the current ones live in the state (UpdateParameters may
+/// change them) and are what snapshots report.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionConfig {
+    pub kind: LayerKind,
+    pub num_features: i64,
+    pub eps: f64,
+    pub momentum: Momentum,
+    pub affine: bool,
+    pub track_running_stats: bool,
+    pub param_dtype: DType,
+    pub default_mode: Mode,
+    pub reject_non_finite: bool,
+    pub labels: BTreeMap<String, String>,
+}
+
+pub const MAX_LABELS: usize = 64;
+pub const MAX_LABEL_KEY_BYTES: usize = 128;
+pub const MAX_LABEL_VALUE_BYTES: usize = 1024;
+pub const MAX_REQUEST_ID_BYTES: usize = 128;
+
+/// Initial or replacement state tensors; each present one must be (C,).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StateTensors {
+    pub weight: Option<TensorData>,
+    pub bias: Option<TensorData>,
+    pub running_mean: Option<TensorData>,
+    pub running_var: Option<TensorData>,
+}
+
+#[derive(Debug, Clone)]
+pub struct CreateSession {
+    pub id: Option<SessionId>,
+    pub config: SessionConfig,
+    pub device: DeviceChoice,
+    pub initial: StateTensors,
+    pub num_batches_tracked: Option<i64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Forward {
+    pub id: SessionId,
+    /// Validated against the layer before any compute.
+    pub input: TensorData,
+    /// None: the session's default mode.
+    pub mode: Option<Mode>,
+    pub expected_version: Option<u64>,
+    pub request_id: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ForwardOutcome {
+    /// Absent only in a replay whose output is no longer held.
+    pub output: Option<TensorData>,
+    pub version: u64,
+    pub num_batches_tracked: i64,
+    pub replayed: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct UpdateParameters {
+    pub tensors: StateTensors,
+    pub num_batches_tracked: Option<i64>,
+    pub eps: Option<f64>,
+    pub momentum: Option<Momentum>,
+}
+
+/// Preconditions shared by every mutating call.
+#[derive(Debug, Clone, Default)]
+pub struct MutationGuard {
+    pub expected_version: Option<u64>,
+    pub request_id: Option<String>,
+}
+
+/// A consistent copy of a session, taken under its lock.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionSnapshot {
+    pub id: SessionId,
+    /// Current configuration (eps and momentum as they are now).
+    pub config: SessionConfig,
+    pub device: tch::Device,
+    pub version: u64,
+    pub num_batches_tracked: i64,
+    pub created_at: SystemTime,
+    pub updated_at: SystemTime,
+    /// Absent when the caller asked for no tensors.
+    pub tensors: Option<StateTensors>,
+}
+
+/// A mutation's result plus whether it is a replay of an earlier request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Applied<T> {
+    pub value: T,
+    pub replayed: bool,
+}
+
+/// safetensors bytes of the state dict, at a version.
+#[derive(Debug, Clone)]
+pub struct ExportedState {
+    pub safetensors: Bytes,
+    pub version: u64,
+}
+
+/// One page of ListSessions.
+#[derive(Debug, Clone)]
+pub struct SessionPage {
+    pub sessions: Vec<SessionSnapshot>,
+    /// Id to continue after; None on the last page.
+    pub next_after: Option<SessionId>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("session {0} not found")]
+    NotFound(SessionId),
+    #[error("session {id} already exists with a different configuration ({difference})")]
+    AlreadyExists { id: SessionId, difference: String },
+    #[error("request_id {request_id:?} was already used by a different call ({used_by}) on session {id}")]
+    RequestIdReused {
+        id: SessionId,
+        request_id: String,
+        used_by: &'static str,
+    },
+    #[error("session {id} is at version {actual}, expected_version was {expected}")]
+    VersionMismatch {
+        id: SessionId,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{what} {actual} exceeds the limit {limit} ({limit_name})")]
+    LimitExceeded {
+        what: &'static str,
+        actual: u64,
+        limit: u64,
+        limit_name: &'static str,
+    },
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error(transparent)]
+    Numerics(#[from] NumericsError),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    #[error(transparent)]
+    Compute(#[from] ComputeError),
+}
+
+/// Checks labels against the documented limits.
+pub fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), SessionError> {
+    if labels.len() > MAX_LABELS {
+        return Err(SessionError::InvalidArgument(format!(
+            "labels: at most {MAX_LABELS} labels, got {}",
+            labels.len()
+        )));
+    }
+    for (key, value) in labels {
+        if key.is_empty() || key.len() > MAX_LABEL_KEY_BYTES {
+            return Err(SessionError::InvalidArgument(format!(
+                "labels: keys must be 1 to {MAX_LABEL_KEY_BYTES} bytes, got {} bytes",
+                key.len()
+            )));
+        }
+        if value.len() > MAX_LABEL_VALUE_BYTES {
+            return Err(SessionError::InvalidArgument(format!(
+                "labels: value of {key:?} must be at most {MAX_LABEL_VALUE_BYTES} bytes, got {}",
+                value.len()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Checks a request id against the documented limit; empty means none.
+pub fn parse_request_id(text: &str) -> Result<Option<String>, SessionError> {
+    if text.is_empty() {
+        return Ok(None);
+    }
+    if text.len() > MAX_REQUEST_ID_BYTES {
+        return Err(SessionError::InvalidArgument(format!(
+            "request_id: at most {MAX_REQUEST_ID_BYTES} bytes, got {}",
+            text.len()
+        )));
+    }
+    Ok(Some(text.to_owned()))
+}

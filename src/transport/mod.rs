@@ -1,0 +1,205 @@
+//! The gRPC surface: tonic services, proto <-> domain conversions
+//! ([`convert`]), error -> status mapping ([`status`]) and server assembly
+//! ([`serve`]): health, reflection, message limits, graceful shutdown.
+//!
+//! Handlers stay short: decode, call the domain, encode. No tensor math here.
+
+mod batch_norm;
+pub mod convert;
+mod server_info;
+mod status;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tch::Device;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+use tonic_health::server::HealthReporter;
+
+use crate::compute::ComputePool;
+use crate::config::Config;
+use crate::device::{describe_devices, device_name, DeviceError};
+use crate::proto::v1 as pb;
+use crate::proto::v1::batch_norm_service_server::BatchNormServiceServer;
+use crate::proto::v1::server_service_server::ServerServiceServer;
+use crate::session::{Limits, Registry, RegistryOptions};
+
+pub use batch_norm::BatchNormApi;
+pub use server_info::ServerInfoApi;
+
+/// The libtorch version this binary was built against (from its headers).
+pub const LIBTORCH_VERSION: &str = env!("NORMSERVE_LIBTORCH_VERSION");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    #[error("reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("listener: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// What the server decided at start-up, for the caller to print.
+#[derive(Debug, Clone)]
+pub struct Startup {
+    pub address: SocketAddr,
+    pub device: Device,
+    pub libtorch_version: &'static str,
+}
+
+/// Prepares libtorch and the device. Call once per process before serving.
+pub fn prepare(config: &Config) -> Result<Device, ServeError> {
+    // Intra-op threads are a process-wide libtorch setting; each compute
+    // thread picks the value up on its first parallel operation.
+    tch::set_num_threads(config.intra_op_threads);
+    Ok(config.device.resolve(None)?)
+}
+
+/// Serves on `listener` until `shutdown` completes, then drains in-flight
+/// requests for at most `config.drain_seconds`.
+pub async fn serve(
+    config: Config,
+    device: Device,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    let compute_threads = config.resolved_compute_threads();
+    let pool = ComputePool::new(compute_threads);
+    let limits = Limits {
+        max_sessions: config.max_sessions,
+        max_tensor_elements: config.max_tensor_elements,
+        max_num_features: config.max_num_features,
+    };
+    let registry = Arc::new(Registry::new(
+        RegistryOptions {
+            limits,
+            default_device: device,
+            replay_window: config.replay_window,
+            replay_cache_bytes: config.replay_cache_bytes,
+        },
+        pool.clone(),
+    ));
+
+    let max = config.max_message_bytes;
+    let batch_norm = BatchNormServiceServer::new(BatchNormApi::new(registry.clone()))
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
+    let server_info = ServerServiceServer::new(ServerInfoApi::new(server_info(
+        &config,
+        device,
+        compute_threads,
+    )))
+    .max_decoding_message_size(max)
+    .max_encoding_message_size(max);
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    set_health(&health, tonic_health::ServingStatus::Serving).await;
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    // Large tensors: big HTTP/2 windows and frames so a 16 MiB message is not
+    // throttled by the 64 KiB defaults.
+    let window = (max.min(u32::MAX as usize / 2) as u32).max(1 << 20);
+    let (stop_accepting, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = Server::builder()
+        .tcp_nodelay(true)
+        .initial_stream_window_size(window)
+        .initial_connection_window_size(window)
+        .max_frame_size(1 << 20)
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(batch_norm)
+        .add_service(server_info)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+            let _ = stopped.await;
+        });
+    tokio::pin!(server);
+
+    tokio::select! {
+        result = &mut server => return Ok(result?),
+        () = shutdown => {}
+    }
+    tracing::info!(
+        drain_seconds = config.drain_seconds,
+        "shutdown requested: health NOT_SERVING, draining"
+    );
+    set_health(&health, tonic_health::ServingStatus::NotServing).await;
+    let _ = stop_accepting.send(());
+    match tokio::time::timeout(config.drain_timeout(), server).await {
+        Ok(result) => result?,
+        Err(_) => tracing::warn!("drain time exceeded; stopping with requests in flight"),
+    }
+    tracing::info!("server stopped");
+    Ok(())
+}
+
+async fn set_health(health: &HealthReporter, status: tonic_health::ServingStatus) {
+    health.set_service_status("", status).await;
+    health
+        .set_service_status(
+            service_name::<BatchNormServiceServer<BatchNormApi>>(),
+            status,
+        )
+        .await;
+    health
+        .set_service_status(service_name::<ServerServiceServer<ServerInfoApi>>(), status)
+        .await;
+}
+
+fn service_name<S: tonic::server::NamedService>() -> &'static str {
+    S::NAME
+}
+
+fn server_info(
+    config: &Config,
+    device: Device,
+    compute_threads: usize,
+) -> pb::GetServerInfoResponse {
+    let devices = describe_devices();
+    pb::GetServerInfoResponse {
+        server_version: env!("CARGO_PKG_VERSION").to_owned(),
+        libtorch_version: LIBTORCH_VERSION.to_owned(),
+        default_device: device_name(device),
+        cuda_device_count: devices.len().saturating_sub(1) as i32,
+        devices: devices
+            .into_iter()
+            .map(|d| pb::DeviceInfo {
+                name: d.name,
+                description: d.description,
+                total_memory_bytes: d.total_memory_bytes,
+            })
+            .collect(),
+        limits: Some(pb::Limits {
+            max_sessions: config.max_sessions,
+            max_tensor_elements: config.max_tensor_elements,
+            max_num_features: config.max_num_features,
+            max_message_bytes: config.max_message_bytes as u64,
+        }),
+        features: [
+            "sessions",
+            "forward_stream",
+            "health",
+            "reflection",
+            "durability:none",
+        ]
+        .into_iter()
+        .map(str::to_owned)
+        .collect(),
+        intra_op_threads: config.intra_op_threads,
+        compute_threads: compute_threads as i32,
+    }
+}

@@ -1,0 +1,63 @@
+//! The one place where domain errors become gRPC statuses. Internal failures
+//! get a generic message; their detail goes to the log.
+
+use tonic::Status;
+
+use crate::compute::ComputeError;
+use crate::device::DeviceError;
+use crate::numerics::NumericsError;
+use crate::session::SessionError;
+
+impl From<SessionError> for Status {
+    fn from(error: SessionError) -> Self {
+        let message = error.to_string();
+        match error {
+            SessionError::NotFound(_) => Status::not_found(message),
+            SessionError::AlreadyExists { .. } => Status::already_exists(message),
+            SessionError::RequestIdReused { .. } => Status::already_exists(message),
+            SessionError::VersionMismatch { .. } => Status::aborted(message),
+            SessionError::FailedPrecondition(_) => Status::failed_precondition(message),
+            SessionError::LimitExceeded { .. } => Status::resource_exhausted(message),
+            SessionError::InvalidArgument(_) => Status::invalid_argument(message),
+            SessionError::Numerics(error) => error.into(),
+            SessionError::Device(error) => error.into(),
+            SessionError::Compute(error) => error.into(),
+        }
+    }
+}
+
+impl From<NumericsError> for Status {
+    fn from(error: NumericsError) -> Self {
+        match error {
+            NumericsError::Invalid { .. } => Status::invalid_argument(error.to_string()),
+            NumericsError::LimitExceeded { .. } => Status::resource_exhausted(error.to_string()),
+            NumericsError::Torch(detail) => {
+                tracing::error!(%detail, "libtorch failed on validated input");
+                Status::internal("internal error in tensor computation (see server log)")
+            }
+        }
+    }
+}
+
+impl From<DeviceError> for Status {
+    fn from(error: DeviceError) -> Self {
+        match error {
+            DeviceError::Unparsable(_) => Status::invalid_argument(format!("device: {error}")),
+            DeviceError::CudaUnavailable { .. } => {
+                Status::failed_precondition(format!("device: {error}"))
+            }
+        }
+    }
+}
+
+impl From<ComputeError> for Status {
+    fn from(error: ComputeError) -> Self {
+        match error {
+            ComputeError::JobFailed(detail) => {
+                tracing::error!(%detail, "compute job failed");
+                Status::internal("internal error in tensor computation (see server log)")
+            }
+            ComputeError::Closed => Status::unavailable("server is shutting down"),
+        }
+    }
+}

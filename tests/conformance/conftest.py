@@ -1,0 +1,78 @@
+"""Fixtures for the Python conformance tests.
+
+The tests talk to a real normserve binary (NORMSERVE_BIN, built by `make
+test`) through grpcio stubs generated from proto/ (on PYTHONPATH), and use
+PyTorch from the provisioned environment as the oracle.
+"""
+
+import os
+import subprocess
+import sys
+
+import grpc
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from normserve.v1 import (  # noqa: E402
+    batch_norm_pb2_grpc,
+    server_pb2_grpc,
+)
+
+
+class ServerProcess:
+    """A normserve process on an ephemeral loopback port."""
+
+    def __init__(self, *args):
+        binary = os.environ.get("NORMSERVE_BIN", "target/release/normserve")
+        self.proc = subprocess.Popen(
+            [binary, "--listen", "127.0.0.1:0", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        # The server prints one line once it is bound; no sleeps, no polling.
+        line = self.proc.stdout.readline()
+        if not line.startswith("normserve listening on "):
+            self.proc.kill()
+            raise RuntimeError(f"server did not start: {line!r} {self.proc.stderr.read()}")
+        self.address = line.split()[3]
+
+    def stop(self, timeout=30):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def server():
+    proc = ServerProcess("--compute-threads", "2")
+    yield proc
+    code = proc.stop()
+    assert code == 0, f"server exited with {code}"
+
+
+@pytest.fixture(scope="session")
+def channel(server):
+    options = [
+        ("grpc.max_send_message_length", 256 * 1024 * 1024),
+        ("grpc.max_receive_message_length", 256 * 1024 * 1024),
+    ]
+    with grpc.insecure_channel(server.address, options=options) as ch:
+        grpc.channel_ready_future(ch).result(timeout=30)
+        yield ch
+
+
+@pytest.fixture(scope="session")
+def bn_stub(channel):
+    return batch_norm_pb2_grpc.BatchNormServiceStub(channel)
+
+
+@pytest.fixture(scope="session")
+def server_stub(channel):
+    return server_pb2_grpc.ServerServiceStub(channel)
