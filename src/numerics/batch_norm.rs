@@ -10,7 +10,7 @@
 
 use tch::Tensor;
 
-use super::{torch_size, DType, NumericsError};
+use super::{python_float, torch_size, DType, NumericsError};
 
 /// Which PyTorch module is reproduced: decides accepted ranks and texts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -79,7 +79,10 @@ pub fn check_eps(field: &str, eps: f64) -> Result<(), NumericsError> {
     } else {
         Err(NumericsError::invalid(
             field,
-            format!("batch_norm eps must be positive, but got {eps}"),
+            format!(
+                "batch_norm eps must be positive, but got {}",
+                python_float(eps)
+            ),
         ))
     }
 }
@@ -92,7 +95,7 @@ pub fn check_momentum(field: &str, momentum: f64) -> Result<(), NumericsError> {
     } else {
         Err(NumericsError::invalid(
             field,
-            format!("momentum must be finite, got {momentum}"),
+            format!("momentum must be finite, got {}", python_float(momentum)),
         ))
     }
 }
