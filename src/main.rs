@@ -48,6 +48,7 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: Config, device: tch::Device) -> Result<(), transport::ServeError> {
+    std::fs::create_dir_all(&config.data_dir)?;
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let address = listener.local_addr()?;
     tracing::info!(
