@@ -31,11 +31,31 @@ fn scenarios() -> Vec<Scenario> {
     let train = pb::Mode::Train;
     let eval = pb::Mode::Eval;
     vec![
-        Scenario { name: "train (4,64) 1 KiB", shape: vec![4, 64], mode: train },
-        Scenario { name: "eval  (4,64) 1 KiB", shape: vec![4, 64], mode: eval },
-        Scenario { name: "train (64,64,8,8) 1 MiB", shape: vec![64, 64, 8, 8], mode: train },
-        Scenario { name: "train (64,64,32,32) 16 MiB", shape: vec![64, 64, 32, 32], mode: train },
-        Scenario { name: "eval  (64,64,32,32) 16 MiB", shape: vec![64, 64, 32, 32], mode: eval },
+        Scenario {
+            name: "train (4,64) 1 KiB",
+            shape: vec![4, 64],
+            mode: train,
+        },
+        Scenario {
+            name: "eval  (4,64) 1 KiB",
+            shape: vec![4, 64],
+            mode: eval,
+        },
+        Scenario {
+            name: "train (64,64,8,8) 1 MiB",
+            shape: vec![64, 64, 8, 8],
+            mode: train,
+        },
+        Scenario {
+            name: "train (64,64,32,32) 16 MiB",
+            shape: vec![64, 64, 32, 32],
+            mode: train,
+        },
+        Scenario {
+            name: "eval  (64,64,32,32) 16 MiB",
+            shape: vec![64, 64, 32, 32],
+            mode: eval,
+        },
     ]
 }
 
@@ -68,7 +88,10 @@ where
     }
     rounds.sort_by(f64::total_cmp);
     let median = rounds[ROUNDS / 2];
-    Figure { per_call: median, spread: (rounds[ROUNDS - 1] - rounds[0]) / median }
+    Figure {
+        per_call: median,
+        spread: (rounds[ROUNDS - 1] - rounds[0]) / median,
+    }
 }
 
 fn in_process(shape: &[i64], training: bool) -> impl FnMut() -> std::future::Ready<()> {
@@ -112,7 +135,9 @@ fn request(session_id: &str, shape: &[i64], mode: pb::Mode) -> pb::ForwardReques
 }
 
 async fn start_server() -> (String, tokio::sync::oneshot::Sender<()>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let address = listener.local_addr().expect("address");
     let mut config = Config::with_defaults(address);
     config.device = "cpu".parse().expect("device");
@@ -168,7 +193,11 @@ async fn main() {
             "scenario", "service µs", "MB/s", "in-proc µs", "MB/s", "ratio", "spread"
         );
         for scenario in scenarios() {
-            let session_id = if scenario.shape.len() == 2 { &session_1d } else { &session_2d };
+            let session_id = if scenario.shape.len() == 2 {
+                &session_1d
+            } else {
+                &session_2d
+            };
             let training = scenario.mode == pb::Mode::Train;
             let message = request(session_id, &scenario.shape, scenario.mode);
             let bytes = scenario.shape.iter().product::<i64>() as f64 * 4.0;
