@@ -22,6 +22,16 @@ pub struct Config {
     #[arg(long, env = "NORMSERVE_DATA_DIR", default_value = "data")]
     pub data_dir: PathBuf,
 
+    /// Where sessions are stored: "embedded" (a redb file in --data-dir) or a
+    /// Redis URL, redis://host:port/db, shared by several replicas.
+    #[arg(long, env = "NORMSERVE_STORE", default_value = "embedded")]
+    pub store: String,
+
+    /// sync: every acknowledged mutation is durable before its response;
+    /// none: sessions live in memory only and are lost on restart.
+    #[arg(long, env = "NORMSERVE_DURABILITY", value_enum, default_value_t = Durability::Sync)]
+    pub durability: Durability,
+
     /// Default device of new sessions and of Compare: auto (CUDA when
     /// available, else CPU), cpu, cuda or cuda:N.
     #[arg(long, env = "NORMSERVE_DEVICE", default_value = "auto")]
@@ -74,6 +84,13 @@ pub struct Config {
     pub log: String,
 }
 
+/// Whether mutations are persisted before they are acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Durability {
+    Sync,
+    None,
+}
+
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -101,6 +118,15 @@ impl Config {
                 return Err(ConfigError(format!("{flag} must be at least 1")));
             }
         }
+        let store_ok = self.store == "embedded"
+            || self.store.starts_with("redis://")
+            || self.store.starts_with("rediss://");
+        if !store_ok {
+            return Err(ConfigError(format!(
+                "--store must be \"embedded\" or a redis:// URL, got {:?}",
+                self.store
+            )));
+        }
         if self.max_num_features < 1 {
             return Err(ConfigError("--max-num-features must be at least 1".into()));
         }
@@ -127,11 +153,13 @@ impl Config {
         Duration::from_secs(self.drain_seconds)
     }
 
-    /// A configuration with every default, listening on `listen`; for tests
-    /// and embedding.
+    /// A configuration with every default, listening on `listen`, except that
+    /// sessions live in memory only (`--durability none`), so that tests and
+    /// embedders write nothing unless they choose a data directory.
     pub fn with_defaults(listen: SocketAddr) -> Self {
         let mut config = Config::parse_from(["normserve"]);
         config.listen = listen;
+        config.durability = Durability::None;
         config
     }
 }

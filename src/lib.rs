@@ -1,7 +1,7 @@
 //! normserve: a gRPC batch-normalization service on libtorch.
 //!
 //! Modules in reading order; dependencies point upwards only
-//! (`numerics <- session <- transport`, with `config`, `device`, `compute`
+//! (`numerics <- session <- store`, `transport` on top, with `config`, `device`, `compute`
 //! and `telemetry` usable anywhere). See ARCHITECTURE.md.
 
 pub mod compute;
@@ -10,5 +10,6 @@ pub mod device;
 pub mod numerics;
 pub mod proto;
 pub mod session;
+pub mod store;
 pub mod telemetry;
 pub mod transport;

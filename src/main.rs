@@ -49,6 +49,7 @@ fn main() -> ExitCode {
 
 async fn run(config: Config, device: tch::Device) -> Result<(), transport::ServeError> {
     std::fs::create_dir_all(&config.data_dir)?;
+    let registry = transport::open_registry(&config, device).await?;
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let address = listener.local_addr()?;
     tracing::info!(
@@ -66,7 +67,7 @@ async fn run(config: Config, device: tch::Device) -> Result<(), transport::Serve
         device_name(device),
         transport::LIBTORCH_VERSION
     );
-    transport::serve(config, device, listener, shutdown_signal()).await
+    transport::serve_registry(config, device, registry, listener, shutdown_signal()).await
 }
 
 /// Completes on SIGINT or SIGTERM.

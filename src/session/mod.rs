@@ -6,7 +6,9 @@
 //! versions, idempotent replays and limits. Contains no proto types and no
 //! networking; tensor math is delegated to [`crate::numerics`].
 
+pub mod durable;
 mod id;
+mod layer;
 mod registry;
 mod replay;
 
@@ -16,7 +18,7 @@ use std::time::SystemTime;
 use bytes::Bytes;
 
 pub use id::{InvalidSessionId, SessionId};
-pub use registry::{Limits, Registry, RegistryOptions};
+pub use registry::{Limits, Recovery, RecoveryError, Registry, RegistryOptions};
 
 use crate::compute::ComputeError;
 use crate::device::{DeviceChoice, DeviceError};
@@ -176,6 +178,14 @@ pub enum SessionError {
     Device(#[from] DeviceError),
     #[error(transparent)]
     Compute(#[from] ComputeError),
+    /// The stored record cannot be read; the session is not served.
+    #[error("session {id} is unreadable: {reason}")]
+    DataLoss { id: SessionId, reason: String },
+    #[error(transparent)]
+    Store(#[from] durable::StoreError),
+    /// Other replicas kept changing the session; the mutation was not applied.
+    #[error("session {0} is contended by other replicas; nothing was applied, retry")]
+    Contended(SessionId),
 }
 
 /// Checks labels against the documented limits.

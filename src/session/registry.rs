@@ -1,32 +1,45 @@
 //! The registry of live sessions and every operation on them.
 //!
 //! Ordering: each session's state sits behind a FIFO async mutex; a request
-//! takes it (in arrival order), then runs its tensor work on the compute pool
-//! holding it, so mutations of one session apply one at a time while different
-//! sessions run in parallel. The registry map itself is behind a std `RwLock`
-//! held only for map lookups and inserts, never across an `.await`.
+//! takes it (in arrival order) and holds it through its compute job and the
+//! store write, so mutations of one session apply one at a time while
+//! different sessions run in parallel. Holding that async mutex across
+//! `.await` is the design (it *is* the per-session queue); the registry map
+//! itself is behind a std `RwLock` held only for lookups and inserts, never
+//! across an `.await`.
 //!
-//! Atomicity: every operation validates and computes on copies first and
-//! commits at the very end, so a refused request changes nothing.
+//! Atomicity and durability: a mutation computes a new [`LayerState`] on the
+//! compute pool without touching the current one, writes its record to the
+//! store (when there is one) with a compare-and-set on the version, and only
+//! then swaps it in and answers. A refused or failed request changes nothing.
+//!
+//! Sessions in memory are a cache of the store. With a shared store (Redis),
+//! every operation first checks that the cached version is the stored one and
+//! reloads when another replica moved on; a write that loses the
+//! compare-and-set reloads and recomputes.
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::sync::{Arc, RwLock};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use tch::{Device, Tensor};
+use tch::Device;
 
-use super::replay::{Replay, ReplayLog};
+use super::durable::{RecordError, SessionRecord, SessionStore, Written};
+use super::layer::{
+    self, check_count, forward_step, import_step, info_from_record, initial_layer, reset_step,
+    snapshot, state_from_record, update_step, SessionInfo, SessionState, Step,
+};
+use super::replay::ReplayLog;
 use super::{
-    check_labels, Applied, CreateSession, ExportedState, Forward, ForwardOutcome, Mode,
-    MutationGuard, SessionConfig, SessionError, SessionId, SessionPage, SessionSnapshot,
-    StateTensors, UpdateParameters,
+    check_labels, Applied, CreateSession, ExportedState, Forward, ForwardOutcome, MutationGuard,
+    SessionConfig, SessionError, SessionId, SessionPage, SessionSnapshot, UpdateParameters,
 };
 use crate::compute::ComputePool;
-use crate::numerics::batch_norm::{all_finite, check_eps, check_momentum, Layer};
-use crate::numerics::state_dict::{self, ExportTensors, Layout};
-use crate::numerics::{torch_size, Momentum, NumericsError, TensorData};
+use crate::numerics::batch_norm::{check_eps, check_momentum};
+use crate::numerics::state_dict::{self, ExportTensors};
+use crate::numerics::{Momentum, TensorData};
 
 /// Limits enforced by the registry (RESOURCE_EXHAUSTED beyond them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,47 +60,64 @@ pub struct RegistryOptions {
     pub replay_cache_bytes: usize,
 }
 
+/// How many times a mutation recomputes after losing a compare-and-set to
+/// another replica before it gives up with ABORTED.
+const MAX_ATTEMPTS: usize = 64;
+
+/// What start-up recovery found.
+#[derive(Debug, Clone)]
+pub struct Recovery {
+    pub loaded: usize,
+    pub unreadable: usize,
+    pub elapsed: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecoveryError {
+    #[error("session {id}: {error}; refusing to start")]
+    NewerFormat { id: String, error: RecordError },
+    #[error(transparent)]
+    Session(#[from] SessionError),
+}
+
 pub struct Registry {
     sessions: RwLock<BTreeMap<SessionId, Arc<Session>>>,
+    /// Sessions whose stored record cannot be read: DATA_LOSS, never reset.
+    unreadable: RwLock<BTreeMap<SessionId, String>>,
     options: RegistryOptions,
     pool: ComputePool,
+    store: Option<Arc<dyn SessionStore>>,
 }
 
 /// One session: immutable facts outside the lock, mutable state inside.
 struct Session {
-    id: SessionId,
-    config: SessionConfig,
-    device: Device,
-    created_at: SystemTime,
+    info: SessionInfo,
     state: Arc<tokio::sync::Mutex<SessionState>>,
 }
 
-/// Tensors are (C,) in `config.param_dtype` on `Session::device`.
-struct SessionState {
-    eps: f64,
-    momentum: Momentum,
-    weight: Option<Tensor>,
-    bias: Option<Tensor>,
-    running_mean: Option<Tensor>,
-    running_var: Option<Tensor>,
-    num_batches_tracked: i64,
-    version: u64,
-    updated_at: SystemTime,
-    /// Set by DeleteSession; requests that were queued behind it see NOT_FOUND.
-    deleted: bool,
-    replay: ReplayLog,
+/// A step's result, with the record to store when it changes the state.
+enum Prepared<T> {
+    Done(T),
+    Next {
+        layer: layer::LayerState,
+        replay: Option<(String, super::replay::Replay)>,
+        value: T,
+        record: Option<SessionRecord>,
+    },
 }
 
-const RESET: &str = "ResetRunningStats";
-const UPDATE: &str = "UpdateParameters";
-const IMPORT: &str = "ImportState";
-
 impl Registry {
-    pub fn new(options: RegistryOptions, pool: ComputePool) -> Self {
+    pub fn new(
+        options: RegistryOptions,
+        pool: ComputePool,
+        store: Option<Arc<dyn SessionStore>>,
+    ) -> Self {
         Registry {
             sessions: RwLock::new(BTreeMap::new()),
+            unreadable: RwLock::new(BTreeMap::new()),
             options,
             pool,
+            store,
         }
     }
 
@@ -95,12 +125,26 @@ impl Registry {
         &self.options
     }
 
+    /// "none", "embedded" or "redis".
+    pub fn store_name(&self) -> &'static str {
+        self.store.as_ref().map_or("none", |s| s.name())
+    }
+
+    /// Sessions held in memory (with a shared store: those this replica has seen).
     pub fn len(&self) -> usize {
         self.read_map().len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Sessions whose records could not be read.
+    pub fn unreadable_count(&self) -> usize {
+        self.unreadable
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
     }
 
     fn read_map(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<SessionId, Arc<Session>>> {
@@ -117,24 +161,242 @@ impl Registry {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn lookup(&self, id: &SessionId) -> Result<Arc<Session>, SessionError> {
-        let Some(session) = self.read_map().get(id).cloned() else {
-            return Err(SessionError::NotFound(id.clone()));
-        };
-        Ok(session)
+    fn mark_unreadable(&self, id: &SessionId, reason: String) -> SessionError {
+        tracing::error!(session = %id, %reason, "stored session cannot be read; serving DATA_LOSS for it");
+        self.unreadable
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.clone(), reason.clone());
+        SessionError::DataLoss {
+            id: id.clone(),
+            reason,
+        }
     }
 
-    /// Runs `job` on the compute pool with the session's state locked.
-    async fn with_state<T, F>(&self, session: Arc<Session>, job: F) -> Result<T, SessionError>
+    fn forget(&self, session: &Arc<Session>) {
+        let mut map = self.write_map();
+        if map
+            .get(&session.info.id)
+            .is_some_and(|s| Arc::ptr_eq(s, session))
+        {
+            map.remove(&session.info.id);
+        }
+    }
+
+    /// Loads every stored session (unshared stores) before serving.
+    pub async fn recover(&self) -> Result<Recovery, RecoveryError> {
+        let start = Instant::now();
+        let Some(store) = &self.store else {
+            return Ok(Recovery {
+                loaded: 0,
+                unreadable: 0,
+                elapsed: start.elapsed(),
+            });
+        };
+        let mut loaded = 0;
+        let mut unreadable = 0;
+        for (key, stored) in store.load_all().await.map_err(SessionError::from)? {
+            let record = match stored {
+                Ok(record) => record,
+                Err(error @ RecordError::NewerFormat { .. }) => {
+                    return Err(RecoveryError::NewerFormat { id: key, error });
+                }
+                Err(RecordError::Corrupt(reason)) => {
+                    let id = SessionId::parse(&key).unwrap_or_else(|_| SessionId::generate());
+                    self.mark_unreadable(&id, format!("record is corrupt: {reason}"));
+                    unreadable += 1;
+                    continue;
+                }
+            };
+            match self.session_from_record(record).await {
+                Ok(session) => {
+                    self.write_map().insert(session.info.id.clone(), session);
+                    loaded += 1;
+                }
+                Err(SessionError::DataLoss { id, reason }) => {
+                    self.mark_unreadable(&id, reason);
+                    unreadable += 1;
+                }
+                Err(other) => return Err(other.into()),
+            }
+        }
+        Ok(Recovery {
+            loaded,
+            unreadable,
+            elapsed: start.elapsed(),
+        })
+    }
+
+    async fn session_from_record(
+        &self,
+        record: SessionRecord,
+    ) -> Result<Arc<Session>, SessionError> {
+        let default_device = self.options.default_device;
+        let (window, bytes) = (self.options.replay_window, self.options.replay_cache_bytes);
+        let fallback_id = SessionId::parse(&record.id).unwrap_or_else(|_| SessionId::generate());
+        let info =
+            info_from_record(&record, default_device).map_err(|e| SessionError::DataLoss {
+                id: fallback_id,
+                reason: e.to_string(),
+            })?;
+        let (info, state) = self
+            .pool
+            .run(move || {
+                let state = state_from_record(&info, &record, window, bytes);
+                (info, state)
+            })
+            .await?;
+        Ok(Arc::new(Session {
+            info,
+            state: Arc::new(tokio::sync::Mutex::new(state?)),
+        }))
+    }
+
+    /// The cached session, or the stored one loaded into the cache.
+    async fn lookup(&self, id: &SessionId) -> Result<Arc<Session>, SessionError> {
+        if let Some(session) = self.read_map().get(id).cloned() {
+            return Ok(session);
+        }
+        if let Some(reason) = self
+            .unreadable
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+        {
+            return Err(SessionError::DataLoss {
+                id: id.clone(),
+                reason: reason.clone(),
+            });
+        }
+        let Some(store) = &self.store else {
+            return Err(SessionError::NotFound(id.clone()));
+        };
+        let record = match store.load(id).await? {
+            None => return Err(SessionError::NotFound(id.clone())),
+            Some(Err(error)) => return Err(self.mark_unreadable(id, error.to_string())),
+            Some(Ok(record)) => record,
+        };
+        let session = match self.session_from_record(record).await {
+            Ok(session) => session,
+            Err(SessionError::DataLoss { reason, .. }) => {
+                return Err(self.mark_unreadable(id, reason))
+            }
+            Err(other) => return Err(other),
+        };
+        let mut map = self.write_map();
+        Ok(map.entry(id.clone()).or_insert(session).clone())
+    }
+
+    /// Replaces the cached state by the stored one.
+    async fn reload(
+        &self,
+        session: &Arc<Session>,
+        state: &mut SessionState,
+    ) -> Result<(), SessionError> {
+        let Some(store) = &self.store else {
+            return Ok(());
+        };
+        let id = &session.info.id;
+        let record = match store.load(id).await? {
+            None => {
+                state.deleted = true;
+                self.forget(session);
+                return Err(SessionError::NotFound(id.clone()));
+            }
+            Some(Err(error)) => return Err(self.mark_unreadable(id, error.to_string())),
+            Some(Ok(record)) => record,
+        };
+        let (window, bytes) = (self.options.replay_window, self.options.replay_cache_bytes);
+        let for_job = session.clone();
+        let fresh = self
+            .pool
+            .run(move || state_from_record(&for_job.info, &record, window, bytes))
+            .await??;
+        *state = fresh;
+        Ok(())
+    }
+
+    /// With a shared store, makes the cached state current.
+    async fn refresh(
+        &self,
+        session: &Arc<Session>,
+        state: &mut SessionState,
+    ) -> Result<(), SessionError> {
+        let Some(store) = self.store.as_ref().filter(|s| s.is_shared()) else {
+            return Ok(());
+        };
+        match store.version(&session.info.id).await? {
+            Some(version) if version == state.layer.version => Ok(()),
+            _ => self.reload(session, state).await,
+        }
+    }
+
+    /// Runs a read-only job with the session's state locked and current.
+    async fn read<T, F>(&self, id: &SessionId, job: F) -> Result<T, SessionError>
     where
         T: Send + 'static,
-        F: FnOnce(&Session, &mut SessionState) -> Result<T, SessionError> + Send + 'static,
+        F: FnOnce(&SessionInfo, &SessionState) -> Result<T, SessionError> + Send + 'static,
     {
+        let session = self.lookup(id).await?;
         let mut state = session.state.clone().lock_owned().await;
         if state.deleted {
-            return Err(SessionError::NotFound(session.id.clone()));
+            return Err(SessionError::NotFound(id.clone()));
         }
-        self.pool.run(move || job(&session, &mut state)).await?
+        self.refresh(&session, &mut state).await?;
+        self.pool.run(move || job(&session.info, &state)).await?
+    }
+
+    /// Runs a step with the session's state locked and current; stores and
+    /// commits the new state it computes, recomputing after a lost
+    /// compare-and-set.
+    async fn mutate<T, F>(&self, id: &SessionId, job: F) -> Result<T, SessionError>
+    where
+        T: Send + 'static,
+        F: Fn(&SessionInfo, &SessionState) -> Result<Step<T>, SessionError> + Send + Sync + 'static,
+    {
+        let job = Arc::new(job);
+        let with_record = self.store.is_some();
+        for _ in 0..MAX_ATTEMPTS {
+            let session = self.lookup(id).await?;
+            let mut state = session.state.clone().lock_owned().await;
+            if state.deleted {
+                return Err(SessionError::NotFound(id.clone()));
+            }
+            self.refresh(&session, &mut state).await?;
+            let (job, for_job) = (job.clone(), session.clone());
+            let (mut state, prepared) = self
+                .pool
+                .run(move || {
+                    let prepared = prepare(&for_job.info, &state, job.as_ref(), with_record);
+                    (state, prepared)
+                })
+                .await?;
+            let (layer, replay, value, record) = match prepared? {
+                Prepared::Done(value) => return Ok(value),
+                Prepared::Next {
+                    layer,
+                    replay,
+                    value,
+                    record,
+                } => (layer, replay, value, record),
+            };
+            if let (Some(store), Some(record)) = (&self.store, record) {
+                match store.put(&record, Some(state.layer.version)).await? {
+                    Written::Committed => {}
+                    Written::Conflict => {
+                        // Another replica moved the session on: start again from its state.
+                        self.reload(&session, &mut state).await?;
+                        continue;
+                    }
+                }
+            }
+            state.layer = layer;
+            if let Some((request_id, replay)) = replay {
+                state.replay.record(request_id, replay);
+            }
+            return Ok(value);
+        }
+        Err(SessionError::Contended(id.clone()))
     }
 
     pub async fn create(
@@ -153,10 +415,14 @@ impl Registry {
         }
         let device = command.device.resolve(Some(self.options.default_device))?;
         if let Some(id) = &command.id {
-            if let Ok(existing) = self.lookup(id) {
-                return self
-                    .existing_for_create(existing, &command.config, device)
-                    .await;
+            match self.lookup(id).await {
+                Ok(existing) => {
+                    return self
+                        .existing_for_create(existing, &command.config, device)
+                        .await
+                }
+                Err(SessionError::NotFound(_)) => {}
+                Err(other) => return Err(other),
             }
         }
         if self.len() as u64 >= limits.max_sessions {
@@ -165,52 +431,78 @@ impl Registry {
                 limits.max_sessions,
             ));
         }
-        let id = command.id.clone().unwrap_or_else(SessionId::generate);
-        let replay = (self.options.replay_window, self.options.replay_cache_bytes);
-        let config = command.config.clone();
-        let built = self
+        let info = SessionInfo {
+            id: command.id.clone().unwrap_or_else(SessionId::generate),
+            config: command.config.clone(),
+            device,
+            created_at: SystemTime::now(),
+        };
+        let with_record = self.store.is_some();
+        let (window, bytes) = (self.options.replay_window, self.options.replay_cache_bytes);
+        let (info, built) = self
             .pool
             .run(move || {
-                build_state(
-                    &config,
+                let built = initial_layer(
+                    &info.config,
                     device,
                     &command.initial,
                     command.num_batches_tracked,
-                    replay,
                 )
+                .and_then(|layer| {
+                    let record = if with_record {
+                        Some(layer::record(&info, &layer, Vec::new())?)
+                    } else {
+                        None
+                    };
+                    let snapshot = snapshot(&info, &layer, true)?;
+                    Ok((layer, record, snapshot))
+                });
+                (info, built)
             })
-            .await??;
-        let now = SystemTime::now();
+            .await?;
+        let (layer, record, snapshot) = built?;
+        let id = info.id.clone();
+        let mut stored = false;
+        if let (Some(store), Some(record)) = (&self.store, record) {
+            match store.put(&record, None).await? {
+                Written::Committed => stored = true,
+                Written::Conflict => {
+                    // Created meanwhile by another request or replica.
+                    let existing = self.lookup(&id).await?;
+                    return self
+                        .existing_for_create(existing, &command.config, device)
+                        .await;
+                }
+            }
+        }
         let session = Arc::new(Session {
-            id: id.clone(),
-            config: command.config.clone(),
-            device,
-            created_at: now,
-            state: Arc::new(tokio::sync::Mutex::new(built)),
+            info,
+            state: Arc::new(tokio::sync::Mutex::new(SessionState {
+                layer,
+                deleted: false,
+                replay: ReplayLog::new(window, bytes),
+            })),
         });
         let existing = {
             let mut map = self.write_map();
             match map.get(&id) {
                 Some(existing) => Some(existing.clone()),
-                None if map.len() as u64 >= limits.max_sessions => {
-                    return Err(too_many_sessions(map.len() as u64 + 1, limits.max_sessions));
-                }
                 None => {
-                    map.insert(id.clone(), session.clone());
+                    map.insert(id.clone(), session);
                     None
                 }
             }
         };
-        if let Some(existing) = existing {
-            // Another create with the same id won the race.
-            return self
-                .existing_for_create(existing, &command.config, device)
-                .await;
+        match existing {
+            // Our record is the stored one; a concurrent lookup cached it first.
+            Some(_) if stored => Ok((snapshot, false)),
+            // Without a store, another create with the same id won the race.
+            Some(existing) => {
+                self.existing_for_create(existing, &command.config, device)
+                    .await
+            }
+            None => Ok((snapshot, false)),
         }
-        let snapshot = self
-            .with_state(session, |s, st| snapshot(s, st, true))
-            .await?;
-        Ok((snapshot, false))
     }
 
     async fn existing_for_create(
@@ -219,22 +511,23 @@ impl Registry {
         config: &SessionConfig,
         device: Device,
     ) -> Result<(SessionSnapshot, bool), SessionError> {
-        let difference = config_difference(&existing.config, existing.device, config, device);
+        let difference =
+            config_difference(&existing.info.config, existing.info.device, config, device);
         if !difference.is_empty() {
             return Err(SessionError::AlreadyExists {
-                id: existing.id.clone(),
+                id: existing.info.id.clone(),
                 difference: difference.join(", "),
             });
         }
+        let id = existing.info.id.clone();
         let snapshot = self
-            .with_state(existing, |s, st| snapshot(s, st, true))
+            .read(&id, |info, state| snapshot(info, &state.layer, true))
             .await?;
         Ok((snapshot, true))
     }
 
     pub async fn get(&self, id: &SessionId) -> Result<SessionSnapshot, SessionError> {
-        let session = self.lookup(id)?;
-        self.with_state(session, |s, st| snapshot(s, st, true))
+        self.read(id, |info, state| snapshot(info, &state.layer, true))
             .await
     }
 
@@ -246,30 +539,60 @@ impl Registry {
         selector: &BTreeMap<String, String>,
         include_tensors: bool,
     ) -> Result<SessionPage, SessionError> {
-        let mut candidates: Vec<Arc<Session>> = {
-            let map = self.read_map();
-            let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
-            map.range::<SessionId, _>((lower, Bound::Unbounded))
-                .map(|(_, session)| session)
-                .filter(|s| {
-                    selector
-                        .iter()
-                        .all(|(k, v)| s.config.labels.get(k) == Some(v))
-                })
-                .take(page_size + 1)
-                .cloned()
-                .collect()
+        let matches = |session: &Session| {
+            selector
+                .iter()
+                .all(|(k, v)| session.info.config.labels.get(k) == Some(v))
         };
+        let mut candidates: Vec<Arc<Session>> = Vec::new();
+        match self.store.as_ref().filter(|s| s.is_shared()) {
+            // Other replicas create sessions too: the store has the full list.
+            Some(store) => {
+                let mut cursor = after.cloned();
+                'pages: loop {
+                    let ids = store.ids_after(cursor.as_ref(), page_size + 1).await?;
+                    let Some(last) = ids.last().cloned() else {
+                        break;
+                    };
+                    for id in ids {
+                        match self.lookup(&id).await {
+                            Ok(session) if matches(&session) => candidates.push(session),
+                            Ok(_)
+                            | Err(SessionError::NotFound(_) | SessionError::DataLoss { .. }) => {}
+                            Err(other) => return Err(other),
+                        }
+                        if candidates.len() > page_size {
+                            break 'pages;
+                        }
+                    }
+                    cursor = Some(last);
+                }
+            }
+            None => {
+                let map = self.read_map();
+                let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
+                candidates = map
+                    .range::<SessionId, _>((lower, Bound::Unbounded))
+                    .map(|(_, session)| session)
+                    .filter(|s| matches(s))
+                    .take(page_size + 1)
+                    .cloned()
+                    .collect();
+            }
+        }
         let next_after = if candidates.len() > page_size {
             candidates.truncate(page_size);
-            candidates.last().map(|s| s.id.clone())
+            candidates.last().map(|s| s.info.id.clone())
         } else {
             None
         };
         let mut sessions = Vec::with_capacity(candidates.len());
         for session in candidates {
+            let id = session.info.id.clone();
             match self
-                .with_state(session, move |s, st| snapshot(s, st, include_tensors))
+                .read(&id, move |info, state| {
+                    snapshot(info, &state.layer, include_tensors)
+                })
                 .await
             {
                 Ok(snapshot) => sessions.push(snapshot),
@@ -289,20 +612,47 @@ impl Registry {
         id: &SessionId,
         expected_version: Option<u64>,
     ) -> Result<(), SessionError> {
-        let session = self.lookup(id)?;
-        let target = session.clone();
-        self.with_state(session, move |s, st| {
-            check_version(s, st, expected_version)?;
-            st.deleted = true;
-            Ok(())
-        })
-        .await?;
-        let mut map = self.write_map();
-        // Only the session this call deleted, not one created again since.
-        if map.get(id).is_some_and(|s| Arc::ptr_eq(s, &target)) {
-            map.remove(id);
+        for _ in 0..MAX_ATTEMPTS {
+            let session = match self.lookup(id).await {
+                Ok(session) => session,
+                // The operator's way out of a DATA_LOSS session: delete its record.
+                Err(SessionError::DataLoss { .. }) if expected_version.is_none() => {
+                    if let Some(store) = &self.store {
+                        store.delete(id, None).await?;
+                    }
+                    self.unreadable
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(id);
+                    return Ok(());
+                }
+                Err(other) => return Err(other),
+            };
+            let mut state = session.state.clone().lock_owned().await;
+            if state.deleted {
+                return Err(SessionError::NotFound(id.clone()));
+            }
+            self.refresh(&session, &mut state).await?;
+            if let Some(expected) = expected_version {
+                if expected != state.layer.version {
+                    return Err(SessionError::VersionMismatch {
+                        id: id.clone(),
+                        expected,
+                        actual: state.layer.version,
+                    });
+                }
+            }
+            if let Some(store) = &self.store {
+                if store.delete(id, Some(state.layer.version)).await? == Written::Conflict {
+                    self.reload(&session, &mut state).await?;
+                    continue;
+                }
+            }
+            state.deleted = true;
+            self.forget(&session);
+            return Ok(());
         }
-        Ok(())
+        Err(SessionError::Contended(id.clone()))
     }
 
     pub async fn reset_running_stats(
@@ -310,28 +660,8 @@ impl Registry {
         id: &SessionId,
         guard: MutationGuard,
     ) -> Result<Applied<SessionSnapshot>, SessionError> {
-        let session = self.lookup(id)?;
-        self.with_state(session, move |s, st| {
-            if let Some(replay) = begin_mutation(s, st, &guard, RESET)? {
-                return Ok(replay);
-            }
-            // PyTorch's reset_running_stats() is a no-op without statistics.
-            if !s.config.track_running_stats {
-                return Ok(Applied {
-                    value: snapshot(s, st, true)?,
-                    replayed: false,
-                });
-            }
-            let options = (s.config.param_dtype.kind(), s.device);
-            let c = [s.config.num_features];
-            let mean = Tensor::f_zeros(c, options).map_err(NumericsError::from)?;
-            let var = Tensor::f_ones(c, options).map_err(NumericsError::from)?;
-            st.running_mean = Some(mean);
-            st.running_var = Some(var);
-            st.num_batches_tracked = 0;
-            commit(s, st, guard.request_id, RESET)
-        })
-        .await
+        self.mutate(id, move |info, state| reset_step(info, state, &guard))
+            .await
     }
 
     pub async fn update_parameters(
@@ -340,84 +670,38 @@ impl Registry {
         update: UpdateParameters,
         guard: MutationGuard,
     ) -> Result<Applied<SessionSnapshot>, SessionError> {
-        let session = self.lookup(id)?;
-        self.with_state(session, move |s, st| {
-            if let Some(replay) = begin_mutation(s, st, &guard, UPDATE)? {
-                return Ok(replay);
-            }
-            if let Some(eps) = update.eps {
-                check_eps("eps", eps)?;
-            }
-            if let Some(Momentum::Exponential(m)) = update.momentum {
-                check_momentum("momentum", m)?;
-            }
-            if let Some(count) = update.num_batches_tracked {
-                check_count(count)?;
-                if !s.config.track_running_stats {
-                    return Err(SessionError::InvalidArgument(
-                        "num_batches_tracked: the session has track_running_stats=false".into(),
-                    ));
-                }
-            }
-            let tensors = &update.tensors;
-            let weight = param_tensor(&s.config, s.device, "weight", tensors.weight.as_ref())?;
-            let bias = param_tensor(&s.config, s.device, "bias", tensors.bias.as_ref())?;
-            let mean = param_tensor(
-                &s.config,
-                s.device,
-                "running_mean",
-                tensors.running_mean.as_ref(),
-            )?;
-            let var = param_tensor(
-                &s.config,
-                s.device,
-                "running_var",
-                tensors.running_var.as_ref(),
-            )?;
-            // Everything is valid: commit.
-            st.weight = weight.or(st.weight.take());
-            st.bias = bias.or(st.bias.take());
-            st.running_mean = mean.or(st.running_mean.take());
-            st.running_var = var.or(st.running_var.take());
-            if let Some(count) = update.num_batches_tracked {
-                st.num_batches_tracked = count;
-            }
-            if let Some(eps) = update.eps {
-                st.eps = eps;
-            }
-            if let Some(momentum) = update.momentum {
-                st.momentum = momentum;
-            }
-            commit(s, st, guard.request_id, UPDATE)
+        self.mutate(id, move |info, state| {
+            update_step(info, state, &update, &guard)
         })
         .await
     }
 
     pub async fn forward(&self, command: Forward) -> Result<ForwardOutcome, SessionError> {
-        let session = self.lookup(&command.id)?;
-        self.with_state(session, move |s, st| forward_locked(s, st, command))
+        let id = command.id.clone();
+        self.mutate(&id, move |info, state| forward_step(info, state, &command))
             .await
     }
 
     pub async fn export_state(&self, id: &SessionId) -> Result<ExportedState, SessionError> {
-        let session = self.lookup(id)?;
-        self.with_state(session, |s, st| {
-            let host = |t: &Option<Tensor>| t.as_ref().map(TensorData::from_tensor).transpose();
-            let (weight, bias) = (host(&st.weight)?, host(&st.bias)?);
-            let (mean, var) = (host(&st.running_mean)?, host(&st.running_var)?);
+        self.read(id, |info, state| {
+            let layer = &state.layer;
+            let host =
+                |t: &Option<tch::Tensor>| t.as_ref().map(TensorData::from_tensor).transpose();
+            let (weight, bias) = (host(&layer.weight)?, host(&layer.bias)?);
+            let (mean, var) = (host(&layer.running_mean)?, host(&layer.running_var)?);
             let bytes = state_dict::export(&ExportTensors {
                 weight: weight.as_ref(),
                 bias: bias.as_ref(),
                 running_mean: mean.as_ref(),
                 running_var: var.as_ref(),
-                num_batches_tracked: s
+                num_batches_tracked: info
                     .config
                     .track_running_stats
-                    .then_some(st.num_batches_tracked),
+                    .then_some(layer.num_batches_tracked),
             })?;
             Ok(ExportedState {
                 safetensors: Bytes::from(bytes),
-                version: st.version,
+                version: layer.version,
             })
         })
         .await
@@ -430,41 +714,48 @@ impl Registry {
         strict: bool,
         guard: MutationGuard,
     ) -> Result<Applied<SessionSnapshot>, SessionError> {
-        let session = self.lookup(id)?;
         let max_elements = self.options.limits.max_tensor_elements;
-        self.with_state(session, move |s, st| {
-            if let Some(replay) = begin_mutation(s, st, &guard, IMPORT)? {
-                return Ok(replay);
-            }
-            let layout = Layout {
-                kind: s.config.kind,
-                num_features: s.config.num_features,
-                affine: s.config.affine,
-                track_running_stats: s.config.track_running_stats,
-            };
-            let imported = state_dict::import(&layout, &safetensors, strict, max_elements)?;
-            let convert = |t: Option<Tensor>| -> Result<Option<Tensor>, SessionError> {
-                let Some(t) = t else { return Ok(None) };
-                let t = t
-                    .f_to_kind(s.config.param_dtype.kind())
-                    .and_then(|t| t.f_to_device(s.device))
-                    .map_err(NumericsError::from)?;
-                Ok(Some(t))
-            };
-            let weight = convert(imported.weight)?;
-            let bias = convert(imported.bias)?;
-            let mean = convert(imported.running_mean)?;
-            let var = convert(imported.running_var)?;
-            st.weight = weight.or(st.weight.take());
-            st.bias = bias.or(st.bias.take());
-            st.running_mean = mean.or(st.running_mean.take());
-            st.running_var = var.or(st.running_var.take());
-            if let Some(count) = imported.num_batches_tracked {
-                st.num_batches_tracked = count;
-            }
-            commit(s, st, guard.request_id, IMPORT)
+        self.mutate(id, move |info, state| {
+            import_step(info, state, &safetensors, strict, &guard, max_elements)
         })
         .await
+    }
+}
+
+/// Runs a step and, when it changes the state, builds the record to store.
+fn prepare<T>(
+    info: &SessionInfo,
+    state: &SessionState,
+    job: &dyn Fn(&SessionInfo, &SessionState) -> Result<Step<T>, SessionError>,
+    with_record: bool,
+) -> Result<Prepared<T>, SessionError> {
+    match job(info, state)? {
+        Step::Done(value) => Ok(Prepared::Done(value)),
+        Step::Next {
+            layer,
+            replay,
+            value,
+        } => {
+            let record = if with_record {
+                let next = replay.as_ref().map(|(id, r)| {
+                    (
+                        id.as_str(),
+                        r.call_name(),
+                        layer.version,
+                        layer.num_batches_tracked,
+                    )
+                });
+                Some(layer::record(info, &layer, state.replay.stored_with(next))?)
+            } else {
+                None
+            };
+            Ok(Prepared::Next {
+                layer,
+                replay,
+                value,
+                record,
+            })
+        }
     }
 }
 
@@ -475,15 +766,6 @@ fn too_many_sessions(actual: u64, limit: u64) -> SessionError {
         limit,
         limit_name: "max_sessions",
     }
-}
-
-fn check_count(count: i64) -> Result<(), SessionError> {
-    if count < 0 {
-        return Err(SessionError::InvalidArgument(format!(
-            "num_batches_tracked must be >= 0, got {count}"
-        )));
-    }
-    Ok(())
 }
 
 fn validate_config(config: &SessionConfig, limits: &Limits) -> Result<(), SessionError> {
@@ -539,283 +821,4 @@ fn config_difference(
     differs("labels", a.labels == b.labels);
     differs("device", a_device == b_device);
     fields
-}
-
-/// A (C,) tensor in the session's dtype on its device, from client data; a
-/// wrong shape is load_state_dict's size mismatch.
-fn param_tensor(
-    config: &SessionConfig,
-    device: Device,
-    field: &str,
-    data: Option<&TensorData>,
-) -> Result<Option<Tensor>, SessionError> {
-    let Some(data) = data else { return Ok(None) };
-    let present = match field {
-        "weight" | "bias" => config.affine,
-        _ => config.track_running_stats,
-    };
-    if !present {
-        let option = if config.affine {
-            "track_running_stats"
-        } else {
-            "affine"
-        };
-        return Err(SessionError::InvalidArgument(format!(
-            "{field}: the session has {option}=false and no {field}"
-        )));
-    }
-    let expected = [config.num_features];
-    if data.shape() != expected {
-        return Err(NumericsError::invalid(
-            field,
-            format!(
-                "size mismatch for {field}: copying a param with shape {} from checkpoint, the shape in current model is {}.",
-                torch_size(data.shape()),
-                torch_size(&expected)
-            ),
-        )
-        .into());
-    }
-    let tensor = data
-        .to_tensor(device)?
-        .f_to_kind(config.param_dtype.kind())
-        .map_err(NumericsError::from)?;
-    Ok(Some(tensor))
-}
-
-fn build_state(
-    config: &SessionConfig,
-    device: Device,
-    initial: &StateTensors,
-    num_batches_tracked: Option<i64>,
-    (replay_window, replay_bytes): (usize, usize),
-) -> Result<SessionState, SessionError> {
-    let options = (config.param_dtype.kind(), device);
-    let c = [config.num_features];
-    let filled =
-        |field: &str, data: Option<&TensorData>, one: bool| -> Result<Tensor, SessionError> {
-            match param_tensor(config, device, field, data)? {
-                Some(tensor) => Ok(tensor),
-                None if one => Ok(Tensor::f_ones(c, options).map_err(NumericsError::from)?),
-                None => Ok(Tensor::f_zeros(c, options).map_err(NumericsError::from)?),
-            }
-        };
-    // Data for an absent tensor is an error even when it will not be used.
-    for (field, data) in [
-        ("weight", &initial.weight),
-        ("bias", &initial.bias),
-        ("running_mean", &initial.running_mean),
-        ("running_var", &initial.running_var),
-    ] {
-        param_tensor(config, device, field, data.as_ref())?;
-    }
-    let (weight, bias) = if config.affine {
-        (
-            Some(filled("weight", initial.weight.as_ref(), true)?),
-            Some(filled("bias", initial.bias.as_ref(), false)?),
-        )
-    } else {
-        (None, None)
-    };
-    let (running_mean, running_var) = if config.track_running_stats {
-        (
-            Some(filled(
-                "running_mean",
-                initial.running_mean.as_ref(),
-                false,
-            )?),
-            Some(filled("running_var", initial.running_var.as_ref(), true)?),
-        )
-    } else {
-        (None, None)
-    };
-    Ok(SessionState {
-        eps: config.eps,
-        momentum: config.momentum,
-        weight,
-        bias,
-        running_mean,
-        running_var,
-        num_batches_tracked: num_batches_tracked.unwrap_or(0),
-        version: 1,
-        updated_at: SystemTime::now(),
-        deleted: false,
-        replay: ReplayLog::new(replay_window, replay_bytes),
-    })
-}
-
-fn snapshot(
-    session: &Session,
-    state: &SessionState,
-    include_tensors: bool,
-) -> Result<SessionSnapshot, SessionError> {
-    let tensors = if include_tensors {
-        let host = |t: &Option<Tensor>| t.as_ref().map(TensorData::from_tensor).transpose();
-        Some(StateTensors {
-            weight: host(&state.weight)?,
-            bias: host(&state.bias)?,
-            running_mean: host(&state.running_mean)?,
-            running_var: host(&state.running_var)?,
-        })
-    } else {
-        None
-    };
-    let mut config = session.config.clone();
-    config.eps = state.eps;
-    config.momentum = state.momentum;
-    Ok(SessionSnapshot {
-        id: session.id.clone(),
-        config,
-        device: session.device,
-        version: state.version,
-        num_batches_tracked: state.num_batches_tracked,
-        created_at: session.created_at,
-        updated_at: state.updated_at,
-        tensors,
-    })
-}
-
-fn check_version(
-    session: &Session,
-    state: &SessionState,
-    expected: Option<u64>,
-) -> Result<(), SessionError> {
-    match expected {
-        Some(expected) if expected != state.version => Err(SessionError::VersionMismatch {
-            id: session.id.clone(),
-            expected,
-            actual: state.version,
-        }),
-        _ => Ok(()),
-    }
-}
-
-/// The replay of an already-applied request id, or the version check.
-fn begin_mutation(
-    session: &Session,
-    state: &SessionState,
-    guard: &MutationGuard,
-    call: &'static str,
-) -> Result<Option<Applied<SessionSnapshot>>, SessionError> {
-    if let Some(request_id) = &guard.request_id {
-        if let Some(replay) = state.replay.find(request_id) {
-            return match replay {
-                Replay::Snapshot(snapshot, used_by) if *used_by == call => Ok(Some(Applied {
-                    value: (**snapshot).clone(),
-                    replayed: true,
-                })),
-                other => Err(SessionError::RequestIdReused {
-                    id: session.id.clone(),
-                    request_id: request_id.clone(),
-                    used_by: other.call_name(),
-                }),
-            };
-        }
-    }
-    check_version(session, state, guard.expected_version)?;
-    Ok(None)
-}
-
-/// Bumps the version, records the replay, returns the new snapshot.
-fn commit(
-    session: &Session,
-    state: &mut SessionState,
-    request_id: Option<String>,
-    call: &'static str,
-) -> Result<Applied<SessionSnapshot>, SessionError> {
-    state.version += 1;
-    state.updated_at = SystemTime::now();
-    let snapshot = snapshot(session, state, true)?;
-    if let Some(request_id) = request_id {
-        state.replay.record(
-            request_id,
-            Replay::Snapshot(Box::new(snapshot.clone()), call),
-        );
-    }
-    Ok(Applied {
-        value: snapshot,
-        replayed: false,
-    })
-}
-
-fn forward_locked(
-    session: &Session,
-    state: &mut SessionState,
-    command: Forward,
-) -> Result<ForwardOutcome, SessionError> {
-    let config = &session.config;
-    let training = command.mode.unwrap_or(config.default_mode) == Mode::Train;
-    let mutates = training && config.track_running_stats;
-    if mutates {
-        if let Some(request_id) = &command.request_id {
-            if let Some(replay) = state.replay.find(request_id) {
-                let Replay::Forward(outcome) = replay else {
-                    return Err(SessionError::RequestIdReused {
-                        id: session.id.clone(),
-                        request_id: request_id.clone(),
-                        used_by: replay.call_name(),
-                    });
-                };
-                return Ok(ForwardOutcome {
-                    replayed: true,
-                    ..outcome.clone()
-                });
-            }
-        }
-    }
-    check_version(session, state, command.expected_version)?;
-
-    let layer = Layer {
-        kind: config.kind,
-        num_features: config.num_features,
-        eps: state.eps,
-        param_dtype: config.param_dtype,
-        weight: state.weight.as_ref(),
-        bias: state.bias.as_ref(),
-        running_mean: state.running_mean.as_ref(),
-        running_var: state.running_var.as_ref(),
-    };
-    layer.check_input(command.input.shape(), command.input.dtype(), training)?;
-    let input = command.input.to_tensor(session.device)?;
-    if config.reject_non_finite && !all_finite(&input)? {
-        return Err(NumericsError::invalid(
-            "input",
-            "contains NaN or infinite values (the session has reject_non_finite=true)",
-        )
-        .into());
-    }
-    if !mutates {
-        let output = if training {
-            layer.forward_train(&input, 0.0)?.output
-        } else {
-            layer.forward_eval(&input)?
-        };
-        return Ok(ForwardOutcome {
-            output: Some(TensorData::from_tensor(&output)?),
-            version: state.version,
-            num_batches_tracked: state.num_batches_tracked,
-            replayed: false,
-        });
-    }
-    let counted = state.num_batches_tracked + 1;
-    let step = layer.forward_train(&input, state.momentum.factor(counted))?;
-    let output = TensorData::from_tensor(&step.output)?;
-    // Commit: nothing below can fail.
-    state.running_mean = step.running_mean;
-    state.running_var = step.running_var;
-    state.num_batches_tracked = counted;
-    state.version += 1;
-    state.updated_at = SystemTime::now();
-    let outcome = ForwardOutcome {
-        output: Some(output),
-        version: state.version,
-        num_batches_tracked: counted,
-        replayed: false,
-    };
-    if let Some(request_id) = command.request_id {
-        state
-            .replay
-            .record(request_id, Replay::Forward(outcome.clone()));
-    }
-    Ok(outcome)
 }

@@ -1,30 +1,66 @@
 //! Recent request ids of one session and the results they produced, so that
-//! a retried mutation is answered from memory instead of applied twice.
+//! a retried mutation is answered from memory instead of applied twice. The
+//! ids (not the outputs) are also stored with the session's record, so they
+//! survive a restart.
 
 use std::collections::VecDeque;
 
+use super::durable::RecentRequest;
 use super::{ForwardOutcome, SessionSnapshot};
 
-/// The stored result of one applied mutation.
+/// The remembered result of one applied mutation.
 #[derive(Debug, Clone)]
 pub enum Replay {
     Forward(ForwardOutcome),
     /// Reset, UpdateParameters and ImportState answer with the session.
     Snapshot(Box<SessionSnapshot>, &'static str),
+    /// Known from the stored record only (the process restarted or another
+    /// replica applied it): the call and the version it produced.
+    Recovered {
+        call: &'static str,
+        version: u64,
+        num_batches_tracked: i64,
+    },
+}
+
+pub const FORWARD: &str = "Forward";
+pub const RESET: &str = "ResetRunningStats";
+pub const UPDATE: &str = "UpdateParameters";
+pub const IMPORT: &str = "ImportState";
+
+fn call_name(stored: &str) -> &'static str {
+    match stored {
+        RESET => RESET,
+        UPDATE => UPDATE,
+        IMPORT => IMPORT,
+        _ => FORWARD,
+    }
 }
 
 impl Replay {
     pub fn call_name(&self) -> &'static str {
         match self {
-            Replay::Forward(_) => "Forward",
-            Replay::Snapshot(_, call) => call,
+            Replay::Forward(_) => FORWARD,
+            Replay::Snapshot(_, call) | Replay::Recovered { call, .. } => call,
+        }
+    }
+
+    fn version(&self) -> (u64, i64) {
+        match self {
+            Replay::Forward(o) => (o.version, o.num_batches_tracked),
+            Replay::Snapshot(s, _) => (s.version, s.num_batches_tracked),
+            Replay::Recovered {
+                version,
+                num_batches_tracked,
+                ..
+            } => (*version, *num_batches_tracked),
         }
     }
 
     fn output_bytes(&self) -> usize {
         match self {
             Replay::Forward(outcome) => outcome.output.as_ref().map_or(0, |o| o.bytes().len()),
-            Replay::Snapshot(..) => 0,
+            Replay::Snapshot(..) | Replay::Recovered { .. } => 0,
         }
     }
 }
@@ -49,12 +85,57 @@ impl ReplayLog {
         }
     }
 
+    /// A log holding the ids of a stored record.
+    pub fn recovered(window: usize, output_budget: usize, stored: &[RecentRequest]) -> Self {
+        let mut log = ReplayLog::new(window, output_budget);
+        for request in stored {
+            log.record(
+                request.request_id.clone(),
+                Replay::Recovered {
+                    call: call_name(&request.call),
+                    version: request.version,
+                    num_batches_tracked: request.num_batches_tracked,
+                },
+            );
+        }
+        log
+    }
+
     pub fn find(&self, request_id: &str) -> Option<&Replay> {
         self.entries
             .iter()
             .rev()
             .find(|(id, _)| id == request_id)
             .map(|(_, r)| r)
+    }
+
+    /// The ids to store, oldest first, with `next` appended (the mutation
+    /// about to be committed), trimmed to the window.
+    pub fn stored_with(&self, next: Option<(&str, &'static str, u64, i64)>) -> Vec<RecentRequest> {
+        let mut out: Vec<RecentRequest> = self
+            .entries
+            .iter()
+            .map(|(id, replay)| {
+                let (version, num_batches_tracked) = replay.version();
+                RecentRequest {
+                    request_id: id.clone(),
+                    call: replay.call_name().to_owned(),
+                    version,
+                    num_batches_tracked,
+                }
+            })
+            .collect();
+        if let Some((id, call, version, num_batches_tracked)) = next {
+            out.push(RecentRequest {
+                request_id: id.to_owned(),
+                call: call.to_owned(),
+                version,
+                num_batches_tracked,
+            });
+        }
+        let excess = out.len().saturating_sub(self.window);
+        out.drain(..excess);
+        out
     }
 
     pub fn record(&mut self, request_id: String, mut replay: Replay) {

@@ -43,6 +43,10 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
     #[error("listener: {0}")]
     Io(#[from] std::io::Error),
+    #[error("session store: {0}")]
+    Store(#[from] crate::store::StoreOpenError),
+    #[error("recovery: {0}")]
+    Recovery(#[from] crate::session::RecoveryError),
 }
 
 /// What the server decided at start-up, for the caller to print.
@@ -61,16 +65,10 @@ pub fn prepare(config: &Config) -> Result<Device, ServeError> {
     Ok(config.device.resolve(None)?)
 }
 
-/// Serves on `listener` until `shutdown` completes, then drains in-flight
-/// requests for at most `config.drain_seconds`.
-pub async fn serve(
-    config: Config,
-    device: Device,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()> + Send,
-) -> Result<(), ServeError> {
-    let compute_threads = config.resolved_compute_threads();
-    let pool = ComputePool::new(compute_threads);
+/// Opens the configured store and recovers its sessions: everything that can
+/// fail before the server should announce itself.
+pub async fn open_registry(config: &Config, device: Device) -> Result<Arc<Registry>, ServeError> {
+    let pool = ComputePool::new(config.resolved_compute_threads());
     let limits = Limits {
         max_sessions: config.max_sessions,
         max_tensor_elements: config.max_tensor_elements,
@@ -83,9 +81,41 @@ pub async fn serve(
             replay_window: config.replay_window,
             replay_cache_bytes: config.replay_cache_bytes,
         },
-        pool.clone(),
+        pool,
+        crate::store::open(config).await?,
     ));
+    let recovery = registry.recover().await?;
+    tracing::info!(
+        store = registry.store_name(),
+        sessions = recovery.loaded,
+        unreadable = recovery.unreadable,
+        elapsed_ms = recovery.elapsed.as_secs_f64() * 1e3,
+        "sessions recovered"
+    );
+    Ok(registry)
+}
 
+/// Opens the registry and serves on `listener` until `shutdown` completes.
+pub async fn serve(
+    config: Config,
+    device: Device,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    let registry = open_registry(&config, device).await?;
+    serve_registry(config, device, registry, listener, shutdown).await
+}
+
+/// Serves `registry` on `listener` until `shutdown` completes, then drains
+/// in-flight requests for at most `config.drain_seconds`.
+pub async fn serve_registry(
+    config: Config,
+    device: Device,
+    registry: Arc<Registry>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    let compute_threads = config.resolved_compute_threads();
     let max = config.max_message_bytes;
     let batch_norm = BatchNormServiceServer::new(BatchNormApi::new(registry.clone()))
         .max_decoding_message_size(max)
@@ -94,6 +124,7 @@ pub async fn serve(
         &config,
         device,
         compute_threads,
+        registry.store_name(),
     )))
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);
@@ -170,6 +201,7 @@ fn server_info(
     config: &Config,
     device: Device,
     compute_threads: usize,
+    store: &str,
 ) -> pb::GetServerInfoResponse {
     let devices = describe_devices();
     pb::GetServerInfoResponse {
@@ -191,16 +223,17 @@ fn server_info(
             max_num_features: config.max_num_features,
             max_message_bytes: config.max_message_bytes as u64,
         }),
-        features: [
-            "sessions",
-            "forward_stream",
-            "health",
-            "reflection",
-            "durability:none",
-        ]
-        .into_iter()
-        .map(str::to_owned)
-        .collect(),
+        features: ["sessions", "forward_stream", "health", "reflection"]
+            .into_iter()
+            .map(str::to_owned)
+            .chain([
+                format!("store:{store}"),
+                format!(
+                    "durability:{}",
+                    if store == "none" { "none" } else { "sync" }
+                ),
+            ])
+            .collect(),
         intra_op_threads: config.intra_op_threads,
         compute_threads: compute_threads as i32,
     }

@@ -22,6 +22,12 @@ impl From<SessionError> for Status {
             SessionError::Numerics(error) => error.into(),
             SessionError::Device(error) => error.into(),
             SessionError::Compute(error) => error.into(),
+            SessionError::DataLoss { .. } => Status::data_loss(message),
+            SessionError::Store(error) => {
+                tracing::error!(%error, "session store failed");
+                Status::unavailable(format!("{error}; the request was not applied or its outcome is unknown: retry with the same request_id"))
+            }
+            SessionError::Contended(_) => Status::aborted(message),
         }
     }
 }

@@ -8,6 +8,7 @@ PyTorch from the provisioned environment as the oracle.
 import os
 import subprocess
 import sys
+import tempfile
 
 import grpc
 import pytest
@@ -28,10 +29,12 @@ from normserve.v1 import (  # noqa: E402
 class ServerProcess:
     """A normserve process on an ephemeral loopback port."""
 
-    def __init__(self, *args):
+    def __init__(self, *args, data_dir=None, listen="127.0.0.1:0"):
         binary = os.environ.get("NORMSERVE_BIN", "target/release/normserve")
+        # Each server gets its own data directory unless the test shares one.
+        self.data_dir = data_dir or tempfile.mkdtemp(prefix="normserve-test-")
         self.proc = subprocess.Popen(
-            [binary, "--listen", "127.0.0.1:0", *args],
+            [binary, "--listen", listen, "--data-dir", self.data_dir, *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

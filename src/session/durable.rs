@@ -1,0 +1,243 @@
+//! What the registry needs from durable storage: the [`SessionStore`] trait
+//! (implemented by the backends in `crate::store`) and the stored form of a
+//! session, [`SessionRecord`], with its versioned, checksummed encoding.
+//!
+//! Encoding: `b"NSRC"`, format version (u32 LE), CRC-32 of the payload (u32
+//! LE), then the payload (a protobuf message defined below, so fields can be
+//! added compatibly). A record that fails the checks is reported as corrupt,
+//! never silently replaced; a record of a newer format is refused.
+
+use std::collections::BTreeMap;
+
+use prost::Message;
+
+use super::SessionId;
+
+/// The record format this build writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+const MAGIC: &[u8; 4] = b"NSRC";
+const HEADER_LEN: usize = 12;
+
+/// One session as stored: configuration, state, recent request ids.
+#[derive(Clone, PartialEq, Message)]
+pub struct SessionRecord {
+    #[prost(string, tag = "1")]
+    pub id: String,
+    /// 1, 2 or 3 (BatchNorm1d/2d/3d).
+    #[prost(uint32, tag = "2")]
+    pub kind: u32,
+    #[prost(int64, tag = "3")]
+    pub num_features: i64,
+    /// Creation eps and momentum (idempotent creates compare these).
+    #[prost(double, tag = "4")]
+    pub created_eps: f64,
+    #[prost(double, optional, tag = "5")]
+    pub created_momentum: Option<f64>,
+    #[prost(bool, tag = "6")]
+    pub affine: bool,
+    #[prost(bool, tag = "7")]
+    pub track_running_stats: bool,
+    /// 1 float32, 2 float64, 3 float16, 4 bfloat16.
+    #[prost(uint32, tag = "8")]
+    pub param_dtype: u32,
+    /// 1 train, 2 eval.
+    #[prost(uint32, tag = "9")]
+    pub default_mode: u32,
+    #[prost(bool, tag = "10")]
+    pub reject_non_finite: bool,
+    #[prost(btree_map = "string, string", tag = "11")]
+    pub labels: BTreeMap<String, String>,
+    /// "cpu" or "cuda:N".
+    #[prost(string, tag = "12")]
+    pub device: String,
+    /// Current eps and momentum (None: cumulative average).
+    #[prost(double, tag = "13")]
+    pub eps: f64,
+    #[prost(double, optional, tag = "14")]
+    pub momentum: Option<f64>,
+    /// Raw little-endian values in `param_dtype`, (C,); absent when the layer
+    /// has no such tensor.
+    #[prost(bytes = "vec", optional, tag = "15")]
+    pub weight: Option<Vec<u8>>,
+    #[prost(bytes = "vec", optional, tag = "16")]
+    pub bias: Option<Vec<u8>>,
+    #[prost(bytes = "vec", optional, tag = "17")]
+    pub running_mean: Option<Vec<u8>>,
+    #[prost(bytes = "vec", optional, tag = "18")]
+    pub running_var: Option<Vec<u8>>,
+    #[prost(int64, tag = "19")]
+    pub num_batches_tracked: i64,
+    #[prost(uint64, tag = "20")]
+    pub version: u64,
+    #[prost(int64, tag = "21")]
+    pub created_at_unix_nanos: i64,
+    #[prost(int64, tag = "22")]
+    pub updated_at_unix_nanos: i64,
+    /// Oldest first.
+    #[prost(message, repeated, tag = "23")]
+    pub recent_requests: Vec<RecentRequest>,
+    /// Created eps/momentum mode: true when created with the cumulative average.
+    #[prost(bool, tag = "24")]
+    pub created_cumulative: bool,
+}
+
+/// A request id applied to the session, stored with the state it produced so
+/// that a retry after a restart is recognised and not applied twice.
+#[derive(Clone, PartialEq, Message)]
+pub struct RecentRequest {
+    #[prost(string, tag = "1")]
+    pub request_id: String,
+    /// "Forward", "ResetRunningStats", "UpdateParameters" or "ImportState".
+    #[prost(string, tag = "2")]
+    pub call: String,
+    #[prost(uint64, tag = "3")]
+    pub version: u64,
+    #[prost(int64, tag = "4")]
+    pub num_batches_tracked: i64,
+}
+
+/// Why a stored record cannot be used.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum RecordError {
+    #[error("record is corrupt: {0}")]
+    Corrupt(String),
+    #[error("record was written by a newer normserve (format {found}, this build reads up to {FORMAT_VERSION})")]
+    NewerFormat { found: u32 },
+}
+
+impl SessionRecord {
+    pub fn encode_record(&self) -> Vec<u8> {
+        let payload = self.encode_to_vec();
+        let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+        out.extend_from_slice(&payload);
+        out
+    }
+
+    pub fn decode_record(bytes: &[u8]) -> Result<Self, RecordError> {
+        if bytes.len() < HEADER_LEN || &bytes[..4] != MAGIC {
+            return Err(RecordError::Corrupt("bad header".into()));
+        }
+        let word = |at: usize| {
+            u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
+        };
+        let format = word(4);
+        if format > FORMAT_VERSION {
+            return Err(RecordError::NewerFormat { found: format });
+        }
+        let payload = &bytes[HEADER_LEN..];
+        if crc32fast::hash(payload) != word(8) {
+            return Err(RecordError::Corrupt("checksum mismatch".into()));
+        }
+        SessionRecord::decode(payload).map_err(|e| RecordError::Corrupt(e.to_string()))
+    }
+}
+
+/// A storage backend failed (I/O, connection); the operation did not happen
+/// or its outcome is unknown. Maps to UNAVAILABLE.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("session store ({backend}): {message}")]
+pub struct StoreError {
+    pub backend: &'static str,
+    pub message: String,
+}
+
+/// Outcome of a conditional write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Written {
+    Committed,
+    /// The stored version was not the expected one; nothing was written.
+    Conflict,
+}
+
+/// A stored record, or why it cannot be read.
+pub type Stored = Result<SessionRecord, RecordError>;
+
+/// Durable storage of session records. Every method that returns `Ok` has
+/// made its effect durable (as far as the backend's own configuration goes).
+#[async_trait::async_trait]
+pub trait SessionStore: Send + Sync {
+    /// "embedded" or "redis", for logs and the info RPC.
+    fn name(&self) -> &'static str;
+
+    /// True when other processes change the records too, so a cached session
+    /// must be checked against the store before use.
+    fn is_shared(&self) -> bool;
+
+    /// Every record, for eager recovery at start-up (unshared stores).
+    async fn load_all(&self) -> Result<Vec<(String, Stored)>, StoreError>;
+
+    /// One record.
+    async fn load(&self, id: &SessionId) -> Result<Option<Stored>, StoreError>;
+
+    /// The stored version of a session, cheaply.
+    async fn version(&self, id: &SessionId) -> Result<Option<u64>, StoreError>;
+
+    /// Writes `record` if the stored version equals `previous` (`None`: the
+    /// session must not exist yet).
+    async fn put(
+        &self,
+        record: &SessionRecord,
+        previous: Option<u64>,
+    ) -> Result<Written, StoreError>;
+
+    /// Deletes the session if its stored version equals `version` (`None`:
+    /// whatever is stored, e.g. an unreadable record).
+    async fn delete(&self, id: &SessionId, version: Option<u64>) -> Result<Written, StoreError>;
+
+    /// Ids in order after `after`, at most `limit` (shared stores list from here).
+    async fn ids_after(
+        &self,
+        after: Option<&SessionId>,
+        limit: usize,
+    ) -> Result<Vec<SessionId>, StoreError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> SessionRecord {
+        SessionRecord {
+            id: "a".into(),
+            kind: 1,
+            num_features: 3,
+            weight: Some(vec![0, 0, 128, 63]),
+            version: 7,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn records_round_trip() {
+        let bytes = record().encode_record();
+        assert_eq!(SessionRecord::decode_record(&bytes), Ok(record()));
+    }
+
+    #[test]
+    fn a_flipped_byte_is_corruption_not_a_fresh_session() {
+        let mut bytes = record().encode_record();
+        let last = bytes.len() - 2;
+        bytes[last] ^= 0x40;
+        assert!(matches!(
+            SessionRecord::decode_record(&bytes),
+            Err(RecordError::Corrupt(_))
+        ));
+        assert!(matches!(
+            SessionRecord::decode_record(b"NS"),
+            Err(RecordError::Corrupt(_))
+        ));
+    }
+
+    #[test]
+    fn a_newer_format_is_refused() {
+        let mut bytes = record().encode_record();
+        bytes[4] = 9;
+        assert_eq!(
+            SessionRecord::decode_record(&bytes),
+            Err(RecordError::NewerFormat { found: 9 })
+        );
+    }
+}

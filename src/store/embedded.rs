@@ -1,0 +1,300 @@
+//! The embedded store: one redb file in the data directory.
+//!
+//! Writes go through one writer thread that drains every pending write into a
+//! single transaction and commits it once (group commit): concurrent mutations
+//! share one fsync. A caller's future completes only after the commit that
+//! holds its write is durable.
+
+use std::path::Path;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use tokio::sync::oneshot;
+
+use crate::session::durable::{
+    SessionRecord, SessionStore, StoreError, Stored, Written, FORMAT_VERSION,
+};
+use crate::session::SessionId;
+
+/// Session id -> encoded record.
+const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("records");
+/// Session id -> version (kept beside the record for cheap version checks).
+const VERSIONS: TableDefinition<&str, u64> = TableDefinition::new("versions");
+/// "format" -> the record format of the file.
+const META: TableDefinition<&str, u32> = TableDefinition::new("meta");
+
+const NAME: &str = "embedded";
+
+pub const FILE_NAME: &str = "sessions.redb";
+
+enum Operation {
+    Put {
+        id: String,
+        bytes: Vec<u8>,
+        version: u64,
+        previous: Option<u64>,
+    },
+    Delete {
+        id: String,
+        version: Option<u64>,
+    },
+}
+
+struct WriteJob {
+    operation: Operation,
+    done: oneshot::Sender<Result<Written, StoreError>>,
+}
+
+pub struct EmbeddedStore {
+    db: Arc<Database>,
+    writes: mpsc::Sender<WriteJob>,
+}
+
+fn error(context: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError {
+        backend: NAME,
+        message: format!("{context}: {e}"),
+    }
+}
+
+/// Opening the store failed; the server must not start.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("cannot open {path}: {message}")]
+    Open { path: String, message: String },
+    #[error("{path} was written by a newer normserve (format {found}, this build reads up to {FORMAT_VERSION}); refusing to start")]
+    NewerFormat { path: String, found: u32 },
+}
+
+impl EmbeddedStore {
+    /// Opens (or creates) `data_dir/sessions.redb` and starts the writer.
+    pub fn open(data_dir: &Path) -> Result<Self, OpenError> {
+        let path = data_dir.join(FILE_NAME);
+        let shown = path.display().to_string();
+        let open_error = |e: &dyn std::fmt::Display| OpenError::Open {
+            path: shown.clone(),
+            message: e.to_string(),
+        };
+        std::fs::create_dir_all(data_dir).map_err(|e| open_error(&e))?;
+        let db = Database::create(&path).map_err(|e| open_error(&e))?;
+        // Check (or stamp) the file's format before anything else touches it.
+        let txn = db.begin_write().map_err(|e| open_error(&e))?;
+        {
+            let mut meta = txn.open_table(META).map_err(|e| open_error(&e))?;
+            let found = meta
+                .get("format")
+                .map_err(|e| open_error(&e))?
+                .map(|v| v.value());
+            match found {
+                Some(found) if found > FORMAT_VERSION => {
+                    return Err(OpenError::NewerFormat { path: shown, found });
+                }
+                Some(_) => {}
+                None => {
+                    meta.insert("format", FORMAT_VERSION)
+                        .map_err(|e| open_error(&e))?;
+                }
+            }
+            txn.open_table(RECORDS).map_err(|e| open_error(&e))?;
+            txn.open_table(VERSIONS).map_err(|e| open_error(&e))?;
+        }
+        txn.commit().map_err(|e| open_error(&e))?;
+        let db = Arc::new(db);
+        let (writes, jobs) = mpsc::channel();
+        let writer_db = db.clone();
+        thread::Builder::new()
+            .name("normserve-store-writer".into())
+            .spawn(move || write_loop(&writer_db, &jobs))
+            .map_err(|e| open_error(&e))?;
+        Ok(EmbeddedStore { db, writes })
+    }
+
+    async fn submit(&self, operation: Operation) -> Result<Written, StoreError> {
+        let (done, result) = oneshot::channel();
+        self.writes
+            .send(WriteJob { operation, done })
+            .map_err(|_| error("writer", "stopped"))?;
+        result
+            .await
+            .map_err(|_| error("writer", "stopped before answering"))?
+    }
+
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&redb::ReadTransaction) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let txn = self.db.begin_read().map_err(|e| error("read", e))?;
+        f(&txn)
+    }
+}
+
+/// The group-commit loop: block for one job, take every job already queued,
+/// apply them in one transaction, commit once, answer all.
+fn write_loop(db: &Database, jobs: &mpsc::Receiver<WriteJob>) {
+    while let Ok(first) = jobs.recv() {
+        let mut batch = vec![first];
+        while let Ok(more) = jobs.try_recv() {
+            batch.push(more);
+        }
+        match apply_batch(db, &batch) {
+            Ok(outcomes) => {
+                for (job, outcome) in batch.into_iter().zip(outcomes) {
+                    let _ = job.done.send(Ok(outcome));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, writes = batch.len(), "store commit failed");
+                for job in batch {
+                    let _ = job.done.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+fn apply_batch(db: &Database, batch: &[WriteJob]) -> Result<Vec<Written>, StoreError> {
+    let txn = db.begin_write().map_err(|e| error("begin", e))?;
+    let mut outcomes = Vec::with_capacity(batch.len());
+    {
+        let mut records = txn.open_table(RECORDS).map_err(|e| error("open", e))?;
+        let mut versions = txn.open_table(VERSIONS).map_err(|e| error("open", e))?;
+        for job in batch {
+            let id = match &job.operation {
+                Operation::Put { id, .. } | Operation::Delete { id, .. } => id.as_str(),
+            };
+            let current = versions
+                .get(id)
+                .map_err(|e| error("get", e))?
+                .map(|v| v.value());
+            let allowed = match &job.operation {
+                // `previous: None` means the session must not exist yet.
+                Operation::Put { previous, .. } => current == *previous,
+                Operation::Delete {
+                    version: Some(version),
+                    ..
+                } => current == Some(*version),
+                Operation::Delete { version: None, .. } => true,
+            };
+            if !allowed {
+                outcomes.push(Written::Conflict);
+                continue;
+            }
+            match &job.operation {
+                Operation::Put {
+                    id, bytes, version, ..
+                } => {
+                    records
+                        .insert(id.as_str(), bytes.as_slice())
+                        .map_err(|e| error("insert", e))?;
+                    versions
+                        .insert(id.as_str(), *version)
+                        .map_err(|e| error("insert", e))?;
+                }
+                Operation::Delete { id, .. } => {
+                    records
+                        .remove(id.as_str())
+                        .map_err(|e| error("remove", e))?;
+                    versions
+                        .remove(id.as_str())
+                        .map_err(|e| error("remove", e))?;
+                }
+            }
+            outcomes.push(Written::Committed);
+        }
+    }
+    // Durability::Immediate (redb's default): fsync before returning.
+    txn.commit().map_err(|e| error("commit", e))?;
+    Ok(outcomes)
+}
+
+fn decode(bytes: &[u8]) -> Stored {
+    SessionRecord::decode_record(bytes)
+}
+
+#[async_trait::async_trait]
+impl SessionStore for EmbeddedStore {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn is_shared(&self) -> bool {
+        false
+    }
+
+    async fn load_all(&self) -> Result<Vec<(String, Stored)>, StoreError> {
+        self.read(|txn| {
+            let records = txn.open_table(RECORDS).map_err(|e| error("open", e))?;
+            let mut out = Vec::new();
+            for entry in records.iter().map_err(|e| error("iter", e))? {
+                let (key, value) = entry.map_err(|e| error("iter", e))?;
+                out.push((key.value().to_owned(), decode(value.value())));
+            }
+            Ok(out)
+        })
+    }
+
+    async fn load(&self, id: &SessionId) -> Result<Option<Stored>, StoreError> {
+        self.read(|txn| {
+            let records = txn.open_table(RECORDS).map_err(|e| error("open", e))?;
+            let found = records.get(id.as_str()).map_err(|e| error("get", e))?;
+            Ok(found.map(|v| decode(v.value())))
+        })
+    }
+
+    async fn version(&self, id: &SessionId) -> Result<Option<u64>, StoreError> {
+        self.read(|txn| {
+            let versions = txn.open_table(VERSIONS).map_err(|e| error("open", e))?;
+            let found = versions.get(id.as_str()).map_err(|e| error("get", e))?;
+            Ok(found.map(|v| v.value()))
+        })
+    }
+
+    async fn put(
+        &self,
+        record: &SessionRecord,
+        previous: Option<u64>,
+    ) -> Result<Written, StoreError> {
+        self.submit(Operation::Put {
+            id: record.id.clone(),
+            bytes: record.encode_record(),
+            version: record.version,
+            previous,
+        })
+        .await
+    }
+
+    async fn delete(&self, id: &SessionId, version: Option<u64>) -> Result<Written, StoreError> {
+        self.submit(Operation::Delete {
+            id: id.to_string(),
+            version,
+        })
+        .await
+    }
+
+    async fn ids_after(
+        &self,
+        after: Option<&SessionId>,
+        limit: usize,
+    ) -> Result<Vec<SessionId>, StoreError> {
+        self.read(|txn| {
+            let versions = txn.open_table(VERSIONS).map_err(|e| error("open", e))?;
+            let mut out = Vec::new();
+            for entry in versions.iter().map_err(|e| error("iter", e))? {
+                let (key, _) = entry.map_err(|e| error("iter", e))?;
+                let Ok(id) = SessionId::parse(key.value()) else {
+                    continue;
+                };
+                if after.is_some_and(|a| &id <= a) {
+                    continue;
+                }
+                out.push(id);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+            Ok(out)
+        })
+    }
+}
