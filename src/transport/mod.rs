@@ -5,6 +5,7 @@
 //! Handlers stay short: decode, call the domain, encode. No tensor math here.
 
 mod batch_norm;
+mod compare;
 pub mod convert;
 mod server_info;
 mod status;
@@ -24,10 +25,12 @@ use crate::config::Config;
 use crate::device::{describe_devices, device_name, DeviceError};
 use crate::proto::v1 as pb;
 use crate::proto::v1::batch_norm_service_server::BatchNormServiceServer;
+use crate::proto::v1::compare_service_server::CompareServiceServer;
 use crate::proto::v1::server_service_server::ServerServiceServer;
 use crate::session::{Limits, Registry, RegistryOptions};
 
 pub use batch_norm::BatchNormApi;
+pub use compare::CompareApi;
 pub use server_info::ServerInfoApi;
 
 /// The libtorch version this binary was built against (from its headers).
@@ -90,6 +93,14 @@ pub async fn serve(
     let batch_norm = BatchNormServiceServer::new(BatchNormApi::new(registry.clone()))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
+    let compare = CompareServiceServer::new(CompareApi::new(
+        pool.clone(),
+        device,
+        config.max_tensor_elements,
+        config.max_num_features,
+    ))
+    .max_decoding_message_size(max)
+    .max_encoding_message_size(max);
     let server_info = ServerServiceServer::new(ServerInfoApi::new(server_info(
         &config,
         device,
@@ -123,6 +134,7 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(batch_norm)
+        .add_service(compare)
         .add_service(server_info)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
             let _ = stopped.await;
@@ -154,6 +166,9 @@ async fn set_health(health: &HealthReporter, status: tonic_health::ServingStatus
             service_name::<BatchNormServiceServer<BatchNormApi>>(),
             status,
         )
+        .await;
+    health
+        .set_service_status(service_name::<CompareServiceServer<CompareApi>>(), status)
         .await;
     health
         .set_service_status(service_name::<ServerServiceServer<ServerInfoApi>>(), status)
@@ -192,6 +207,7 @@ fn server_info(
         features: [
             "sessions",
             "forward_stream",
+            "compare",
             "health",
             "reflection",
             "durability:none",
