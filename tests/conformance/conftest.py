@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from normserve.v1 import (  # noqa: E402
     batch_norm_pb2_grpc,
+    compare_pb2_grpc,
     server_pb2_grpc,
 )
 
@@ -76,3 +77,8 @@ def bn_stub(channel):
 @pytest.fixture(scope="session")
 def server_stub(channel):
     return server_pb2_grpc.ServerServiceStub(channel)
+
+
+@pytest.fixture(scope="session")
+def compare_stub(channel):
+    return compare_pb2_grpc.CompareServiceStub(channel)
