@@ -1,5 +1,6 @@
 //! Batch-norm math on `tch::Tensor`: the forward pass and running-statistics
-//! update with PyTorch's exact semantics and validation texts, tensor
+//! update with PyTorch's exact semantics and validation texts, the Compare
+//! tool (implementations side by side, differences, diagnosis), tensor
 //! encoding, and `state_dict` (safetensors) import/export.
 //!
 //! This module knows nothing about gRPC, tokio, sessions or I/O: it takes
@@ -7,6 +8,7 @@
 
 pub mod batch_norm;
 pub mod codec;
+pub mod compare;
 pub mod state_dict;
 
 pub use batch_norm::{LayerKind, Momentum};

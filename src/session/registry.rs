@@ -125,6 +125,11 @@ impl Registry {
         &self.options
     }
 
+    /// The compute pool, shared with the stateless services.
+    pub fn pool(&self) -> &ComputePool {
+        &self.pool
+    }
+
     /// "none", "embedded" or "redis".
     pub fn store_name(&self) -> &'static str {
         self.store.as_ref().map_or("none", |s| s.name())

@@ -3,6 +3,10 @@
 
 use std::collections::BTreeMap;
 
+use crate::numerics::compare::{
+    CompareRequest, Comparison, Diagnosis, Difference, Implementation, Part, Parts, TensorReport,
+    Tolerance,
+};
 use crate::numerics::{DType, LayerKind, Momentum, NumericsError, TensorData};
 use crate::proto::v1 as pb;
 use crate::session::{Mode, SessionConfig, SessionError, SessionId, SessionSnapshot, StateTensors};
@@ -267,5 +271,179 @@ pub fn session_to_proto(snapshot: SessionSnapshot) -> pb::Session {
         running_var: raw(tensors.running_var),
         created_at: Some(snapshot.created_at.into()),
         updated_at: Some(snapshot.updated_at.into()),
+    }
+}
+
+fn implementation(value: i32) -> Result<Implementation, SessionError> {
+    match pb::Implementation::try_from(value) {
+        Ok(pb::Implementation::Reference) => Ok(Implementation::Reference),
+        Ok(pb::Implementation::Float64Reference) => Ok(Implementation::Float64Reference),
+        Ok(pb::Implementation::ManualBiased) => Ok(Implementation::ManualBiased),
+        Ok(pb::Implementation::ManualUnbiased) => Ok(Implementation::ManualUnbiased),
+        Ok(pb::Implementation::Candidate) => Ok(Implementation::Candidate),
+        Ok(pb::Implementation::Unspecified) => Err(SessionError::InvalidArgument(
+            "implementations: IMPLEMENTATION_UNSPECIFIED is not an implementation".into(),
+        )),
+        Err(_) => Err(SessionError::InvalidArgument(format!(
+            "implementations: unknown Implementation value {value}"
+        ))),
+    }
+}
+
+fn implementation_to_proto(implementation: Implementation) -> pb::Implementation {
+    match implementation {
+        Implementation::Reference => pb::Implementation::Reference,
+        Implementation::Float64Reference => pb::Implementation::Float64Reference,
+        Implementation::ManualBiased => pb::Implementation::ManualBiased,
+        Implementation::ManualUnbiased => pb::Implementation::ManualUnbiased,
+        Implementation::Candidate => pb::Implementation::Candidate,
+    }
+}
+
+/// The tolerance pair: both or neither, as `torch.testing.assert_close`.
+fn tolerance(rtol: Option<f64>, atol: Option<f64>) -> Result<Option<Tolerance>, SessionError> {
+    match (rtol, atol) {
+        (Some(rtol), Some(atol)) => Ok(Some(Tolerance { rtol, atol })),
+        (None, None) => Ok(None),
+        _ => Err(SessionError::InvalidArgument(
+            "rtol, atol: set both or neither (as torch.testing.assert_close requires)".into(),
+        )),
+    }
+}
+
+/// Decodes a Compare request (everything but `device`, which the handler
+/// resolves). The representation is the input's, for the reply's tensors.
+pub fn compare_request(
+    request: pb::CompareRequest,
+    max_elements: u64,
+) -> Result<(CompareRequest, Representation), SessionError> {
+    let decode =
+        |field: &str, t| Ok::<_, SessionError>(tensor(field, t, max_elements)?.map(|(d, _)| d));
+    let (input, representation) = required_tensor("input", request.input, max_elements)?;
+    let candidate = match request.candidate {
+        Some(candidate) => {
+            let mut parts = Parts::default();
+            for (part, value) in [
+                (Part::Output, candidate.output),
+                (Part::RunningMean, candidate.running_mean),
+                (Part::RunningVar, candidate.running_var),
+                (Part::GradInput, candidate.grad_input),
+                (Part::GradWeight, candidate.grad_weight),
+                (Part::GradBias, candidate.grad_bias),
+            ] {
+                if let Some(data) = decode(&format!("candidate.{}", part.name()), value)? {
+                    parts.set(part, data);
+                }
+            }
+            Some(parts)
+        }
+        None => None,
+    };
+    let domain = CompareRequest {
+        input,
+        weight: decode("weight", request.weight)?,
+        bias: decode("bias", request.bias)?,
+        running_mean: decode("running_mean", request.running_mean)?,
+        running_var: decode("running_var", request.running_var)?,
+        num_batches_tracked: request.num_batches_tracked,
+        training: request.training,
+        eps: request.eps.unwrap_or(DEFAULT_EPS),
+        momentum: momentum(request.momentum, request.cumulative_average)?
+            .unwrap_or(Momentum::Exponential(DEFAULT_MOMENTUM)),
+        grad_output: decode("grad_output", request.grad_output)?,
+        candidate,
+        tolerance: tolerance(request.rtol, request.atol)?,
+        implementations: request
+            .implementations
+            .into_iter()
+            .map(implementation)
+            .collect::<Result<_, _>>()?,
+        return_tensors: request.return_tensors,
+    };
+    Ok((domain, representation))
+}
+
+fn difference_to_proto(difference: Difference) -> pb::Difference {
+    pb::Difference {
+        max_abs_diff: difference.max_abs_diff,
+        max_rel_diff: difference.max_rel_diff,
+        argmax_index: difference.argmax_index,
+        per_channel_max_abs_diff: difference.per_channel_max_abs_diff,
+        allclose: difference.allclose,
+        mismatched_elements: difference.mismatched_elements,
+    }
+}
+
+/// Returned tensors travel as the input did; typed values become
+/// `double_values` for float64 tensors so that nothing is rounded.
+fn values_to_proto(data: TensorData, input_representation: Representation) -> pb::Tensor {
+    let representation = match (input_representation, data.dtype()) {
+        (Representation::Raw, _) => Representation::Raw,
+        (_, DType::Float64) => Representation::Double,
+        _ => Representation::Float,
+    };
+    tensor_to_proto(data, representation)
+}
+
+fn tensor_report_to_proto(
+    report: Option<&TensorReport>,
+    representation: Representation,
+) -> Option<pb::TensorReport> {
+    report.map(|report| pb::TensorReport {
+        vs_float64_reference: Some(difference_to_proto(report.vs_float64_reference.clone())),
+        vs_reference: Some(difference_to_proto(report.vs_reference.clone())),
+        values: report
+            .values
+            .clone()
+            .map(|values| values_to_proto(values, representation)),
+    })
+}
+
+fn diagnosis_to_proto(diagnosis: Diagnosis) -> pb::Diagnosis {
+    pb::Diagnosis {
+        matches_reference: diagnosis.matches_reference,
+        hypotheses: diagnosis
+            .hypotheses
+            .into_iter()
+            .map(|h| pb::Hypothesis {
+                name: h.name.to_owned(),
+                max_abs_diff: h.max_abs_diff,
+                explains: h.explains,
+                explanation: h.explanation.to_owned(),
+                fix: h.fix.to_owned(),
+                tolerance_ratio: h.tolerance_ratio,
+                parts: h.parts.iter().map(|p| p.name().to_owned()).collect(),
+            })
+            .collect(),
+        ambiguities: diagnosis.ambiguities,
+        summary: diagnosis.summary,
+    }
+}
+
+pub fn comparison_to_proto(
+    comparison: Comparison,
+    representation: Representation,
+) -> pb::CompareResponse {
+    pb::CompareResponse {
+        reports: comparison
+            .reports
+            .into_iter()
+            .map(|report| {
+                let part = |p: Part| tensor_report_to_proto(report.parts.get(p), representation);
+                pb::ImplementationReport {
+                    implementation: implementation_to_proto(report.implementation) as i32,
+                    output: part(Part::Output),
+                    running_mean: part(Part::RunningMean),
+                    running_var: part(Part::RunningVar),
+                    grad_input: part(Part::GradInput),
+                    grad_weight: part(Part::GradWeight),
+                    grad_bias: part(Part::GradBias),
+                }
+            })
+            .collect(),
+        diagnosis: comparison.diagnosis.map(diagnosis_to_proto),
+        rtol: comparison.tolerance.rtol,
+        atol: comparison.tolerance.atol,
+        device: crate::device::device_name(comparison.device),
     }
 }

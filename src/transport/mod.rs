@@ -5,6 +5,7 @@
 //! Handlers stay short: decode, call the domain, encode. No tensor math here.
 
 mod batch_norm;
+mod compare;
 pub mod convert;
 mod server_info;
 mod status;
@@ -24,10 +25,12 @@ use crate::config::Config;
 use crate::device::{describe_devices, device_name, DeviceError};
 use crate::proto::v1 as pb;
 use crate::proto::v1::batch_norm_service_server::BatchNormServiceServer;
+use crate::proto::v1::compare_service_server::CompareServiceServer;
 use crate::proto::v1::server_service_server::ServerServiceServer;
 use crate::session::{Limits, Registry, RegistryOptions};
 
 pub use batch_norm::BatchNormApi;
+pub use compare::CompareApi;
 pub use server_info::ServerInfoApi;
 
 /// The libtorch version this binary was built against (from its headers).
@@ -120,6 +123,14 @@ pub async fn serve_registry(
     let batch_norm = BatchNormServiceServer::new(BatchNormApi::new(registry.clone()))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
+    let compare = CompareServiceServer::new(CompareApi::new(
+        registry.pool().clone(),
+        device,
+        config.max_tensor_elements,
+        config.max_num_features,
+    ))
+    .max_decoding_message_size(max)
+    .max_encoding_message_size(max);
     let server_info = ServerServiceServer::new(ServerInfoApi::new(server_info(
         &config,
         device,
@@ -156,6 +167,7 @@ pub async fn serve_registry(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(batch_norm)
+        .add_service(compare)
         .add_service(server_info)
         .serve_with_incoming_shutdown(incoming, async {
             let _ = stopped.await;
@@ -187,6 +199,9 @@ async fn set_health(health: &HealthReporter, status: tonic_health::ServingStatus
             service_name::<BatchNormServiceServer<BatchNormApi>>(),
             status,
         )
+        .await;
+    health
+        .set_service_status(service_name::<CompareServiceServer<CompareApi>>(), status)
         .await;
     health
         .set_service_status(service_name::<ServerServiceServer<ServerInfoApi>>(), status)
@@ -223,17 +238,23 @@ fn server_info(
             max_num_features: config.max_num_features,
             max_message_bytes: config.max_message_bytes as u64,
         }),
-        features: ["sessions", "forward_stream", "health", "reflection"]
-            .into_iter()
-            .map(str::to_owned)
-            .chain([
-                format!("store:{store}"),
-                format!(
-                    "durability:{}",
-                    if store == "none" { "none" } else { "sync" }
-                ),
-            ])
-            .collect(),
+        features: [
+            "sessions",
+            "forward_stream",
+            "compare",
+            "health",
+            "reflection",
+        ]
+        .into_iter()
+        .map(str::to_owned)
+        .chain([
+            format!("store:{store}"),
+            format!(
+                "durability:{}",
+                if store == "none" { "none" } else { "sync" }
+            ),
+        ])
+        .collect(),
         intra_op_threads: config.intra_op_threads,
         compute_threads: compute_threads as i32,
     }

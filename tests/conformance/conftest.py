@@ -22,6 +22,7 @@ torch.set_num_threads(1)
 
 from normserve.v1 import (  # noqa: E402
     batch_norm_pb2_grpc,
+    compare_pb2_grpc,
     server_pb2_grpc,
 )
 
@@ -84,3 +85,8 @@ def bn_stub(channel):
 @pytest.fixture(scope="session")
 def server_stub(channel):
     return server_pb2_grpc.ServerServiceStub(channel)
+
+
+@pytest.fixture(scope="session")
+def compare_stub(channel):
+    return compare_pb2_grpc.CompareServiceStub(channel)
