@@ -116,6 +116,9 @@ pub async fn serve(
         .initial_stream_window_size(window)
         .initial_connection_window_size(window)
         .max_frame_size(1 << 20)
+        .layer(tower::util::MapResponseLayer::new(
+            status::request_too_large_response,
+        ))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
