@@ -6,9 +6,11 @@
 // Tests fail by panicking; the crate-wide denials are for server paths.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod concurrency;
 mod foundation;
 mod link;
 mod requests;
 mod server;
 mod sessions;
+mod stream;
 mod tensors;
