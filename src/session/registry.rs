@@ -82,6 +82,8 @@ pub enum RecoveryError {
 
 pub struct Registry {
     sessions: RwLock<BTreeMap<SessionId, Arc<Session>>>,
+    /// Creations under way, counted against `max_sessions` before they exist.
+    reserved: std::sync::Mutex<u64>,
     /// Sessions whose stored record cannot be read: DATA_LOSS, never reset.
     unreadable: RwLock<BTreeMap<SessionId, String>>,
     options: RegistryOptions,
@@ -114,6 +116,7 @@ impl Registry {
     ) -> Self {
         Registry {
             sessions: RwLock::new(BTreeMap::new()),
+            reserved: std::sync::Mutex::new(0),
             unreadable: RwLock::new(BTreeMap::new()),
             options,
             pool,
@@ -430,12 +433,7 @@ impl Registry {
                 Err(other) => return Err(other),
             }
         }
-        if self.len() as u64 >= limits.max_sessions {
-            return Err(too_many_sessions(
-                self.len() as u64 + 1,
-                limits.max_sessions,
-            ));
-        }
+        let _slot = self.reserve_slot()?;
         let info = SessionInfo {
             id: command.id.clone().unwrap_or_else(SessionId::generate),
             config: command.config.clone(),
@@ -508,6 +506,20 @@ impl Registry {
             }
             None => Ok((snapshot, false)),
         }
+    }
+
+    /// Counts a creation against `max_sessions` until it is dropped.
+    fn reserve_slot(&self) -> Result<Reservation<'_>, SessionError> {
+        let mut reserved = self.reserved.lock().unwrap_or_else(|p| p.into_inner());
+        let taken = self.len() as u64 + *reserved;
+        if taken >= self.options.limits.max_sessions {
+            return Err(too_many_sessions(
+                taken + 1,
+                self.options.limits.max_sessions,
+            ));
+        }
+        *reserved += 1;
+        Ok(Reservation(&self.reserved))
     }
 
     async fn existing_for_create(
@@ -724,6 +736,17 @@ impl Registry {
             import_step(info, state, &safetensors, strict, &guard, max_elements)
         })
         .await
+    }
+}
+
+/// A creation's place under `max_sessions`, released when the creation ends
+/// (by then the session is in the map, or it failed).
+struct Reservation<'a>(&'a std::sync::Mutex<u64>);
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        let mut reserved = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        *reserved = reserved.saturating_sub(1);
     }
 }
 

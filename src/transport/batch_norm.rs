@@ -6,7 +6,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::convert;
+use super::{convert, status};
 use crate::device::DeviceChoice;
 use crate::proto::v1 as pb;
 use crate::proto::v1::batch_norm_service_server::BatchNormService;
@@ -227,7 +227,7 @@ impl BatchNormService for BatchNormApi {
                     // A broken or oversized frame ends the stream: the bytes
                     // that follow cannot be trusted to start a new message.
                     Err(status) => {
-                        let _ = replies.send(Err(status)).await;
+                        let _ = replies.send(Err(status::request_too_large(status))).await;
                         break;
                     }
                 };

@@ -143,14 +143,11 @@ pub async fn serve_registry(
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, tonic_health::ServingStatus::Serving).await;
 
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
+    let reflection_v1 =
+        reflection(tonic_reflection::pb::v1::server_reflection_server::SERVICE_NAME).build_v1()?;
+    let reflection_v1alpha =
+        reflection(tonic_reflection::pb::v1alpha::server_reflection_server::SERVICE_NAME)
+            .build_v1alpha()?;
 
     // Large tensors: big HTTP/2 windows and frames so a 16 MiB message is not
     // throttled by the 64 KiB defaults.
@@ -163,6 +160,9 @@ pub async fn serve_registry(
         .initial_stream_window_size(window)
         .initial_connection_window_size(window)
         .max_frame_size(1 << 20)
+        .layer(tower::util::MapResponseLayer::new(
+            status::request_too_large_response,
+        ))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -190,6 +190,25 @@ pub async fn serve_registry(
     }
     tracing::info!("server stopped");
     Ok(())
+}
+
+/// Reflection listing the services this server serves, and no others: by
+/// default reflection advertises every service its descriptor sets describe,
+/// served or not.
+fn reflection(own_name: &str) -> tonic_reflection::server::Builder<'static> {
+    let served = [
+        service_name::<BatchNormServiceServer<BatchNormApi>>(),
+        service_name::<ServerServiceServer<ServerInfoApi>>(),
+        service_name::<CompareServiceServer<CompareApi>>(),
+        tonic_health::pb::health_server::SERVICE_NAME,
+        own_name,
+    ];
+    served.into_iter().fold(
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET),
+        |builder, name| builder.with_service_name(name),
+    )
 }
 
 async fn set_health(health: &HealthReporter, status: tonic_health::ServingStatus) {

@@ -1,7 +1,7 @@
 //! The one place where domain errors become gRPC statuses. Internal failures
 //! get a generic message; their detail goes to the log.
 
-use tonic::Status;
+use tonic::{Code, Status};
 
 use crate::compute::ComputeError;
 use crate::device::DeviceError;
@@ -65,5 +65,34 @@ impl From<ComputeError> for Status {
             }
             ComputeError::Closed => Status::unavailable("server is shutting down"),
         }
+    }
+}
+
+/// tonic refuses a request message above `max_decoding_message_size` with
+/// OUT_OF_RANGE; the API promises RESOURCE_EXHAUSTED naming the limit, as
+/// gRPC's other implementations answer. Other statuses pass unchanged.
+pub fn request_too_large(status: Status) -> Status {
+    let too_large = status.code() == Code::OutOfRange
+        && status
+            .message()
+            .starts_with("Error, decoded message length too large");
+    if too_large {
+        Status::resource_exhausted(format!("{} (max_message_bytes)", status.message()))
+    } else {
+        status
+    }
+}
+
+/// [`request_too_large`] for unary calls, whose request is decoded before the
+/// handler runs: tonic answers with a trailers-only response carrying the
+/// status in its headers and extensions.
+pub fn request_too_large_response(
+    response: http::Response<tonic::body::Body>,
+) -> http::Response<tonic::body::Body> {
+    match response.extensions().get::<Status>() {
+        Some(status) if status.code() == Code::OutOfRange => {
+            request_too_large(status.clone()).into_http()
+        }
+        _ => response,
     }
 }

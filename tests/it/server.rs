@@ -1,0 +1,85 @@
+//! A normserve server inside the test process: bound on `127.0.0.1:0`, served
+//! by `normserve::transport::serve` in a spawned task, stopped through a
+//! oneshot-driven shutdown future. The listener is bound before anyone
+//! connects, so clients never wait for the server to come up.
+
+use std::net::SocketAddr;
+
+use normserve::config::Config;
+use normserve::device::DeviceChoice;
+use normserve::proto::v1::batch_norm_service_client::BatchNormServiceClient;
+use normserve::proto::v1::server_service_client::ServerServiceClient;
+use normserve::transport::{self, ServeError};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::{Channel, Endpoint};
+
+pub type BatchNorm = BatchNormServiceClient<Channel>;
+
+pub struct TestServer {
+    pub address: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    served: JoinHandle<Result<(), ServeError>>,
+}
+
+impl TestServer {
+    /// A server with every default, on the device `auto` resolves to.
+    pub async fn start() -> TestServer {
+        TestServer::start_with(|_| {}).await
+    }
+
+    /// A server whose configuration `adjust` changed first (limits, mostly).
+    pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> TestServer {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let mut config = Config::with_defaults(address);
+        adjust(&mut config);
+        config.validate().unwrap();
+        let device = transport::prepare(&config).unwrap();
+        let (shutdown, stop) = oneshot::channel::<()>();
+        let served = tokio::spawn(transport::serve(config, device, listener, async move {
+            let _ = stop.await;
+        }));
+        TestServer {
+            address,
+            shutdown: Some(shutdown),
+            served,
+        }
+    }
+
+    /// A CPU server: for tests whose expected texts or devices are the CPU's.
+    pub async fn start_on_cpu() -> TestServer {
+        TestServer::start_with(|c| c.device = DeviceChoice::Cpu).await
+    }
+
+    /// A new connection (HTTP/2 connection of its own) to the server.
+    pub async fn channel(&self) -> Channel {
+        Endpoint::from_shared(format!("http://{}", self.address))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    pub async fn batch_norm(&self) -> BatchNorm {
+        BatchNormServiceClient::new(self.channel().await).max_decoding_message_size(usize::MAX)
+    }
+
+    pub async fn server_info(&self) -> ServerServiceClient<Channel> {
+        ServerServiceClient::new(self.channel().await)
+    }
+
+    /// Fires the shutdown future without waiting for `serve` to return.
+    pub fn begin_shutdown(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+    }
+
+    /// Fires the shutdown future and returns what `serve` returned.
+    pub async fn stop(mut self) -> Result<(), ServeError> {
+        self.begin_shutdown();
+        self.served.await.unwrap()
+    }
+}
