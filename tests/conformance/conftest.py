@@ -6,9 +6,11 @@ PyTorch from the provisioned environment as the oracle.
 """
 
 import os
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 
 import grpc
 import pytest
@@ -25,6 +27,16 @@ from normserve.v1 import (  # noqa: E402
     compare_pb2_grpc,
     server_pb2_grpc,
 )
+
+
+def drain(stream, sink, keep=200):
+    """Reads a child's output in the background so a full pipe never blocks it;
+    keeps the last lines for failure messages."""
+    def run():
+        for line in stream:
+            sink.append(line)
+            del sink[:-keep]
+    threading.Thread(target=run, daemon=True).start()
 
 
 class ServerProcess:
@@ -46,6 +58,14 @@ class ServerProcess:
             self.proc.kill()
             raise RuntimeError(f"server did not start: {line!r} {self.proc.stderr.read()}")
         self.address = line.split()[3]
+        self.log = []
+        drain(self.proc.stderr, self.log)
+        drain(self.proc.stdout, self.log)
+
+    def kill9(self):
+        """SIGKILL: no drain, no flush; what was acknowledged must survive."""
+        self.proc.kill()
+        self.proc.wait()
 
     def stop(self, timeout=30):
         if self.proc.poll() is None:
@@ -90,3 +110,44 @@ def server_stub(channel):
 @pytest.fixture(scope="session")
 def compare_stub(channel):
     return compare_pb2_grpc.CompareServiceStub(channel)
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RedisProcess:
+    """A private redis-server on a free loopback port, with the durability
+    normserve documents for production (AOF, fsync always)."""
+
+    def __init__(self):
+        here = os.path.dirname(os.path.abspath(__file__))
+        ensure = os.path.join(here, "..", "..", "scripts", "ensure-redis.sh")
+        binary = subprocess.run([ensure], check=True, capture_output=True, text=True).stdout.strip()
+        self.dir = tempfile.mkdtemp(prefix="normserve-redis-")
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
+             "--save", "", "--appendonly", "yes", "--appendfsync", "always"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # redis-server logs this line once it accepts connections.
+        for line in self.proc.stdout:
+            if "Ready to accept connections" in line:
+                break
+        else:
+            raise RuntimeError("redis-server did not start")
+        drain(self.proc.stdout, [])
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def redis_server():
+    proc = RedisProcess()
+    yield proc
+    proc.stop()
