@@ -45,8 +45,9 @@ test-python:
 	NORMSERVE_BIN="$(CURDIR)/target/release/normserve" PYTHONPATH="$(CURDIR)/$(PYGEN)" \
 		"$(PYTHON)" -m pytest -q tests/conformance
 
-bench: setup ## Forward latency/throughput vs in-process libtorch (prints a table)
-	LIBTORCH="$(LIBTORCH_DIR)" $(CARGO) bench --locked --bench forward
+bench: setup ## benchmarks: Forward vs in-process libtorch; durability none/embedded/redis
+	@scripts/ensure-redis.sh >/dev/null
+	LIBTORCH="$(LIBTORCH_DIR)" $(CARGO) bench --locked --bench forward --bench durability
 
 lint: setup ## clippy with warnings as errors, and rustfmt check
 	LIBTORCH="$(LIBTORCH_DIR)" $(CARGO) clippy --release --locked --all-targets -- -D warnings

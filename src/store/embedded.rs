@@ -50,6 +50,20 @@ struct WriteJob {
 pub struct EmbeddedStore {
     db: Arc<Database>,
     writes: mpsc::Sender<WriteJob>,
+    writer: Option<thread::JoinHandle<()>>,
+}
+
+impl Drop for EmbeddedStore {
+    /// Stops the writer (after it has committed what was queued) and waits
+    /// for it, so the file is closed and its lock released when the store is
+    /// gone: a new store can open the same directory right away.
+    fn drop(&mut self) {
+        let (closed, _) = mpsc::channel();
+        drop(std::mem::replace(&mut self.writes, closed));
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
 }
 
 fn error(context: &str, e: impl std::fmt::Display) -> StoreError {
@@ -104,11 +118,15 @@ impl EmbeddedStore {
         let db = Arc::new(db);
         let (writes, jobs) = mpsc::channel();
         let writer_db = db.clone();
-        thread::Builder::new()
+        let writer = thread::Builder::new()
             .name("normserve-store-writer".into())
             .spawn(move || write_loop(&writer_db, &jobs))
             .map_err(|e| open_error(&e))?;
-        Ok(EmbeddedStore { db, writes })
+        Ok(EmbeddedStore {
+            db,
+            writes,
+            writer: Some(writer),
+        })
     }
 
     async fn submit(&self, operation: Operation) -> Result<Written, StoreError> {
