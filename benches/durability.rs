@@ -136,6 +136,9 @@ async fn load(server: &Server, clients: usize, tag: &str) -> Figures {
     }
 }
 
+/// Adjusts a benchmark server's configuration.
+type Configure = dyn Fn(&mut Config);
+
 struct Redis(Child, String);
 
 impl Drop for Redis {
@@ -189,9 +192,9 @@ async fn main() {
         println!("redis-server not available: skipping the Redis rows (scripts/ensure-redis.sh installs it)");
     }
     let mut rows: Vec<(&str, Figures, Figures)> = Vec::new();
-    let stores: Vec<(&str, Box<dyn Fn(&mut Config)>)> = {
+    let stores: Vec<(&str, Box<Configure>)> = {
         let embedded_dir = scratch.path().join("embedded");
-        let mut stores: Vec<(&str, Box<dyn Fn(&mut Config)>)> = vec![
+        let mut stores: Vec<(&str, Box<Configure>)> = vec![
             (
                 "none",
                 Box::new(|c: &mut Config| c.durability = Durability::None),

@@ -98,6 +98,8 @@ struct Session {
 }
 
 /// A step's result, with the record to store when it changes the state.
+// Built once per request and moved, never stored.
+#[allow(clippy::large_enum_variant)]
 enum Prepared<T> {
     Done(T),
     Next {
@@ -750,11 +752,14 @@ impl Drop for Reservation<'_> {
     }
 }
 
+/// A session operation: computes what to do from the current state.
+type StepFn<T> = dyn Fn(&SessionInfo, &SessionState) -> Result<Step<T>, SessionError>;
+
 /// Runs a step and, when it changes the state, builds the record to store.
 fn prepare<T>(
     info: &SessionInfo,
     state: &SessionState,
-    job: &dyn Fn(&SessionInfo, &SessionState) -> Result<Step<T>, SessionError>,
+    job: &StepFn<T>,
     with_record: bool,
 ) -> Result<Prepared<T>, SessionError> {
     match job(info, state)? {
