@@ -131,12 +131,10 @@ pub async fn serve_registry(
     ))
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);
-    let server_info = ServerServiceServer::new(ServerInfoApi::new(server_info(
-        &config,
-        device,
-        compute_threads,
-        registry.store_name(),
-    )))
+    let server_info = ServerServiceServer::new(ServerInfoApi::new(
+        server_info(&config, device, compute_threads, registry.store_name()),
+        registry.clone(),
+    ))
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);
 
@@ -276,5 +274,9 @@ fn server_info(
         .collect(),
         intra_op_threads: config.intra_op_threads,
         compute_threads: compute_threads as i32,
+        // Filled in per call by ServerInfoApi.
+        sessions: 0,
+        unreadable_sessions: 0,
+        store: String::new(),
     }
 }

@@ -1,18 +1,22 @@
 //! `normserve.v1.ServerService`: facts about the running server.
 
+use std::sync::Arc;
+
 use tonic::{Request, Response, Status};
 
 use crate::proto::v1 as pb;
 use crate::proto::v1::server_service_server::ServerService;
+use crate::session::Registry;
 
-/// Built once at start-up; the answer never changes while the server runs.
+/// The static part is built once at start-up; session counts are read per call.
 pub struct ServerInfoApi {
     info: pb::GetServerInfoResponse,
+    registry: Arc<Registry>,
 }
 
 impl ServerInfoApi {
-    pub fn new(info: pb::GetServerInfoResponse) -> Self {
-        ServerInfoApi { info }
+    pub fn new(info: pb::GetServerInfoResponse, registry: Arc<Registry>) -> Self {
+        ServerInfoApi { info, registry }
     }
 }
 
@@ -22,6 +26,10 @@ impl ServerService for ServerInfoApi {
         &self,
         _request: Request<pb::GetServerInfoRequest>,
     ) -> Result<Response<pb::GetServerInfoResponse>, Status> {
-        Ok(Response::new(self.info.clone()))
+        let mut info = self.info.clone();
+        info.sessions = self.registry.len() as u64;
+        info.unreadable_sessions = self.registry.unreadable_count() as u64;
+        info.store = self.registry.store_name().to_owned();
+        Ok(Response::new(info))
     }
 }

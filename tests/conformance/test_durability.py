@@ -233,6 +233,9 @@ def test_corrupt_record_is_data_loss_and_the_rest_is_served():
     reply = stub.Forward(bn.ForwardRequest(session_id="healthy", input=wire.to_proto(x), mode=bn.MODE_TRAIN))
     torch.testing.assert_close(wire.from_proto(reply.output), expected)
     assert "corrupt" in "".join(server.log)
+    from normserve.v1 import server_pb2, server_pb2_grpc
+    info = server_pb2_grpc.ServerServiceStub(channel).GetServerInfo(server_pb2.GetServerInfoRequest())
+    assert (info.unreadable_sessions, info.sessions, info.store) == (1, 1, "embedded")
     # An operator can delete the unreadable session to clear it.
     stub.DeleteSession(bn.DeleteSessionRequest(session_id="victim"))
     assert rpc_error(get, stub, "victim").code() == grpc.StatusCode.NOT_FOUND
