@@ -81,6 +81,29 @@ impl LayerState {
     }
 }
 
+/// The parts of a state an update or import replaces; `None` keeps the current.
+struct Replaced {
+    weight: Option<Tensor>,
+    bias: Option<Tensor>,
+    running_mean: Option<Tensor>,
+    running_var: Option<Tensor>,
+    num_batches_tracked: Option<i64>,
+}
+
+impl LayerState {
+    fn next_with(&self, replaced: Replaced) -> LayerState {
+        let mut next = self.next_version();
+        next.weight = replaced.weight.or(next.weight);
+        next.bias = replaced.bias.or(next.bias);
+        next.running_mean = replaced.running_mean.or(next.running_mean);
+        next.running_var = replaced.running_var.or(next.running_var);
+        next.num_batches_tracked = replaced
+            .num_batches_tracked
+            .unwrap_or(next.num_batches_tracked);
+        next
+    }
+}
+
 /// A (C,) tensor in the session's dtype on its device, from client data; a
 /// wrong shape is load_state_dict's size mismatch.
 pub fn param_tensor(
@@ -330,14 +353,13 @@ pub fn update_step(
         tensors.running_mean.as_ref(),
     )?;
     let var = param_tensor(config, device, "running_var", tensors.running_var.as_ref())?;
-    let mut layer = state.layer.next_version();
-    layer.weight = weight.or(layer.weight);
-    layer.bias = bias.or(layer.bias);
-    layer.running_mean = mean.or(layer.running_mean);
-    layer.running_var = var.or(layer.running_var);
-    layer.num_batches_tracked = update
-        .num_batches_tracked
-        .unwrap_or(layer.num_batches_tracked);
+    let mut layer = state.layer.next_with(Replaced {
+        weight,
+        bias,
+        running_mean: mean,
+        running_var: var,
+        num_batches_tracked: update.num_batches_tracked,
+    });
     layer.eps = update.eps.unwrap_or(layer.eps);
     layer.momentum = update.momentum.unwrap_or(layer.momentum);
     snapshot_step(info, layer, guard.request_id.clone(), UPDATE)
@@ -374,14 +396,13 @@ pub fn import_step(
     let bias = convert(imported.bias)?;
     let mean = convert(imported.running_mean)?;
     let var = convert(imported.running_var)?;
-    let mut layer = state.layer.next_version();
-    layer.weight = weight.or(layer.weight);
-    layer.bias = bias.or(layer.bias);
-    layer.running_mean = mean.or(layer.running_mean);
-    layer.running_var = var.or(layer.running_var);
-    layer.num_batches_tracked = imported
-        .num_batches_tracked
-        .unwrap_or(layer.num_batches_tracked);
+    let layer = state.layer.next_with(Replaced {
+        weight,
+        bias,
+        running_mean: mean,
+        running_var: var,
+        num_batches_tracked: imported.num_batches_tracked,
+    });
     snapshot_step(info, layer, guard.request_id.clone(), IMPORT)
 }
 
