@@ -144,6 +144,38 @@ pub struct StoreError {
     pub message: String,
 }
 
+/// A session's version within one incarnation. A session deleted and created
+/// again under the same id is a new incarnation (its creation time), so a
+/// compare-and-set can never mistake the new session for the old one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    /// Creation time of the incarnation, Unix nanoseconds.
+    pub incarnation: i64,
+    pub version: u64,
+}
+
+impl Stamp {
+    pub fn of(record: &SessionRecord) -> Stamp {
+        Stamp {
+            incarnation: record.created_at_unix_nanos,
+            version: record.version,
+        }
+    }
+
+    /// "incarnation:version", as stored by backends that keep a string.
+    pub fn token(&self) -> String {
+        format!("{}:{}", self.incarnation, self.version)
+    }
+
+    pub fn parse(token: &str) -> Option<Stamp> {
+        let (incarnation, version) = token.split_once(':')?;
+        Some(Stamp {
+            incarnation: incarnation.parse().ok()?,
+            version: version.parse().ok()?,
+        })
+    }
+}
+
 /// Outcome of a conditional write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Written {
@@ -172,20 +204,20 @@ pub trait SessionStore: Send + Sync {
     /// One record.
     async fn load(&self, id: &SessionId) -> Result<Option<Stored>, StoreError>;
 
-    /// The stored version of a session, cheaply.
-    async fn version(&self, id: &SessionId) -> Result<Option<u64>, StoreError>;
+    /// The stored stamp of a session, cheaply.
+    async fn version(&self, id: &SessionId) -> Result<Option<Stamp>, StoreError>;
 
-    /// Writes `record` if the stored version equals `previous` (`None`: the
+    /// Writes `record` if the stored stamp equals `previous` (`None`: the
     /// session must not exist yet).
     async fn put(
         &self,
         record: &SessionRecord,
-        previous: Option<u64>,
+        previous: Option<Stamp>,
     ) -> Result<Written, StoreError>;
 
-    /// Deletes the session if its stored version equals `version` (`None`:
+    /// Deletes the session if its stored stamp equals `stamp` (`None`:
     /// whatever is stored, e.g. an unreadable record).
-    async fn delete(&self, id: &SessionId, version: Option<u64>) -> Result<Written, StoreError>;
+    async fn delete(&self, id: &SessionId, stamp: Option<Stamp>) -> Result<Written, StoreError>;
 
     /// Ids in order after `after`, at most `limit` (shared stores list from here).
     async fn ids_after(

@@ -476,7 +476,13 @@ pub fn forward_step(
             replayed: false,
         }));
     }
-    let counted = current.num_batches_tracked + 1;
+    let Some(counted) = current.num_batches_tracked.checked_add(1) else {
+        return Err(SessionError::FailedPrecondition(format!(
+            "session {}: num_batches_tracked is at its maximum ({}); reset it first",
+            info.id,
+            i64::MAX
+        )));
+    };
     let step = layer.forward_train(&input, current.momentum.factor(counted))?;
     let output = TensorData::from_tensor(&step.output)?;
     let mut next = current.next_version();
@@ -500,7 +506,7 @@ pub fn forward_step(
     })
 }
 
-fn unix_nanos(time: SystemTime) -> i64 {
+pub fn unix_nanos(time: SystemTime) -> i64 {
     time.duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos().min(i64::MAX as u128) as i64)
 }

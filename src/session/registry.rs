@@ -25,18 +25,19 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use tch::Device;
+use tokio::sync::OwnedMutexGuard;
 
-use super::durable::{RecordError, SessionRecord, SessionStore, Written};
+use super::durable::{RecordError, SessionRecord, SessionStore, Stamp, Written};
 use super::layer::{
     self, check_count, forward_step, import_step, info_from_record, initial_layer, reset_step,
-    snapshot, state_from_record, update_step, SessionInfo, SessionState, Step,
+    snapshot, state_from_record, unix_nanos, update_step, SessionInfo, SessionState, Step,
 };
 use super::replay::ReplayLog;
 use super::{
     check_labels, Applied, CreateSession, ExportedState, Forward, ForwardOutcome, MutationGuard,
     SessionConfig, SessionError, SessionId, SessionPage, SessionSnapshot, UpdateParameters,
 };
-use crate::compute::ComputePool;
+use crate::compute::{ComputeError, ComputePool};
 use crate::numerics::batch_norm::{check_eps, check_momentum};
 use crate::numerics::state_dict::{self, ExportTensors};
 use crate::numerics::{Momentum, TensorData};
@@ -297,14 +298,16 @@ impl Registry {
         Ok(map.entry(id.clone()).or_insert(session).clone())
     }
 
-    /// Replaces the cached state by the stored one.
+    /// Replaces the cached state by the stored one. `Replaced` when the store
+    /// holds another incarnation (deleted and created again meanwhile): the
+    /// cached session is dropped and must be looked up again.
     async fn reload(
         &self,
         session: &Arc<Session>,
         state: &mut SessionState,
-    ) -> Result<(), SessionError> {
+    ) -> Result<Current, SessionError> {
         let Some(store) = &self.store else {
-            return Ok(());
+            return Ok(Current::Same);
         };
         let id = &session.info.id;
         let record = match store.load(id).await? {
@@ -316,6 +319,11 @@ impl Registry {
             Some(Err(error)) => return Err(self.mark_unreadable(id, error.to_string())),
             Some(Ok(record)) => record,
         };
+        if record.created_at_unix_nanos != unix_nanos(session.info.created_at) {
+            state.deleted = true;
+            self.forget(session);
+            return Ok(Current::Replaced);
+        }
         let (window, bytes) = (self.options.replay_window, self.options.replay_cache_bytes);
         let for_job = session.clone();
         let fresh = self
@@ -323,7 +331,7 @@ impl Registry {
             .run(move || state_from_record(&for_job.info, &record, window, bytes))
             .await??;
         *state = fresh;
-        Ok(())
+        Ok(Current::Same)
     }
 
     /// With a shared store, makes the cached state current.
@@ -331,13 +339,36 @@ impl Registry {
         &self,
         session: &Arc<Session>,
         state: &mut SessionState,
-    ) -> Result<(), SessionError> {
+    ) -> Result<Current, SessionError> {
         let Some(store) = self.store.as_ref().filter(|s| s.is_shared()) else {
-            return Ok(());
+            return Ok(Current::Same);
         };
         match store.version(&session.info.id).await? {
-            Some(version) if version == state.layer.version => Ok(()),
+            Some(stored) if stored == stamp(&session.info, state) => Ok(Current::Same),
             _ => self.reload(session, state).await,
+        }
+    }
+
+    /// The session and its state, locked and current; `None` when the cached
+    /// session turned out to be deleted or replaced by another replica (look
+    /// it up again).
+    async fn locked(
+        &self,
+        id: &SessionId,
+    ) -> Result<Option<(Arc<Session>, OwnedMutexGuard<SessionState>)>, SessionError> {
+        let session = self.lookup(id).await?;
+        let mut state = session.state.clone().lock_owned().await;
+        let shared = self.store.as_ref().is_some_and(|s| s.is_shared());
+        if state.deleted {
+            return if shared {
+                Ok(None)
+            } else {
+                Err(SessionError::NotFound(id.clone()))
+            };
+        }
+        match self.refresh(&session, &mut state).await? {
+            Current::Same => Ok(Some((session, state))),
+            Current::Replaced => Ok(None),
         }
     }
 
@@ -347,13 +378,13 @@ impl Registry {
         T: Send + 'static,
         F: FnOnce(&SessionInfo, &SessionState) -> Result<T, SessionError> + Send + 'static,
     {
-        let session = self.lookup(id).await?;
-        let mut state = session.state.clone().lock_owned().await;
-        if state.deleted {
-            return Err(SessionError::NotFound(id.clone()));
+        for _ in 0..MAX_ATTEMPTS {
+            let Some((session, state)) = self.locked(id).await? else {
+                continue;
+            };
+            return self.pool.run(move || job(&session.info, &state)).await?;
         }
-        self.refresh(&session, &mut state).await?;
-        self.pool.run(move || job(&session.info, &state)).await?
+        Err(SessionError::Contended(id.clone()))
     }
 
     /// Runs a step with the session's state locked and current; stores and
@@ -367,14 +398,11 @@ impl Registry {
         let job = Arc::new(job);
         let with_record = self.store.is_some();
         for _ in 0..MAX_ATTEMPTS {
-            let session = self.lookup(id).await?;
-            let mut state = session.state.clone().lock_owned().await;
-            if state.deleted {
-                return Err(SessionError::NotFound(id.clone()));
-            }
-            self.refresh(&session, &mut state).await?;
+            let Some((session, state)) = self.locked(id).await? else {
+                continue;
+            };
             let (job, for_job) = (job.clone(), session.clone());
-            let (mut state, prepared) = self
+            let (state, prepared) = self
                 .pool
                 .run(move || {
                     let prepared = prepare(&for_job.info, &state, job.as_ref(), with_record);
@@ -390,21 +418,34 @@ impl Registry {
                     record,
                 } => (layer, replay, value, record),
             };
-            if let (Some(store), Some(record)) = (&self.store, record) {
-                match store.put(&record, Some(state.layer.version)).await? {
-                    Written::Committed => {}
-                    Written::Conflict => {
-                        // Another replica moved the session on: start again from its state.
-                        self.reload(&session, &mut state).await?;
-                        continue;
+            // The store write and the swap run in their own task: a client
+            // that goes away after the write cannot leave memory behind the store.
+            let store = self.store.clone();
+            let commit = tokio::spawn(async move {
+                if let (Some(store), Some(record)) = (store, record) {
+                    match store.put(&record, Some(stamp(&session.info, &state))).await {
+                        Ok(Written::Committed) => {}
+                        Ok(Written::Conflict) => return Ok(Err((session, state))),
+                        Err(error) => return Err(SessionError::from(error)),
                     }
                 }
+                let mut state = state;
+                state.layer = layer;
+                if let Some((request_id, replay)) = replay {
+                    state.replay.record(request_id, replay);
+                }
+                Ok(Ok(value))
+            });
+            let outcome = commit
+                .await
+                .map_err(|e| ComputeError::JobFailed(e.to_string()))??;
+            match outcome {
+                Ok(value) => return Ok(value),
+                Err((session, mut state)) => {
+                    // Another replica moved the session on: start again from its state.
+                    self.reload(&session, &mut state).await?;
+                }
             }
-            state.layer = layer;
-            if let Some((request_id, replay)) = replay {
-                state.replay.record(request_id, replay);
-            }
-            return Ok(value);
         }
         Err(SessionError::Contended(id.clone()))
     }
@@ -647,11 +688,10 @@ impl Registry {
                 }
                 Err(other) => return Err(other),
             };
-            let mut state = session.state.clone().lock_owned().await;
-            if state.deleted {
-                return Err(SessionError::NotFound(id.clone()));
-            }
-            self.refresh(&session, &mut state).await?;
+            drop(session);
+            let Some((session, mut state)) = self.locked(id).await? else {
+                continue;
+            };
             if let Some(expected) = expected_version {
                 if expected != state.layer.version {
                     return Err(SessionError::VersionMismatch {
@@ -662,7 +702,8 @@ impl Registry {
                 }
             }
             if let Some(store) = &self.store {
-                if store.delete(id, Some(state.layer.version)).await? == Written::Conflict {
+                if store.delete(id, Some(stamp(&session.info, &state))).await? == Written::Conflict
+                {
                     self.reload(&session, &mut state).await?;
                     continue;
                 }
@@ -789,6 +830,19 @@ fn prepare<T>(
                 record,
             })
         }
+    }
+}
+
+/// Whether a cached session is still the stored incarnation.
+enum Current {
+    Same,
+    Replaced,
+}
+
+fn stamp(info: &SessionInfo, state: &SessionState) -> Stamp {
+    Stamp {
+        incarnation: unix_nanos(info.created_at),
+        version: state.layer.version,
     }
 }
 

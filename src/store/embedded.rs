@@ -13,6 +13,7 @@ use std::thread;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::oneshot;
 
+use crate::session::durable::Stamp;
 use crate::session::durable::{
     SessionRecord, SessionStore, StoreError, Stored, Written, FORMAT_VERSION,
 };
@@ -20,8 +21,8 @@ use crate::session::SessionId;
 
 /// Session id -> encoded record.
 const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("records");
-/// Session id -> version (kept beside the record for cheap version checks).
-const VERSIONS: TableDefinition<&str, u64> = TableDefinition::new("versions");
+/// Session id -> (incarnation, version), beside the record for cheap checks.
+const VERSIONS: TableDefinition<&str, (i64, u64)> = TableDefinition::new("stamps");
 /// "format" -> the record format of the file.
 const META: TableDefinition<&str, u32> = TableDefinition::new("meta");
 
@@ -33,12 +34,12 @@ enum Operation {
     Put {
         id: String,
         bytes: Vec<u8>,
-        version: u64,
-        previous: Option<u64>,
+        stamp: Stamp,
+        previous: Option<Stamp>,
     },
     Delete {
         id: String,
-        version: Option<u64>,
+        stamp: Option<Stamp>,
     },
 }
 
@@ -185,15 +186,18 @@ fn apply_batch(db: &Database, batch: &[WriteJob]) -> Result<Vec<Written>, StoreE
             let current = versions
                 .get(id)
                 .map_err(|e| error("get", e))?
-                .map(|v| v.value());
+                .map(|v| v.value())
+                .map(|(incarnation, version)| Stamp {
+                    incarnation,
+                    version,
+                });
             let allowed = match &job.operation {
                 // `previous: None` means the session must not exist yet.
                 Operation::Put { previous, .. } => current == *previous,
                 Operation::Delete {
-                    version: Some(version),
-                    ..
-                } => current == Some(*version),
-                Operation::Delete { version: None, .. } => true,
+                    stamp: Some(stamp), ..
+                } => current == Some(*stamp),
+                Operation::Delete { stamp: None, .. } => true,
             };
             if !allowed {
                 outcomes.push(Written::Conflict);
@@ -201,13 +205,13 @@ fn apply_batch(db: &Database, batch: &[WriteJob]) -> Result<Vec<Written>, StoreE
             }
             match &job.operation {
                 Operation::Put {
-                    id, bytes, version, ..
+                    id, bytes, stamp, ..
                 } => {
                     records
                         .insert(id.as_str(), bytes.as_slice())
                         .map_err(|e| error("insert", e))?;
                     versions
-                        .insert(id.as_str(), *version)
+                        .insert(id.as_str(), (stamp.incarnation, stamp.version))
                         .map_err(|e| error("insert", e))?;
                 }
                 Operation::Delete { id, .. } => {
@@ -261,32 +265,37 @@ impl SessionStore for EmbeddedStore {
         })
     }
 
-    async fn version(&self, id: &SessionId) -> Result<Option<u64>, StoreError> {
+    async fn version(&self, id: &SessionId) -> Result<Option<Stamp>, StoreError> {
         self.read(|txn| {
             let versions = txn.open_table(VERSIONS).map_err(|e| error("open", e))?;
             let found = versions.get(id.as_str()).map_err(|e| error("get", e))?;
-            Ok(found.map(|v| v.value()))
+            Ok(found
+                .map(|v| v.value())
+                .map(|(incarnation, version)| Stamp {
+                    incarnation,
+                    version,
+                }))
         })
     }
 
     async fn put(
         &self,
         record: &SessionRecord,
-        previous: Option<u64>,
+        previous: Option<Stamp>,
     ) -> Result<Written, StoreError> {
         self.submit(Operation::Put {
             id: record.id.clone(),
             bytes: record.encode_record(),
-            version: record.version,
+            stamp: Stamp::of(record),
             previous,
         })
         .await
     }
 
-    async fn delete(&self, id: &SessionId, version: Option<u64>) -> Result<Written, StoreError> {
+    async fn delete(&self, id: &SessionId, stamp: Option<Stamp>) -> Result<Written, StoreError> {
         self.submit(Operation::Delete {
             id: id.to_string(),
-            version,
+            stamp,
         })
         .await
     }

@@ -3,7 +3,9 @@
 //! (a Lua script, atomic in Redis); a replica whose cached state is stale gets
 //! `Conflict`, reloads and recomputes.
 //!
-//! Keys (prefix `normserve:`): `session:{id}` a hash `{v: version, r: record}`,
+//! Keys (prefix `normserve:`): `session:{id}` a hash `{v: "incarnation:version",
+//! r: record}` (the incarnation, the creation time, keeps a re-created session
+//! from matching the old one's versions),
 //! `sessions` a sorted set of ids (all score 0: lexicographic order for
 //! listing), `format` the record format of this database.
 //!
@@ -14,7 +16,7 @@ use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 
 use crate::session::durable::{
-    SessionRecord, SessionStore, StoreError, Stored, Written, FORMAT_VERSION,
+    SessionRecord, SessionStore, Stamp, StoreError, Stored, Written, FORMAT_VERSION,
 };
 use crate::session::SessionId;
 
@@ -135,26 +137,27 @@ impl SessionStore for RedisStore {
         Ok(bytes.map(|b| SessionRecord::decode_record(&b)))
     }
 
-    async fn version(&self, id: &SessionId) -> Result<Option<u64>, StoreError> {
+    async fn version(&self, id: &SessionId) -> Result<Option<Stamp>, StoreError> {
         let mut connection = self.connection.clone();
-        connection
+        let token: Option<String> = connection
             .hget(session_key(id.as_str()), "v")
             .await
-            .map_err(|e| error("HGET", e))
+            .map_err(|e| error("HGET", e))?;
+        Ok(token.as_deref().and_then(Stamp::parse))
     }
 
     async fn put(
         &self,
         record: &SessionRecord,
-        previous: Option<u64>,
+        previous: Option<Stamp>,
     ) -> Result<Written, StoreError> {
         let mut connection = self.connection.clone();
         let applied: i64 = self
             .put
             .key(session_key(&record.id))
             .key(index_key())
-            .arg(previous.map(|v| v.to_string()).unwrap_or_default())
-            .arg(record.version)
+            .arg(previous.map(|p| p.token()).unwrap_or_default())
+            .arg(Stamp::of(record).token())
             .arg(record.encode_record())
             .arg(&record.id)
             .invoke_async(&mut connection)
@@ -163,13 +166,13 @@ impl SessionStore for RedisStore {
         Ok(written(applied))
     }
 
-    async fn delete(&self, id: &SessionId, version: Option<u64>) -> Result<Written, StoreError> {
+    async fn delete(&self, id: &SessionId, stamp: Option<Stamp>) -> Result<Written, StoreError> {
         let mut connection = self.connection.clone();
         let applied: i64 = self
             .delete
             .key(session_key(id.as_str()))
             .key(index_key())
-            .arg(version.map(|v| v.to_string()).unwrap_or_default())
+            .arg(stamp.map(|p| p.token()).unwrap_or_default())
             .arg(id.as_str())
             .invoke_async(&mut connection)
             .await

@@ -131,3 +131,29 @@ def test_a_retry_through_another_replica_is_not_applied_twice(redis_server):
     c1.close()
     for server in replicas:
         assert server.stop() == 0
+
+
+def test_a_session_recreated_through_another_replica_is_not_mistaken_for_the_old_one(redis_server):
+    replicas = [ServerProcess("--store", redis_server.url) for _ in range(2)]
+    (c0, s0), (c1, s1) = stub_for(replicas[0].address), stub_for(replicas[1].address)
+    old = torch.nn.BatchNorm1d(3)
+    create(s0, "1d", old, session_id="reborn", labels={"generation": "1"})
+    get(s0, "reborn")  # replica 0 now caches generation 1 at version 1
+    s1.DeleteSession(bn.DeleteSessionRequest(session_id="reborn"))
+    new = torch.nn.BatchNorm1d(3, momentum=0.5)
+    with torch.no_grad():
+        new.running_mean.fill_(10.0)
+    create(s1, "1d", new, session_id="reborn", labels={"generation": "2"})  # version 1 again
+    x = torch.randn(5, 3)
+    with torch.no_grad():
+        expected = new(x)
+    reply = s0.Forward(bn.ForwardRequest(session_id="reborn", input=wire.to_proto(x), mode=bn.MODE_TRAIN))
+    torch.testing.assert_close(wire.from_proto(reply.output), expected)
+    for stub in (s0, s1):
+        session = get(stub, "reborn")
+        assert dict(session.config.labels) == {"generation": "2"}
+        assert_state_matches(session, new, torch.float32)
+    c0.close()
+    c1.close()
+    for server in replicas:
+        assert server.stop() == 0

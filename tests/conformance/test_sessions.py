@@ -292,3 +292,12 @@ def test_update_parameters_is_validated_like_load_state_dict(bn_stub):
         expected = module(x)
     torch.testing.assert_close(wire.from_proto(forward(bn_stub, sid, x, TRAIN).output), expected)
     assert_state_matches(get(bn_stub, sid), module, torch.float32)
+
+
+def test_num_batches_tracked_at_its_maximum_refuses_to_overflow(bn_stub):
+    sid = create(bn_stub, "1d", torch.nn.BatchNorm1d(2)).session_id
+    bn_stub.UpdateParameters(bn.UpdateParametersRequest(session_id=sid, num_batches_tracked=2**63 - 1))
+    before = get(bn_stub, sid)
+    error = rpc_error(forward, bn_stub, sid, torch.randn(3, 2), TRAIN)
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert get(bn_stub, sid) == before
