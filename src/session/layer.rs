@@ -104,6 +104,15 @@ impl LayerState {
     }
 }
 
+/// Whether a layer with this config has the named tensor (weight and bias
+/// with `affine`, the running statistics with `track_running_stats`).
+fn has_tensor(config: &SessionConfig, field: &str) -> bool {
+    match field {
+        "weight" | "bias" => config.affine,
+        _ => config.track_running_stats,
+    }
+}
+
 /// A (C,) tensor in the session's dtype on its device, from client data; a
 /// wrong shape is load_state_dict's size mismatch.
 pub fn param_tensor(
@@ -113,11 +122,7 @@ pub fn param_tensor(
     data: Option<&TensorData>,
 ) -> Result<Option<Tensor>, SessionError> {
     let Some(data) = data else { return Ok(None) };
-    let present = match field {
-        "weight" | "bias" => config.affine,
-        _ => config.track_running_stats,
-    };
-    if !present {
+    if !has_tensor(config, field) {
         let option = if matches!(field, "weight" | "bias") {
             "affine"
         } else {
@@ -160,11 +165,7 @@ pub fn initial_layer(
                   one: bool|
      -> Result<Option<Tensor>, SessionError> {
         let given = param_tensor(config, device, field, data)?;
-        let present = match field {
-            "weight" | "bias" => config.affine,
-            _ => config.track_running_stats,
-        };
-        if !present {
+        if !has_tensor(config, field) {
             return Ok(None);
         }
         match given {

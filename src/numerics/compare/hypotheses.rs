@@ -365,14 +365,7 @@ pub(super) fn diagnose(
     truth: &Parts<Tensor>,
     tolerance: Tolerance,
 ) -> Result<Diagnosis, NumericsError> {
-    let sent = |group: Group| -> Vec<Part> {
-        group
-            .parts()
-            .iter()
-            .copied()
-            .filter(|&part| candidate.get(part).is_some())
-            .collect()
-    };
+    let sent = |group: Group| parts_sent(group, candidate);
     let baseline = |part: Part| -> Result<(&Tensor, &Tensor, &Tensor), NumericsError> {
         match (candidate.get(part), truth.get(part), reference.get(part)) {
             (Some(c), Some(t), Some(r)) => Ok((c, t, r)),
@@ -563,14 +556,7 @@ fn summary(
     candidate: &Parts<Tensor>,
     tolerance: Tolerance,
 ) -> String {
-    let sent = |group: Group| -> Vec<Part> {
-        group
-            .parts()
-            .iter()
-            .copied()
-            .filter(|&part| candidate.get(part).is_some())
-            .collect()
-    };
+    let sent = |group: Group| parts_sent(group, candidate);
     let within = format!(
         "within tolerance (rtol={:e}, atol={:e})",
         tolerance.rtol, tolerance.atol
@@ -639,4 +625,14 @@ fn summary(
         ));
     }
     sentences.join(" ")
+}
+
+/// The parts of `group` the candidate sent.
+fn parts_sent(group: Group, candidate: &Parts<Tensor>) -> Vec<Part> {
+    group
+        .parts()
+        .iter()
+        .copied()
+        .filter(|&part| candidate.get(part).is_some())
+        .collect()
 }
