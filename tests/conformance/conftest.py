@@ -1,8 +1,9 @@
 """Fixtures for the Python conformance tests.
 
 The tests talk to a real normserve binary (NORMSERVE_BIN, built by `make
-test`) through grpcio stubs generated from proto/ (on PYTHONPATH), and use
-PyTorch from the provisioned environment as the oracle.
+test`) through the Python client in clients/python (its generated stubs,
+`normserve.v1`, and its idiomatic layer, `normserve`), and use PyTorch from
+the provisioned environment as the oracle.
 """
 
 import os
@@ -17,16 +18,23 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+# The client package from this checkout, ahead of any installed copy (and of
+# stubs generated elsewhere, e.g. target/pygen on PYTHONPATH).
+CLIENT_DIR = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "clients", "python"))
+sys.path.insert(0, CLIENT_DIR)
 
 # The server runs libtorch with one intra-op thread; so does the oracle, so that
 # both reduce in the same order and low-precision results agree to the last bit.
 torch.set_num_threads(1)
 
+import normserve  # noqa: E402
 from normserve.v1 import (  # noqa: E402
     batch_norm_pb2_grpc,
     compare_pb2_grpc,
     server_pb2_grpc,
 )
+
+assert normserve.__file__.startswith(CLIENT_DIR), f"normserve imported from {normserve.__file__}, not {CLIENT_DIR}"
 
 
 def drain(stream, sink, keep=200):
@@ -95,6 +103,12 @@ def channel(server):
     with grpc.insecure_channel(server.address, options=options) as ch:
         grpc.channel_ready_future(ch).result(timeout=30)
         yield ch
+
+
+@pytest.fixture(scope="session")
+def client(channel):
+    """The Python client on the shared channel."""
+    return normserve.Client(channel)
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,7 @@
 """Helpers shared by the session conformance tests: a remote session next to
-a local torch.nn.BatchNorm*d oracle."""
+a local torch.nn.BatchNorm*d oracle. Sessions are created through the Python
+client (clients/python); forwards and reads go through the raw stubs, so the
+tests see the wire protocol itself."""
 
 import grpc
 import torch
@@ -23,29 +25,14 @@ TOLERANCE = {
 }
 
 
-def create(stub, kind, module, dtype=torch.float32, **fields):
-    """A session with `module`'s configuration and current state."""
-    request = bn.CreateSessionRequest(
-        kind=KINDS[kind][0],
-        num_features=module.num_features,
-        eps=module.eps,
-        affine=module.affine,
-        track_running_stats=module.track_running_stats,
-        param_dtype=wire.DTYPES[dtype],
-        **fields,
-    )
-    if module.momentum is None:
-        request.cumulative_average = True
-    else:
-        request.momentum = module.momentum
-    if module.affine:
-        request.weight.CopyFrom(wire.to_proto(module.weight))
-        request.bias.CopyFrom(wire.to_proto(module.bias))
-    if module.track_running_stats:
-        request.running_mean.CopyFrom(wire.to_proto(module.running_mean))
-        request.running_var.CopyFrom(wire.to_proto(module.running_var))
-        request.num_batches_tracked = int(module.num_batches_tracked)
-    return stub.CreateSession(request).session
+def create(client, kind, module, dtype=torch.float32, **options):
+    """A session with `module`'s configuration, current state and mode, made
+    by the client (normserve.Client.create_session_from_module); returns the
+    CreateSession reply's Session message. options: the client's names
+    (device, session_id, labels, training, reject_non_finite)."""
+    assert isinstance(module, KINDS[kind][1]), (kind, type(module))
+    session = client.create_session_from_module(module, dtype=dtype, **options)
+    return session.initial_info.proto
 
 
 def forward(stub, session_id, x, mode, **fields):

@@ -11,6 +11,7 @@ import threading
 import time
 
 import grpc
+import normserve
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -58,7 +59,7 @@ def test_state_survives_kill_9_and_retries_apply_exactly_once():
     channel, stub = stub_for(address)
     sessions = []
     for index, (kind, make, shape) in enumerate(SPECS):
-        sid = create(stub, kind, make(), session_id=f"crash-{index}").session_id
+        sid = create(normserve.Client(channel), kind, make(), session_id=f"crash-{index}").session_id
         sessions.append((sid, kind, make, shape))
 
     per_client = 120
@@ -137,7 +138,7 @@ def test_sigterm_restart_keeps_every_session():
     server = ServerProcess()
     channel, stub = stub_for(server.address)
     module = torch.nn.BatchNorm2d(3)
-    sid = create(stub, "2d", module, labels={"team": "vision"}).session_id
+    sid = create(normserve.Client(channel), "2d", module, labels={"team": "vision"}).session_id
     for _ in range(5):
         x = torch.randn(4, 3, 2, 2)
         with torch.no_grad():
@@ -170,7 +171,7 @@ def test_make_run_restart_keeps_the_state(tmp_path):
     proc, address = make_run()
     channel, stub = stub_for(address)
     module = torch.nn.BatchNorm1d(3)
-    sid = create(stub, "1d", module).session_id
+    sid = create(normserve.Client(channel), "1d", module).session_id
     x = torch.randn(5, 3)
     with torch.no_grad():
         module(x)
@@ -207,9 +208,9 @@ def test_corrupt_record_is_data_loss_and_the_rest_is_served():
     marker = torch.tensor([1234.5, -777.25, 31.125, 4096.75])
     victim = torch.nn.BatchNorm1d(4)
     victim.running_mean.copy_(marker)
-    create(stub, "1d", victim, session_id="victim")
+    create(normserve.Client(channel), "1d", victim, session_id="victim")
     healthy = torch.nn.BatchNorm1d(4)
-    create(stub, "1d", healthy, session_id="healthy")
+    create(normserve.Client(channel), "1d", healthy, session_id="healthy")
     channel.close()
     assert server.stop() == 0
 
@@ -246,7 +247,7 @@ def test_corrupt_record_is_data_loss_and_the_rest_is_served():
 def test_records_of_a_newer_format_are_refused_at_start():
     server = ServerProcess()
     channel, stub = stub_for(server.address)
-    create(stub, "1d", torch.nn.BatchNorm1d(2), session_id="future")
+    create(normserve.Client(channel), "1d", torch.nn.BatchNorm1d(2), session_id="future")
     channel.close()
     assert server.stop() == 0
     path = os.path.join(server.data_dir, "sessions.redb")
@@ -266,7 +267,7 @@ def test_records_of_a_newer_format_are_refused_at_start():
 def test_durability_none_keeps_nothing_across_restarts():
     server = ServerProcess("--durability", "none")
     channel, stub = stub_for(server.address)
-    sid = create(stub, "1d", torch.nn.BatchNorm1d(2)).session_id
+    sid = create(normserve.Client(channel), "1d", torch.nn.BatchNorm1d(2)).session_id
     channel.close()
     assert server.stop() == 0
     assert not os.path.exists(os.path.join(server.data_dir, "sessions.redb"))

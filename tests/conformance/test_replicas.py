@@ -6,6 +6,7 @@ or applied twice; a replica started later serves sessions it never saw."""
 import threading
 
 import grpc
+import normserve
 import torch
 
 from normserve.v1 import batch_norm_pb2 as bn, batch_norm_pb2_grpc
@@ -27,7 +28,7 @@ def test_two_replicas_share_sessions_without_lost_or_double_updates(redis_server
     specs = [("1d", torch.nn.BatchNorm1d(4), (6, 4)), ("2d", torch.nn.BatchNorm2d(2, momentum=None), (3, 2, 2, 2))]
     sessions = []
     for index, (kind, module, shape) in enumerate(specs):
-        sid = create(stubs[0], kind, module, session_id=f"shared-{index}").session_id
+        sid = create(normserve.Client(channels[0][0]), kind, module, session_id=f"shared-{index}").session_id
         sessions.append((sid, kind, module, shape))
 
     accepted = {index: [] for index in range(len(sessions))}
@@ -118,7 +119,7 @@ def test_a_retry_through_another_replica_is_not_applied_twice(redis_server):
     replicas = [ServerProcess("--store", redis_server.url) for _ in range(2)]
     (c0, s0), (c1, s1) = stub_for(replicas[0].address), stub_for(replicas[1].address)
     module = torch.nn.BatchNorm1d(3)
-    sid = create(s0, "1d", module, session_id="retry-across").session_id
+    sid = create(normserve.Client(c0), "1d", module, session_id="retry-across").session_id
     x = torch.randn(4, 3)
     request = bn.ForwardRequest(session_id=sid, input=wire.to_proto(x), mode=bn.MODE_TRAIN, request_id="once")
     first = s0.Forward(request)
@@ -137,13 +138,13 @@ def test_a_session_recreated_through_another_replica_is_not_mistaken_for_the_old
     replicas = [ServerProcess("--store", redis_server.url) for _ in range(2)]
     (c0, s0), (c1, s1) = stub_for(replicas[0].address), stub_for(replicas[1].address)
     old = torch.nn.BatchNorm1d(3)
-    create(s0, "1d", old, session_id="reborn", labels={"generation": "1"})
+    create(normserve.Client(c0), "1d", old, session_id="reborn", labels={"generation": "1"})
     get(s0, "reborn")  # replica 0 now caches generation 1 at version 1
     s1.DeleteSession(bn.DeleteSessionRequest(session_id="reborn"))
     new = torch.nn.BatchNorm1d(3, momentum=0.5)
     with torch.no_grad():
         new.running_mean.fill_(10.0)
-    create(s1, "1d", new, session_id="reborn", labels={"generation": "2"})  # version 1 again
+    create(normserve.Client(c1), "1d", new, session_id="reborn", labels={"generation": "2"})  # version 1 again
     x = torch.randn(5, 3)
     with torch.no_grad():
         expected = new(x)

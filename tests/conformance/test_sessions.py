@@ -60,20 +60,20 @@ def matrix_id(case):
 
 
 @pytest.mark.parametrize("case", MATRIX, ids=[matrix_id(c) for c in MATRIX])
-def test_session_matches_pytorch_step_after_step(bn_stub, case):
-    run_sequence(bn_stub, case, "cpu")
+def test_session_matches_pytorch_step_after_step(client, bn_stub, case):
+    run_sequence(client, bn_stub, case, "cpu")
 
 
-def test_cuda_sessions_match_pytorch_step_after_step(bn_stub, server_stub):
+def test_cuda_sessions_match_pytorch_step_after_step(client, bn_stub, server_stub):
     from normserve.v1 import server_pb2
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device: the CUDA conformance run needs a GPU")
     assert server_stub.GetServerInfo(server_pb2.GetServerInfoRequest()).cuda_device_count > 0
     for case in MATRIX:
-        run_sequence(bn_stub, case, "cuda")
+        run_sequence(client, bn_stub, case, "cuda")
 
 
-def run_sequence(bn_stub, case, device):
+def run_sequence(client, bn_stub, case, device):
     """A fixed mix of train/eval/empty/error/reset steps with random sizes and
     values, compared with the module after every step."""
     kind, momentum, affine, track, dtype = case
@@ -81,7 +81,7 @@ def run_sequence(bn_stub, case, device):
     gen = torch.Generator().manual_seed(sum(map(ord, matrix_id(case))))
     c = int(torch.randint(2, 5, (1,), generator=gen))
     module = local_module(kind, c, momentum, affine, track, dtype, gen).to(device)
-    session = create(bn_stub, kind, module, dtype, device=device)
+    session = create(client, kind, module, dtype, device=device)
     assert session.device == ("cpu" if device == "cpu" else "cuda:0")
     sid = session.session_id
     assert_state_matches(session, module, dtype)
@@ -139,9 +139,9 @@ def test_forum_example_batchnorm1d_of_randn_3_5(bn_stub):
 
 
 @pytest.mark.parametrize("input_dtype", [torch.float16, torch.bfloat16])
-def test_float32_session_accepts_half_input_and_answers_in_its_dtype(bn_stub, input_dtype):
+def test_float32_session_accepts_half_input_and_answers_in_its_dtype(client, bn_stub, input_dtype):
     module = torch.nn.BatchNorm2d(3)
-    sid = create(bn_stub, "2d", module).session_id
+    sid = create(client, "2d", module).session_id
     for training in [True, False, True]:
         x = torch.randn(4, 3, 2, 2).to(input_dtype)
         module.train(training)
@@ -159,11 +159,11 @@ def test_float32_session_accepts_half_input_and_answers_in_its_dtype(bn_stub, in
     (torch.bfloat16, torch.float16),
     (torch.float64, torch.float32),
 ])
-def test_dtype_mixes_pytorch_refuses_are_refused_with_its_text(bn_stub, session_dtype, input_dtype):
+def test_dtype_mixes_pytorch_refuses_are_refused_with_its_text(client, bn_stub, session_dtype, input_dtype):
     module = torch.nn.BatchNorm1d(4).to(session_dtype)
     x = torch.randn(3, 4).to(input_dtype)
     expected = torch_error(module, x)
-    sid = create(bn_stub, "1d", torch.nn.BatchNorm1d(4), session_dtype).session_id
+    sid = create(client, "1d", torch.nn.BatchNorm1d(4), session_dtype).session_id
     before = get(bn_stub, sid)
     error = rpc_error(forward, bn_stub, sid, x, TRAIN)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -175,11 +175,11 @@ def test_dtype_mixes_pytorch_refuses_are_refused_with_its_text(bn_stub, session_
 @pytest.mark.parametrize("kind,shape", [
     ("1d", (4,)), ("1d", (2, 4, 3, 3)), ("2d", (2, 4, 3)), ("2d", (2, 4)), ("3d", (2, 4, 3, 3)), ("3d", (2, 4, 1, 1, 1, 1)),
 ])
-def test_wrong_rank_is_refused_with_pytorchs_text(bn_stub, kind, shape):
+def test_wrong_rank_is_refused_with_pytorchs_text(client, bn_stub, kind, shape):
     module = KINDS[kind][1](4)
     x = torch.randn(shape)
     expected = torch_error(module, x)
-    sid = create(bn_stub, kind, KINDS[kind][1](4)).session_id
+    sid = create(client, kind, KINDS[kind][1](4)).session_id
     error = rpc_error(forward, bn_stub, sid, x, TRAIN)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert expected in error.details()
@@ -187,43 +187,43 @@ def test_wrong_rank_is_refused_with_pytorchs_text(bn_stub, kind, shape):
 
 @pytest.mark.parametrize("affine,track", [(True, True), (False, True), (True, False)])
 @pytest.mark.parametrize("training", [True, False])
-def test_wrong_channel_count_is_refused_with_pytorchs_text(bn_stub, affine, track, training):
+def test_wrong_channel_count_is_refused_with_pytorchs_text(client, bn_stub, affine, track, training):
     module = torch.nn.BatchNorm1d(5, affine=affine, track_running_stats=track).train(training)
     x = torch.randn(4, 3)
     expected = torch_error(module, x)
-    sid = create(bn_stub, "1d", torch.nn.BatchNorm1d(5, affine=affine, track_running_stats=track)).session_id
+    sid = create(client, "1d", torch.nn.BatchNorm1d(5, affine=affine, track_running_stats=track)).session_id
     error = rpc_error(forward, bn_stub, sid, x, TRAIN if training else EVAL)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert expected in error.details()
 
 
-def test_wrong_channel_count_is_refused_even_where_pytorch_lets_it_through(bn_stub):
+def test_wrong_channel_count_is_refused_even_where_pytorch_lets_it_through(client, bn_stub):
     # No weight and no running stats: ATen never checks; empty batches skip it too.
-    sid = create(bn_stub, "1d", torch.nn.BatchNorm1d(5, affine=False, track_running_stats=False)).session_id
+    sid = create(client, "1d", torch.nn.BatchNorm1d(5, affine=False, track_running_stats=False)).session_id
     error = rpc_error(forward, bn_stub, sid, torch.randn(4, 3), TRAIN)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "5 channels" in error.details()
-    sid = create(bn_stub, "1d", torch.nn.BatchNorm1d(5)).session_id
+    sid = create(client, "1d", torch.nn.BatchNorm1d(5)).session_id
     error = rpc_error(forward, bn_stub, sid, torch.randn(0, 3), TRAIN)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert get(bn_stub, sid).num_batches_tracked == 0
 
 
 @pytest.mark.parametrize("eps", [0.0, -1.0])
-def test_eps_that_pytorch_refuses_is_refused_at_creation(bn_stub, eps):
+def test_eps_that_pytorch_refuses_is_refused_at_creation(client, bn_stub, eps):
     expected = torch_error(torch.nn.BatchNorm1d(3, eps=eps), torch.randn(4, 3))
     error = rpc_error(bn_stub.CreateSession, bn.CreateSessionRequest(kind=bn.BATCH_NORM_1D, num_features=3, eps=eps))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert expected in error.details()
-    sid = create(bn_stub, "1d", torch.nn.BatchNorm1d(3)).session_id
+    sid = create(client, "1d", torch.nn.BatchNorm1d(3)).session_id
     error = rpc_error(bn_stub.UpdateParameters, bn.UpdateParametersRequest(session_id=sid, eps=eps))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert expected in error.details()
 
 
-def test_nan_and_inf_propagate_as_in_pytorch(bn_stub):
+def test_nan_and_inf_propagate_as_in_pytorch(client, bn_stub):
     module = torch.nn.BatchNorm1d(3)
-    sid = create(bn_stub, "1d", module).session_id
+    sid = create(client, "1d", module).session_id
     x = torch.randn(4, 3)
     x[1, 0] = float("nan")
     x[2, 2] = float("inf")
@@ -234,8 +234,8 @@ def test_nan_and_inf_propagate_as_in_pytorch(bn_stub):
     assert_state_matches(get(bn_stub, sid), module, torch.float32)
 
 
-def test_reject_non_finite_refuses_nan_and_changes_nothing(bn_stub):
-    sid = create(bn_stub, "1d", torch.nn.BatchNorm1d(3), reject_non_finite=True).session_id
+def test_reject_non_finite_refuses_nan_and_changes_nothing(client, bn_stub):
+    sid = create(client, "1d", torch.nn.BatchNorm1d(3), reject_non_finite=True).session_id
     before = get(bn_stub, sid)
     x = torch.randn(4, 3)
     x[0, 1] = float("nan")
@@ -245,9 +245,9 @@ def test_reject_non_finite_refuses_nan_and_changes_nothing(bn_stub):
     assert get(bn_stub, sid) == before
 
 
-def test_mode_defaults_to_the_sessions_default_mode(bn_stub):
+def test_mode_defaults_to_the_sessions_default_mode(client, bn_stub):
     module = torch.nn.BatchNorm1d(3).eval()
-    sid = create(bn_stub, "1d", module, default_mode=EVAL).session_id
+    sid = create(client, "1d", module, training=False).session_id
     x = torch.randn(4, 3)
     with torch.no_grad():
         expected = module(x)
@@ -256,9 +256,9 @@ def test_mode_defaults_to_the_sessions_default_mode(bn_stub):
     assert get(bn_stub, sid).num_batches_tracked == 0
 
 
-def test_typed_values_come_back_typed(bn_stub):
+def test_typed_values_come_back_typed(client, bn_stub):
     module = torch.nn.BatchNorm1d(2)
-    sid = create(bn_stub, "1d", module).session_id
+    sid = create(client, "1d", module).session_id
     x = torch.tensor([[1.0, 2.0], [3.0, 5.0], [0.5, -1.0]])
     reply = bn_stub.Forward(bn.ForwardRequest(session_id=sid, input=wire.to_proto(x, typed=True)))
     assert reply.output.WhichOneof("values") == "float_values"
@@ -266,9 +266,9 @@ def test_typed_values_come_back_typed(bn_stub):
         torch.testing.assert_close(wire.from_proto(reply.output), module(x))
 
 
-def test_update_parameters_is_validated_like_load_state_dict(bn_stub):
+def test_update_parameters_is_validated_like_load_state_dict(client, bn_stub):
     module = torch.nn.BatchNorm1d(5)
-    sid = create(bn_stub, "1d", module).session_id
+    sid = create(client, "1d", module).session_id
     expected = torch_error(module.load_state_dict, {**module.state_dict(), "weight": torch.ones(3)})
     error = rpc_error(bn_stub.UpdateParameters, bn.UpdateParametersRequest(
         session_id=sid, bias=wire.to_proto(torch.ones(5)), weight=wire.to_proto(torch.ones(3))))
@@ -294,8 +294,8 @@ def test_update_parameters_is_validated_like_load_state_dict(bn_stub):
     assert_state_matches(get(bn_stub, sid), module, torch.float32)
 
 
-def test_num_batches_tracked_at_its_maximum_refuses_to_overflow(bn_stub):
-    sid = create(bn_stub, "1d", torch.nn.BatchNorm1d(2)).session_id
+def test_num_batches_tracked_at_its_maximum_refuses_to_overflow(client, bn_stub):
+    sid = create(client, "1d", torch.nn.BatchNorm1d(2)).session_id
     bn_stub.UpdateParameters(bn.UpdateParametersRequest(session_id=sid, num_batches_tracked=2**63 - 1))
     before = get(bn_stub, sid)
     error = rpc_error(forward, bn_stub, sid, torch.randn(3, 2), TRAIN)

@@ -27,9 +27,9 @@ CASES = list(itertools.product([True, False], [True, False], [0.1, None], [torch
 
 
 @pytest.mark.parametrize("affine,track,momentum,dtype", CASES)
-def test_exported_state_loads_into_pytorch(bn_stub, affine, track, momentum, dtype):
+def test_exported_state_loads_into_pytorch(client, bn_stub, affine, track, momentum, dtype):
     module = torch.nn.BatchNorm2d(3, affine=affine, track_running_stats=track, momentum=momentum).to(dtype)
-    sid = create(bn_stub, "2d", module, dtype).session_id
+    sid = create(client, "2d", module, dtype).session_id
     for _ in range(3):
         x = torch.randn(4, 3, 2, 2).to(dtype)
         with torch.no_grad():
@@ -46,9 +46,9 @@ def test_exported_state_loads_into_pytorch(bn_stub, affine, track, momentum, dty
 
 
 @pytest.mark.parametrize("affine,track", [(True, True), (False, True), (True, False)])
-def test_pytorch_state_imports_into_a_session(bn_stub, affine, track):
+def test_pytorch_state_imports_into_a_session(client, bn_stub, affine, track):
     module = torch.nn.BatchNorm1d(4, affine=affine, track_running_stats=track)
-    sid = create(bn_stub, "1d", module).session_id
+    sid = create(client, "1d", module).session_id
     trained = torch.nn.BatchNorm1d(4, affine=affine, track_running_stats=track)
     with torch.no_grad():
         if affine:
@@ -66,9 +66,9 @@ def test_pytorch_state_imports_into_a_session(bn_stub, affine, track):
     assert_state_matches(get(bn_stub, sid), trained, torch.float32)
 
 
-def test_float64_state_converts_into_a_float32_session(bn_stub):
+def test_float64_state_converts_into_a_float32_session(client, bn_stub):
     module = torch.nn.BatchNorm1d(3)
-    sid = create(bn_stub, "1d", module).session_id
+    sid = create(client, "1d", module).session_id
     source = torch.nn.BatchNorm1d(3).double()
     with torch.no_grad():
         source(torch.randn(5, 3).double())
@@ -87,9 +87,9 @@ def broken_states():
 
 @pytest.mark.parametrize("name", list(broken_states()))
 @pytest.mark.parametrize("strict", [True, False])
-def test_broken_states_fail_as_load_state_dict_does_and_load_nothing(bn_stub, name, strict):
+def test_broken_states_fail_as_load_state_dict_does_and_load_nothing(client, bn_stub, name, strict):
     state = broken_states()[name]
-    sid = create(bn_stub, "1d", torch.nn.BatchNorm1d(5)).session_id
+    sid = create(client, "1d", torch.nn.BatchNorm1d(5)).session_id
     before = get(bn_stub, sid)
     try:
         torch.nn.BatchNorm1d(5).load_state_dict(state, strict=strict)
@@ -127,9 +127,9 @@ def normalized(message):
     return head, sorted(out)
 
 
-def test_state_without_num_batches_tracked_keeps_the_count(bn_stub):
+def test_state_without_num_batches_tracked_keeps_the_count(client, bn_stub):
     module = torch.nn.BatchNorm1d(3)
-    sid = create(bn_stub, "1d", module).session_id
+    sid = create(client, "1d", module).session_id
     for _ in range(4):
         x = torch.randn(5, 3)
         with torch.no_grad():
@@ -141,8 +141,8 @@ def test_state_without_num_batches_tracked_keeps_the_count(bn_stub):
     assert_state_matches(import_state(bn_stub, sid, plain).session, module, torch.float32)
 
 
-def test_garbage_bytes_are_an_invalid_argument(bn_stub):
-    sid = create(bn_stub, "1d", torch.nn.BatchNorm1d(3)).session_id
+def test_garbage_bytes_are_an_invalid_argument(client, bn_stub):
+    sid = create(client, "1d", torch.nn.BatchNorm1d(3)).session_id
     error = rpc_error(bn_stub.ImportState, bn.ImportStateRequest(session_id=sid, safetensors=b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage"))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     error = rpc_error(bn_stub.ImportState, bn.ImportStateRequest(session_id=sid, safetensors=b"\xff" * 16))

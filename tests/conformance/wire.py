@@ -1,9 +1,11 @@
-"""Tensor <-> proto helpers for the tests (written against the proto, not the
-server's code)."""
+"""Tensor <-> proto helpers for the tests. They are the Python client's codec
+(clients/python/normserve/codec.py), so the tests and the client share one
+codec; test_client.py checks that codec against numpy's and PyTorch's own
+bytes."""
 
-import numpy as np
 import torch
 
+from normserve import codec
 from normserve.v1 import tensor_pb2
 
 DTYPES = {
@@ -16,36 +18,11 @@ TORCH_DTYPES = {v: k for k, v in DTYPES.items()}
 
 
 def to_proto(t: torch.Tensor, typed: bool = False) -> tensor_pb2.Tensor:
-    t = t.detach().cpu().contiguous()
-    msg = tensor_pb2.Tensor(dtype=DTYPES[t.dtype], shape=list(t.shape))
-    if typed:
-        if t.dtype == torch.float64:
-            msg.double_values.values.extend(t.reshape(-1).tolist())
-        else:
-            msg.float_values.values.extend(t.float().reshape(-1).tolist())
-    else:
-        # bfloat16 has no numpy dtype: reinterpret the bits as int16.
-        if t.dtype == torch.bfloat16:
-            raw = t.view(torch.int16).numpy().astype("<i2").tobytes()
-        else:
-            raw = t.numpy().astype(t.numpy().dtype.newbyteorder("<")).tobytes()
-        msg.raw = raw
-    return msg
+    """`t` (any device) as a Tensor message: raw little-endian bytes, or typed
+    float_values (double_values for float64)."""
+    return codec.encode(t, typed=typed)
 
 
 def from_proto(msg: tensor_pb2.Tensor) -> torch.Tensor:
-    dtype = TORCH_DTYPES[msg.dtype]
-    shape = list(msg.shape)
-    which = msg.WhichOneof("values")
-    if which == "raw":
-        if dtype == torch.bfloat16:
-            arr = np.frombuffer(msg.raw, dtype="<i2").copy()
-            return torch.from_numpy(arr).view(torch.bfloat16).reshape(shape)
-        np_dtype = {torch.float32: "<f4", torch.float64: "<f8", torch.float16: "<f2"}[dtype]
-        arr = np.frombuffer(msg.raw, dtype=np_dtype).copy()
-        return torch.from_numpy(arr).reshape(shape)
-    if which == "float_values":
-        return torch.tensor(list(msg.float_values.values), dtype=torch.float32).to(dtype).reshape(shape)
-    if which == "double_values":
-        return torch.tensor(list(msg.double_values.values), dtype=torch.float64).to(dtype).reshape(shape)
-    raise AssertionError(f"tensor without values: {msg}")
+    """A Tensor message (raw or typed) as a CPU torch tensor of its dtype."""
+    return codec.to_torch(msg)
