@@ -12,14 +12,13 @@ PROVISION := scripts/provision.sh
 # Resolved lazily, so `make help` installs nothing.
 LIBTORCH_DIR = $(shell $(PROVISION) --libtorch)
 PYTHON = $(shell $(PROVISION) --python)
-PYGEN := target/pygen
 LISTEN ?= 127.0.0.1:50051
 DATA_DIR ?= data
 
 .PHONY: help setup build run test test-rust test-python pystubs bench lint fmt clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
+	@grep -hE '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
 
 setup: ## install libtorch and the Python test environment (idempotent)
 	@$(PROVISION)
@@ -30,19 +29,17 @@ build: setup ## release build of the server
 run: build ## build and serve on 127.0.0.1:50051 (override LISTEN=, DATA_DIR=)
 	./target/release/normserve --listen "$(LISTEN)" --data-dir "$(DATA_DIR)"
 
-pystubs: setup ## generate Python gRPC stubs from proto/ into target/pygen
-	@mkdir -p $(PYGEN)
-	"$(PYTHON)" -m grpc_tools.protoc -Iproto --python_out=$(PYGEN) --grpc_python_out=$(PYGEN) \
-		proto/normserve/v1/*.proto
+pystubs: setup ## regenerate the Python client's stubs (clients/python/normserve/v1) from proto/
+	PYTHON="$(PYTHON)" clients/python/generate.sh
 
-test: build pystubs ## run every test: Rust unit + integration, Python conformance
-	$(MAKE) --no-print-directory test-rust test-python
+test: build ## run every test: deployment files, Rust unit + integration, Python conformance
+	$(MAKE) --no-print-directory deploy-check test-rust test-python
 
 test-rust:
 	LIBTORCH="$(LIBTORCH_DIR)" $(CARGO) test --release --locked
 
 test-python:
-	NORMSERVE_BIN="$(CURDIR)/target/release/normserve" PYTHONPATH="$(CURDIR)/$(PYGEN)" \
+	NORMSERVE_BIN="$(CURDIR)/target/release/normserve" \
 		"$(PYTHON)" -m pytest -q tests/conformance
 
 bench: setup ## benchmarks: Forward vs in-process libtorch; durability none/embedded/redis
@@ -58,3 +55,5 @@ fmt: ## format the Rust code
 
 clean: ## remove build outputs (the cached Python environment stays)
 	$(CARGO) clean
+
+include mk/deploy.mk
