@@ -42,8 +42,9 @@ test-python:
 	NORMSERVE_BIN="$(CURDIR)/target/release/normserve" \
 		"$(PYTHON)" -m pytest -q tests/conformance
 
-bench: setup ## benchmarks: Forward vs in-process libtorch; durability none/embedded/redis
+bench: build ## benchmarks: normserve-bench scenarios vs in-process libtorch (table + JSON), CPU kernels, durability
 	@scripts/ensure-redis.sh >/dev/null
+	./target/release/normserve-bench --json target/bench/normserve-bench.json
 	LIBTORCH="$(LIBTORCH_DIR)" $(CARGO) bench --locked --bench forward --bench durability
 
 lint: setup ## clippy with warnings as errors, and rustfmt check

@@ -7,6 +7,7 @@
 pub mod compute;
 pub mod config;
 pub mod device;
+pub mod memory;
 pub mod numerics;
 pub mod proto;
 pub mod session;

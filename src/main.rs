@@ -10,6 +10,8 @@ use normserve::device::device_name;
 use normserve::transport;
 
 fn main() -> ExitCode {
+    // Before any thread starts: keep freed large buffers for reuse.
+    let retained = normserve::memory::retain_freed_buffers();
     let config = Config::parse();
     if let Err(error) = config.validate() {
         eprintln!("normserve: {error}");
@@ -37,7 +39,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(run(config, device)) {
+    match runtime.block_on(run(config, device, retained)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(%error, "normserve stopped with an error");
@@ -47,7 +49,11 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(config: Config, device: tch::Device) -> Result<(), transport::ServeError> {
+async fn run(
+    config: Config,
+    device: tch::Device,
+    retained: bool,
+) -> Result<(), transport::ServeError> {
     std::fs::create_dir_all(&config.data_dir)?;
     let registry = transport::open_registry(&config, device).await?;
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
@@ -58,6 +64,7 @@ async fn run(config: Config, device: tch::Device) -> Result<(), transport::Serve
         libtorch = transport::LIBTORCH_VERSION,
         intra_op_threads = config.intra_op_threads,
         compute_threads = config.resolved_compute_threads(),
+        retain_freed_buffers = retained,
         "normserve listening"
     );
     // One plain line on stdout for people and scripts (tests read the port

@@ -10,6 +10,7 @@
 
 use tch::Tensor;
 
+use super::stats::{channel_stats, StatsKernel};
 use super::{python_float, torch_size, DType, NumericsError};
 
 /// Which PyTorch module is reproduced: decides accepted ranks and texts.
@@ -111,6 +112,8 @@ pub struct Layer<'a> {
     pub bias: Option<&'a Tensor>,
     pub running_mean: Option<&'a Tensor>,
     pub running_var: Option<&'a Tensor>,
+    /// Who computes train-mode statistics on the CPU.
+    pub stats: StatsKernel,
 }
 
 impl Layer<'_> {
@@ -227,6 +230,11 @@ impl Layer<'_> {
     /// statistics are tracked return the updated copies (the unbiased
     /// variance enters running_var). The layer's own tensors are not touched.
     pub fn forward_train(&self, input: &Tensor, factor: f64) -> Result<TrainStep, NumericsError> {
+        if self.stats == StatsKernel::Native && self.param_dtype == DType::Float32 {
+            if let Some(step) = self.forward_train_native(input, factor)? {
+                return Ok(step);
+            }
+        }
         let (running_mean, running_var) = match (self.running_mean, self.running_var) {
             (Some(mean), Some(var)) => (Some(deep_copy(mean)?), Some(deep_copy(var)?)),
             _ => (None, None),
@@ -246,6 +254,126 @@ impl Layer<'_> {
             running_mean,
             running_var,
         })
+    }
+}
+
+impl Layer<'_> {
+    /// Train mode with [`channel_stats`] for contiguous float32 CPU inputs of
+    /// rank 3 to 5 (those libtorch reduces with its scalar loop): statistics,
+    /// normalization and the running-statistics update done the way libtorch
+    /// does them, in the same precisions. `None` for any other input.
+    fn forward_train_native(
+        &self,
+        input: &Tensor,
+        factor: f64,
+    ) -> Result<Option<TrainStep>, NumericsError> {
+        let size = input.size();
+        let (Some(&channels), Some(&batch)) = (size.get(1), size.first()) else {
+            return Ok(None);
+        };
+        let inner: i64 = size[2..].iter().product();
+        // (N, C) inputs: libtorch's channels-last kernel is vectorized
+        // already, and sums differently (its numbers are what we match).
+        if size.len() < 3 {
+            return Ok(None);
+        }
+        let (Ok(channels_usize), Ok(inner_usize)) =
+            (usize::try_from(channels), usize::try_from(inner))
+        else {
+            return Ok(None);
+        };
+        let Some((means, deviations)) = super::host::with_f32_values(input, |values| {
+            channel_stats(values, channels_usize, inner_usize)
+        })?
+        else {
+            return Ok(None);
+        };
+        let count = (batch * inner) as f64;
+        // As libtorch's train-mode transform: invstd in double, stored as
+        // float; then per channel alpha = invstd * weight and
+        // beta = bias - mean * alpha in float; output = x * alpha + beta.
+        let weight = match self.weight {
+            Some(w) => Some(Vec::<f32>::try_from(w)?),
+            None => None,
+        };
+        let bias = match self.bias {
+            Some(b) => Some(Vec::<f32>::try_from(b)?),
+            None => None,
+        };
+        let mut alpha = Vec::with_capacity(channels_usize);
+        let mut beta = Vec::with_capacity(channels_usize);
+        for c in 0..channels_usize {
+            let invstd = (1.0 / (f64::from(deviations[c]) / count + self.eps).sqrt()) as f32;
+            let a = invstd * weight.as_ref().map_or(1.0, |w| w[c]);
+            alpha.push(a);
+            beta.push(bias.as_ref().map_or(0.0, |b| b[c]) - means[c] * a);
+        }
+        let output = super::host::with_f32_values(input, |values| {
+            super::host::new_f32_tensor(&size, |out| {
+                apply_affine(values, out, &alpha, &beta, inner_usize)
+            })
+        })?
+        .transpose()?;
+        let Some(output) = output else {
+            return Ok(None);
+        };
+        let (running_mean, running_var) = match (self.running_mean, self.running_var) {
+            (Some(old_mean), Some(old_var)) => {
+                let old_mean = Vec::<f32>::try_from(old_mean)?;
+                let old_var = Vec::<f32>::try_from(old_var)?;
+                let mean: Vec<f32> = means
+                    .iter()
+                    .zip(&old_mean)
+                    .map(|(&m, &old)| {
+                        (factor * f64::from(m) + (1.0 - factor) * f64::from(old)) as f32
+                    })
+                    .collect();
+                let var: Vec<f32> = deviations
+                    .iter()
+                    .zip(&old_var)
+                    .map(|(&m2, &old)| {
+                        let unbiased = f64::from(m2) / (count - 1.0);
+                        (factor * unbiased + (1.0 - factor) * f64::from(old)) as f32
+                    })
+                    .collect();
+                (
+                    Some(Tensor::f_from_slice(&mean)?),
+                    Some(Tensor::f_from_slice(&var)?),
+                )
+            }
+            _ => (None, None),
+        };
+        Ok(Some(TrainStep {
+            output,
+            running_mean,
+            running_var,
+        }))
+    }
+}
+
+/// `out = x * alpha[c] + beta[c]` over a contiguous (N, C, inner) buffer.
+fn apply_affine(values: &[f32], out: &mut [f32], alpha: &[f32], beta: &[f32], inner: usize) {
+    let channels = alpha.len();
+    if inner == 1 {
+        for (row_in, row_out) in values
+            .chunks_exact(channels)
+            .zip(out.chunks_exact_mut(channels))
+        {
+            for (((y, &x), &a), &b) in row_out.iter_mut().zip(row_in).zip(alpha).zip(beta) {
+                *y = x * a + b;
+            }
+        }
+    } else {
+        for (i, (plane_in, plane_out)) in values
+            .chunks_exact(inner)
+            .zip(out.chunks_exact_mut(inner))
+            .enumerate()
+        {
+            let (a, b) = (alpha[i % channels], beta[i % channels]);
+            for (y, &x) in plane_out.iter_mut().zip(plane_in) {
+                *y = x * a + b;
+            }
+        }
     }
 }
 
@@ -272,4 +400,123 @@ pub fn all_finite(input: &Tensor) -> Result<bool, NumericsError> {
     }
     let finite = input.f_isfinite()?.f_all()?;
     Ok(finite.f_int64_value(&[])? != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use tch::{Device, Kind, Tensor};
+
+    use super::*;
+    use crate::numerics::LayerKind;
+
+    fn layer<'a>(
+        kind: LayerKind,
+        channels: i64,
+        params: &'a [Tensor; 4],
+        stats: StatsKernel,
+    ) -> Layer<'a> {
+        Layer {
+            kind,
+            num_features: channels,
+            eps: 1e-5,
+            param_dtype: DType::Float32,
+            weight: Some(&params[0]),
+            bias: Some(&params[1]),
+            running_mean: Some(&params[2]),
+            running_var: Some(&params[3]),
+            stats,
+        }
+    }
+
+    fn close(a: &Tensor, b: &Tensor, rtol: f64, atol: f64) -> bool {
+        a.allclose(b, rtol, atol, false)
+    }
+
+    /// The native statistics kernel against libtorch's own train-mode batch
+    /// norm (the oracle: what nn.BatchNorm computes), over 1d/2d/3d shapes,
+    /// offsets and scales that stress a naive one-pass variance.
+    #[test]
+    fn native_statistics_match_libtorch() {
+        tch::manual_seed(7);
+        let cases: [(LayerKind, &[i64]); 7] = [
+            (LayerKind::BatchNorm1d, &[2, 3]),
+            (LayerKind::BatchNorm1d, &[4096, 64]),
+            (LayerKind::BatchNorm1d, &[5, 7, 13]),
+            (LayerKind::BatchNorm2d, &[2, 3, 1, 1]),
+            (LayerKind::BatchNorm2d, &[8, 16, 9, 11]),
+            (LayerKind::BatchNorm2d, &[64, 64, 8, 8]),
+            (LayerKind::BatchNorm3d, &[2, 4, 3, 5, 7]),
+        ];
+        for (kind, shape) in cases {
+            for (offset, scale) in [(0.0, 1.0), (1000.0, 0.01), (-3.0, 50.0)] {
+                let c = shape[1];
+                let options = (Kind::Float, Device::Cpu);
+                let input = Tensor::randn(shape, options) * scale + offset;
+                let params = [
+                    Tensor::rand([c], options) + 0.5,
+                    Tensor::randn([c], options),
+                    Tensor::randn([c], options),
+                    Tensor::rand([c], options) + 0.1,
+                ];
+                for factor in [0.1, 1.0, 0.0] {
+                    let expected = layer(kind, c, &params, StatsKernel::Libtorch)
+                        .forward_train(&input, factor)
+                        .unwrap();
+                    let actual = layer(kind, c, &params, StatsKernel::Native)
+                        .forward_train(&input, factor)
+                        .unwrap();
+                    let what = format!("{shape:?} offset {offset} scale {scale} factor {factor}");
+                    // output = x * alpha + beta in float: with |x * alpha| far
+                    // above the result (a large offset, a small spread) any
+                    // one-ulp change of alpha moves it by ~ulp(x * alpha).
+                    let conditioning = offset / scale;
+                    let atol = 1e-5 + 4.0 * f64::from(f32::EPSILON) * conditioning.abs();
+                    let diff = (&actual.output - &expected.output)
+                        .abs()
+                        .max()
+                        .double_value(&[]);
+                    assert!(
+                        close(&actual.output, &expected.output, 1e-4, atol),
+                        "output {what}: max diff {diff}"
+                    );
+                    for (a, e) in [
+                        (&actual.running_mean, &expected.running_mean),
+                        (&actual.running_var, &expected.running_var),
+                    ] {
+                        let (a, e) = (a.as_ref().unwrap(), e.as_ref().unwrap());
+                        assert!(
+                            close(a, e, 1e-5, 1e-6),
+                            "running stats {what}: {a:?} vs {e:?}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Inputs the native kernel does not handle take libtorch's path.
+    #[test]
+    fn native_falls_back_for_other_dtypes() {
+        let c = 3;
+        let options = (Kind::Float, Device::Cpu);
+        let params = [
+            Tensor::ones([c], options),
+            Tensor::zeros([c], options),
+            Tensor::zeros([c], options),
+            Tensor::ones([c], options),
+        ];
+        let params = params.each_ref().map(|t| t.to_kind(Kind::Double));
+        let input = Tensor::randn([4, c], (Kind::Double, Device::Cpu));
+        let double = |stats| Layer {
+            param_dtype: DType::Float64,
+            ..layer(LayerKind::BatchNorm1d, c, &params, stats)
+        };
+        let expected = double(StatsKernel::Libtorch)
+            .forward_train(&input, 0.1)
+            .unwrap();
+        let actual = double(StatsKernel::Native)
+            .forward_train(&input, 0.1)
+            .unwrap();
+        assert!(actual.output.equal(&expected.output));
+    }
 }

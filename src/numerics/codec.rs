@@ -23,6 +23,23 @@ pub struct TensorData {
     bytes: Bytes,
 }
 
+/// A computation's input: the request's bytes seen in place, or a copy.
+pub enum InputTensor {
+    Borrowed(super::host::BorrowedTensor),
+    Owned(Tensor),
+}
+
+impl std::ops::Deref for InputTensor {
+    type Target = Tensor;
+
+    fn deref(&self) -> &Tensor {
+        match self {
+            InputTensor::Borrowed(view) => view,
+            InputTensor::Owned(tensor) => tensor,
+        }
+    }
+}
+
 /// Element count of `shape`, checked against `max_elements` before anything
 /// is allocated. `field` names the tensor in errors.
 pub fn checked_numel(field: &str, shape: &[i64], max_elements: u64) -> Result<u64, NumericsError> {
@@ -164,6 +181,45 @@ impl TensorData {
             shape,
             bytes: Bytes::from(buffer),
         })
+    }
+
+    /// Takes a computation's fresh result (no other handle writes to its
+    /// storage) and keeps it as the bytes: no copy when it is already a
+    /// contiguous CPU tensor, so the reply is encoded straight from the
+    /// tensor's memory; one copy to host memory otherwise.
+    pub fn from_result(tensor: Tensor) -> Result<Self, NumericsError> {
+        let kind = tensor.f_kind()?;
+        let Some(dtype) = DType::from_kind(kind) else {
+            return Err(NumericsError::Torch(format!(
+                "unsupported result dtype {kind:?}"
+            )));
+        };
+        let shape = tensor.size();
+        let length = tensor.numel() * dtype.itemsize();
+        let bytes = if length == 0 {
+            Bytes::new()
+        } else {
+            let host = tensor.f_to_device(Device::Cpu)?.f_contiguous()?;
+            super::host::into_bytes(host, length)?
+        };
+        Ok(TensorData {
+            dtype,
+            shape,
+            bytes,
+        })
+    }
+
+    /// A tensor on `device` with these values for one computation's input:
+    /// on the CPU it reads the bytes in place when they are aligned (no copy;
+    /// the result must only be read, and nothing derived from it may share
+    /// its memory), otherwise it holds a copy.
+    pub fn input_tensor(&self, device: Device) -> Result<InputTensor, NumericsError> {
+        if device == Device::Cpu {
+            if let Some(view) = super::host::borrow(&self.bytes, &self.shape, self.dtype.kind())? {
+                return Ok(InputTensor::Borrowed(view));
+            }
+        }
+        Ok(InputTensor::Owned(self.to_tensor(device)?))
     }
 
     /// A tensor on `device` holding a copy of these values.

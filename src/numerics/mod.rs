@@ -9,10 +9,12 @@
 pub mod batch_norm;
 pub mod codec;
 pub mod compare;
+pub mod host;
 pub mod state_dict;
+pub mod stats;
 
 pub use batch_norm::{LayerKind, Momentum};
-pub use codec::TensorData;
+pub use codec::{InputTensor, TensorData};
 
 /// Element types normserve accepts, with PyTorch's names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

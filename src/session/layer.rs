@@ -2,6 +2,7 @@
 //! it (forward, reset, update, import), plus conversion to and from the stored
 //! record. No locking, no I/O: the registry decides when a step is committed.
 
+use crate::numerics::stats::StatsKernel;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -411,6 +412,7 @@ pub fn forward_step(
     info: &SessionInfo,
     state: &SessionState,
     command: &Forward,
+    stats: StatsKernel,
 ) -> Result<Step<ForwardOutcome>, SessionError> {
     let config = &info.config;
     let current = &state.layer;
@@ -454,9 +456,10 @@ pub fn forward_step(
         bias: current.bias.as_ref(),
         running_mean: current.running_mean.as_ref(),
         running_var: current.running_var.as_ref(),
+        stats,
     };
     layer.check_input(command.input.shape(), command.input.dtype(), training)?;
-    let input = command.input.to_tensor(info.device)?;
+    let input = command.input.input_tensor(info.device)?;
     if config.reject_non_finite && !all_finite(&input)? {
         return Err(NumericsError::invalid(
             "input",
@@ -471,7 +474,7 @@ pub fn forward_step(
             layer.forward_eval(&input)?
         };
         return Ok(Step::Done(ForwardOutcome {
-            output: Some(TensorData::from_tensor(&output)?),
+            output: Some(TensorData::from_result(output)?),
             version: current.version,
             num_batches_tracked: current.num_batches_tracked,
             replayed: false,
@@ -485,7 +488,7 @@ pub fn forward_step(
         )));
     };
     let step = layer.forward_train(&input, current.momentum.factor(counted))?;
-    let output = TensorData::from_tensor(&step.output)?;
+    let output = TensorData::from_result(step.output)?;
     let mut next = current.next_version();
     next.running_mean = step.running_mean;
     next.running_var = step.running_var;

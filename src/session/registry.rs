@@ -18,6 +18,7 @@
 //! reloads when another replica moved on; a write that loses the
 //! compare-and-set reloads and recomputes.
 
+use crate::numerics::stats::StatsKernel;
 use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::sync::{Arc, RwLock};
@@ -59,6 +60,8 @@ pub struct RegistryOptions {
     pub replay_window: usize,
     /// Bytes of forward outputs held per session for replays.
     pub replay_cache_bytes: usize,
+    /// Who computes train-mode batch statistics on the CPU.
+    pub stats_kernel: StatsKernel,
 }
 
 /// How many times a mutation recomputes after losing a compare-and-set to
@@ -390,7 +393,14 @@ impl Registry {
     /// Runs a step with the session's state locked and current; stores and
     /// commits the new state it computes, recomputing after a lost
     /// compare-and-set.
-    async fn mutate<T, F>(&self, id: &SessionId, job: F) -> Result<T, SessionError>
+    /// `input_bytes`: the tensor data the job reads (chooses inline or
+    /// blocking-thread compute, see [`ComputePool::run_sized`]).
+    async fn mutate<T, F>(
+        &self,
+        id: &SessionId,
+        input_bytes: usize,
+        job: F,
+    ) -> Result<T, SessionError>
     where
         T: Send + 'static,
         F: Fn(&SessionInfo, &SessionState) -> Result<Step<T>, SessionError> + Send + Sync + 'static,
@@ -404,7 +414,7 @@ impl Registry {
             let (job, for_job) = (job.clone(), session.clone());
             let (state, prepared) = self
                 .pool
-                .run(move || {
+                .run_sized(input_bytes, move || {
                     let prepared = prepare(&for_job.info, &state, job.as_ref(), with_record);
                     (state, prepared)
                 })
@@ -418,11 +428,21 @@ impl Registry {
                     record,
                 } => (layer, replay, value, record),
             };
+            let Some(record) = record.filter(|_| self.store.is_some()) else {
+                // No store: the swap is synchronous, so a cancelled caller
+                // cannot interrupt it half-way; no task needed.
+                let mut state = state;
+                state.layer = layer;
+                if let Some((request_id, replay)) = replay {
+                    state.replay.record(request_id, replay);
+                }
+                return Ok(value);
+            };
             // The store write and the swap run in their own task: a client
             // that goes away after the write cannot leave memory behind the store.
             let store = self.store.clone();
             let commit = tokio::spawn(async move {
-                if let (Some(store), Some(record)) = (store, record) {
+                if let Some(store) = store {
                     match store.put(&record, Some(stamp(&session.info, &state))).await {
                         Ok(Written::Committed) => {}
                         Ok(Written::Conflict) => return Ok(Err((session, state))),
@@ -720,7 +740,7 @@ impl Registry {
         id: &SessionId,
         guard: MutationGuard,
     ) -> Result<Applied<SessionSnapshot>, SessionError> {
-        self.mutate(id, move |info, state| reset_step(info, state, &guard))
+        self.mutate(id, 0, move |info, state| reset_step(info, state, &guard))
             .await
     }
 
@@ -730,7 +750,8 @@ impl Registry {
         update: UpdateParameters,
         guard: MutationGuard,
     ) -> Result<Applied<SessionSnapshot>, SessionError> {
-        self.mutate(id, move |info, state| {
+        // (C,) parameters at most: small enough to run inline.
+        self.mutate(id, 0, move |info, state| {
             update_step(info, state, &update, &guard)
         })
         .await
@@ -738,8 +759,12 @@ impl Registry {
 
     pub async fn forward(&self, command: Forward) -> Result<ForwardOutcome, SessionError> {
         let id = command.id.clone();
-        self.mutate(&id, move |info, state| forward_step(info, state, &command))
-            .await
+        let stats = self.options.stats_kernel;
+        let input_bytes = command.input.bytes().len();
+        self.mutate(&id, input_bytes, move |info, state| {
+            forward_step(info, state, &command, stats)
+        })
+        .await
     }
 
     pub async fn export_state(&self, id: &SessionId) -> Result<ExportedState, SessionError> {
@@ -775,7 +800,7 @@ impl Registry {
         guard: MutationGuard,
     ) -> Result<Applied<SessionSnapshot>, SessionError> {
         let max_elements = self.options.limits.max_tensor_elements;
-        self.mutate(id, move |info, state| {
+        self.mutate(id, safetensors.len(), move |info, state| {
             import_step(info, state, &safetensors, strict, &guard, max_elements)
         })
         .await

@@ -83,6 +83,7 @@ pub async fn open_registry(config: &Config, device: Device) -> Result<Arc<Regist
             default_device: device,
             replay_window: config.replay_window,
             replay_cache_bytes: config.replay_cache_bytes,
+            stats_kernel: config.cpu_stats_kernel,
         },
         pool,
         crate::store::open(config).await?,
@@ -269,6 +270,13 @@ fn server_info(
             format!(
                 "durability:{}",
                 if store == "none" { "none" } else { "sync" }
+            ),
+            format!(
+                "cpu_stats_kernel:{}",
+                match config.cpu_stats_kernel {
+                    crate::numerics::stats::StatsKernel::Libtorch => "libtorch",
+                    crate::numerics::stats::StatsKernel::Native => "native",
+                }
             ),
         ])
         .collect(),

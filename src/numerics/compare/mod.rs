@@ -12,6 +12,7 @@ pub mod diff;
 mod hypotheses;
 mod implementations;
 
+use crate::numerics::stats::StatsKernel;
 use tch::{Device, Kind, Tensor};
 
 use super::batch_norm::{check_eps, check_momentum, Layer, LayerKind, Momentum};
@@ -412,6 +413,7 @@ fn validate(request: &CompareRequest, max_num_features: i64) -> Result<Checked, 
         bias: bias.as_ref(),
         running_mean: running_mean.as_ref(),
         running_var: running_var.as_ref(),
+        stats: StatsKernel::Libtorch,
     };
     layer.check_input(shape, request.input.dtype(), request.training)?;
     for (field, data) in per_channel_tensors(request) {
@@ -664,6 +666,8 @@ impl Problem {
             bias,
             running_mean: self.running_mean.as_ref(),
             running_var: self.running_var.as_ref(),
+            // The reference is libtorch's own kernel, whatever sessions use.
+            stats: StatsKernel::Libtorch,
         }
     }
 }

@@ -1,0 +1,141 @@
+//! A CPU tensor's memory seen as [`Bytes`] without a copy: the reply to a
+//! Forward is encoded straight from the output tensor, which lives exactly as
+//! long as the bytes that borrow it.
+
+use bytes::Bytes;
+use tch::{Device, Tensor};
+
+use super::NumericsError;
+
+/// Owns the tensor whose memory the bytes point into.
+struct HostTensor {
+    tensor: Tensor,
+    length: usize,
+}
+
+impl AsRef<[u8]> for HostTensor {
+    /// The one `unsafe` of the numerics. Sound because [`into_bytes`] admits
+    /// only contiguous CPU tensors of at least `length` bytes; the tensor is
+    /// owned here, so its storage outlives every borrow; and callers hand
+    /// over fresh results that nothing else writes to.
+    #[allow(unsafe_code)]
+    fn as_ref(&self) -> &[u8] {
+        let data = self.tensor.data_ptr() as *const u8;
+        // SAFETY: see above; `data` is non-null for a non-empty tensor.
+        unsafe { std::slice::from_raw_parts(data, self.length) }
+    }
+}
+
+/// Wraps a contiguous CPU tensor holding exactly `length` bytes.
+pub(super) fn into_bytes(tensor: Tensor, length: usize) -> Result<Bytes, NumericsError> {
+    let bytes_held = tensor.numel() * tensor.f_kind()?.elt_size_in_bytes();
+    if tensor.device() != Device::Cpu
+        || !tensor.is_contiguous()
+        || bytes_held != length
+        || length == 0
+        || tensor.data_ptr().is_null()
+    {
+        return Err(NumericsError::Torch(format!(
+            "internal: cannot view a {:?} tensor of {bytes_held} bytes as {length} host bytes",
+            tensor.device()
+        )));
+    }
+    Ok(Bytes::from_owner(HostTensor { tensor, length }))
+}
+
+/// A CPU tensor that reads a request's bytes in place: the tensor is declared
+/// first, so it is dropped before the bytes it points into.
+pub struct BorrowedTensor {
+    tensor: Tensor,
+    _bytes: Bytes,
+}
+
+impl std::ops::Deref for BorrowedTensor {
+    type Target = Tensor;
+
+    fn deref(&self) -> &Tensor {
+        &self.tensor
+    }
+}
+
+/// Views `bytes` as a contiguous CPU tensor of `shape` and `kind` without a
+/// copy, or `None` when the bytes are empty or not aligned to the element
+/// size (then the caller copies). The view is read-only by contract: it is
+/// only ever an input of operations that allocate their results, and no
+/// tensor sharing its memory may outlive it.
+pub(super) fn borrow(
+    bytes: &Bytes,
+    shape: &[i64],
+    kind: tch::Kind,
+) -> Result<Option<BorrowedTensor>, NumericsError> {
+    let itemsize = kind.elt_size_in_bytes();
+    let numel = shape.iter().try_fold(1usize, |n, &d| {
+        usize::try_from(d).ok().and_then(|d| n.checked_mul(d))
+    });
+    if bytes.is_empty()
+        || itemsize == 0
+        || numel.and_then(|n| n.checked_mul(itemsize)) != Some(bytes.len())
+        || (bytes.as_ptr() as usize) % itemsize != 0
+    {
+        return Ok(None);
+    }
+    // SAFETY: the pointer is valid for `bytes.len()` bytes, which is exactly
+    // numel * itemsize (checked above), aligned to the element size; the
+    // bytes are kept alive in the returned value for the tensor's lifetime;
+    // and the contract above keeps the memory read-only.
+    #[allow(unsafe_code)]
+    let tensor = unsafe { Tensor::f_from_blob(bytes.as_ptr(), shape, &[], kind, Device::Cpu)? };
+    Ok(Some(BorrowedTensor {
+        tensor,
+        _bytes: bytes.clone(),
+    }))
+}
+
+/// Runs `f` over a contiguous float32 CPU tensor's values in place, or
+/// returns `None` for any other tensor.
+pub(super) fn with_f32_values<R>(
+    tensor: &Tensor,
+    f: impl FnOnce(&[f32]) -> R,
+) -> Result<Option<R>, NumericsError> {
+    let numel = tensor.numel();
+    let data = tensor.data_ptr() as *const f32;
+    if tensor.device() != Device::Cpu
+        || tensor.f_kind()? != tch::Kind::Float
+        || !tensor.is_contiguous()
+        || numel == 0
+        || data.is_null()
+        || (data as usize) % std::mem::align_of::<f32>() != 0
+    {
+        return Ok(None);
+    }
+    // SAFETY: a contiguous float32 CPU tensor of `numel` elements starts at
+    // `data` (non-null, aligned, checked above); `tensor` is borrowed for the
+    // whole call, so its storage stays alive, and `f` only reads.
+    #[allow(unsafe_code)]
+    let values = unsafe { std::slice::from_raw_parts(data, numel) };
+    Ok(Some(f(values)))
+}
+
+/// A new contiguous float32 CPU tensor of `shape` whose values `fill` writes.
+pub(super) fn new_f32_tensor(
+    shape: &[i64],
+    fill: impl FnOnce(&mut [f32]),
+) -> Result<Tensor, NumericsError> {
+    let tensor = Tensor::f_empty(shape, (tch::Kind::Float, Device::Cpu))?;
+    let numel = tensor.numel();
+    let data = tensor.data_ptr() as *mut f32;
+    if numel > 0 {
+        if data.is_null() || (data as usize) % std::mem::align_of::<f32>() != 0 {
+            return Err(NumericsError::Torch(
+                "internal: unaligned float32 allocation".to_owned(),
+            ));
+        }
+        // SAFETY: `tensor` was just allocated here, contiguous, with `numel`
+        // float32 elements at `data` (non-null, aligned); no other handle to
+        // its storage exists while `fill` runs.
+        #[allow(unsafe_code)]
+        let values = unsafe { std::slice::from_raw_parts_mut(data, numel) };
+        fill(values);
+    }
+    Ok(tensor)
+}

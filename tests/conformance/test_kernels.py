@@ -1,0 +1,46 @@
+"""Both CPU statistics kernels (--cpu-stats-kernel libtorch|native) give
+torch.nn.BatchNorm's numbers, step after step, on inputs large enough to take
+the native kernel's path (contiguous float32 of rank 3 to 5) and on (N, C)
+inputs, which always take libtorch's. The oracle is a local PyTorch module."""
+
+import pytest
+import torch
+
+import normserve
+from conftest import ServerProcess
+
+SHAPES = [(8, 16, 12, 12), (4, 8, 6, 6, 6), (3, 5, 17), (64, 64, 8, 8), (256, 32)]
+MODULES = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}
+
+
+@pytest.fixture(scope="module", params=["libtorch", "native"])
+def kernel_client(request):
+    proc = ServerProcess("--cpu-stats-kernel", request.param, "--durability", "none")
+    try:
+        with normserve.connect(proc.address) as client:
+            yield client
+    finally:
+        assert proc.stop() == 0
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_kernel_matches_pytorch(kernel_client, shape, momentum):
+    gen = torch.Generator().manual_seed(hash((shape, momentum)) % 2**31)
+    c = shape[1]
+    module = MODULES[len(shape)](c, momentum=momentum)
+    with torch.no_grad():
+        module.weight.copy_(torch.randn(c, generator=gen) + 1)
+        module.bias.copy_(torch.randn(c, generator=gen))
+        module.running_mean.copy_(torch.randn(c, generator=gen))
+        module.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
+    session = kernel_client.create_session_from_module(module)
+    for step, (offset, scale) in enumerate([(0.0, 1.0), (3.0, 0.5), (-2.0, 4.0)]):
+        x = torch.randn(shape, generator=gen) * scale + offset
+        expected = module.train()(x)
+        torch.testing.assert_close(session.forward(x, train=True), expected, msg=f"step {step}")
+        for key, value in module.state_dict().items():
+            torch.testing.assert_close(session.state_dict()[key], value, msg=f"{key} after step {step}")
+    x = torch.randn(shape, generator=gen)
+    torch.testing.assert_close(session.forward(x, train=False), module.eval()(x))
+    session.delete()
