@@ -4,6 +4,7 @@
 //! (`numerics <- session <- store`, `transport` on top, with `config`, `device`, `compute`
 //! and `telemetry` usable anywhere). See ARCHITECTURE.md.
 
+pub mod cli;
 pub mod compute;
 pub mod config;
 pub mod device;

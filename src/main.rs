@@ -1,18 +1,46 @@
-//! The `normserve` binary: parse the configuration, start logging, bind, serve
-//! until SIGTERM/SIGINT. The one place that maps errors to exit codes:
-//! 0 clean stop, 1 runtime failure, 2 bad configuration or device.
+//! The `normserve` binary: without a subcommand, parse the configuration,
+//! start logging, bind, serve until SIGTERM/SIGINT; with one, run that
+//! operator command against a server (`normserve --help`). The one place that
+//! maps errors to exit codes: 0 success / clean stop, 1 runtime failure (or
+//! the server's error for a command), 2 bad configuration, usage or device.
 
 use std::process::ExitCode;
 
 use clap::Parser;
+use normserve::cli;
 use normserve::config::Config;
 use normserve::device::device_name;
 use normserve::transport;
 
+/// `normserve [SERVER FLAGS]` serves; `normserve <COMMAND>` talks to a server.
+#[derive(Parser)]
+#[command(
+    name = "normserve",
+    version,
+    about = "gRPC batch-normalization service on libtorch (serves without a command)",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<cli::Command>,
+    #[command(flatten)]
+    serve: Config,
+}
+
 fn main() -> ExitCode {
     // Before any thread starts: keep freed large buffers for reuse.
     let retained = normserve::memory::retain_freed_buffers();
-    let config = Config::parse();
+    let arguments = Cli::parse();
+    if let Some(command) = arguments.command {
+        return match cli::run(command) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("normserve: {error}");
+                ExitCode::from(error.exit_code())
+            }
+        };
+    }
+    let config = arguments.serve;
     if let Err(error) = config.validate() {
         eprintln!("normserve: {error}");
         return ExitCode::from(2);
