@@ -61,6 +61,9 @@ struct Args {
     /// Where to write the JSON report ("-" for stdout).
     #[arg(long, default_value = "target/bench/normserve-bench.json")]
     json: String,
+    /// Idle sessions (64 features) created for the memory figure (0: skip).
+    #[arg(long, default_value_t = 10_000)]
+    idle_sessions: usize,
     /// Print the scenarios and exit.
     #[arg(long)]
     list: bool,
@@ -762,6 +765,60 @@ fn in_process_calls(
     calls
 }
 
+/// Resident set of a process in bytes, from /proc.
+fn rss_bytes(pid: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// The server's RSS before and after creating `count` idle BatchNorm1d(64)
+/// sessions (8 concurrent creators), and the creation rate.
+async fn idle_sessions(target: &Target, pid: &str, count: usize) -> Value {
+    let channel = connect(&target.address).await;
+    let before = rss_bytes(pid);
+    let start = Instant::now();
+    let per_task = count.div_ceil(8);
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let mut client = batch_norm_client(channel.clone());
+        let n = per_task.min(count.saturating_sub(t * per_task));
+        tasks.push(tokio::spawn(async move {
+            let mut errors = 0u64;
+            for _ in 0..n {
+                let request = pb::CreateSessionRequest {
+                    kind: pb::BatchNormKind::BatchNorm1d as i32,
+                    num_features: 64,
+                    ..Default::default()
+                };
+                if client.create_session(request).await.is_err() {
+                    errors += 1;
+                }
+            }
+            errors
+        }));
+    }
+    let mut errors = 0;
+    for task in tasks {
+        errors += task.await.unwrap_or(1);
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let after = rss_bytes(pid);
+    let per_session = match (before, after) {
+        (Some(b), Some(a)) if count > 0 => Some(a.saturating_sub(b) as f64 / count as f64),
+        _ => None,
+    };
+    json!({
+        "sessions": count,
+        "rss_before_bytes": before,
+        "rss_after_bytes": after,
+        "bytes_per_session": per_session,
+        "creates_per_s": count as f64 / seconds,
+        "errors": errors,
+    })
+}
+
 async fn server_description(target: &Target) -> Value {
     let mut client = ServerServiceClient::new(connect(&target.address).await);
     match client
@@ -961,6 +1018,23 @@ fn main() {
     if let Some(ratio) = stream_ratio {
         println!("stream_small / latency_1k (unary) calls/s: {ratio:.2}x");
     }
+    let memory = match (&server_pid, args.idle_sessions) {
+        (Some(pid), count) if count > 0 => {
+            let value = runtime.block_on(idle_sessions(&target, pid, count));
+            let mib = |key: &str| value[key].as_f64().map_or("?".to_owned(), |b| format!("{:.1}", b / 1048576.0));
+            println!(
+                "memory: server RSS {} MiB after the scenarios, {} MiB with {} more idle BatchNorm1d(64) sessions ({:.2} KiB each; {:.0} creates/s, {} errors)",
+                mib("rss_before_bytes"),
+                mib("rss_after_bytes"),
+                count,
+                value["bytes_per_session"].as_f64().unwrap_or(f64::NAN) / 1024.0,
+                value["creates_per_s"].as_f64().unwrap_or(f64::NAN),
+                value["errors"],
+            );
+            value
+        }
+        _ => Value::Null,
+    };
     let report = json!({
         "generator": "normserve-bench",
         "device": args.device,
@@ -969,6 +1043,7 @@ fn main() {
         "cores": cores,
         "server": server,
         "stream_over_unary": stream_ratio,
+        "idle_sessions": memory,
         "scenarios": reports,
     });
     let text = match serde_json::to_string_pretty(&report) {
