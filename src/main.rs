@@ -19,6 +19,15 @@ fn main() -> ExitCode {
         eprintln!("normserve: {error}");
         return ExitCode::from(2);
     }
+    // Certificates, keys and tokens are read before anything else starts, so
+    // that a bad file is a configuration error.
+    let security = match transport::Security::load(&config) {
+        Ok(security) => security,
+        Err(error) => {
+            eprintln!("normserve: {error}");
+            return ExitCode::from(2);
+        }
+    };
     let device = match transport::prepare(&config) {
         Ok(device) => device,
         Err(error) => {
@@ -37,7 +46,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(run(config, device)) {
+    match runtime.block_on(run(config, device, security)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(%error, "normserve stopped with an error");
@@ -47,7 +56,11 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(config: Config, device: tch::Device) -> Result<(), transport::ServeError> {
+async fn run(
+    config: Config,
+    device: tch::Device,
+    security: transport::Security,
+) -> Result<(), transport::ServeError> {
     std::fs::create_dir_all(&config.data_dir)?;
     let registry = transport::open_registry(&config, device).await?;
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
@@ -67,7 +80,15 @@ async fn run(config: Config, device: tch::Device) -> Result<(), transport::Serve
         device_name(device),
         transport::LIBTORCH_VERSION
     );
-    transport::serve_registry(config, device, registry, listener, shutdown_signal()).await
+    transport::serve_registry(
+        config,
+        device,
+        registry,
+        security,
+        listener,
+        shutdown_signal(),
+    )
+    .await
 }
 
 /// Completes on SIGINT or SIGTERM.
