@@ -752,3 +752,36 @@ async fn a_tenant_over_its_concurrent_requests_is_refused_at_once() {
         .unwrap();
     alice.forward(forward).await.unwrap();
 }
+
+#[tokio::test]
+async fn tenants_survive_a_restart_of_the_embedded_store() {
+    let data = tempfile::tempdir().unwrap();
+    let durable = |c: &mut normserve::config::Config| {
+        c.durability = normserve::config::Durability::Sync;
+        c.data_dir = data.path().to_owned();
+    };
+    let (server, dir) = start_with_tokens(durable).await;
+    let mut alice = client(&server, Some(ALICE)).await;
+    alice.create_session(create("kept", 2)).await.unwrap();
+    server.stop().await.unwrap();
+
+    let tokens = dir.path().join("tokens");
+    let server = TestServer::start_with(|c| {
+        durable(c);
+        c.auth_tokens = Some(tokens);
+    })
+    .await;
+    let mut alice = client(&server, Some(ALICE)).await;
+    let mut bob = client(&server, Some(BOB)).await;
+    assert_eq!(list_ids(&mut alice).await, vec!["kept"]);
+    assert_eq!(list_ids(&mut bob).await, Vec::<String>::new());
+    let status = bob
+        .get_session(pb::GetSessionRequest {
+            session_id: "kept".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    let mut admin = client(&server, Some(ROOT)).await;
+    assert_eq!(list_ids(&mut admin).await, vec!["acme/kept"]);
+}
