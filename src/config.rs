@@ -83,6 +83,36 @@ pub struct Config {
     #[arg(long, env = "NORMSERVE_DRAIN_SECONDS", default_value_t = 10)]
     pub drain_seconds: u64,
 
+    /// TLS certificate chain (PEM) to serve gRPC over TLS; needs --tls-key.
+    #[arg(long, env = "NORMSERVE_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, env = "NORMSERVE_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+
+    /// CA certificates (PEM): clients must present a certificate signed by
+    /// one of them (mutual TLS). Needs --tls-cert.
+    #[arg(long, env = "NORMSERVE_TLS_CLIENT_CA", value_name = "FILE")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// Tokens file: every RPC but health needs `authorization: Bearer
+    /// <token>` with a token listed there (lines `<sha256:hex or token>
+    /// <tenant> <user|admin>`). Reloaded on SIGHUP.
+    #[arg(long, env = "NORMSERVE_AUTH_TOKENS", value_name = "FILE")]
+    pub auth_tokens: Option<PathBuf>,
+
+    /// Largest number of live sessions of one tenant (needs --auth-tokens;
+    /// default: no per-tenant limit).
+    #[arg(long, env = "NORMSERVE_TENANT_MAX_SESSIONS")]
+    pub tenant_max_sessions: Option<u64>,
+
+    /// Largest number of requests of one tenant in progress at once; more
+    /// are refused at once with RESOURCE_EXHAUSTED (needs --auth-tokens;
+    /// default: no per-tenant limit).
+    #[arg(long, env = "NORMSERVE_TENANT_MAX_CONCURRENT_REQUESTS")]
+    pub tenant_max_concurrent_requests: Option<u64>,
+
     /// Log format.
     #[arg(long, env = "NORMSERVE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -140,6 +170,34 @@ impl Config {
         }
         if self.intra_op_threads < 1 {
             return Err(ConfigError("--intra-op-threads must be at least 1".into()));
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(ConfigError(
+                "--tls-cert and --tls-key go together (both or neither)".into(),
+            ));
+        }
+        if self.tls_client_ca.is_some() && self.tls_cert.is_none() {
+            return Err(ConfigError(
+                "--tls-client-ca needs TLS (--tls-cert and --tls-key)".into(),
+            ));
+        }
+        let tenant_limits = [
+            ("--tenant-max-sessions", self.tenant_max_sessions),
+            (
+                "--tenant-max-concurrent-requests",
+                self.tenant_max_concurrent_requests,
+            ),
+        ];
+        for (flag, value) in tenant_limits {
+            match value {
+                Some(0) => return Err(ConfigError(format!("{flag} must be at least 1"))),
+                Some(_) if self.auth_tokens.is_none() => {
+                    return Err(ConfigError(format!(
+                        "{flag} needs --auth-tokens (tenants come from the tokens file)"
+                    )))
+                }
+                _ => {}
+            }
         }
         if self.max_message_bytes > u32::MAX as usize {
             return Err(ConfigError(

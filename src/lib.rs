@@ -1,9 +1,10 @@
 //! normserve: a gRPC batch-normalization service on libtorch.
 //!
 //! Modules in reading order; dependencies point upwards only
-//! (`numerics <- session <- store`, `transport` on top, with `config`, `device`, `compute`
-//! and `telemetry` usable anywhere). See ARCHITECTURE.md.
+//! (`numerics <- session <- store`, `auth` and `transport` on top, with `config`, `device`,
+//! `compute` and `telemetry` usable anywhere). See ARCHITECTURE.md.
 
+pub mod auth;
 pub mod cli;
 pub mod compute;
 pub mod config;

@@ -49,6 +49,15 @@ fn main() -> ExitCode {
         eprintln!("normserve: {error}");
         return ExitCode::from(2);
     }
+    // Certificates, keys and tokens are read before anything else starts, so
+    // that a bad file is a configuration error.
+    let security = match transport::Security::load(&config) {
+        Ok(security) => security,
+        Err(error) => {
+            eprintln!("normserve: {error}");
+            return ExitCode::from(2);
+        }
+    };
     let device = match transport::prepare(&config) {
         Ok(device) => device,
         Err(error) => {
@@ -67,7 +76,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(run(config, device, retained)) {
+    match runtime.block_on(run(config, device, retained, security)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(%error, "normserve stopped with an error");
@@ -81,6 +90,7 @@ async fn run(
     config: Config,
     device: tch::Device,
     retained: bool,
+    security: transport::Security,
 ) -> Result<(), transport::ServeError> {
     std::fs::create_dir_all(&config.data_dir)?;
     let registry = transport::open_registry(&config, device).await?;
@@ -102,7 +112,15 @@ async fn run(
         device_name(device),
         transport::LIBTORCH_VERSION
     );
-    transport::serve_registry(config, device, registry, listener, shutdown_signal()).await
+    transport::serve_registry(
+        config,
+        device,
+        registry,
+        security,
+        listener,
+        shutdown_signal(),
+    )
+    .await
 }
 
 /// Completes on SIGINT or SIGTERM.

@@ -25,10 +25,6 @@ import yaml
 # manifest then fails instead of being silently ignored by the server.
 PENDING_ENV = {
     "NORMSERVE_METRICS_ADDR",
-    "NORMSERVE_TLS_CERT",
-    "NORMSERVE_TLS_KEY",
-    "NORMSERVE_TLS_CLIENT_CA",
-    "NORMSERVE_AUTH_TOKENS",
     "NORMSERVE_SESSION_TTL_SECONDS",
     "NORMSERVE_SESSION_TTL_ACTION",
     "NORMSERVE_MAX_CONCURRENT_REQUESTS",

@@ -1021,7 +1021,11 @@ fn main() {
     let memory = match (&server_pid, args.idle_sessions) {
         (Some(pid), count) if count > 0 => {
             let value = runtime.block_on(idle_sessions(&target, pid, count));
-            let mib = |key: &str| value[key].as_f64().map_or("?".to_owned(), |b| format!("{:.1}", b / 1048576.0));
+            let mib = |key: &str| {
+                value[key]
+                    .as_f64()
+                    .map_or("?".to_owned(), |b| format!("{:.1}", b / 1048576.0))
+            };
             println!(
                 "memory: server RSS {} MiB after the scenarios, {} MiB with {} more idle BatchNorm1d(64) sessions ({:.2} KiB each; {:.0} creates/s, {} errors)",
                 mib("rss_before_bytes"),

@@ -16,7 +16,7 @@ use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Request, Status};
 
 use crate::proto::v1 as pb;
@@ -147,6 +147,19 @@ pub struct Remote {
     /// Bearer token sent with every call.
     #[arg(long, env = "NORMSERVE_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// CA certificate (PEM) that signed the server's certificate: connect
+    /// with TLS.
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS; needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Name to check the server's certificate against (default: the host of --addr).
+    #[arg(long)]
+    tls_server_name: Option<String>,
     /// Seconds to wait for the connection and for each call.
     #[arg(long, default_value_t = 10.0)]
     timeout: f64,
@@ -236,17 +249,36 @@ impl tonic::service::Interceptor for Bearer {
 
 impl Remote {
     async fn channel(&self) -> Result<(Channel, Bearer), CliError> {
+        let tls = self.tls_ca.is_some();
         let uri = if self.addr.contains("://") {
             self.addr.clone()
+        } else if tls {
+            format!("https://{}", self.addr)
         } else {
             format!("http://{}", self.addr)
         };
         let timeout = Duration::try_from_secs_f64(self.timeout)
             .map_err(|_| CliError::Usage(format!("--timeout: bad value {}", self.timeout)))?;
-        let endpoint = Endpoint::from_shared(uri)
+        let mut endpoint = Endpoint::from_shared(uri)
             .map_err(|e| CliError::Usage(format!("--addr {}: {e}", self.addr)))?
             .connect_timeout(timeout)
             .timeout(timeout);
+        if let Some(ca) = &self.tls_ca {
+            let read = |path: &PathBuf| {
+                std::fs::read(path).map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))
+            };
+            let mut config =
+                ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca)?));
+            if let Some(name) = &self.tls_server_name {
+                config = config.domain_name(name.clone());
+            }
+            if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+                config = config.identity(Identity::from_pem(read(cert)?, read(key)?));
+            }
+            endpoint = endpoint
+                .tls_config(config)
+                .map_err(|e| CliError::Usage(format!("TLS: {e}")))?;
+        }
         let channel = endpoint
             .connect()
             .await

@@ -21,6 +21,7 @@ const HEADER_LEN: usize = 12;
 /// One session as stored: configuration, state, recent request ids.
 #[derive(Clone, PartialEq, Message)]
 pub struct SessionRecord {
+    /// The session's key: its name, or `tenant/name`.
     #[prost(string, tag = "1")]
     pub id: String,
     /// 1, 2 or 3 (BatchNorm1d/2d/3d).
@@ -79,6 +80,11 @@ pub struct SessionRecord {
     /// Created eps/momentum mode: true when created with the cumulative average.
     #[prost(bool, tag = "24")]
     pub created_cumulative: bool,
+    /// The tenant that owns the session; "" (also in records written before
+    /// tenants existed) is the default tenant. `id` is the full key, which
+    /// starts with `tenant/` for any other tenant.
+    #[prost(string, tag = "25")]
+    pub tenant: String,
 }
 
 /// A request id applied to the session, stored with the state it produced so

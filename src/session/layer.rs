@@ -557,7 +557,8 @@ pub fn record(
     };
     let config = &info.config;
     Ok(SessionRecord {
-        id: info.id.to_string(),
+        id: info.id.as_str().to_owned(),
+        tenant: info.id.tenant().to_owned(),
         kind: kind_code(config.kind),
         num_features: config.num_features,
         created_eps: config.eps,
@@ -598,7 +599,13 @@ pub fn info_from_record(
     record: &SessionRecord,
     default_device: Device,
 ) -> Result<SessionInfo, RecordError> {
-    let id = SessionId::parse(&record.id).map_err(|e| corrupt(e.to_string()))?;
+    let id = SessionId::parse_key(&record.id).map_err(|e| corrupt(e.to_string()))?;
+    if !id.belongs_to(&record.tenant) {
+        return Err(corrupt(format!(
+            "key {:?} does not belong to tenant {:?}",
+            record.id, record.tenant
+        )));
+    }
     let kind = match record.kind {
         1 => LayerKind::BatchNorm1d,
         2 => LayerKind::BatchNorm2d,

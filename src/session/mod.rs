@@ -17,7 +17,7 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 
-pub use id::{InvalidSessionId, SessionId};
+pub use id::{is_valid_tenant, InvalidSessionId, SessionId, MAX_TENANT_LEN};
 pub use registry::{Limits, Recovery, RecoveryError, Registry, RegistryOptions};
 
 use crate::compute::ComputeError;
@@ -64,7 +64,11 @@ pub struct StateTensors {
 
 #[derive(Debug, Clone)]
 pub struct CreateSession {
+    /// The full key (a tenant's id is `tenant/name`); None: a generated name
+    /// in `tenant`.
     pub id: Option<SessionId>,
+    /// Tenant of a generated id ("" : the default tenant).
+    pub tenant: String,
     pub config: SessionConfig,
     pub device: DeviceChoice,
     pub initial: StateTensors,

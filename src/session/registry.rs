@@ -47,6 +47,8 @@ use crate::numerics::{Momentum, TensorData};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     pub max_sessions: u64,
+    /// Largest number of live sessions of one tenant (None: no such limit).
+    pub max_sessions_per_tenant: Option<u64>,
     pub max_tensor_elements: u64,
     pub max_num_features: i64,
 }
@@ -86,8 +88,8 @@ pub enum RecoveryError {
 
 pub struct Registry {
     sessions: RwLock<BTreeMap<SessionId, Arc<Session>>>,
-    /// Creations under way, counted against `max_sessions` before they exist.
-    reserved: std::sync::Mutex<u64>,
+    /// Creations under way, counted against the session limits before they exist.
+    reserved: std::sync::Mutex<Reserved>,
     /// Sessions whose stored record cannot be read: DATA_LOSS, never reset.
     unreadable: RwLock<BTreeMap<SessionId, String>>,
     options: RegistryOptions,
@@ -122,7 +124,7 @@ impl Registry {
     ) -> Self {
         Registry {
             sessions: RwLock::new(BTreeMap::new()),
-            reserved: std::sync::Mutex::new(0),
+            reserved: std::sync::Mutex::new(Reserved::default()),
             unreadable: RwLock::new(BTreeMap::new()),
             options,
             pool,
@@ -151,6 +153,11 @@ impl Registry {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Sessions of `tenant` held in memory.
+    pub fn tenant_len(&self, tenant: &str) -> usize {
+        count_in_tenant(&self.read_map(), tenant)
     }
 
     /// Sessions whose records could not be read.
@@ -216,7 +223,7 @@ impl Registry {
                     return Err(RecoveryError::NewerFormat { id: key, error });
                 }
                 Err(RecordError::Corrupt(reason)) => {
-                    let id = SessionId::parse(&key).unwrap_or_else(|_| SessionId::generate());
+                    let id = SessionId::parse_key(&key).unwrap_or_else(|_| SessionId::generate());
                     self.mark_unreadable(&id, format!("record is corrupt: {reason}"));
                     unreadable += 1;
                     continue;
@@ -247,7 +254,8 @@ impl Registry {
     ) -> Result<Arc<Session>, SessionError> {
         let default_device = self.options.default_device;
         let (window, bytes) = (self.options.replay_window, self.options.replay_cache_bytes);
-        let fallback_id = SessionId::parse(&record.id).unwrap_or_else(|_| SessionId::generate());
+        let fallback_id =
+            SessionId::parse_key(&record.id).unwrap_or_else(|_| SessionId::generate());
         let info =
             info_from_record(&record, default_device).map_err(|e| SessionError::DataLoss {
                 id: fallback_id,
@@ -496,9 +504,13 @@ impl Registry {
                 Err(other) => return Err(other),
             }
         }
-        let _slot = self.reserve_slot()?;
+        let id = command
+            .id
+            .clone()
+            .unwrap_or_else(|| SessionId::generate_in(&command.tenant));
+        let _slot = self.reserve_slot(id.tenant())?;
         let info = SessionInfo {
-            id: command.id.clone().unwrap_or_else(SessionId::generate),
+            id,
             config: command.config.clone(),
             device,
             created_at: SystemTime::now(),
@@ -571,18 +583,35 @@ impl Registry {
         }
     }
 
-    /// Counts a creation against `max_sessions` until it is dropped.
-    fn reserve_slot(&self) -> Result<Reservation<'_>, SessionError> {
+    /// Counts a creation in `tenant` against `max_sessions` and the tenant's
+    /// limit until it is dropped.
+    fn reserve_slot(&self, tenant: &str) -> Result<Reservation<'_>, SessionError> {
         let mut reserved = self.reserved.lock().unwrap_or_else(|p| p.into_inner());
-        let taken = self.len() as u64 + *reserved;
+        let taken = self.len() as u64 + reserved.total;
         if taken >= self.options.limits.max_sessions {
             return Err(too_many_sessions(
                 taken + 1,
                 self.options.limits.max_sessions,
             ));
         }
-        *reserved += 1;
-        Ok(Reservation(&self.reserved))
+        if let Some(limit) = self.options.limits.max_sessions_per_tenant {
+            let pending = reserved.by_tenant.get(tenant).copied().unwrap_or(0);
+            let taken = self.tenant_len(tenant) as u64 + pending;
+            if taken >= limit {
+                return Err(SessionError::LimitExceeded {
+                    what: "session count of the tenant",
+                    actual: taken + 1,
+                    limit,
+                    limit_name: "tenant_max_sessions",
+                });
+            }
+        }
+        reserved.total += 1;
+        *reserved.by_tenant.entry(tenant.to_owned()).or_insert(0) += 1;
+        Ok(Reservation {
+            reserved: &self.reserved,
+            tenant: tenant.to_owned(),
+        })
     }
 
     async fn existing_for_create(
@@ -611,9 +640,11 @@ impl Registry {
             .await
     }
 
-    /// Sessions after `after` in id order carrying every label of `selector`.
+    /// Sessions after `after` in id order carrying every label of `selector`,
+    /// of `tenant` only (None: of every tenant).
     pub async fn list(
         &self,
+        tenant: Option<&str>,
         after: Option<&SessionId>,
         page_size: usize,
         selector: &BTreeMap<String, String>,
@@ -624,17 +655,31 @@ impl Registry {
                 .iter()
                 .all(|(k, v)| session.info.config.labels.get(k) == Some(v))
         };
+        let in_scope = |id: &SessionId| tenant.is_none_or(|t| id.belongs_to(t));
+        // A named tenant's keys are contiguous: start at the first of them.
+        let start = match (after, tenant) {
+            (Some(after), _) => Some(after.clone()),
+            (None, Some(tenant)) if !tenant.is_empty() => Some(SessionId::tenant_start(tenant)),
+            (None, _) => None,
+        };
+        let contiguous = tenant.is_some_and(|t| !t.is_empty());
         let mut candidates: Vec<Arc<Session>> = Vec::new();
         match self.store.as_ref().filter(|s| s.is_shared()) {
             // Other replicas create sessions too: the store has the full list.
             Some(store) => {
-                let mut cursor = after.cloned();
+                let mut cursor = start;
                 'pages: loop {
                     let ids = store.ids_after(cursor.as_ref(), page_size + 1).await?;
                     let Some(last) = ids.last().cloned() else {
                         break;
                     };
                     for id in ids {
+                        if !in_scope(&id) {
+                            if contiguous {
+                                break 'pages;
+                            }
+                            continue;
+                        }
                         match self.lookup(&id).await {
                             Ok(session) if matches(&session) => candidates.push(session),
                             Ok(_)
@@ -650,9 +695,11 @@ impl Registry {
             }
             None => {
                 let map = self.read_map();
-                let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
+                let lower = start.as_ref().map_or(Bound::Unbounded, Bound::Excluded);
                 candidates = map
                     .range::<SessionId, _>((lower, Bound::Unbounded))
+                    .take_while(|(id, _)| !contiguous || in_scope(id))
+                    .filter(|(id, _)| in_scope(id))
                     .map(|(_, session)| session)
                     .filter(|s| matches(s))
                     .take(page_size + 1)
@@ -807,15 +854,43 @@ impl Registry {
     }
 }
 
-/// A creation's place under `max_sessions`, released when the creation ends
-/// (by then the session is in the map, or it failed).
-struct Reservation<'a>(&'a std::sync::Mutex<u64>);
+/// Creations under way: in all, and per tenant.
+#[derive(Default)]
+struct Reserved {
+    total: u64,
+    by_tenant: BTreeMap<String, u64>,
+}
+
+/// A creation's place under the session limits, released when the creation
+/// ends (by then the session is in the map, or it failed).
+struct Reservation<'a> {
+    reserved: &'a std::sync::Mutex<Reserved>,
+    tenant: String,
+}
 
 impl Drop for Reservation<'_> {
     fn drop(&mut self) {
-        let mut reserved = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        *reserved = reserved.saturating_sub(1);
+        let mut reserved = self.reserved.lock().unwrap_or_else(|p| p.into_inner());
+        reserved.total = reserved.total.saturating_sub(1);
+        if let Some(count) = reserved.by_tenant.get_mut(&self.tenant) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                reserved.by_tenant.remove(&self.tenant);
+            }
+        }
     }
+}
+
+/// Sessions of `tenant` in `map`: a range of keys for a named tenant, a scan
+/// for the default tenant (whose keys have no prefix).
+fn count_in_tenant(map: &BTreeMap<SessionId, Arc<Session>>, tenant: &str) -> usize {
+    if tenant.is_empty() {
+        return map.keys().filter(|id| id.belongs_to("")).count();
+    }
+    let start = SessionId::tenant_start(tenant);
+    map.range::<SessionId, _>((Bound::Excluded(&start), Bound::Unbounded))
+        .take_while(|(id, _)| id.belongs_to(tenant))
+        .count()
 }
 
 /// A session operation: computes what to do from the current state.

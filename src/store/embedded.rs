@@ -294,7 +294,7 @@ impl SessionStore for EmbeddedStore {
 
     async fn delete(&self, id: &SessionId, stamp: Option<Stamp>) -> Result<Written, StoreError> {
         self.submit(Operation::Delete {
-            id: id.to_string(),
+            id: id.as_str().to_owned(),
             stamp,
         })
         .await
@@ -310,7 +310,7 @@ impl SessionStore for EmbeddedStore {
             let mut out = Vec::new();
             for entry in versions.iter().map_err(|e| error("iter", e))? {
                 let (key, _) = entry.map_err(|e| error("iter", e))?;
-                let Ok(id) = SessionId::parse(key.value()) else {
+                let Ok(id) = SessionId::parse_key(key.value()) else {
                     continue;
                 };
                 if after.is_some_and(|a| &id <= a) {

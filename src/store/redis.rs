@@ -186,7 +186,7 @@ impl SessionStore for RedisStore {
         limit: usize,
     ) -> Result<Vec<SessionId>, StoreError> {
         let mut connection = self.connection.clone();
-        let min = after.map_or_else(|| "-".to_owned(), |a| format!("({a}"));
+        let min = after.map_or_else(|| "-".to_owned(), |a| format!("({}", a.as_str()));
         let ids: Vec<String> = redis::cmd("ZRANGE")
             .arg(index_key())
             .arg(min)
@@ -200,7 +200,7 @@ impl SessionStore for RedisStore {
             .map_err(|e| error("ZRANGE", e))?;
         Ok(ids
             .iter()
-            .filter_map(|id| SessionId::parse(id).ok())
+            .filter_map(|id| SessionId::parse_key(id).ok())
             .collect())
     }
 }

@@ -6,7 +6,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{convert, status};
+use super::{auth, convert, status};
+use crate::auth::Principal;
 use crate::device::DeviceChoice;
 use crate::proto::v1 as pb;
 use crate::proto::v1::batch_norm_service_server::BatchNormService;
@@ -43,10 +44,11 @@ fn guard(expected_version: Option<u64>, request_id: &str) -> Result<MutationGuar
 /// One Forward, shared by the unary and the streaming RPC.
 async fn forward(
     registry: &Registry,
+    principal: &Principal,
     request: pb::ForwardRequest,
 ) -> Result<pb::ForwardResponse, Status> {
     let max_elements = registry.options().limits.max_tensor_elements;
-    let id = convert::session_id(&request.session_id)?;
+    let id = convert::session_id(principal, &request.session_id)?;
     let (input, representation) = convert::required_tensor("input", request.input, max_elements)?;
     let command = Forward {
         id,
@@ -72,6 +74,7 @@ impl BatchNormService for BatchNormApi {
         &self,
         request: Request<pb::CreateSessionRequest>,
     ) -> Result<Response<pb::CreateSessionResponse>, Status> {
+        let principal = auth::principal(&request)?;
         let request = request.into_inner();
         let config = convert::session_config(&request)?;
         let device: DeviceChoice = request.device.parse()?;
@@ -83,7 +86,8 @@ impl BatchNormService for BatchNormApi {
             self.max_elements(),
         )?;
         let command = CreateSession {
-            id: convert::optional_session_id(&request.session_id)?,
+            id: convert::optional_session_id(&principal, &request.session_id)?,
+            tenant: principal.tenant.clone(),
             config,
             device,
             initial,
@@ -91,7 +95,7 @@ impl BatchNormService for BatchNormApi {
         };
         let (snapshot, already_existed) = self.registry.create(command).await?;
         Ok(Response::new(pb::CreateSessionResponse {
-            session: Some(convert::session_to_proto(snapshot)),
+            session: Some(convert::session_to_proto(&principal, snapshot)),
             already_existed,
         }))
     }
@@ -100,10 +104,11 @@ impl BatchNormService for BatchNormApi {
         &self,
         request: Request<pb::GetSessionRequest>,
     ) -> Result<Response<pb::GetSessionResponse>, Status> {
-        let id = convert::session_id(&request.into_inner().session_id)?;
+        let principal = auth::principal(&request)?;
+        let id = convert::session_id(&principal, &request.into_inner().session_id)?;
         let snapshot = self.registry.get(&id).await?;
         Ok(Response::new(pb::GetSessionResponse {
-            session: Some(convert::session_to_proto(snapshot)),
+            session: Some(convert::session_to_proto(&principal, snapshot)),
         }))
     }
 
@@ -111,6 +116,7 @@ impl BatchNormService for BatchNormApi {
         &self,
         request: Request<pb::ListSessionsRequest>,
     ) -> Result<Response<pb::ListSessionsResponse>, Status> {
+        let principal = auth::principal(&request)?;
         let request = request.into_inner();
         let page_size = match request.page_size {
             0 => DEFAULT_PAGE_SIZE,
@@ -121,13 +127,15 @@ impl BatchNormService for BatchNormApi {
             }
             n => (n as usize).min(MAX_PAGE_SIZE),
         };
-        let after = convert::optional_session_id(&request.page_token).map_err(|_| {
-            Status::invalid_argument("page_token: not a token returned by ListSessions")
-        })?;
+        let after =
+            convert::optional_session_id(&principal, &request.page_token).map_err(|_| {
+                Status::invalid_argument("page_token: not a token returned by ListSessions")
+            })?;
         let selector = request.label_selector.into_iter().collect();
         let page = self
             .registry
             .list(
+                (!principal.is_admin()).then_some(principal.tenant.as_str()),
                 after.as_ref(),
                 page_size,
                 &selector,
@@ -138,9 +146,12 @@ impl BatchNormService for BatchNormApi {
             sessions: page
                 .sessions
                 .into_iter()
-                .map(convert::session_to_proto)
+                .map(|s| convert::session_to_proto(&principal, s))
                 .collect(),
-            next_page_token: page.next_after.map(|id| id.to_string()).unwrap_or_default(),
+            next_page_token: page
+                .next_after
+                .map(|id| convert::shown_session_id(&principal, &id))
+                .unwrap_or_default(),
         }))
     }
 
@@ -148,8 +159,9 @@ impl BatchNormService for BatchNormApi {
         &self,
         request: Request<pb::DeleteSessionRequest>,
     ) -> Result<Response<pb::DeleteSessionResponse>, Status> {
+        let principal = auth::principal(&request)?;
         let request = request.into_inner();
-        let id = convert::session_id(&request.session_id)?;
+        let id = convert::session_id(&principal, &request.session_id)?;
         self.registry.delete(&id, request.expected_version).await?;
         Ok(Response::new(pb::DeleteSessionResponse {}))
     }
@@ -158,12 +170,13 @@ impl BatchNormService for BatchNormApi {
         &self,
         request: Request<pb::ResetRunningStatsRequest>,
     ) -> Result<Response<pb::ResetRunningStatsResponse>, Status> {
+        let principal = auth::principal(&request)?;
         let request = request.into_inner();
-        let id = convert::session_id(&request.session_id)?;
+        let id = convert::session_id(&principal, &request.session_id)?;
         let guard = guard(request.expected_version, &request.request_id)?;
         let applied = self.registry.reset_running_stats(&id, guard).await?;
         Ok(Response::new(pb::ResetRunningStatsResponse {
-            session: Some(convert::session_to_proto(applied.value)),
+            session: Some(convert::session_to_proto(&principal, applied.value)),
             replayed: applied.replayed,
         }))
     }
@@ -172,8 +185,9 @@ impl BatchNormService for BatchNormApi {
         &self,
         request: Request<pb::UpdateParametersRequest>,
     ) -> Result<Response<pb::UpdateParametersResponse>, Status> {
+        let principal = auth::principal(&request)?;
         let request = request.into_inner();
-        let id = convert::session_id(&request.session_id)?;
+        let id = convert::session_id(&principal, &request.session_id)?;
         let guard = guard(request.expected_version, &request.request_id)?;
         let cumulative = request.cumulative_average.unwrap_or(false);
         if request.cumulative_average == Some(false) && request.momentum.is_none() {
@@ -195,7 +209,7 @@ impl BatchNormService for BatchNormApi {
         };
         let applied = self.registry.update_parameters(&id, update, guard).await?;
         Ok(Response::new(pb::UpdateParametersResponse {
-            session: Some(convert::session_to_proto(applied.value)),
+            session: Some(convert::session_to_proto(&principal, applied.value)),
             replayed: applied.replayed,
         }))
     }
@@ -204,8 +218,9 @@ impl BatchNormService for BatchNormApi {
         &self,
         request: Request<pb::ForwardRequest>,
     ) -> Result<Response<pb::ForwardResponse>, Status> {
+        let principal = auth::principal(&request)?;
         Ok(Response::new(
-            forward(&self.registry, request.into_inner()).await?,
+            forward(&self.registry, &principal, request.into_inner()).await?,
         ))
     }
 
@@ -215,6 +230,7 @@ impl BatchNormService for BatchNormApi {
         &self,
         request: Request<Streaming<pb::ForwardRequest>>,
     ) -> Result<Response<Self::ForwardStreamStream>, Status> {
+        let principal = auth::principal(&request)?;
         let mut inbound = request.into_inner();
         let (replies, receiver) = mpsc::channel(16);
         let registry = self.registry.clone();
@@ -231,7 +247,7 @@ impl BatchNormService for BatchNormApi {
                         break;
                     }
                 };
-                let result = match forward(&registry, request).await {
+                let result = match forward(&registry, &principal, request).await {
                     Ok(response) => pb::forward_stream_response::Result::Response(response),
                     Err(status) => pb::forward_stream_response::Result::Error(pb::StreamError {
                         code: status.code() as i32,
@@ -255,7 +271,8 @@ impl BatchNormService for BatchNormApi {
         &self,
         request: Request<pb::ExportStateRequest>,
     ) -> Result<Response<pb::ExportStateResponse>, Status> {
-        let id = convert::session_id(&request.into_inner().session_id)?;
+        let principal = auth::principal(&request)?;
+        let id = convert::session_id(&principal, &request.into_inner().session_id)?;
         let exported = self.registry.export_state(&id).await?;
         Ok(Response::new(pb::ExportStateResponse {
             safetensors: exported.safetensors,
@@ -267,8 +284,9 @@ impl BatchNormService for BatchNormApi {
         &self,
         request: Request<pb::ImportStateRequest>,
     ) -> Result<Response<pb::ImportStateResponse>, Status> {
+        let principal = auth::principal(&request)?;
         let request = request.into_inner();
-        let id = convert::session_id(&request.session_id)?;
+        let id = convert::session_id(&principal, &request.session_id)?;
         let guard = guard(request.expected_version, &request.request_id)?;
         let strict = request.strict.unwrap_or(true);
         let applied = self
@@ -276,7 +294,7 @@ impl BatchNormService for BatchNormApi {
             .import_state(&id, request.safetensors, strict, guard)
             .await?;
         Ok(Response::new(pb::ImportStateResponse {
-            session: Some(convert::session_to_proto(applied.value)),
+            session: Some(convert::session_to_proto(&principal, applied.value)),
             replayed: applied.replayed,
         }))
     }

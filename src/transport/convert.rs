@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::auth::Principal;
 use crate::numerics::compare::{
     CompareRequest, Comparison, Diagnosis, Difference, Implementation, Part, Parts, TensorReport,
     Tolerance,
@@ -19,15 +20,36 @@ pub enum Representation {
     Double,
 }
 
-pub fn session_id(text: &str) -> Result<SessionId, SessionError> {
-    SessionId::parse(text).map_err(|e| SessionError::InvalidArgument(e.to_string()))
+/// The key of the session a caller names. A user names the sessions of its
+/// tenant, so another tenant's sessions are out of its reach by construction;
+/// an admin names any session by its key (`tenant/name`, or `name` for the
+/// default tenant).
+pub fn session_id(principal: &Principal, text: &str) -> Result<SessionId, SessionError> {
+    let parsed = if principal.is_admin() {
+        SessionId::parse_key(text)
+    } else {
+        SessionId::parse(text).map(|name| SessionId::in_tenant(&principal.tenant, &name))
+    };
+    parsed.map_err(|e| SessionError::InvalidArgument(e.to_string()))
 }
 
-pub fn optional_session_id(text: &str) -> Result<Option<SessionId>, SessionError> {
+pub fn optional_session_id(
+    principal: &Principal,
+    text: &str,
+) -> Result<Option<SessionId>, SessionError> {
     if text.is_empty() {
         Ok(None)
     } else {
-        session_id(text).map(Some)
+        session_id(principal, text).map(Some)
+    }
+}
+
+/// A session id as `principal` names it (the inverse of [`session_id`]).
+pub fn shown_session_id(principal: &Principal, id: &SessionId) -> String {
+    if principal.is_admin() {
+        id.as_str().to_owned()
+    } else {
+        id.name().to_owned()
     }
 }
 
@@ -234,7 +256,7 @@ pub fn session_config(request: &pb::CreateSessionRequest) -> Result<SessionConfi
     })
 }
 
-pub fn session_to_proto(snapshot: SessionSnapshot) -> pb::Session {
+pub fn session_to_proto(principal: &Principal, snapshot: SessionSnapshot) -> pb::Session {
     let config = &snapshot.config;
     let (momentum, cumulative_average) = match config.momentum {
         Momentum::Exponential(m) => (Some(m), false),
@@ -260,7 +282,7 @@ pub fn session_to_proto(snapshot: SessionSnapshot) -> pb::Session {
     let tensors = snapshot.tensors.unwrap_or_default();
     let raw = |t: Option<TensorData>| t.map(|t| tensor_to_proto(t, Representation::Raw));
     pb::Session {
-        session_id: snapshot.id.to_string(),
+        session_id: shown_session_id(principal, &snapshot.id),
         config: Some(proto_config),
         device: crate::device::device_name(snapshot.device),
         version: snapshot.version,

@@ -4,9 +4,11 @@
 //!
 //! Handlers stay short: decode, call the domain, encode. No tensor math here.
 
+pub mod auth;
 mod batch_norm;
 mod compare;
 pub mod convert;
+mod security;
 mod server_info;
 mod status;
 
@@ -31,6 +33,7 @@ use crate::session::{Limits, Registry, RegistryOptions};
 
 pub use batch_norm::BatchNormApi;
 pub use compare::CompareApi;
+pub use security::{Security, SecurityError};
 pub use server_info::ServerInfoApi;
 
 /// The libtorch version this binary was built against (from its headers).
@@ -50,6 +53,8 @@ pub enum ServeError {
     Store(#[from] crate::store::StoreOpenError),
     #[error("recovery: {0}")]
     Recovery(#[from] crate::session::RecoveryError),
+    #[error(transparent)]
+    Security(#[from] SecurityError),
 }
 
 /// What the server decided at start-up, for the caller to print.
@@ -74,6 +79,7 @@ pub async fn open_registry(config: &Config, device: Device) -> Result<Arc<Regist
     let pool = ComputePool::new(config.resolved_compute_threads());
     let limits = Limits {
         max_sessions: config.max_sessions,
+        max_sessions_per_tenant: config.tenant_max_sessions,
         max_tensor_elements: config.max_tensor_elements,
         max_num_features: config.max_num_features,
     };
@@ -99,23 +105,27 @@ pub async fn open_registry(config: &Config, device: Device) -> Result<Arc<Regist
     Ok(registry)
 }
 
-/// Opens the registry and serves on `listener` until `shutdown` completes.
+/// Loads the TLS and token files, opens the registry and serves on
+/// `listener` until `shutdown` completes.
 pub async fn serve(
     config: Config,
     device: Device,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
+    let security = Security::load(&config)?;
     let registry = open_registry(&config, device).await?;
-    serve_registry(config, device, registry, listener, shutdown).await
+    serve_registry(config, device, registry, security, listener, shutdown).await
 }
 
 /// Serves `registry` on `listener` until `shutdown` completes, then drains
-/// in-flight requests for at most `config.drain_seconds`.
+/// in-flight requests for at most `config.drain_seconds`. With a tokens file,
+/// SIGHUP reloads it.
 pub async fn serve_registry(
     config: Config,
     device: Device,
     registry: Arc<Registry>,
+    security: Security,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
@@ -155,13 +165,23 @@ pub async fn serve_registry(
     // TCP_NODELAY on every accepted connection: without it small replies wait
     // for the peer's delayed ACK (about 40 ms per call).
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let server = Server::builder()
+    let builder = match security.tls.clone() {
+        Some(tls) => Server::builder().tls_config(tls)?,
+        None => Server::builder(),
+    };
+    let gate = auth::Gate::new(
+        security.tokens.clone(),
+        config.tenant_max_concurrent_requests,
+    );
+    let _reloader = security.tokens.clone().and_then(reload_on_sighup);
+    let server = builder
         .initial_stream_window_size(window)
         .initial_connection_window_size(window)
         .max_frame_size(1 << 20)
         .layer(tower::util::MapResponseLayer::new(
             status::request_too_large_response,
         ))
+        .layer(auth::AuthLayer::new(gate))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -226,6 +246,51 @@ async fn set_health(health: &HealthReporter, status: tonic_health::ServingStatus
         .await;
 }
 
+/// Aborts its task when dropped (when the server stops).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Reloads the tokens file on every SIGHUP; a file that does not load leaves
+/// the previous tokens in force.
+#[cfg(unix)]
+fn reload_on_sighup(tokens: Arc<crate::auth::Tokens>) -> Option<AbortOnDrop> {
+    use tokio::signal::unix::{signal, SignalKind};
+    // Registered before serving starts: a SIGHUP sent once the server answers
+    // is never lost (nor does it terminate the process, SIGHUP's default).
+    let mut hangup = match signal(SignalKind::hangup()) {
+        Ok(hangup) => hangup,
+        Err(error) => {
+            tracing::warn!(%error, "cannot listen for SIGHUP; the tokens file will not be reloaded");
+            return None;
+        }
+    };
+    Some(AbortOnDrop(tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            match tokens.reload() {
+                Ok(count) => tracing::info!(
+                    path = %tokens.path().display(),
+                    tokens = count,
+                    "tokens file reloaded"
+                ),
+                Err(error) => tracing::error!(
+                    %error,
+                    "tokens file not reloaded; the previous tokens stay in force"
+                ),
+            }
+        }
+    })))
+}
+
+#[cfg(not(unix))]
+fn reload_on_sighup(_tokens: Arc<crate::auth::Tokens>) -> Option<AbortOnDrop> {
+    None
+}
+
 fn service_name<S: tonic::server::NamedService>() -> &'static str {
     S::NAME
 }
@@ -264,6 +329,9 @@ fn server_info(
             "reflection",
         ]
         .into_iter()
+        .chain(config.tls_cert.is_some().then_some("tls"))
+        .chain(config.tls_client_ca.is_some().then_some("mtls"))
+        .chain(config.auth_tokens.is_some().then_some("auth"))
         .map(str::to_owned)
         .chain([
             format!("store:{store}"),

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
+use super::auth;
 use crate::proto::v1 as pb;
 use crate::proto::v1::server_service_server::ServerService;
 use crate::session::Registry;
@@ -24,10 +25,17 @@ impl ServerInfoApi {
 impl ServerService for ServerInfoApi {
     async fn get_server_info(
         &self,
-        _request: Request<pb::GetServerInfoRequest>,
+        request: Request<pb::GetServerInfoRequest>,
     ) -> Result<Response<pb::GetServerInfoResponse>, Status> {
+        let principal = auth::principal(&request)?;
         let mut info = self.info.clone();
-        info.sessions = self.registry.len() as u64;
+        // Users of a tenant count their tenant's sessions only: the others' are
+        // not theirs to know. Without authentication everything is one tenant.
+        info.sessions = if principal.is_admin() || principal.tenant.is_empty() {
+            self.registry.len()
+        } else {
+            self.registry.tenant_len(&principal.tenant)
+        } as u64;
         info.unreadable_sessions = self.registry.unreadable_count() as u64;
         info.store = self.registry.store_name().to_owned();
         Ok(Response::new(info))

@@ -10,6 +10,7 @@ mod concurrency;
 mod foundation;
 mod link;
 mod requests;
+mod security;
 mod server;
 mod sessions;
 mod stream;

@@ -33,10 +33,14 @@ class BatchNormServiceStub:
     persists across requests.
 
     Errors common to every RPC:
-    - NOT_FOUND: the session does not exist.
+    - NOT_FOUND: the session does not exist, or belongs to another tenant (the
+    answer is then exactly the one for an id that does not exist).
+    - UNAUTHENTICATED: the server has a tokens file and the call carries no
+    valid `authorization: Bearer <token>` metadata.
     - INVALID_ARGUMENT: a malformed field; the message names the field and, where
     PyTorch has one, contains PyTorch's own error text.
-    - RESOURCE_EXHAUSTED: a configured limit (named in the message) is exceeded.
+    - RESOURCE_EXHAUSTED: a configured limit (named in the message) is exceeded,
+    including the caller's tenant's `tenant_max_concurrent_requests`.
     - ABORTED: `expected_version` was set and differs from the session's version.
     A rejected request changes nothing: no version bump, no partial update.
 
@@ -50,6 +54,15 @@ class BatchNormServiceStub:
     Forward carries its version and num_batches_tracked but no output, and a
     replayed ResetRunningStats/UpdateParameters/ImportState returns the session
     as it is now.
+
+    Tenants (servers with a tokens file): every session belongs to the tenant of
+    the token that created it. A `user` token names the sessions of its own
+    tenant: `session_id`s are names within the tenant, so two tenants may use
+    the same name for two different sessions, and another tenant's sessions are
+    out of reach. An `admin` token names any session by its key,
+    `tenant/name` (a bare `name` is a session of the default tenant, which owns
+    the sessions created without authentication), sees every tenant's sessions,
+    and receives keys in `session_id` fields.
     """
 
     def __init__(self, channel):
@@ -118,10 +131,14 @@ class BatchNormServiceServicer:
     persists across requests.
 
     Errors common to every RPC:
-    - NOT_FOUND: the session does not exist.
+    - NOT_FOUND: the session does not exist, or belongs to another tenant (the
+    answer is then exactly the one for an id that does not exist).
+    - UNAUTHENTICATED: the server has a tokens file and the call carries no
+    valid `authorization: Bearer <token>` metadata.
     - INVALID_ARGUMENT: a malformed field; the message names the field and, where
     PyTorch has one, contains PyTorch's own error text.
-    - RESOURCE_EXHAUSTED: a configured limit (named in the message) is exceeded.
+    - RESOURCE_EXHAUSTED: a configured limit (named in the message) is exceeded,
+    including the caller's tenant's `tenant_max_concurrent_requests`.
     - ABORTED: `expected_version` was set and differs from the session's version.
     A rejected request changes nothing: no version bump, no partial update.
 
@@ -135,12 +152,24 @@ class BatchNormServiceServicer:
     Forward carries its version and num_batches_tracked but no output, and a
     replayed ResetRunningStats/UpdateParameters/ImportState returns the session
     as it is now.
+
+    Tenants (servers with a tokens file): every session belongs to the tenant of
+    the token that created it. A `user` token names the sessions of its own
+    tenant: `session_id`s are names within the tenant, so two tenants may use
+    the same name for two different sessions, and another tenant's sessions are
+    out of reach. An `admin` token names any session by its key,
+    `tenant/name` (a bare `name` is a session of the default tenant, which owns
+    the sessions created without authentication), sees every tenant's sessions,
+    and receives keys in `session_id` fields.
     """
 
     def CreateSession(self, request, context):
-        """Creates a session. With a client-chosen `session_id` that already exists,
-        the call is idempotent when the configuration is the same (the existing
-        session is returned) and fails with ALREADY_EXISTS otherwise.
+        """Creates a session. With a client-chosen `session_id` that already exists
+        in the caller's tenant, the call is idempotent when the configuration is
+        the same (the existing session is returned) and fails with ALREADY_EXISTS
+        otherwise; the same name in another tenant is another session.
+        RESOURCE_EXHAUSTED beyond `max_sessions` or the tenant's
+        `tenant_max_sessions`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -154,7 +183,8 @@ class BatchNormServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListSessions(self, request, context):
-        """Lists sessions in id order, a page at a time, optionally filtered by labels.
+        """Lists sessions in id order, a page at a time, optionally filtered by labels:
+        the caller's tenant's sessions only; every tenant's for an admin.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -284,10 +314,14 @@ class BatchNormService:
     persists across requests.
 
     Errors common to every RPC:
-    - NOT_FOUND: the session does not exist.
+    - NOT_FOUND: the session does not exist, or belongs to another tenant (the
+    answer is then exactly the one for an id that does not exist).
+    - UNAUTHENTICATED: the server has a tokens file and the call carries no
+    valid `authorization: Bearer <token>` metadata.
     - INVALID_ARGUMENT: a malformed field; the message names the field and, where
     PyTorch has one, contains PyTorch's own error text.
-    - RESOURCE_EXHAUSTED: a configured limit (named in the message) is exceeded.
+    - RESOURCE_EXHAUSTED: a configured limit (named in the message) is exceeded,
+    including the caller's tenant's `tenant_max_concurrent_requests`.
     - ABORTED: `expected_version` was set and differs from the session's version.
     A rejected request changes nothing: no version bump, no partial update.
 
@@ -301,6 +335,15 @@ class BatchNormService:
     Forward carries its version and num_batches_tracked but no output, and a
     replayed ResetRunningStats/UpdateParameters/ImportState returns the session
     as it is now.
+
+    Tenants (servers with a tokens file): every session belongs to the tenant of
+    the token that created it. A `user` token names the sessions of its own
+    tenant: `session_id`s are names within the tenant, so two tenants may use
+    the same name for two different sessions, and another tenant's sessions are
+    out of reach. An `admin` token names any session by its key,
+    `tenant/name` (a bare `name` is a session of the default tenant, which owns
+    the sessions created without authentication), sees every tenant's sessions,
+    and receives keys in `session_id` fields.
     """
 
     @staticmethod

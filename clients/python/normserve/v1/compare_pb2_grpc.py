@@ -30,7 +30,8 @@ class CompareServiceStub:
     beside hand-written formulas and, optionally, the caller's own result, with
     exact differences and a diagnosis of the classic mistakes. A Compare never
     reads or changes any session. Validation (ranks, channels, dtypes, limits)
-    is the same as for sessions.
+    is the same as for sessions. Needs a token (of any tenant or role) when the
+    server has a tokens file (UNAUTHENTICATED otherwise).
     """
 
     def __init__(self, channel):
@@ -51,7 +52,8 @@ class CompareServiceServicer:
     beside hand-written formulas and, optionally, the caller's own result, with
     exact differences and a diagnosis of the classic mistakes. A Compare never
     reads or changes any session. Validation (ranks, channels, dtypes, limits)
-    is the same as for sessions.
+    is the same as for sessions. Needs a token (of any tenant or role) when the
+    server has a tokens file (UNAUTHENTICATED otherwise).
     """
 
     def Compare(self, request, context):
@@ -81,7 +83,8 @@ class CompareService:
     beside hand-written formulas and, optionally, the caller's own result, with
     exact differences and a diagnosis of the classic mistakes. A Compare never
     reads or changes any session. Validation (ranks, channels, dtypes, limits)
-    is the same as for sessions.
+    is the same as for sessions. Needs a token (of any tenant or role) when the
+    server has a tokens file (UNAUTHENTICATED otherwise).
     """
 
     @staticmethod

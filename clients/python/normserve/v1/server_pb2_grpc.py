@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class ServerServiceStub:
-    """Facts about the running server.
+    """Facts about the running server. Needs a token when the server has a tokens
+    file (UNAUTHENTICATED otherwise).
     """
 
     def __init__(self, channel):
@@ -43,7 +44,8 @@ class ServerServiceStub:
 
 
 class ServerServiceServicer:
-    """Facts about the running server.
+    """Facts about the running server. Needs a token when the server has a tokens
+    file (UNAUTHENTICATED otherwise).
     """
 
     def GetServerInfo(self, request, context):
@@ -69,7 +71,8 @@ def add_ServerServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class ServerService:
-    """Facts about the running server.
+    """Facts about the running server. Needs a token when the server has a tokens
+    file (UNAUTHENTICATED otherwise).
     """
 
     @staticmethod
