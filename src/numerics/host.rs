@@ -139,3 +139,35 @@ pub(super) fn new_f32_tensor(
     }
     Ok(tensor)
 }
+
+/// A new contiguous CPU tensor of `shape` and `kind` holding a copy of
+/// `bytes` (exactly numel * itemsize of them): one copy, without the zero
+/// fill that `Tensor::from_data_size` does first.
+pub(super) fn copy_into_new_tensor(
+    bytes: &[u8],
+    shape: &[i64],
+    kind: tch::Kind,
+) -> Result<Tensor, NumericsError> {
+    let tensor = Tensor::f_empty(shape, (kind, Device::Cpu))?;
+    let length = tensor.numel() * kind.elt_size_in_bytes();
+    if length != bytes.len() {
+        return Err(NumericsError::Torch(format!(
+            "internal: {} bytes for a tensor of {length}",
+            bytes.len()
+        )));
+    }
+    let data = tensor.data_ptr() as *mut u8;
+    if length > 0 {
+        if data.is_null() {
+            return Err(NumericsError::Torch("internal: null tensor data".to_owned()));
+        }
+        // SAFETY: `tensor` was just allocated here, contiguous, with exactly
+        // `length` bytes at `data` (non-null); nothing else refers to it, and
+        // `bytes` is a distinct, live buffer of the same length.
+        #[allow(unsafe_code)]
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), data, length);
+        }
+    }
+    Ok(tensor)
+}
