@@ -4,8 +4,11 @@
 //! ones (see [`INLINE_BYTES`]) run where they are awaited.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use tokio::sync::Semaphore;
+
+use crate::telemetry::{current_rpc, Metrics};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ComputeError {
@@ -27,15 +30,30 @@ pub const INLINE_BYTES: usize = 64 * 1024;
 pub struct ComputePool {
     permits: Arc<Semaphore>,
     threads: usize,
+    metrics: Arc<Metrics>,
 }
 
 impl ComputePool {
+    /// A pool whose measurements go to metrics of its own.
     pub fn new(threads: usize) -> Self {
+        Self::with_metrics(threads, Arc::new(Metrics::new()))
+    }
+
+    /// A pool reporting queue waits and job times to `metrics` (jobs that
+    /// run for a request are labelled with its RPC; others, such as the
+    /// recovery at start-up, count in the queue wait only).
+    pub fn with_metrics(threads: usize, metrics: Arc<Metrics>) -> Self {
         let threads = threads.max(1);
         ComputePool {
             permits: Arc::new(Semaphore::new(threads)),
             threads,
+            metrics,
         }
+    }
+
+    /// The metrics this pool reports to (shared with the whole server).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     pub fn threads(&self) -> usize {
@@ -53,14 +71,21 @@ impl ComputePool {
         if input_bytes > INLINE_BYTES {
             return self.run(job).await;
         }
+        let queued = Instant::now();
         let _permit = self
             .permits
             .clone()
             .acquire_owned()
             .await
             .map_err(|_| ComputeError::Closed)?;
+        self.metrics.queue_wait(queued.elapsed());
+        let started = Instant::now();
         // As on a blocking thread, a panicking job fails its request only.
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).map_err(|panic| {
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+        if let Some(rpc) = current_rpc() {
+            self.metrics.compute(rpc, started.elapsed());
+        }
+        result.map_err(|panic| {
             let text = panic
                 .downcast_ref::<&str>()
                 .map(|s| (*s).to_owned())
@@ -78,15 +103,25 @@ impl ComputePool {
         T: Send + 'static,
         F: FnOnce() -> T + Send + 'static,
     {
+        let queued = Instant::now();
         let permit = self
             .permits
             .clone()
             .acquire_owned()
             .await
             .map_err(|_| ComputeError::Closed)?;
+        self.metrics.queue_wait(queued.elapsed());
+        // The task-local RPC is not visible on the blocking thread: read it here.
+        let rpc = current_rpc();
+        let metrics = self.metrics.clone();
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            job()
+            let started = Instant::now();
+            let value = job();
+            if let Some(rpc) = rpc {
+                metrics.compute(rpc, started.elapsed());
+            }
+            value
         })
         .await
         .map_err(|e| ComputeError::JobFailed(e.to_string()))

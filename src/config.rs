@@ -113,6 +113,11 @@ pub struct Config {
     #[arg(long, env = "NORMSERVE_TENANT_MAX_CONCURRENT_REQUESTS")]
     pub tenant_max_concurrent_requests: Option<u64>,
 
+    /// Address of the Prometheus metrics endpoint (HTTP, `GET /metrics`),
+    /// apart from the gRPC port; off when unset.
+    #[arg(long, env = "NORMSERVE_METRICS_ADDR", value_name = "ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+
     /// Log format.
     #[arg(long, env = "NORMSERVE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

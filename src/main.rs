@@ -81,7 +81,7 @@ fn main() -> ExitCode {
         Err(error) => {
             tracing::error!(%error, "normserve stopped with an error");
             eprintln!("normserve: {error}");
-            ExitCode::from(1)
+            ExitCode::from(if error.is_config_error() { 2 } else { 1 })
         }
     }
 }
@@ -95,6 +95,7 @@ async fn run(
     std::fs::create_dir_all(&config.data_dir)?;
     let registry = transport::open_registry(&config, device).await?;
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    let metrics_listener = transport::bind_metrics(&config).await?;
     let address = listener.local_addr()?;
     tracing::info!(
         %address,
@@ -112,12 +113,16 @@ async fn run(
         device_name(device),
         transport::LIBTORCH_VERSION
     );
-    transport::serve_registry(
+    if let Some(metrics) = &metrics_listener {
+        tracing::info!(address = %metrics.local_addr()?, "metrics endpoint listening (GET /metrics)");
+    }
+    transport::serve_registry_with_metrics(
         config,
         device,
         registry,
         security,
         listener,
+        metrics_listener,
         shutdown_signal(),
     )
     .await

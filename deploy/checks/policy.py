@@ -24,7 +24,6 @@ import yaml
 # in src/config.rs. Remove a name from here once config.rs has it; a typo in a
 # manifest then fails instead of being silently ignored by the server.
 PENDING_ENV = {
-    "NORMSERVE_METRICS_ADDR",
     "NORMSERVE_SESSION_TTL_SECONDS",
     "NORMSERVE_SESSION_TTL_ACTION",
     "NORMSERVE_MAX_CONCURRENT_REQUESTS",

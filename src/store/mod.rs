@@ -6,9 +6,11 @@
 //! - [`redis::RedisStore`]: shared by several replicas, compare-and-set on
 //!   the session version.
 //!
-//! Chosen by `--store` and `--durability` (see [`open`]).
+//! Chosen by `--store` and `--durability` (see [`open`]). Either is wrapped
+//! in [`measured::MeasuredStore`] for the metrics.
 
 pub mod embedded;
+pub mod measured;
 pub mod redis;
 
 use std::sync::Arc;

@@ -212,6 +212,8 @@ where
             Ok(admitted) => admitted,
             Err(status) => return Box::pin(async move { Ok(status.into_http()) }),
         };
+        // Into the request's span (transport's request layer), for its log line.
+        tracing::Span::current().record("tenant", principal.tenant.as_str());
         request.extensions_mut().insert(principal);
         Box::pin(async move {
             let response = inner.call(request).await?;

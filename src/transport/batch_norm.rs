@@ -234,7 +234,9 @@ impl BatchNormService for BatchNormApi {
         let mut inbound = request.into_inner();
         let (replies, receiver) = mpsc::channel(16);
         let registry = self.registry.clone();
-        tokio::spawn(async move {
+        // The stream's loop stays part of this request: its span, its RPC label.
+        let rpc = crate::telemetry::current_rpc();
+        tokio::spawn(crate::telemetry::in_request(rpc, async move {
             let mut index: u64 = 0;
             loop {
                 let request = match inbound.message().await {
@@ -263,7 +265,7 @@ impl BatchNormService for BatchNormApi {
                 }
                 index += 1;
             }
-        });
+        }));
         Ok(Response::new(ReceiverStream::new(receiver)))
     }
 

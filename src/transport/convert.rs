@@ -25,6 +25,8 @@ pub enum Representation {
 /// an admin names any session by its key (`tenant/name`, or `name` for the
 /// default tenant).
 pub fn session_id(principal: &Principal, text: &str) -> Result<SessionId, SessionError> {
+    // The caller's own name for it, into the request's log line.
+    tracing::Span::current().record("session_id", text);
     let parsed = if principal.is_admin() {
         SessionId::parse_key(text)
     } else {

@@ -30,6 +30,7 @@ use crate::proto::v1::batch_norm_service_server::BatchNormServiceServer;
 use crate::proto::v1::compare_service_server::CompareServiceServer;
 use crate::proto::v1::server_service_server::ServerServiceServer;
 use crate::session::{Limits, Registry, RegistryOptions};
+use crate::telemetry::{Metrics, RequestLayer};
 
 pub use batch_norm::BatchNormApi;
 pub use compare::CompareApi;
@@ -55,6 +56,30 @@ pub enum ServeError {
     Recovery(#[from] crate::session::RecoveryError),
     #[error(transparent)]
     Security(#[from] SecurityError),
+    /// The metrics address cannot be bound: a configuration error.
+    #[error("--metrics-addr {address}: {source}")]
+    MetricsListener {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+impl ServeError {
+    /// Whether the configuration, not the running server, is at fault.
+    pub fn is_config_error(&self) -> bool {
+        matches!(self, ServeError::MetricsListener { .. })
+    }
+}
+
+/// Binds `--metrics-addr`, when set.
+pub async fn bind_metrics(config: &Config) -> Result<Option<TcpListener>, ServeError> {
+    let Some(address) = config.metrics_addr else {
+        return Ok(None);
+    };
+    TcpListener::bind(address)
+        .await
+        .map(Some)
+        .map_err(|source| ServeError::MetricsListener { address, source })
 }
 
 /// What the server decided at start-up, for the caller to print.
@@ -74,9 +99,12 @@ pub fn prepare(config: &Config) -> Result<Device, ServeError> {
 }
 
 /// Opens the configured store and recovers its sessions: everything that can
-/// fail before the server should announce itself.
+/// fail before the server should announce itself. The registry's compute pool
+/// carries the server's [`Metrics`] (`registry.pool().metrics()`), which its
+/// store reports to as well.
 pub async fn open_registry(config: &Config, device: Device) -> Result<Arc<Registry>, ServeError> {
-    let pool = ComputePool::new(config.resolved_compute_threads());
+    let metrics = Arc::new(Metrics::new());
+    let pool = ComputePool::with_metrics(config.resolved_compute_threads(), metrics.clone());
     let limits = Limits {
         max_sessions: config.max_sessions,
         max_sessions_per_tenant: config.tenant_max_sessions,
@@ -92,7 +120,10 @@ pub async fn open_registry(config: &Config, device: Device) -> Result<Arc<Regist
             stats_kernel: config.cpu_stats_kernel,
         },
         pool,
-        crate::store::open(config).await?,
+        crate::store::open(config).await?.map(|store| {
+            Arc::new(crate::store::measured::MeasuredStore::new(store, metrics))
+                as Arc<dyn crate::session::durable::SessionStore>
+        }),
     ));
     let recovery = registry.recover().await?;
     tracing::info!(
@@ -113,9 +144,29 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
+    serve_with_metrics(config, device, listener, None, shutdown).await
+}
+
+/// As [`serve`], with the metrics endpoint on `metrics_listener` when given.
+pub async fn serve_with_metrics(
+    config: Config,
+    device: Device,
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
     let security = Security::load(&config)?;
     let registry = open_registry(&config, device).await?;
-    serve_registry(config, device, registry, security, listener, shutdown).await
+    serve_registry_with_metrics(
+        config,
+        device,
+        registry,
+        security,
+        listener,
+        metrics_listener,
+        shutdown,
+    )
+    .await
 }
 
 /// Serves `registry` on `listener` until `shutdown` completes, then drains
@@ -129,6 +180,31 @@ pub async fn serve_registry(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
+    serve_registry_with_metrics(config, device, registry, security, listener, None, shutdown).await
+}
+
+/// As [`serve_registry`], with the metrics endpoint (`GET /metrics`) on
+/// `metrics_listener` when given, for as long as the gRPC server runs.
+pub async fn serve_registry_with_metrics(
+    config: Config,
+    device: Device,
+    registry: Arc<Registry>,
+    security: Security,
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    let metrics = registry.pool().metrics().clone();
+    let _metrics_endpoint = metrics_listener.map(|listener| {
+        // Live sessions are read at each scrape rather than counted at every
+        // place a session comes or goes.
+        let sessions = registry.clone();
+        AbortOnDrop(tokio::spawn(crate::telemetry::exporter::serve_metrics(
+            listener,
+            metrics.clone(),
+            Arc::new(move |metrics: &Metrics| metrics.set_sessions(sessions.len())),
+        )))
+    });
     let compute_threads = config.resolved_compute_threads();
     let max = config.max_message_bytes;
     let batch_norm = BatchNormServiceServer::new(BatchNormApi::new(registry.clone()))
@@ -178,6 +254,9 @@ pub async fn serve_registry(
         .initial_stream_window_size(window)
         .initial_connection_window_size(window)
         .max_frame_size(1 << 20)
+        // Outermost: it sees every request, refused ones included, and the
+        // final status.
+        .layer(RequestLayer::new(metrics))
         .layer(tower::util::MapResponseLayer::new(
             status::request_too_large_response,
         ))

@@ -9,6 +9,7 @@
 mod concurrency;
 mod foundation;
 mod link;
+mod metrics;
 mod requests;
 mod security;
 mod server;

@@ -19,6 +19,8 @@ pub type BatchNorm = BatchNormServiceClient<Channel>;
 
 pub struct TestServer {
     pub address: SocketAddr,
+    /// The metrics endpoint, for servers started with one.
+    pub metrics_address: Option<SocketAddr>,
     shutdown: Option<oneshot::Sender<()>>,
     served: JoinHandle<Result<(), ServeError>>,
 }
@@ -31,18 +33,40 @@ impl TestServer {
 
     /// A server whose configuration `adjust` changed first (limits, mostly).
     pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> TestServer {
+        TestServer::start_serving(adjust, false).await
+    }
+
+    /// As [`TestServer::start_with`], with a metrics endpoint on its own
+    /// ephemeral port (`metrics_address`).
+    pub async fn start_with_metrics(adjust: impl FnOnce(&mut Config)) -> TestServer {
+        TestServer::start_serving(adjust, true).await
+    }
+
+    async fn start_serving(adjust: impl FnOnce(&mut Config), with_metrics: bool) -> TestServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
+        let metrics_listener = match with_metrics {
+            true => Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
+            false => None,
+        };
+        let metrics_address = metrics_listener.as_ref().map(|l| l.local_addr().unwrap());
         let mut config = Config::with_defaults(address);
         adjust(&mut config);
         config.validate().unwrap();
         let device = transport::prepare(&config).unwrap();
         let (shutdown, stop) = oneshot::channel::<()>();
-        let served = tokio::spawn(transport::serve(config, device, listener, async move {
-            let _ = stop.await;
-        }));
+        let served = tokio::spawn(transport::serve_with_metrics(
+            config,
+            device,
+            listener,
+            metrics_listener,
+            async move {
+                let _ = stop.await;
+            },
+        ));
         TestServer {
             address,
+            metrics_address,
             shutdown: Some(shutdown),
             served,
         }

@@ -1,5 +1,15 @@
-//! Logging: a `tracing` subscriber writing text or JSON lines to stderr,
-//! filtered by the configured level. Never logs tensor contents.
+//! Observability: the `tracing` subscriber writing text or JSON lines to
+//! stderr, filtered by the configured level ([`init`]); the Prometheus
+//! metrics ([`metrics`]), the gRPC layer that measures and logs every request
+//! ([`layer`]) and the `/metrics` endpoint ([`exporter`]). Never logs tensor
+//! contents or tokens.
+
+pub mod exporter;
+pub mod layer;
+pub mod metrics;
+
+pub use layer::{current_rpc, in_request, RequestLayer};
+pub use metrics::{Eviction, Metrics};
 
 use std::io::IsTerminal;
 
