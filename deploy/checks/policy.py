@@ -27,7 +27,6 @@ PENDING_ENV = {
     "NORMSERVE_METRICS_ADDR",
     "NORMSERVE_SESSION_TTL_SECONDS",
     "NORMSERVE_SESSION_TTL_ACTION",
-    "NORMSERVE_MAX_CONCURRENT_REQUESTS",
 }
 # Labels Prometheus adds to every series, and the histogram bucket label.
 STANDARD_LABELS = {"instance", "job", "le"}

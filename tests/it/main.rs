@@ -9,6 +9,7 @@
 mod concurrency;
 mod foundation;
 mod link;
+mod protection;
 mod requests;
 mod security;
 mod server;
