@@ -120,3 +120,86 @@ async fn zero_max_concurrent_requests_sheds_nothing() {
     );
     drop(open);
 }
+
+/// (4 × `repeats`, 2) float32 rows cycling through the four rows of
+/// `batch(4, 2)`: channel means -1.5 and -1.0 whatever `repeats` is. Large
+/// enough that its statistics run on a blocking compute thread.
+fn repeated_batch(repeats: usize) -> pb::Tensor {
+    let rows = [[-3.0f32, -2.5], [-2.0, -1.5], [-1.0, -0.5], [0.0, 0.5]];
+    let values: Vec<f32> = (0..repeats)
+        .flat_map(|_| rows.iter().flatten().copied())
+        .collect();
+    crate::tensors::f32_raw(&[4 * repeats as i64, 2], &values)
+}
+
+/// The session's counters and running mean describe the same number of
+/// applied steps: `momentum` 0.1 from zeros gives mean × (1 - 0.9^k).
+#[track_caller]
+fn assert_steps_consistent(session: &pb::Session) -> i64 {
+    let steps = session.num_batches_tracked;
+    assert_eq!(session.version, steps as u64 + 1, "{session:?}");
+    let running_mean = crate::tensors::values(session.running_mean.as_ref().unwrap());
+    let decay = 1.0 - 0.9f64.powi(steps as i32);
+    for (got, mean) in running_mean.iter().zip([-1.5, -1.0]) {
+        let want = mean * decay;
+        assert!(
+            (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+            "after {steps} steps: {got} != {want}"
+        );
+    }
+    steps
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_forwards_are_applied_whole_or_not_at_all() {
+    const CALLS: u64 = 48;
+    let server = TestServer::start_with(|c| c.compute_threads = 1).await;
+    let mut client = server.batch_norm().await;
+    let id = create(&mut client, bn1d(2)).await.session_id;
+
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..CALLS {
+        // A connection per call: cancellations reset streams, and h2 closes a
+        // connection that sees many resets (rapid-reset protection).
+        let mut client = server.batch_norm().await;
+        let request = train(&id, repeated_batch(4096));
+        // Deadlines from 0 to about 5 ms: some calls are cancelled before they
+        // are sent, some while queued, some during compute, some not at all.
+        let patience = std::time::Duration::from_micros((i % 12) * 400);
+        calls.spawn(async move {
+            tokio::time::timeout(patience, client.forward(request))
+                .await
+                .ok()
+                .map(|reply| reply.unwrap().into_inner())
+        });
+    }
+    let mut acknowledged = Vec::new();
+    while let Some(outcome) = calls.join_next().await {
+        if let Some(reply) = outcome.unwrap() {
+            assert_eq!(reply.version, reply.num_batches_tracked as u64 + 1);
+            acknowledged.push(reply.num_batches_tracked);
+        }
+    }
+    let cancelled = CALLS - acknowledged.len() as u64;
+    assert!(
+        cancelled > 0,
+        "no call was cancelled: the test proves nothing"
+    );
+
+    // Cancelled calls may still be finishing on the server: every snapshot
+    // must be consistent, and count at least every acknowledged step.
+    let steps = assert_steps_consistent(&get(&mut client, &id).await);
+    assert!(
+        steps >= acknowledged.len() as i64 && steps <= CALLS as i64,
+        "{steps}"
+    );
+    assert!(acknowledged.iter().all(|&k| k <= steps));
+    let last = client
+        .forward(train(&id, repeated_batch(4096)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(last.num_batches_tracked > steps);
+    let final_steps = assert_steps_consistent(&get(&mut client, &id).await);
+    assert!(final_steps >= last.num_batches_tracked && final_steps <= CALLS as i64 + 1);
+}
