@@ -117,6 +117,11 @@ pub struct Config {
     /// apart from the gRPC port; off when unset.
     #[arg(long, env = "NORMSERVE_METRICS_ADDR", value_name = "ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+    /// Largest number of requests in progress on the whole server (a stream
+    /// counts until it ends); more are refused at once with
+    /// RESOURCE_EXHAUSTED, never queued. Health checks are exempt. 0: no limit.
+    #[arg(long, env = "NORMSERVE_MAX_CONCURRENT_REQUESTS", default_value_t = 0)]
+    pub max_concurrent_requests: u64,
 
     /// Log format.
     #[arg(long, env = "NORMSERVE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]

@@ -26,7 +26,6 @@ import yaml
 PENDING_ENV = {
     "NORMSERVE_SESSION_TTL_SECONDS",
     "NORMSERVE_SESSION_TTL_ACTION",
-    "NORMSERVE_MAX_CONCURRENT_REQUESTS",
 }
 # Labels Prometheus adds to every series, and the histogram bucket label.
 STANDARD_LABELS = {"instance", "job", "le"}

@@ -224,7 +224,8 @@ impl TensorData {
 
     /// A tensor on `device` holding a copy of these values.
     pub fn to_tensor(&self, device: Device) -> Result<Tensor, NumericsError> {
-        let tensor = super::host::copy_into_new_tensor(&self.bytes, &self.shape, self.dtype.kind())?;
+        let tensor =
+            super::host::copy_into_new_tensor(&self.bytes, &self.shape, self.dtype.kind())?;
         if device == Device::Cpu {
             Ok(tensor)
         } else {

@@ -159,7 +159,9 @@ pub(super) fn copy_into_new_tensor(
     let data = tensor.data_ptr() as *mut u8;
     if length > 0 {
         if data.is_null() {
-            return Err(NumericsError::Torch("internal: null tensor data".to_owned()));
+            return Err(NumericsError::Torch(
+                "internal: null tensor data".to_owned(),
+            ));
         }
         // SAFETY: `tensor` was just allocated here, contiguous, with exactly
         // `length` bytes at `data` (non-null); nothing else refers to it, and

@@ -10,6 +10,7 @@ mod compare;
 pub mod convert;
 mod security;
 mod server_info;
+pub mod shedding;
 mod status;
 
 use std::future::Future;
@@ -250,6 +251,9 @@ pub async fn serve_registry_with_metrics(
         config.tenant_max_concurrent_requests,
     );
     let _reloader = security.tokens.clone().and_then(reload_on_sighup);
+    let shedder = Arc::new(
+        shedding::Shedder::new(config.max_concurrent_requests).with_metrics(metrics.clone()),
+    );
     let server = builder
         .initial_stream_window_size(window)
         .initial_connection_window_size(window)
@@ -260,6 +264,9 @@ pub async fn serve_registry_with_metrics(
         .layer(tower::util::MapResponseLayer::new(
             status::request_too_large_response,
         ))
+        // Shedding before authentication: an overloaded server refuses in
+        // one step, and the tenant quota counts only admitted requests.
+        .layer(shedding::ShedLayer::new(shedder))
         .layer(auth::AuthLayer::new(gate))
         .add_service(health_service)
         .add_service(reflection_v1)

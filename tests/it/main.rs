@@ -10,6 +10,7 @@ mod concurrency;
 mod foundation;
 mod link;
 mod metrics;
+mod protection;
 mod requests;
 mod security;
 mod server;
