@@ -13,10 +13,10 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
 use tonic::body::Body;
 use tonic::Status;
 
+use super::held_body::hold_until_end;
 use crate::auth::{Principal, Tokens};
 
 const HEALTH_PREFIX: &str = "/grpc.health.v1.Health/";
@@ -110,43 +110,6 @@ impl Drop for InFlight {
     }
 }
 
-/// A response body that holds its request's [`InFlight`] place. The place is
-/// released as the trailers (the status) are handed over, before the client
-/// can see the call end, so a client's next call never finds it still taken.
-struct CountedBody {
-    body: Body,
-    in_flight: Option<InFlight>,
-}
-
-impl http_body::Body for CountedBody {
-    type Data = Bytes;
-    type Error = Status;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Status>>> {
-        let polled = Pin::new(&mut self.body).poll_frame(cx);
-        let ended = match &polled {
-            Poll::Ready(Some(Ok(frame))) => frame.is_trailers(),
-            Poll::Ready(_) => true,
-            Poll::Pending => false,
-        };
-        if ended {
-            self.in_flight = None;
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.body.size_hint()
-    }
-}
-
 /// The tower layer of [`Gate`].
 #[derive(Clone)]
 pub struct AuthLayer {
@@ -217,15 +180,7 @@ where
         request.extensions_mut().insert(principal);
         Box::pin(async move {
             let response = inner.call(request).await?;
-            Ok(match in_flight {
-                Some(in_flight) => response.map(|body| {
-                    Body::new(CountedBody {
-                        body,
-                        in_flight: Some(in_flight),
-                    })
-                }),
-                None => response,
-            })
+            Ok(hold_until_end(response, in_flight))
         })
     }
 }

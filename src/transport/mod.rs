@@ -8,6 +8,7 @@ pub mod auth;
 mod batch_norm;
 mod compare;
 pub mod convert;
+mod held_body;
 mod security;
 mod server_info;
 pub mod shedding;

@@ -14,10 +14,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::body::Body;
 use tonic::Status;
+
+use super::held_body::hold_until_end;
 
 const HEALTH_PREFIX: &str = "/grpc.health.v1.Health/";
 
@@ -83,44 +84,6 @@ impl Shedder {
     }
 }
 
-/// A response body that holds its request's place until the trailers (the
-/// status) are handed over or the body is dropped (the client went away), so
-/// a stream counts until it ends and a client's next call never finds the
-/// place still taken.
-struct PermitBody {
-    body: Body,
-    permit: Option<OwnedSemaphorePermit>,
-}
-
-impl http_body::Body for PermitBody {
-    type Data = Bytes;
-    type Error = Status;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Status>>> {
-        let polled = Pin::new(&mut self.body).poll_frame(cx);
-        let ended = match &polled {
-            Poll::Ready(Some(Ok(frame))) => frame.is_trailers(),
-            Poll::Ready(_) => true,
-            Poll::Pending => false,
-        };
-        if ended {
-            self.permit = None;
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.body.size_hint()
-    }
-}
-
 /// The tower layer of [`Shedder`].
 #[derive(Clone)]
 pub struct ShedLayer {
@@ -179,15 +142,7 @@ where
         };
         Box::pin(async move {
             let response = inner.call(request).await?;
-            Ok(match permit {
-                Some(permit) => response.map(|body| {
-                    Body::new(PermitBody {
-                        body,
-                        permit: Some(permit),
-                    })
-                }),
-                None => response,
-            })
+            Ok(hold_until_end(response, permit))
         })
     }
 }
