@@ -2,7 +2,12 @@
 //! Callers wait for a permit (in arrival order) instead of piling threads onto
 //! the cores. Large jobs run on blocking threads, off the async runtime; tiny
 //! ones (see [`INLINE_BYTES`]) run where they are awaited.
+//!
+//! A job started for a request whose client deadline has already passed is
+//! not run (see [`with_deadline`]): its result could only be thrown away, and
+//! a train step nobody waits for must not move the running statistics.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -17,6 +22,36 @@ pub enum ComputeError {
     JobFailed(String),
     #[error("compute pool is shut down")]
     Closed,
+    /// The request's deadline passed before its job could start; nothing ran.
+    #[error("deadline exceeded before compute started")]
+    DeadlineExceeded,
+}
+
+tokio::task_local! {
+    static DEADLINE: Instant;
+}
+
+/// Runs `future` (a request's handling) with `deadline`: jobs it starts on
+/// the pool after that instant fail with [`ComputeError::DeadlineExceeded`]
+/// instead of running. `None`: no deadline.
+pub async fn with_deadline<F: Future>(deadline: Option<Instant>, future: F) -> F::Output {
+    match deadline {
+        Some(deadline) => DEADLINE.scope(deadline, future).await,
+        None => future.await,
+    }
+}
+
+/// The deadline of the request the current task serves, if it has one.
+pub fn current_deadline() -> Option<Instant> {
+    DEADLINE.try_with(|deadline| *deadline).ok()
+}
+
+/// Refuses to start a job past the current request's deadline.
+fn check_deadline() -> Result<(), ComputeError> {
+    match current_deadline() {
+        Some(deadline) if Instant::now() >= deadline => Err(ComputeError::DeadlineExceeded),
+        _ => Ok(()),
+    }
 }
 
 /// Jobs over at most this many input bytes run on the awaiting (async)
@@ -62,7 +97,8 @@ impl ComputePool {
 
     /// Runs `job` over `input_bytes` of tensor data once a permit is free:
     /// inline when that is at most [`INLINE_BYTES`], else as [`Self::run`].
-    /// Either way the job, once started, runs to completion.
+    /// Either way the job, once started, runs to completion; it does not
+    /// start when the request's deadline has passed by then.
     pub async fn run_sized<T, F>(&self, input_bytes: usize, job: F) -> Result<T, ComputeError>
     where
         T: Send + 'static,
@@ -79,6 +115,7 @@ impl ComputePool {
             .await
             .map_err(|_| ComputeError::Closed)?;
         self.metrics.queue_wait(queued.elapsed());
+        check_deadline()?;
         let started = Instant::now();
         // As on a blocking thread, a panicking job fails its request only.
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
@@ -97,7 +134,8 @@ impl ComputePool {
 
     /// Runs `job` on a blocking thread once a permit is free. If the caller
     /// goes away meanwhile the job still runs to completion: a mutation is
-    /// applied whole or not at all.
+    /// applied whole or not at all. Past the request's deadline (when the
+    /// permit comes) the job does not start.
     pub async fn run<T, F>(&self, job: F) -> Result<T, ComputeError>
     where
         T: Send + 'static,
@@ -111,6 +149,7 @@ impl ComputePool {
             .await
             .map_err(|_| ComputeError::Closed)?;
         self.metrics.queue_wait(queued.elapsed());
+        check_deadline()?;
         // The task-local RPC is not visible on the blocking thread: read it here.
         let rpc = current_rpc();
         let metrics = self.metrics.clone();
@@ -125,5 +164,49 @@ impl ComputePool {
         })
         .await
         .map_err(|e| ComputeError::JobFailed(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_job_whose_deadline_passed_while_queued_does_not_run() {
+        let pool = ComputePool::new(1);
+        // Occupy the only permit until released.
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let busy = tokio::spawn({
+            let pool = pool.clone();
+            async move { pool.run(move || released.recv().is_ok()).await }
+        });
+        while pool.permits.available_permits() > 0 {
+            tokio::task::yield_now().await;
+        }
+        let ran = Arc::new(AtomicBool::new(false));
+        let late = tokio::spawn({
+            let (pool, ran) = (pool.clone(), ran.clone());
+            let deadline = Instant::now() + Duration::from_millis(5);
+            with_deadline(Some(deadline), async move {
+                pool.run_sized(0, move || ran.store(true, Ordering::SeqCst))
+                    .await
+            })
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        release.send(()).unwrap();
+        assert!(busy.await.unwrap().unwrap());
+        let outcome = late.await.unwrap();
+        assert!(
+            matches!(outcome, Err(ComputeError::DeadlineExceeded)),
+            "{outcome:?}"
+        );
+        assert!(!ran.load(Ordering::SeqCst));
+
+        // A deadline still ahead runs the job.
+        let far = Instant::now() + Duration::from_secs(60);
+        let value = with_deadline(Some(far), pool.run(|| 7)).await.unwrap();
+        assert_eq!(value, 7);
     }
 }

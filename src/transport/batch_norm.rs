@@ -236,7 +236,9 @@ impl BatchNormService for BatchNormApi {
         let registry = self.registry.clone();
         // The stream's loop stays part of this request: its span, its RPC label.
         let rpc = crate::telemetry::current_rpc();
-        tokio::spawn(crate::telemetry::in_request(rpc, async move {
+        // ... and its deadline: messages computed after it are refused.
+        let deadline = crate::compute::current_deadline();
+        let stream_loop = crate::telemetry::in_request(rpc, async move {
             let mut index: u64 = 0;
             loop {
                 let request = match inbound.message().await {
@@ -265,7 +267,8 @@ impl BatchNormService for BatchNormApi {
                 }
                 index += 1;
             }
-        }));
+        });
+        tokio::spawn(crate::compute::with_deadline(deadline, stream_loop));
         Ok(Response::new(ReceiverStream::new(receiver)))
     }
 

@@ -8,6 +8,7 @@ pub mod auth;
 mod batch_norm;
 mod compare;
 pub mod convert;
+pub mod deadline;
 mod held_body;
 mod security;
 mod server_info;
@@ -269,6 +270,7 @@ pub async fn serve_registry_with_metrics(
         // one step, and the tenant quota counts only admitted requests.
         .layer(shedding::ShedLayer::new(shedder))
         .layer(auth::AuthLayer::new(gate))
+        .layer(deadline::DeadlineLayer)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -64,6 +64,9 @@ impl From<ComputeError> for Status {
                 Status::internal("internal error in tensor computation (see server log)")
             }
             ComputeError::Closed => Status::unavailable("server is shutting down"),
+            ComputeError::DeadlineExceeded => Status::deadline_exceeded(
+                "the request's deadline (grpc-timeout) passed before its computation started; nothing was applied",
+            ),
         }
     }
 }

@@ -203,3 +203,32 @@ async fn cancelled_forwards_are_applied_whole_or_not_at_all() {
     let final_steps = assert_steps_consistent(&get(&mut client, &id).await);
     assert!(final_steps >= last.num_batches_tracked && final_steps <= CALLS as i64 + 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwards_whose_deadline_has_passed_are_not_computed() {
+    let server = TestServer::start().await;
+    let mut client = server.batch_norm().await;
+    let id = create(&mut client, bn1d(2)).await.session_id;
+    let mut bare = server.batch_norm_without_client_deadlines().await;
+
+    // A 1 ns grpc-timeout has passed by the time the server handles the call:
+    // small (inline) and large (blocking-thread) train steps alike must fail
+    // without moving the session.
+    for input in [batch(4, 2), repeated_batch(4096)] {
+        for _ in 0..20 {
+            let mut request = tonic::Request::new(train(&id, input.clone()));
+            request.set_timeout(std::time::Duration::from_nanos(1));
+            let status = bare.forward(request).await.unwrap_err();
+            assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+        }
+    }
+    let session = get(&mut client, &id).await;
+    assert_eq!(session.num_batches_tracked, 0, "{session:?}");
+    assert_eq!(session.version, 1, "{session:?}");
+
+    // A deadline still in the future computes as usual.
+    let mut request = tonic::Request::new(train(&id, batch(4, 2)));
+    request.set_timeout(std::time::Duration::from_secs(60));
+    let reply = client.forward(request).await.unwrap().into_inner();
+    assert_eq!(reply.num_batches_tracked, 1);
+}

@@ -90,6 +90,22 @@ impl TestServer {
         BatchNormServiceClient::new(self.channel().await).max_decoding_message_size(usize::MAX)
     }
 
+    /// A BatchNorm client on a bare HTTP/2 connection: unlike a tonic
+    /// `Channel` it does not enforce `grpc-timeout` itself, so the caller
+    /// sees the status the server answers when a deadline passes.
+    pub async fn batch_norm_without_client_deadlines(&self) -> BatchNormServiceClient<BareHttp2> {
+        let stream = tokio::net::TcpStream::connect(self.address).await.unwrap();
+        let (sender, connection) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(stream),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(connection);
+        let origin = format!("http://{}", self.address).parse().unwrap();
+        BatchNormServiceClient::with_origin(BareHttp2(sender), origin)
+    }
+
     pub async fn server_info(&self) -> ServerServiceClient<Channel> {
         ServerServiceClient::new(self.channel().await)
     }
@@ -105,5 +121,29 @@ impl TestServer {
     pub async fn stop(mut self) -> Result<(), ServeError> {
         self.begin_shutdown();
         self.served.await.unwrap()
+    }
+}
+
+/// A hyper HTTP/2 connection as a tonic transport (see
+/// [`TestServer::batch_norm_without_client_deadlines`]).
+#[derive(Clone)]
+pub struct BareHttp2(hyper::client::conn::http2::SendRequest<tonic::body::Body>);
+
+impl tower::Service<http::Request<tonic::body::Body>> for BareHttp2 {
+    type Response = http::Response<hyper::body::Incoming>;
+    type Error = hyper::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        Box::pin(self.0.send_request(request))
     }
 }
