@@ -35,7 +35,6 @@ Writes target/soak/soak.json and exits 1 on any failure.
 import argparse
 import collections
 import json
-import math
 import multiprocessing
 import os
 import random
@@ -768,7 +767,7 @@ def final_consistency(checks, stub, health, plan, ledgers, imports):
             try:
                 torch.testing.assert_close(torch.from_numpy(to_array(getattr(session, key))), state[key], **tol)
             except AssertionError as error:
-                problems.append(f"{key}: {str(error).splitlines()[0:3]}")
+                problems.append(f"{key}: " + " ".join(line.strip() for line in str(error).splitlines() if line.strip()))
         checks.check(f"{sid}: state = PyTorch after {k} steps", not problems, "; ".join(problems))
         export = stub.ExportState(bn.ExportStateRequest(session_id=sid))
         exported = safetensors.numpy.load(export.safetensors)
@@ -815,7 +814,6 @@ def snapshot_all(stub, ids):
     out = {}
     for sid in ids:
         session = stub.GetSession(bn.GetSessionRequest(session_id=sid)).session
-        session.ClearField("updated_at")  # both stored; kept for clarity of the diff below
         export = stub.ExportState(bn.ExportStateRequest(session_id=sid))
         out[sid] = (session.SerializeToString(deterministic=True), export.safetensors, export.version)
     return out
@@ -1012,7 +1010,6 @@ def main(argv=None):
         after = snapshot_all(stub, ids)
         differ = [sid for sid in ids if before[sid] != after[sid]]
         checks.check("restart: every session recovered exactly from the data dir", not differ, f"differ: {differ}")
-        extra = set()
         reply = stub.ListSessions(bn.ListSessionsRequest(page_size=1000))
         extra = {s.session_id for s in reply.sessions} - set(ids)
         checks.check("restart: no other session recovered", not extra, f"{sorted(extra)}")
