@@ -58,3 +58,4 @@ clean: ## remove build outputs (the cached Python environment stays)
 	$(CARGO) clean
 
 include mk/deploy.mk
+include mk/fuzz.mk
