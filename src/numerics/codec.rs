@@ -52,23 +52,29 @@ pub fn checked_numel(field: &str, shape: &[i64], max_elements: u64) -> Result<u6
             ),
         ));
     }
+    if shape.iter().any(|&dim| dim < 0) {
+        return Err(NumericsError::invalid(
+            format!("{field}.shape"),
+            format!("dimensions must be >= 0, got {shape:?}"),
+        ));
+    }
+    // libtorch computes strides over the sizes with zeros counted as ones,
+    // so even a shape holding no elements must keep that product within
+    // i64: [0, 2^62, 2] would otherwise fail inside libtorch ("Stride
+    // calculation overflowed"), an internal error for a caller's mistake.
+    let overflow = || NumericsError::LimitExceeded {
+        field: field.to_owned(),
+        what: "element count",
+        actual: u64::MAX,
+        limit: max_elements,
+        limit_name: "max_tensor_elements",
+    };
+    let mut extent: i64 = 1;
     let mut numel: u64 = 1;
     for &dim in shape {
-        let Ok(dim) = u64::try_from(dim) else {
-            return Err(NumericsError::invalid(
-                format!("{field}.shape"),
-                format!("dimensions must be >= 0, got {shape:?}"),
-            ));
-        };
-        numel = numel
-            .checked_mul(dim)
-            .ok_or_else(|| NumericsError::LimitExceeded {
-                field: field.to_owned(),
-                what: "element count",
-                actual: u64::MAX,
-                limit: max_elements,
-                limit_name: "max_tensor_elements",
-            })?;
+        extent = extent.checked_mul(dim.max(1)).ok_or_else(overflow)?;
+        // Cannot overflow: every dimension is >= 0 and numel <= extent.
+        numel = numel.saturating_mul(dim.unsigned_abs());
     }
     if numel > max_elements {
         return Err(NumericsError::LimitExceeded {
@@ -288,11 +294,16 @@ fn encode_values(dtype: DType, values: impl Iterator<Item = f64>, count: usize) 
     match dtype {
         DType::Float32 => values.for_each(|v| out.extend_from_slice(&(v as f32).to_le_bytes())),
         DType::Float64 => values.for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        // Through float32, as PyTorch converts (c10::Half and c10::BFloat16
+        // are built from a float): exact rounding for float_values, and
+        // torch's own double rounding for double_values. half's `from_f64`
+        // drops the low 32 mantissa bits before rounding: float32 461.00006
+        // became bfloat16 460 instead of 462.
         DType::Float16 => {
-            values.for_each(|v| out.extend_from_slice(&f16::from_f64(v).to_le_bytes()))
+            values.for_each(|v| out.extend_from_slice(&f16::from_f32(v as f32).to_le_bytes()))
         }
         DType::BFloat16 => {
-            values.for_each(|v| out.extend_from_slice(&bf16::from_f64(v).to_le_bytes()))
+            values.for_each(|v| out.extend_from_slice(&bf16::from_f32(v as f32).to_le_bytes()))
         }
     }
     Bytes::from(out)
