@@ -123,6 +123,19 @@ pub struct Config {
     #[arg(long, env = "NORMSERVE_MAX_CONCURRENT_REQUESTS", default_value_t = 0)]
     pub max_concurrent_requests: u64,
 
+    /// Idle time after which a session is evicted or deleted (see
+    /// --session-ttl-action): no request has used it (Forward,
+    /// UpdateParameters, ResetRunningStats, ImportState, ExportState) for that
+    /// many seconds. 0: never (the default).
+    #[arg(long, env = "NORMSERVE_SESSION_TTL_SECONDS", default_value_t = 0)]
+    pub session_ttl_seconds: u64,
+    /// What the idle TTL does: `evict` drops the session from memory only (its
+    /// stored record stays and the next request naming it loads it again;
+    /// needs a store, not --durability none); `delete` deletes it for good,
+    /// as DeleteSession would.
+    #[arg(long, env = "NORMSERVE_SESSION_TTL_ACTION", value_enum, default_value_t = TtlAction::Evict)]
+    pub session_ttl_action: TtlAction,
+
     /// Log format.
     #[arg(long, env = "NORMSERVE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -139,6 +152,15 @@ pub enum Durability {
     None,
 }
 
+/// What happens to a session idle for --session-ttl-seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TtlAction {
+    /// Dropped from memory; the stored record stays and is loaded on next use.
+    Evict,
+    /// Deleted from memory and store.
+    Delete,
+}
+
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -147,6 +169,9 @@ pub enum LogFormat {
     /// One JSON object per line.
     Json,
 }
+
+/// Longest idle TTL: 10 years (any longer is "never"; use 0).
+pub const MAX_SESSION_TTL_SECONDS: u64 = 10 * 365 * 24 * 3600;
 
 /// A configuration value that parsed but cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -209,6 +234,19 @@ impl Config {
                 _ => {}
             }
         }
+        if self.session_ttl_seconds > 0
+            && self.session_ttl_action == TtlAction::Evict
+            && self.durability == Durability::None
+        {
+            return Err(ConfigError(
+                "--session-ttl-action evict keeps idle sessions in the store, and --durability none has none: choose --session-ttl-action delete (idle sessions are lost) or a store".into(),
+            ));
+        }
+        if self.session_ttl_seconds > MAX_SESSION_TTL_SECONDS {
+            return Err(ConfigError(format!(
+                "--session-ttl-seconds must be at most {MAX_SESSION_TTL_SECONDS} (10 years)"
+            )));
+        }
         if self.max_message_bytes > u32::MAX as usize {
             return Err(ConfigError(
                 "--max-message-bytes must be below 4 GiB".into(),
@@ -225,6 +263,11 @@ impl Config {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     }
 
+    /// The idle TTL, `None` when off.
+    pub fn session_ttl(&self) -> Option<Duration> {
+        (self.session_ttl_seconds > 0).then(|| Duration::from_secs(self.session_ttl_seconds))
+    }
+
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_secs(self.drain_seconds)
     }
@@ -237,5 +280,42 @@ impl Config {
         config.listen = listen;
         config.durability = Durability::None;
         config
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parsed(args: &[&str]) -> Config {
+        Config::parse_from(std::iter::once("normserve").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn the_idle_ttl_is_off_by_default_and_evicts_only_with_a_store() {
+        let default = parsed(&[]);
+        assert_eq!(default.session_ttl(), None);
+        assert!(default.validate().is_ok());
+
+        let evict = parsed(&["--session-ttl-seconds", "60"]);
+        assert_eq!(evict.session_ttl(), Some(Duration::from_secs(60)));
+        assert_eq!(evict.session_ttl_action, TtlAction::Evict);
+        assert!(evict.validate().is_ok());
+
+        let no_store = parsed(&["--session-ttl-seconds", "60", "--durability", "none"]);
+        let refused = no_store.validate().unwrap_err().to_string();
+        assert!(refused.contains("--session-ttl-action delete"), "{refused}");
+        let delete = parsed(&[
+            "--session-ttl-seconds",
+            "60",
+            "--durability",
+            "none",
+            "--session-ttl-action",
+            "delete",
+        ]);
+        assert!(delete.validate().is_ok());
+
+        let too_long = parsed(&["--session-ttl-seconds", "999999999999"]);
+        assert!(too_long.validate().is_err());
     }
 }

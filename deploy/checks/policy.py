@@ -23,10 +23,7 @@ import yaml
 # NORMSERVE_* variables whose flags are being added (issue 8) and are not yet
 # in src/config.rs. Remove a name from here once config.rs has it; a typo in a
 # manifest then fails instead of being silently ignored by the server.
-PENDING_ENV = {
-    "NORMSERVE_SESSION_TTL_SECONDS",
-    "NORMSERVE_SESSION_TTL_ACTION",
-}
+PENDING_ENV: set[str] = set()
 # Labels Prometheus adds to every series, and the histogram bucket label.
 STANDARD_LABELS = {"instance", "job", "le"}
 GRPC_PORT = 50051

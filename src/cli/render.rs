@@ -141,6 +141,7 @@ pub fn session(session: &pb::Session) -> Value {
         "num_batches_tracked": session.num_batches_tracked,
         "created_at": timestamp(&session.created_at),
         "updated_at": timestamp(&session.updated_at),
+        "last_used_at": timestamp(&session.last_used_at),
         "labels": labels.into_iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
     })
 }

@@ -19,12 +19,50 @@ use crate::numerics::batch_norm::{all_finite, check_eps, check_momentum, Layer};
 use crate::numerics::state_dict::{self, Layout};
 use crate::numerics::{torch_size, DType, LayerKind, Momentum, NumericsError, TensorData};
 
-/// Immutable facts of a session (outside its lock).
+/// Immutable facts of a session (outside its lock), and when it was last used.
 pub struct SessionInfo {
     pub id: SessionId,
     pub config: SessionConfig,
     pub device: Device,
     pub created_at: SystemTime,
+    /// Moves forward without the session's lock (see [`LastUse`]).
+    pub last_used: LastUse,
+}
+
+/// When a session was last used: created, loaded, or named by a request that
+/// computes with its state (Forward, UpdateParameters, ResetRunningStats,
+/// ImportState, ExportState, CreateSession of an existing one). Reading its
+/// description (GetSession, ListSessions) is not a use, so that watching a
+/// session does not keep it from its idle TTL. Not stored: a server that
+/// loads a session starts its idle clock then.
+#[derive(Debug)]
+pub struct LastUse(std::sync::atomic::AtomicI64);
+
+impl LastUse {
+    pub fn new(at: SystemTime) -> LastUse {
+        LastUse(std::sync::atomic::AtomicI64::new(unix_nanos(at)))
+    }
+
+    /// Records a use now (never moves backwards).
+    pub fn touch(&self) {
+        self.set(SystemTime::now());
+    }
+
+    /// Records a use at `at` if that is later than the last one known.
+    pub fn set(&self, at: SystemTime) {
+        self.0
+            .fetch_max(unix_nanos(at), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Puts back a last use known from before the session was loaded again.
+    pub fn restore(&self, at: SystemTime) {
+        self.0
+            .store(unix_nanos(at), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> SystemTime {
+        from_unix_nanos(self.0.load(std::sync::atomic::Ordering::Relaxed))
+    }
 }
 
 /// The mutable state: tensors are (C,) in `config.param_dtype` on the
@@ -46,6 +84,9 @@ pub struct SessionState {
     pub layer: LayerState,
     /// Set by DeleteSession; requests queued behind it see NOT_FOUND.
     pub deleted: bool,
+    /// Set when the idle TTL drops the session from memory (its stored record
+    /// stays): requests queued behind it look it up again, from the store.
+    pub evicted: bool,
     pub replay: ReplayLog,
 }
 
@@ -219,6 +260,7 @@ pub fn snapshot(
         num_batches_tracked: layer.num_batches_tracked,
         created_at: info.created_at,
         updated_at: layer.updated_at,
+        last_used_at: info.last_used.get(),
         tensors,
     })
 }
@@ -659,6 +701,7 @@ pub fn info_from_record(
         },
         device,
         created_at: from_unix_nanos(record.created_at_unix_nanos),
+        last_used: LastUse::new(SystemTime::now()),
     })
 }
 
@@ -721,6 +764,7 @@ pub fn state_from_record(
             updated_at: from_unix_nanos(record.updated_at_unix_nanos),
         },
         deleted: false,
+        evicted: false,
         replay: ReplayLog::recovered(replay_window, replay_bytes, &record.recent_requests),
     })
 }

@@ -121,6 +121,8 @@ pub struct SessionSnapshot {
     pub num_batches_tracked: i64,
     pub created_at: SystemTime,
     pub updated_at: SystemTime,
+    /// Last use (see [`layer::LastUse`]), for the idle TTL.
+    pub last_used_at: SystemTime,
     /// Absent when the caller asked for no tensors.
     pub tensors: Option<StateTensors>,
 }

@@ -31,7 +31,7 @@ use tokio::sync::OwnedMutexGuard;
 use super::durable::{RecordError, SessionRecord, SessionStore, Stamp, Written};
 use super::layer::{
     self, check_count, forward_step, import_step, info_from_record, initial_layer, reset_step,
-    snapshot, state_from_record, unix_nanos, update_step, SessionInfo, SessionState, Step,
+    snapshot, state_from_record, unix_nanos, update_step, LastUse, SessionInfo, SessionState, Step,
 };
 use super::replay::ReplayLog;
 use super::{
@@ -39,9 +39,11 @@ use super::{
     SessionConfig, SessionError, SessionId, SessionPage, SessionSnapshot, UpdateParameters,
 };
 use crate::compute::{ComputeError, ComputePool};
+use crate::config::TtlAction;
 use crate::numerics::batch_norm::{check_eps, check_momentum};
 use crate::numerics::state_dict::{self, ExportTensors};
 use crate::numerics::{Momentum, TensorData};
+use crate::telemetry::metrics::Eviction;
 
 /// Limits enforced by the registry (RESOURCE_EXHAUSTED beyond them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,6 +94,9 @@ pub struct Registry {
     reserved: std::sync::Mutex<Reserved>,
     /// Sessions whose stored record cannot be read: DATA_LOSS, never reset.
     unreadable: RwLock<BTreeMap<SessionId, String>>,
+    /// Sessions the idle TTL dropped from memory (their records stay in the
+    /// store) and when they were last used, which loading them again restores.
+    evicted: std::sync::Mutex<BTreeMap<SessionId, SystemTime>>,
     options: RegistryOptions,
     pool: ComputePool,
     store: Option<Arc<dyn SessionStore>>,
@@ -126,6 +131,7 @@ impl Registry {
             sessions: RwLock::new(BTreeMap::new()),
             reserved: std::sync::Mutex::new(Reserved::default()),
             unreadable: RwLock::new(BTreeMap::new()),
+            evicted: std::sync::Mutex::new(BTreeMap::new()),
             options,
             pool,
             store,
@@ -180,6 +186,10 @@ impl Registry {
         self.sessions
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn evicted_map(&self) -> std::sync::MutexGuard<'_, BTreeMap<SessionId, SystemTime>> {
+        self.evicted.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn mark_unreadable(&self, id: &SessionId, reason: String) -> SessionError {
@@ -305,8 +315,114 @@ impl Registry {
             }
             Err(other) => return Err(other),
         };
+        if let Some(last_used) = self.evicted_map().remove(id) {
+            // Loaded again after an eviction: its idle clock goes on.
+            session.info.last_used.restore(last_used);
+        }
         let mut map = self.write_map();
         Ok(map.entry(id.clone()).or_insert(session).clone())
+    }
+
+    /// The cached session, or else the stored one loaded but not cached (for
+    /// listing evicted sessions without bringing them back into memory).
+    async fn cached_or_stored(&self, id: &SessionId) -> Result<Arc<Session>, SessionError> {
+        if let Some(session) = self.read_map().get(id).cloned() {
+            return Ok(session);
+        }
+        let Some(store) = &self.store else {
+            return Err(SessionError::NotFound(id.clone()));
+        };
+        let record = match store.load(id).await? {
+            None => return Err(SessionError::NotFound(id.clone())),
+            Some(Err(error)) => return Err(self.mark_unreadable(id, error.to_string())),
+            Some(Ok(record)) => record,
+        };
+        let session = self.session_from_record(record).await?;
+        if let Some(last_used) = self.evicted_map().get(id) {
+            session.info.last_used.restore(*last_used);
+        }
+        Ok(session)
+    }
+
+    /// The description of a session loaded by [`Self::cached_or_stored`].
+    async fn describe_stored(
+        &self,
+        session: Arc<Session>,
+        include_tensors: bool,
+    ) -> Result<SessionSnapshot, SessionError> {
+        let state = session.state.clone().lock_owned().await;
+        self.pool
+            .run(move || snapshot(&session.info, &state.layer, include_tensors))
+            .await?
+    }
+
+    /// Drops from memory (`Evict`: the stored record stays and the next
+    /// request naming the session loads it again) or deletes (`Delete`) every
+    /// session unused for `ttl` or longer; returns how many. Each is checked
+    /// again under its lock, so a request queued on it keeps it alive.
+    /// `Evict` without a store does nothing (the configuration refuses it).
+    pub async fn expire_idle(&self, ttl: Duration, action: TtlAction) -> usize {
+        if action == TtlAction::Evict && self.store.is_none() {
+            return 0;
+        }
+        let idle_since = |session: &Session| {
+            SystemTime::now()
+                .duration_since(session.info.last_used.get())
+                .ok()
+                .filter(|idle| *idle >= ttl)
+        };
+        let idle: Vec<Arc<Session>> = self
+            .read_map()
+            .values()
+            .filter(|s| idle_since(s).is_some())
+            .cloned()
+            .collect();
+        let mut expired = 0;
+        for session in idle {
+            let id = session.info.id.clone();
+            let mut state = session.state.clone().lock_owned().await;
+            let Some(idle_for) = idle_since(&session) else {
+                continue; // used while we waited for it
+            };
+            if state.deleted || state.evicted {
+                continue;
+            }
+            let eviction = match action {
+                TtlAction::Evict => {
+                    state.evicted = true;
+                    self.evicted_map()
+                        .insert(id.clone(), session.info.last_used.get());
+                    Eviction::Evict
+                }
+                TtlAction::Delete => {
+                    if let Some(store) = &self.store {
+                        match store.delete(&id, Some(stamp(&session.info, &state))).await {
+                            Ok(Written::Committed) => {}
+                            // Another replica changed it: in use after all.
+                            Ok(Written::Conflict) => continue,
+                            Err(error) => {
+                                tracing::warn!(session = %id, %error,
+                                    "idle session not deleted: store error; retried at the next sweep");
+                                continue;
+                            }
+                        }
+                    }
+                    state.deleted = true;
+                    Eviction::Delete
+                }
+            };
+            self.forget(&session);
+            self.pool.metrics().eviction(eviction);
+            tracing::info!(
+                session = %id,
+                tenant = id.tenant(),
+                idle_seconds = idle_for.as_secs_f64(),
+                action = ?action,
+                "idle session expired"
+            );
+            expired += 1;
+        }
+        expired
     }
 
     /// Replaces the cached state by the stored one. `Replaced` when the store
@@ -369,6 +485,9 @@ impl Registry {
     ) -> Result<Option<(Arc<Session>, OwnedMutexGuard<SessionState>)>, SessionError> {
         let session = self.lookup(id).await?;
         let mut state = session.state.clone().lock_owned().await;
+        if state.evicted {
+            return Ok(None); // dropped by the idle TTL: load it again
+        }
         let shared = self.store.as_ref().is_some_and(|s| s.is_shared());
         if state.deleted {
             return if shared {
@@ -419,6 +538,7 @@ impl Registry {
             let Some((session, state)) = self.locked(id).await? else {
                 continue;
             };
+            session.info.last_used.touch();
             let (job, for_job) = (job.clone(), session.clone());
             let (state, prepared) = self
                 .pool
@@ -514,6 +634,7 @@ impl Registry {
             config: command.config.clone(),
             device,
             created_at: SystemTime::now(),
+            last_used: LastUse::new(SystemTime::now()),
         };
         let with_record = self.store.is_some();
         let (window, bytes) = (self.options.replay_window, self.options.replay_cache_bytes);
@@ -558,6 +679,7 @@ impl Registry {
             state: Arc::new(tokio::sync::Mutex::new(SessionState {
                 layer,
                 deleted: false,
+                evicted: false,
                 replay: ReplayLog::new(window, bytes),
             })),
         });
@@ -620,6 +742,7 @@ impl Registry {
         config: &SessionConfig,
         device: Device,
     ) -> Result<(SessionSnapshot, bool), SessionError> {
+        existing.info.last_used.touch();
         let difference =
             config_difference(&existing.info.config, existing.info.device, config, device);
         if !difference.is_empty() {
@@ -664,8 +787,11 @@ impl Registry {
         };
         let contiguous = tenant.is_some_and(|t| !t.is_empty());
         let mut candidates: Vec<Arc<Session>> = Vec::new();
-        match self.store.as_ref().filter(|s| s.is_shared()) {
-            // Other replicas create sessions too: the store has the full list.
+        let shared = self.store.as_ref().is_some_and(|s| s.is_shared());
+        let some_evicted = !self.evicted_map().is_empty();
+        match self.store.as_ref().filter(|_| shared || some_evicted) {
+            // Other replicas create sessions too, and evicted sessions are in
+            // the store only: the store has the full list.
             Some(store) => {
                 let mut cursor = start;
                 'pages: loop {
@@ -680,7 +806,13 @@ impl Registry {
                             }
                             continue;
                         }
-                        match self.lookup(&id).await {
+                        let found = if shared {
+                            self.lookup(&id).await
+                        } else {
+                            // Listing is not a use: an evicted session stays out of memory.
+                            self.cached_or_stored(&id).await
+                        };
+                        match found {
                             Ok(session) if matches(&session) => candidates.push(session),
                             Ok(_)
                             | Err(SessionError::NotFound(_) | SessionError::DataLoss { .. }) => {}
@@ -716,12 +848,19 @@ impl Registry {
         let mut sessions = Vec::with_capacity(candidates.len());
         for session in candidates {
             let id = session.info.id.clone();
-            match self
-                .read(&id, move |info, state| {
+            let cached = self
+                .read_map()
+                .get(&id)
+                .is_some_and(|s| Arc::ptr_eq(s, &session));
+            let described = if cached || shared {
+                self.read(&id, move |info, state| {
                     snapshot(info, &state.layer, include_tensors)
                 })
                 .await
-            {
+            } else {
+                self.describe_stored(session, include_tensors).await
+            };
+            match described {
                 Ok(snapshot) => sessions.push(snapshot),
                 // Deleted since the page was collected.
                 Err(SessionError::NotFound(_)) => {}
@@ -816,6 +955,7 @@ impl Registry {
 
     pub async fn export_state(&self, id: &SessionId) -> Result<ExportedState, SessionError> {
         self.read(id, |info, state| {
+            info.last_used.touch();
             let layer = &state.layer;
             let host =
                 |t: &Option<tch::Tensor>| t.as_ref().map(TensorData::from_tensor).transpose();

@@ -295,6 +295,7 @@ pub fn session_to_proto(principal: &Principal, snapshot: SessionSnapshot) -> pb:
         running_var: raw(tensors.running_var),
         created_at: Some(snapshot.created_at.into()),
         updated_at: Some(snapshot.updated_at.into()),
+        last_used_at: Some(snapshot.last_used_at.into()),
     }
 }
 

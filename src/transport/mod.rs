@@ -253,6 +253,9 @@ pub async fn serve_registry_with_metrics(
         config.tenant_max_concurrent_requests,
     );
     let _reloader = security.tokens.clone().and_then(reload_on_sighup);
+    let _expirer = config
+        .session_ttl()
+        .map(|ttl| expire_idle_sessions(registry.clone(), ttl, config.session_ttl_action));
     let shedder = Arc::new(
         shedding::Shedder::new(config.max_concurrent_requests).with_metrics(metrics.clone()),
     );
@@ -342,6 +345,33 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
+}
+
+/// Sweeps idle sessions out every quarter of the TTL (between 100 ms and
+/// 30 s), for as long as the returned guard lives.
+fn expire_idle_sessions(
+    registry: Arc<Registry>,
+    ttl: std::time::Duration,
+    action: crate::config::TtlAction,
+) -> AbortOnDrop {
+    let every = (ttl / 4).clamp(
+        std::time::Duration::from_millis(100),
+        std::time::Duration::from_secs(30),
+    );
+    tracing::info!(
+        ttl_seconds = ttl.as_secs(),
+        ?action,
+        sweep_ms = every.as_millis() as u64,
+        "idle session TTL on"
+    );
+    AbortOnDrop(tokio::spawn(async move {
+        let mut sweeps = tokio::time::interval(every);
+        sweeps.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            sweeps.tick().await;
+            registry.expire_idle(ttl, action).await;
+        }
+    }))
 }
 
 /// Reloads the tokens file on every SIGHUP; a file that does not load leaves

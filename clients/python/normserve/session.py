@@ -84,6 +84,8 @@ class SessionInfo:
     num_batches_tracked: int
     created_at: datetime.datetime | None
     updated_at: datetime.datetime | None
+    # Last use (not GetSession/ListSessions); the server's idle TTL counts from it.
+    last_used_at: datetime.datetime | None
     # True when this answers a request_id that had already been applied.
     replayed: bool
     # The server's message, for anything the fields above leave out.
@@ -109,6 +111,7 @@ class SessionInfo:
             num_batches_tracked=session.num_batches_tracked,
             created_at=_timestamp(session, "created_at"),
             updated_at=_timestamp(session, "updated_at"),
+            last_used_at=_timestamp(session, "last_used_at"),
             replayed=replayed,
             proto=session,
         )
