@@ -119,6 +119,20 @@ pub fn describe_devices() -> Vec<DeviceDescription> {
     devices
 }
 
+/// Memory in use (bytes) on each CUDA device this process has a context on,
+/// as `cuda:N`: the device's total minus its free memory, as nvidia-smi's
+/// "used" (other processes sharing the GPU included). Devices the process
+/// has not touched are left out (asking would create a context on them);
+/// none on a machine without CUDA.
+pub fn cuda_memory_in_use() -> Vec<(String, u64)> {
+    let count = Cuda::device_count().max(0) as usize;
+    (0..count)
+        .filter_map(|index| {
+            cuda_driver::memory_in_use(index).map(|bytes| (format!("cuda:{index}"), bytes))
+        })
+        .collect()
+}
+
 fn cpu_model() -> Option<String> {
     let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
     info.lines()
@@ -132,13 +146,76 @@ fn cpu_model() -> Option<String> {
 /// libtorch already reported a CUDA device, so CPU machines never touch it.
 #[allow(unsafe_code)]
 mod cuda_driver {
-    use std::ffi::{c_char, c_int, CStr};
+    use std::ffi::{c_char, c_int, c_void, CStr};
 
     type CuInit = unsafe extern "C" fn(flags: u32) -> c_int;
     type CuDeviceGet = unsafe extern "C" fn(device: *mut c_int, ordinal: c_int) -> c_int;
     type CuDeviceGetName =
         unsafe extern "C" fn(name: *mut c_char, len: c_int, device: c_int) -> c_int;
     type CuDeviceTotalMem = unsafe extern "C" fn(bytes: *mut usize, device: c_int) -> c_int;
+    type CuDevicePrimaryCtxGetState =
+        unsafe extern "C" fn(device: c_int, flags: *mut u32, active: *mut c_int) -> c_int;
+    type CuDevicePrimaryCtxRetain =
+        unsafe extern "C" fn(context: *mut *mut c_void, device: c_int) -> c_int;
+    type CuDevicePrimaryCtxRelease = unsafe extern "C" fn(device: c_int) -> c_int;
+    type CuCtxPushCurrent = unsafe extern "C" fn(context: *mut c_void) -> c_int;
+    type CuCtxPopCurrent = unsafe extern "C" fn(context: *mut *mut c_void) -> c_int;
+    type CuMemGetInfo = unsafe extern "C" fn(free: *mut usize, total: *mut usize) -> c_int;
+
+    /// Total minus free memory of CUDA device `index`, asked in its primary
+    /// context (the one the CUDA runtime, and so libtorch, uses); None when
+    /// that context is not active (not used by this process), or the driver
+    /// cannot be loaded or answers with an error.
+    pub fn memory_in_use(index: usize) -> Option<u64> {
+        // SAFETY: the CUDA driver API's stable C entry points with the
+        // signatures declared above (cuda.h: cuDevicePrimaryCtx* since 7.0,
+        // the _v2 context and memory calls since 4.0); the context pushed is
+        // popped before returning, and the retain is released; the library
+        // stays loaded for the calls.
+        unsafe {
+            let library = libloading::Library::new("libcuda.so.1").ok()?;
+            let init: libloading::Symbol<CuInit> = library.get(b"cuInit\0").ok()?;
+            let device_get: libloading::Symbol<CuDeviceGet> = library.get(b"cuDeviceGet\0").ok()?;
+            let get_state: libloading::Symbol<CuDevicePrimaryCtxGetState> =
+                library.get(b"cuDevicePrimaryCtxGetState\0").ok()?;
+            let retain: libloading::Symbol<CuDevicePrimaryCtxRetain> =
+                library.get(b"cuDevicePrimaryCtxRetain\0").ok()?;
+            let release: libloading::Symbol<CuDevicePrimaryCtxRelease> =
+                library.get(b"cuDevicePrimaryCtxRelease_v2\0").ok()?;
+            let push: libloading::Symbol<CuCtxPushCurrent> =
+                library.get(b"cuCtxPushCurrent_v2\0").ok()?;
+            let pop: libloading::Symbol<CuCtxPopCurrent> =
+                library.get(b"cuCtxPopCurrent_v2\0").ok()?;
+            let mem_get_info: libloading::Symbol<CuMemGetInfo> =
+                library.get(b"cuMemGetInfo_v2\0").ok()?;
+            if init(0) != 0 {
+                return None;
+            }
+            let mut device: c_int = 0;
+            if device_get(&mut device, c_int::try_from(index).ok()?) != 0 {
+                return None;
+            }
+            let (mut flags, mut active): (u32, c_int) = (0, 0);
+            if get_state(device, &mut flags, &mut active) != 0 || active == 0 {
+                return None;
+            }
+            let mut context: *mut c_void = std::ptr::null_mut();
+            if retain(&mut context, device) != 0 {
+                return None;
+            }
+            let mut answer = None;
+            if push(context) == 0 {
+                let (mut free, mut total): (usize, usize) = (0, 0);
+                if mem_get_info(&mut free, &mut total) == 0 {
+                    answer = Some(total.saturating_sub(free) as u64);
+                }
+                let mut popped: *mut c_void = std::ptr::null_mut();
+                pop(&mut popped);
+            }
+            release(device);
+            answer
+        }
+    }
 
     /// (name, total memory in bytes) of CUDA device `index`, or None when the
     /// driver cannot be loaded or answers with an error.

@@ -199,13 +199,18 @@ pub async fn serve_registry_with_metrics(
 ) -> Result<(), ServeError> {
     let metrics = registry.pool().metrics().clone();
     let _metrics_endpoint = metrics_listener.map(|listener| {
-        // Live sessions are read at each scrape rather than counted at every
-        // place a session comes or goes.
+        // Live sessions (and CUDA memory) are read at each scrape rather than
+        // counted at every place a session comes or goes.
         let sessions = registry.clone();
         AbortOnDrop(tokio::spawn(crate::telemetry::exporter::serve_metrics(
             listener,
             metrics.clone(),
-            Arc::new(move |metrics: &Metrics| metrics.set_sessions(sessions.len())),
+            Arc::new(move |metrics: &Metrics| {
+                metrics.set_sessions(sessions.len());
+                for (device, bytes) in crate::device::cuda_memory_in_use() {
+                    metrics.set_cuda_memory(device, bytes);
+                }
+            }),
         )))
     });
     let compute_threads = config.resolved_compute_threads();
