@@ -321,19 +321,26 @@ impl Layer<'_> {
             (Some(old_mean), Some(old_var)) => {
                 let old_mean = Vec::<f32>::try_from(old_mean)?;
                 let old_var = Vec::<f32>::try_from(old_var)?;
+                // As libtorch's update (batch_norm_cpu_update_stats_template):
+                // the momentum is cast to float and the mean updated in float;
+                // the unbiased variance is var_sum / (n - 1) in float, and the
+                // variance update adds momentum * unbiased in double to the
+                // float product (1 - momentum) * old. Doing it all in double
+                // drifts from PyTorch by ~1 ulp per step: with
+                // momentum=None, 3.7e-5 after 20,000 steps.
+                let momentum = factor as f32;
+                let keep = 1.0f32 - momentum;
                 let mean: Vec<f32> = means
                     .iter()
                     .zip(&old_mean)
-                    .map(|(&m, &old)| {
-                        (factor * f64::from(m) + (1.0 - factor) * f64::from(old)) as f32
-                    })
+                    .map(|(&m, &old)| momentum * m + keep * old)
                     .collect();
                 let var: Vec<f32> = deviations
                     .iter()
                     .zip(&old_var)
                     .map(|(&m2, &old)| {
-                        let unbiased = f64::from(m2) / (count - 1.0);
-                        (factor * unbiased + (1.0 - factor) * f64::from(old)) as f32
+                        let unbiased = m2 / (count - 1.0) as f32;
+                        (f64::from(momentum) * f64::from(unbiased) + f64::from(keep * old)) as f32
                     })
                     .collect();
                 (
