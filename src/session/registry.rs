@@ -417,7 +417,7 @@ impl Registry {
                 session = %id,
                 tenant = id.tenant(),
                 idle_seconds = idle_for.as_secs_f64(),
-                action = ?action,
+                action = eviction.label(),
                 "idle session expired"
             );
             expired += 1;
@@ -538,7 +538,6 @@ impl Registry {
             let Some((session, state)) = self.locked(id).await? else {
                 continue;
             };
-            session.info.last_used.touch();
             let (job, for_job) = (job.clone(), session.clone());
             let (state, prepared) = self
                 .pool
@@ -547,7 +546,10 @@ impl Registry {
                     (state, prepared)
                 })
                 .await?;
-            let (layer, replay, value, record) = match prepared? {
+            let prepared = prepared?;
+            // A refused request is not a use: it leaves the session as it was.
+            session.info.last_used.touch();
+            let (layer, replay, value, record) = match prepared {
                 Prepared::Done(value) => return Ok(value),
                 Prepared::Next {
                     layer,

@@ -84,7 +84,7 @@ pub enum Eviction {
 }
 
 impl Eviction {
-    fn label(self) -> &'static str {
+    pub fn label(self) -> &'static str {
         match self {
             Eviction::Evict => "evict",
             Eviction::Delete => "delete",

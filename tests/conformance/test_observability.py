@@ -134,3 +134,49 @@ def test_a_metrics_address_in_use_is_exit_code_2():
                                 capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert f"--metrics-addr 127.0.0.1:{port}" in result.stderr
+
+
+def test_an_expired_idle_session_is_one_log_line_and_the_binary_refuses_evict_without_a_store():
+    """--session-ttl-seconds: the expiry is logged with the session, its tenant,
+    how long it was idle and the action; a session in use is not expired. And
+    `evict` with --durability none is a configuration error (exit 2)."""
+    import subprocess
+    port = free_port()
+    proc = ServerProcess("--metrics-addr", f"127.0.0.1:{port}", "--log-format", "json",
+                         "--durability", "none", "--device", "cpu",
+                         "--session-ttl-seconds", "1", "--session-ttl-action", "delete")
+    try:
+        with grpc.insecure_channel(proc.address) as channel:
+            stub = batch_norm_pb2_grpc.BatchNormServiceStub(channel)
+            for name in ("forgotten", "kept"):
+                stub.CreateSession(bn.CreateSessionRequest(
+                    kind=bn.BATCH_NORM_1D, num_features=2, session_id=name))
+            x = np.arange(8, dtype=np.float32).reshape(4, 2)
+            request = bn.ForwardRequest(session_id="kept", mode=bn.MODE_TRAIN, input=tensor_pb2.Tensor(
+                dtype=tensor_pb2.DATA_TYPE_FLOAT32, shape=[4, 2], raw=x.tobytes()))
+            deadline = time.monotonic() + 15
+            expired = []
+            while not expired and time.monotonic() < deadline:
+                stub.Forward(request)
+                time.sleep(0.1)
+                expired = [line for line in log_lines(proc, lambda l: True, timeout=0)
+                           if line.get("fields", {}).get("message") == "idle session expired"]
+            [line] = expired
+            fields = line["fields"]
+            assert fields["session"] == "forgotten", line
+            assert fields["action"] == "delete", line
+            assert fields["idle_seconds"] >= 1.0, line
+            assert line["level"] == "INFO", line
+            with pytest.raises(grpc.RpcError) as gone:
+                stub.GetSession(bn.GetSessionRequest(session_id="forgotten"))
+            assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+            assert stub.GetSession(bn.GetSessionRequest(session_id="kept")).session.num_batches_tracked >= 1
+        assert 'normserve_session_evictions_total{action="delete"} 1' in scrape(f"http://127.0.0.1:{port}")
+    finally:
+        assert proc.stop() == 0
+
+    binary = os.environ.get("NORMSERVE_BIN", "target/release/normserve")
+    refused = subprocess.run([binary, "--listen", "127.0.0.1:0", "--durability", "none",
+                              "--session-ttl-seconds", "60"], capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2, refused
+    assert "--session-ttl-action delete" in refused.stderr, refused.stderr

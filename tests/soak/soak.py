@@ -814,6 +814,8 @@ def snapshot_all(stub, ids):
     out = {}
     for sid in ids:
         session = stub.GetSession(bn.GetSessionRequest(session_id=sid)).session
+        # The last use lives in memory only: a restarted server counts from load.
+        session.ClearField("last_used_at")
         export = stub.ExportState(bn.ExportStateRequest(session_id=sid))
         out[sid] = (session.SerializeToString(deterministic=True), export.safetensors, export.version)
     return out
