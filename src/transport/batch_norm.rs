@@ -247,7 +247,7 @@ impl BatchNormService for BatchNormApi {
                     // A broken or oversized frame ends the stream: the bytes
                     // that follow cannot be trusted to start a new message.
                     Err(status) => {
-                        let _ = replies.send(Err(status::request_too_large(status))).await;
+                        let _ = replies.send(Err(status::decoding_error(status))).await;
                         break;
                     }
                 };

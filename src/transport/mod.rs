@@ -272,7 +272,7 @@ pub async fn serve_registry_with_metrics(
         // final status.
         .layer(RequestLayer::new(metrics))
         .layer(tower::util::MapResponseLayer::new(
-            status::request_too_large_response,
+            status::decoding_error_response,
         ))
         // Shedding before authentication: an overloaded server refuses in
         // one step, and the tenant quota counts only admitted requests.

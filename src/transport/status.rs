@@ -71,31 +71,51 @@ impl From<ComputeError> for Status {
     }
 }
 
-/// tonic refuses a request message above `max_decoding_message_size` with
-/// OUT_OF_RANGE; the API promises RESOURCE_EXHAUSTED naming the limit, as
-/// gRPC's other implementations answer. Other statuses pass unchanged.
-pub fn request_too_large(status: Status) -> Status {
+/// tonic's request-decoding failures, as the API promises them:
+/// - a message above `max_decoding_message_size` is OUT_OF_RANGE in tonic;
+///   here RESOURCE_EXHAUSTED naming the limit, as gRPC's other
+///   implementations answer;
+/// - a unary body that ends inside its message or before any (a truncated or
+///   empty request, or a client that cancelled while sending it) is INTERNAL
+///   in tonic, which would count a client's doing as a server fault in
+///   `normserve_requests_total` and alerts; here INVALID_ARGUMENT.
+///
+/// Other statuses pass unchanged.
+pub fn decoding_error(status: Status) -> Status {
     let too_large = status.code() == Code::OutOfRange
         && status
             .message()
             .starts_with("Error, decoded message length too large");
+    let internal = status.code() == Code::Internal;
     if too_large {
         Status::resource_exhausted(format!("{} (max_message_bytes)", status.message()))
+    } else if internal && status.message() == "Unexpected EOF decoding stream." {
+        Status::invalid_argument(
+            "request body ended inside a message: truncated request (or cancelled while sending)",
+        )
+    } else if internal && status.message() == "Missing request message." {
+        Status::invalid_argument(
+            "request body holds no message (or the call was cancelled before sending it)",
+        )
     } else {
         status
     }
 }
 
-/// [`request_too_large`] for unary calls, whose request is decoded before the
+/// [`decoding_error`] for unary calls, whose request is decoded before the
 /// handler runs: tonic answers with a trailers-only response carrying the
 /// status in its headers and extensions.
-pub fn request_too_large_response(
+pub fn decoding_error_response(
     response: http::Response<tonic::body::Body>,
 ) -> http::Response<tonic::body::Body> {
-    match response.extensions().get::<Status>() {
-        Some(status) if status.code() == Code::OutOfRange => {
-            request_too_large(status.clone()).into_http()
-        }
-        _ => response,
+    let Some(status) = response.extensions().get::<Status>() else {
+        return response;
+    };
+    let code = status.code();
+    let mapped = decoding_error(status.clone());
+    if mapped.code() == code {
+        response
+    } else {
+        mapped.into_http()
     }
 }

@@ -232,3 +232,37 @@ async fn forwards_whose_deadline_has_passed_are_not_computed() {
     let reply = client.forward(request).await.unwrap().into_inner();
     assert_eq!(reply.num_batches_tracked, 1);
 }
+
+/// The trailers-only status of a raw gRPC POST of `body` to `path`.
+async fn raw_grpc_status(server: &TestServer, path: &str, body: Vec<u8>) -> tonic::Status {
+    use tower::{Service, ServiceExt};
+    let mut bare = server.bare_http2().await;
+    let request = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{}{path}", server.address))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(tonic::body::Body::new(http_body_util::Full::new(
+            bytes::Bytes::from(body),
+        )))
+        .unwrap();
+    let response = bare.ready().await.unwrap().call(request).await.unwrap();
+    tonic::Status::from_header_map(response.headers()).expect("a trailers-only status")
+}
+
+#[tokio::test]
+async fn a_request_body_ending_inside_or_before_its_message_is_invalid_argument_not_internal() {
+    let server = TestServer::start().await;
+    // A gRPC frame announcing 100 bytes of message, then 10 and the end.
+    let mut body = vec![0u8, 0, 0, 0, 100];
+    body.extend_from_slice(&[0x0a, 8, b's', b'e', b's', b's', b'i', b'o', b'n', b'1']);
+    let status = raw_grpc_status(&server, "/normserve.v1.BatchNormService/GetSession", body).await;
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("truncated"), "{status:?}");
+
+    // No message at all (what a call cancelled before sending leaves).
+    let path = "/normserve.v1.BatchNormService/GetSession";
+    let status = raw_grpc_status(&server, path, Vec::new()).await;
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("no message"), "{status:?}");
+}

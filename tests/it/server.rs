@@ -94,6 +94,12 @@ impl TestServer {
     /// `Channel` it does not enforce `grpc-timeout` itself, so the caller
     /// sees the status the server answers when a deadline passes.
     pub async fn batch_norm_without_client_deadlines(&self) -> BatchNormServiceClient<BareHttp2> {
+        let origin = format!("http://{}", self.address).parse().unwrap();
+        BatchNormServiceClient::with_origin(self.bare_http2().await, origin)
+    }
+
+    /// A bare HTTP/2 connection to the server (hyper, no gRPC layers).
+    pub async fn bare_http2(&self) -> BareHttp2 {
         let stream = tokio::net::TcpStream::connect(self.address).await.unwrap();
         let (sender, connection) = hyper::client::conn::http2::handshake(
             hyper_util::rt::TokioExecutor::new(),
@@ -102,8 +108,7 @@ impl TestServer {
         .await
         .unwrap();
         tokio::spawn(connection);
-        let origin = format!("http://{}", self.address).parse().unwrap();
-        BatchNormServiceClient::with_origin(BareHttp2(sender), origin)
+        BareHttp2(sender)
     }
 
     pub async fn server_info(&self) -> ServerServiceClient<Channel> {
