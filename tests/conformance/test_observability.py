@@ -72,8 +72,10 @@ def test_every_listed_metric_is_exposed(observed):
     text = scrape(url)
     assert text.rstrip().endswith("# EOF")
     for name, kind in listed_metrics().items():
-        if name == "normserve_cuda_memory_bytes" and not torch.cuda.is_available():
-            # Documented: without CUDA the gauge has no series, so no lines.
+        if name == "normserve_cuda_memory_bytes":
+            # Documented: the gauge has series only for CUDA devices the server
+            # uses, and this one runs on the CPU (--device cpu), so no lines;
+            # test_cuda_memory_is_exposed_for_a_device_in_use covers CUDA.
             assert "normserve_cuda_memory_bytes" not in text
             continue
         # OpenMetrics describes a counter without its `_total` suffix.
@@ -180,3 +182,28 @@ def test_an_expired_idle_session_is_one_log_line_and_the_binary_refuses_evict_wi
                               "--session-ttl-seconds", "60"], capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2, refused
     assert "--session-ttl-action delete" in refused.stderr, refused.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_memory_is_exposed_for_a_device_in_use():
+    """normserve_cuda_memory_bytes{device="cuda:0"}: memory in use on the device
+    (total - free, as nvidia-smi's used) once a session lives there; at least
+    what the server's own tensors hold, at most the device's memory."""
+    port = free_port()
+    proc = ServerProcess("--metrics-addr", f"127.0.0.1:{port}", "--durability", "none",
+                         "--device", "cuda")
+    try:
+        with grpc.insecure_channel(proc.address) as channel:
+            stub = batch_norm_pb2_grpc.BatchNormServiceStub(channel)
+            stub.CreateSession(bn.CreateSessionRequest(kind=bn.BATCH_NORM_1D, num_features=3,
+                                                       session_id="on-gpu", device="cuda:0"))
+            x = torch.randn(4096, 3)
+            stub.Forward(bn.ForwardRequest(session_id="on-gpu", mode=bn.MODE_TRAIN, input=tensor_pb2.Tensor(
+                dtype=tensor_pb2.DATA_TYPE_FLOAT32, shape=x.shape, raw=x.numpy().tobytes())))
+            text = scrape(f"http://127.0.0.1:{port}")
+        [line] = [l for l in text.splitlines() if l.startswith('normserve_cuda_memory_bytes{device="cuda:0"}')]
+        used = float(line.split()[-1])
+        total = torch.cuda.get_device_properties(0).total_memory
+        assert 4096 * 3 * 4 <= used <= total, (used, total)
+    finally:
+        assert proc.stop() == 0
