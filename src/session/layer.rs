@@ -45,13 +45,10 @@ impl LastUse {
 
     /// Records a use now (never moves backwards).
     pub fn touch(&self) {
-        self.set(SystemTime::now());
-    }
-
-    /// Records a use at `at` if that is later than the last one known.
-    pub fn set(&self, at: SystemTime) {
-        self.0
-            .fetch_max(unix_nanos(at), std::sync::atomic::Ordering::Relaxed);
+        self.0.fetch_max(
+            unix_nanos(SystemTime::now()),
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     /// Puts back a last use known from before the session was loaded again.

@@ -289,6 +289,26 @@ impl Registry {
         if let Some(session) = self.read_map().get(id).cloned() {
             return Ok(session);
         }
+        let session = self.load_stored(id).await?;
+        // Back in memory: no longer an evicted session.
+        self.evicted_map().remove(id);
+        let mut map = self.write_map();
+        Ok(map.entry(id.clone()).or_insert(session).clone())
+    }
+
+    /// The cached session, or else the stored one loaded but not cached (for
+    /// listing evicted sessions without bringing them back into memory).
+    async fn cached_or_stored(&self, id: &SessionId) -> Result<Arc<Session>, SessionError> {
+        if let Some(session) = self.read_map().get(id).cloned() {
+            return Ok(session);
+        }
+        self.load_stored(id).await
+    }
+
+    /// The stored session, built from its record (DATA_LOSS for an
+    /// unreadable one) and not cached; an evicted session keeps the last use
+    /// it had when the idle TTL dropped it.
+    async fn load_stored(&self, id: &SessionId) -> Result<Arc<Session>, SessionError> {
         if let Some(reason) = self
             .unreadable
             .read()
@@ -315,29 +335,6 @@ impl Registry {
             }
             Err(other) => return Err(other),
         };
-        if let Some(last_used) = self.evicted_map().remove(id) {
-            // Loaded again after an eviction: its idle clock goes on.
-            session.info.last_used.restore(last_used);
-        }
-        let mut map = self.write_map();
-        Ok(map.entry(id.clone()).or_insert(session).clone())
-    }
-
-    /// The cached session, or else the stored one loaded but not cached (for
-    /// listing evicted sessions without bringing them back into memory).
-    async fn cached_or_stored(&self, id: &SessionId) -> Result<Arc<Session>, SessionError> {
-        if let Some(session) = self.read_map().get(id).cloned() {
-            return Ok(session);
-        }
-        let Some(store) = &self.store else {
-            return Err(SessionError::NotFound(id.clone()));
-        };
-        let record = match store.load(id).await? {
-            None => return Err(SessionError::NotFound(id.clone())),
-            Some(Err(error)) => return Err(self.mark_unreadable(id, error.to_string())),
-            Some(Ok(record)) => record,
-        };
-        let session = self.session_from_record(record).await?;
         if let Some(last_used) = self.evicted_map().get(id) {
             session.info.last_used.restore(*last_used);
         }
