@@ -8,9 +8,11 @@
 
 pub mod durable;
 mod id;
-mod layer;
+mod record;
 mod registry;
 mod replay;
+mod state;
+mod steps;
 
 use std::collections::BTreeMap;
 use std::time::SystemTime;
@@ -19,6 +21,7 @@ use bytes::Bytes;
 
 pub use id::{is_valid_tenant, InvalidSessionId, SessionId, MAX_TENANT_LEN};
 pub use registry::{Limits, Recovery, RecoveryError, Registry, RegistryOptions};
+pub use replay::Call;
 
 use crate::compute::ComputeError;
 use crate::device::{DeviceChoice, DeviceError};
@@ -82,8 +85,9 @@ pub struct Forward {
     pub input: TensorData,
     /// None: the session's default mode.
     pub mode: Option<Mode>,
-    pub expected_version: Option<u64>,
-    pub request_id: Option<String>,
+    /// The request id applies to train-mode forwards that update running
+    /// statistics (the others change nothing and are not remembered).
+    pub preconditions: Preconditions,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -103,11 +107,31 @@ pub struct UpdateParameters {
     pub momentum: Option<Momentum>,
 }
 
-/// Preconditions shared by every mutating call.
+/// Preconditions shared by every mutating call: a request id already applied
+/// is answered again instead of applied twice; `expected_version` must be the
+/// session's version.
 #[derive(Debug, Clone, Default)]
-pub struct MutationGuard {
+pub struct Preconditions {
     pub expected_version: Option<u64>,
     pub request_id: Option<String>,
+}
+
+impl Preconditions {
+    /// The same preconditions without the request id.
+    pub fn version_only(&self) -> Preconditions {
+        Preconditions {
+            expected_version: self.expected_version,
+            request_id: None,
+        }
+    }
+}
+
+/// What CreateSession did: created the session, or found it already there
+/// with the same configuration (an idempotent retry).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Created {
+    pub snapshot: SessionSnapshot,
+    pub already_existed: bool,
 }
 
 /// A consistent copy of a session, taken under its lock.
@@ -121,7 +145,7 @@ pub struct SessionSnapshot {
     pub num_batches_tracked: i64,
     pub created_at: SystemTime,
     pub updated_at: SystemTime,
-    /// Last use (see [`layer::LastUse`]), for the idle TTL.
+    /// Last use (see [`state::LastUse`]), for the idle TTL.
     pub last_used_at: SystemTime,
     /// Absent when the caller asked for no tensors.
     pub tensors: Option<StateTensors>,

@@ -5,48 +5,69 @@
 
 use std::collections::VecDeque;
 
-use super::durable::RecentRequest;
+use super::durable::{RecentRequest, RecordError};
 use super::{ForwardOutcome, SessionSnapshot};
+
+/// The mutating calls a request id can be applied by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Call {
+    Forward,
+    ResetRunningStats,
+    UpdateParameters,
+    ImportState,
+}
+
+impl Call {
+    const ALL: [Call; 4] = [
+        Call::Forward,
+        Call::ResetRunningStats,
+        Call::UpdateParameters,
+        Call::ImportState,
+    ];
+
+    /// The RPC's name: in error texts and in stored records.
+    pub fn name(self) -> &'static str {
+        match self {
+            Call::Forward => "Forward",
+            Call::ResetRunningStats => "ResetRunningStats",
+            Call::UpdateParameters => "UpdateParameters",
+            Call::ImportState => "ImportState",
+        }
+    }
+
+    /// The call a stored record names; `None` for a name this build does not
+    /// write (the record is then corrupt: guessing would replay the wrong call).
+    pub fn from_name(name: &str) -> Option<Call> {
+        Call::ALL.into_iter().find(|call| call.name() == name)
+    }
+}
 
 /// The remembered result of one applied mutation.
 #[derive(Debug, Clone)]
 pub enum Replay {
     Forward(ForwardOutcome),
     /// Reset, UpdateParameters and ImportState answer with the session.
-    Snapshot(Box<SessionSnapshot>, &'static str),
+    Snapshot(Box<SessionSnapshot>, Call),
     /// Known from the stored record only (the process restarted or another
-    /// replica applied it): the call and the version it produced.
+    /// replica applied it): the call and the position it produced.
     Recovered {
-        call: &'static str,
+        call: Call,
         version: u64,
         num_batches_tracked: i64,
     },
 }
 
-pub const FORWARD: &str = "Forward";
-pub const RESET: &str = "ResetRunningStats";
-pub const UPDATE: &str = "UpdateParameters";
-pub const IMPORT: &str = "ImportState";
-
-fn call_name(stored: &str) -> &'static str {
-    match stored {
-        RESET => RESET,
-        UPDATE => UPDATE,
-        IMPORT => IMPORT,
-        _ => FORWARD,
-    }
-}
-
 impl Replay {
-    pub fn call_name(&self) -> &'static str {
+    pub fn call(&self) -> Call {
         match self {
-            Replay::Forward(_) => FORWARD,
-            Replay::Snapshot(_, call) | Replay::Recovered { call, .. } => call,
+            Replay::Forward(_) => Call::Forward,
+            Replay::Snapshot(_, call) | Replay::Recovered { call, .. } => *call,
         }
     }
 
-    fn version(&self) -> (u64, i64) {
-        match self {
+    /// The stored form of this entry under `request_id`.
+    pub fn recent(&self, request_id: &str) -> RecentRequest {
+        let (version, num_batches_tracked) = match self {
             Replay::Forward(o) => (o.version, o.num_batches_tracked),
             Replay::Snapshot(s, _) => (s.version, s.num_batches_tracked),
             Replay::Recovered {
@@ -54,6 +75,12 @@ impl Replay {
                 num_batches_tracked,
                 ..
             } => (*version, *num_batches_tracked),
+        };
+        RecentRequest {
+            request_id: request_id.to_owned(),
+            call: self.call().name().to_owned(),
+            version,
+            num_batches_tracked,
         }
     }
 
@@ -63,6 +90,13 @@ impl Replay {
             Replay::Snapshot(..) | Replay::Recovered { .. } => 0,
         }
     }
+}
+
+/// A request id and the result it produced, about to be remembered.
+#[derive(Debug, Clone)]
+pub struct Replayable {
+    pub request_id: String,
+    pub replay: Replay,
 }
 
 /// At most `window` entries; forward outputs held up to `output_budget` bytes
@@ -86,19 +120,29 @@ impl ReplayLog {
     }
 
     /// A log holding the ids of a stored record.
-    pub fn recovered(window: usize, output_budget: usize, stored: &[RecentRequest]) -> Self {
+    pub fn recovered(
+        window: usize,
+        output_budget: usize,
+        stored: &[RecentRequest],
+    ) -> Result<Self, RecordError> {
         let mut log = ReplayLog::new(window, output_budget);
         for request in stored {
-            log.record(
-                request.request_id.clone(),
-                Replay::Recovered {
-                    call: call_name(&request.call),
+            let Some(call) = Call::from_name(&request.call) else {
+                return Err(RecordError::Corrupt(format!(
+                    "request id {:?} names an unknown call {:?}",
+                    request.request_id, request.call
+                )));
+            };
+            log.record(Replayable {
+                request_id: request.request_id.clone(),
+                replay: Replay::Recovered {
+                    call,
                     version: request.version,
                     num_batches_tracked: request.num_batches_tracked,
                 },
-            );
+            });
         }
-        log
+        Ok(log)
     }
 
     pub fn find(&self, request_id: &str) -> Option<&Replay> {
@@ -111,34 +155,23 @@ impl ReplayLog {
 
     /// The ids to store, oldest first, with `next` appended (the mutation
     /// about to be committed), trimmed to the window.
-    pub fn stored_with(&self, next: Option<(&str, &'static str, u64, i64)>) -> Vec<RecentRequest> {
+    pub fn stored_with(&self, next: Option<&Replayable>) -> Vec<RecentRequest> {
         let mut out: Vec<RecentRequest> = self
             .entries
             .iter()
-            .map(|(id, replay)| {
-                let (version, num_batches_tracked) = replay.version();
-                RecentRequest {
-                    request_id: id.clone(),
-                    call: replay.call_name().to_owned(),
-                    version,
-                    num_batches_tracked,
-                }
-            })
+            .map(|(id, replay)| replay.recent(id))
+            .chain(next.map(|next| next.replay.recent(&next.request_id)))
             .collect();
-        if let Some((id, call, version, num_batches_tracked)) = next {
-            out.push(RecentRequest {
-                request_id: id.to_owned(),
-                call: call.to_owned(),
-                version,
-                num_batches_tracked,
-            });
-        }
         let excess = out.len().saturating_sub(self.window);
         out.drain(..excess);
         out
     }
 
-    pub fn record(&mut self, request_id: String, mut replay: Replay) {
+    pub fn record(&mut self, entry: Replayable) {
+        let Replayable {
+            request_id,
+            mut replay,
+        } = entry;
         if self.window == 0 {
             return;
         }

@@ -12,7 +12,7 @@ use crate::device::DeviceChoice;
 use crate::proto::v1 as pb;
 use crate::proto::v1::batch_norm_service_server::BatchNormService;
 use crate::session::{
-    parse_request_id, CreateSession, Forward, MutationGuard, Registry, SessionError,
+    parse_request_id, CreateSession, Forward, Preconditions, Registry, SessionError,
     UpdateParameters,
 };
 
@@ -34,8 +34,8 @@ impl BatchNormApi {
     }
 }
 
-fn guard(expected_version: Option<u64>, request_id: &str) -> Result<MutationGuard, SessionError> {
-    Ok(MutationGuard {
+fn guard(expected_version: Option<u64>, request_id: &str) -> Result<Preconditions, SessionError> {
+    Ok(Preconditions {
         expected_version,
         request_id: parse_request_id(request_id)?,
     })
@@ -54,8 +54,7 @@ async fn forward(
         id,
         input,
         mode: convert::mode(request.mode)?,
-        expected_version: request.expected_version,
-        request_id: parse_request_id(&request.request_id)?,
+        preconditions: guard(request.expected_version, &request.request_id)?,
     };
     let outcome = registry.forward(command).await?;
     Ok(pb::ForwardResponse {
@@ -93,10 +92,10 @@ impl BatchNormService for BatchNormApi {
             initial,
             num_batches_tracked: request.num_batches_tracked,
         };
-        let (snapshot, already_existed) = self.registry.create(command).await?;
+        let created = self.registry.create(command).await?;
         Ok(Response::new(pb::CreateSessionResponse {
-            session: Some(convert::session_to_proto(&principal, snapshot)),
-            already_existed,
+            session: Some(convert::session_to_proto(&principal, created.snapshot)),
+            already_existed: created.already_existed,
         }))
     }
 

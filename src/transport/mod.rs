@@ -124,9 +124,12 @@ pub async fn open_registry(config: &Config, device: Device) -> Result<Arc<Regist
         },
         pool,
         crate::store::open(config).await?.map(|store| {
-            Arc::new(crate::store::measured::MeasuredStore::new(store, metrics))
-                as Arc<dyn crate::session::durable::SessionStore>
+            Arc::new(crate::store::measured::MeasuredStore::new(
+                store,
+                metrics.clone(),
+            )) as Arc<dyn crate::session::durable::SessionStore>
         }),
+        metrics,
     ));
     let recovery = registry.recover().await?;
     tracing::info!(

@@ -1,0 +1,228 @@
+//! The stored form of a session: [`record`] writes a [`SessionRecord`] from
+//! the state, [`info_from_record`] and [`state_from_record`] read one back
+//! (an unreadable record is a [`RecordError`] or DATA_LOSS, never a fresh
+//! session). No locking, no I/O: the registry reads and writes the store.
+
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use tch::{Device, Tensor};
+
+use super::durable::{RecentRequest, RecordError, SessionRecord};
+use super::replay::ReplayLog;
+use super::state::{from_unix_nanos, unix_nanos, LastUse, LayerState, SessionInfo, SessionState};
+use super::{Mode, SessionConfig, SessionError, SessionId};
+use crate::device::{device_name, DeviceChoice};
+use crate::numerics::{DType, LayerKind, Momentum, TensorData};
+
+fn kind_code(kind: LayerKind) -> u32 {
+    match kind {
+        LayerKind::BatchNorm1d => 1,
+        LayerKind::BatchNorm2d => 2,
+        LayerKind::BatchNorm3d => 3,
+    }
+}
+
+fn dtype_code(dtype: DType) -> u32 {
+    match dtype {
+        DType::Float32 => 1,
+        DType::Float64 => 2,
+        DType::Float16 => 3,
+        DType::BFloat16 => 4,
+    }
+}
+
+fn momentum_value(momentum: Momentum) -> Option<f64> {
+    match momentum {
+        Momentum::Exponential(m) => Some(m),
+        Momentum::CumulativeAverage => None,
+    }
+}
+
+/// The stored form of a session at `layer`, with `recent` request ids.
+pub fn record(
+    info: &SessionInfo,
+    layer: &LayerState,
+    recent: Vec<RecentRequest>,
+) -> Result<SessionRecord, SessionError> {
+    let host = |t: &Option<Tensor>| -> Result<Option<Vec<u8>>, SessionError> {
+        Ok(t.as_ref()
+            .map(TensorData::from_tensor)
+            .transpose()?
+            .map(|d| d.bytes().to_vec()))
+    };
+    let config = &info.config;
+    Ok(SessionRecord {
+        id: info.id.as_str().to_owned(),
+        tenant: info.id.tenant().to_owned(),
+        kind: kind_code(config.kind),
+        num_features: config.num_features,
+        created_eps: config.eps,
+        created_momentum: momentum_value(config.momentum),
+        created_cumulative: config.momentum == Momentum::CumulativeAverage,
+        affine: config.affine,
+        track_running_stats: config.track_running_stats,
+        param_dtype: dtype_code(config.param_dtype),
+        default_mode: if config.default_mode == Mode::Train {
+            1
+        } else {
+            2
+        },
+        reject_non_finite: config.reject_non_finite,
+        labels: config.labels.clone(),
+        device: device_name(info.device),
+        eps: layer.eps,
+        momentum: momentum_value(layer.momentum),
+        weight: host(&layer.weight)?,
+        bias: host(&layer.bias)?,
+        running_mean: host(&layer.running_mean)?,
+        running_var: host(&layer.running_var)?,
+        num_batches_tracked: layer.num_batches_tracked,
+        version: layer.version,
+        created_at_unix_nanos: unix_nanos(info.created_at),
+        updated_at_unix_nanos: unix_nanos(layer.updated_at),
+        recent_requests: recent,
+    })
+}
+
+fn corrupt(message: impl Into<String>) -> RecordError {
+    RecordError::Corrupt(message.into())
+}
+
+/// A session's immutable facts from its record. The recorded device is used
+/// when this machine has it, else `default_device` (with a warning).
+pub fn info_from_record(
+    record: &SessionRecord,
+    default_device: Device,
+) -> Result<SessionInfo, RecordError> {
+    let id = SessionId::parse_key(&record.id).map_err(|e| corrupt(e.to_string()))?;
+    if !id.belongs_to(&record.tenant) {
+        return Err(corrupt(format!(
+            "key {:?} does not belong to tenant {:?}",
+            record.id, record.tenant
+        )));
+    }
+    let kind = match record.kind {
+        1 => LayerKind::BatchNorm1d,
+        2 => LayerKind::BatchNorm2d,
+        3 => LayerKind::BatchNorm3d,
+        other => return Err(corrupt(format!("kind {other}"))),
+    };
+    let param_dtype = match record.param_dtype {
+        1 => DType::Float32,
+        2 => DType::Float64,
+        3 => DType::Float16,
+        4 => DType::BFloat16,
+        other => return Err(corrupt(format!("param_dtype {other}"))),
+    };
+    let created_momentum = match (record.created_cumulative, record.created_momentum) {
+        (true, _) => Momentum::CumulativeAverage,
+        (false, Some(m)) => Momentum::Exponential(m),
+        (false, None) => return Err(corrupt("created momentum missing")),
+    };
+    if record.num_features < 1 {
+        return Err(corrupt(format!("num_features {}", record.num_features)));
+    }
+    let device = match record
+        .device
+        .parse::<DeviceChoice>()
+        .map(|choice| choice.resolve(Some(default_device)))
+    {
+        Ok(Ok(device)) => device,
+        _ => {
+            tracing::warn!(session = %id, recorded = %record.device, using = %device_name(default_device),
+                "recorded device is not available here; loading the session on the default device");
+            default_device
+        }
+    };
+    Ok(SessionInfo {
+        id,
+        config: SessionConfig {
+            kind,
+            num_features: record.num_features,
+            eps: record.created_eps,
+            momentum: created_momentum,
+            affine: record.affine,
+            track_running_stats: record.track_running_stats,
+            param_dtype,
+            default_mode: if record.default_mode == 2 {
+                Mode::Eval
+            } else {
+                Mode::Train
+            },
+            reject_non_finite: record.reject_non_finite,
+            labels: record.labels.clone(),
+        },
+        device,
+        created_at: from_unix_nanos(record.created_at_unix_nanos),
+        last_used: LastUse::new(SystemTime::now()),
+    })
+}
+
+/// A session's state from its record, tensors placed on the session's device.
+pub fn state_from_record(
+    info: &SessionInfo,
+    record: &SessionRecord,
+    replay_window: usize,
+    replay_bytes: usize,
+) -> Result<SessionState, SessionError> {
+    let config = &info.config;
+    let tensor = |field: &str,
+                  bytes: &Option<Vec<u8>>,
+                  present: bool|
+     -> Result<Option<Tensor>, SessionError> {
+        match (bytes, present) {
+            (None, false) => Ok(None),
+            (Some(bytes), true) => {
+                let data = TensorData::from_raw(
+                    field,
+                    config.param_dtype,
+                    vec![config.num_features],
+                    Bytes::from(bytes.clone()),
+                    u64::MAX,
+                )
+                .map_err(|e| SessionError::DataLoss {
+                    id: info.id.clone(),
+                    reason: e.to_string(),
+                })?;
+                Ok(Some(data.to_tensor(info.device)?))
+            }
+            _ => Err(SessionError::DataLoss {
+                id: info.id.clone(),
+                reason: format!("record is corrupt: {field} does not match the layer's options"),
+            }),
+        }
+    };
+    let momentum = match record.momentum {
+        Some(m) => Momentum::Exponential(m),
+        None => Momentum::CumulativeAverage,
+    };
+    Ok(SessionState {
+        layer: LayerState {
+            eps: record.eps,
+            momentum,
+            weight: tensor("weight", &record.weight, config.affine)?,
+            bias: tensor("bias", &record.bias, config.affine)?,
+            running_mean: tensor(
+                "running_mean",
+                &record.running_mean,
+                config.track_running_stats,
+            )?,
+            running_var: tensor(
+                "running_var",
+                &record.running_var,
+                config.track_running_stats,
+            )?,
+            num_batches_tracked: record.num_batches_tracked,
+            version: record.version,
+            updated_at: from_unix_nanos(record.updated_at_unix_nanos),
+        },
+        deleted: false,
+        evicted: false,
+        replay: ReplayLog::recovered(replay_window, replay_bytes, &record.recent_requests)
+            .map_err(|e| SessionError::DataLoss {
+                id: info.id.clone(),
+                reason: e.to_string(),
+            })?,
+    })
+}
