@@ -33,6 +33,13 @@ pub struct Config {
     #[arg(long, env = "NORMSERVE_DURABILITY", value_enum, default_value_t = Durability::Sync)]
     pub durability: Durability,
 
+    /// Start even when the embedded store holds fewer commits than were
+    /// acknowledged (it went back in time) or is missing or empty where one
+    /// was: serve it as it is. Without it the server refuses to start, so
+    /// that no session loses acknowledged steps silently.
+    #[arg(long, env = "NORMSERVE_ACCEPT_STORE_ROLLBACK")]
+    pub accept_store_rollback: bool,
+
     /// Default device of new sessions and of Compare: auto (CUDA when
     /// available, else CPU), cpu, cuda or cuda:N.
     #[arg(long, env = "NORMSERVE_DEVICE", default_value = "auto")]

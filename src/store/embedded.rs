@@ -4,6 +4,11 @@
 //! single transaction and commits it once (group commit): concurrent mutations
 //! share one fsync. A caller's future completes only after the commit that
 //! holds its write is durable.
+//!
+//! Every commit also counts itself, inside the store and, once durable, in
+//! the [`CommitMark`] beside it: a store found holding fewer commits than the
+//! mark (or missing, or empty, where the mark says a store was) has gone back
+//! in time, and opening it is refused unless the operator accepts that.
 
 use std::path::Path;
 use std::sync::mpsc;
@@ -13,9 +18,9 @@ use std::thread;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::oneshot;
 
-use crate::session::durable::Stamp;
+use super::commit_mark::{CommitMark, MarkError};
 use crate::session::durable::{
-    SessionRecord, SessionStore, StoreError, Stored, Written, FORMAT_VERSION,
+    SessionRecord, SessionStore, Stamp, StoreError, Stored, Written, FORMAT_VERSION,
 };
 use crate::session::SessionId;
 
@@ -25,6 +30,9 @@ const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("records");
 const VERSIONS: TableDefinition<&str, (i64, u64)> = TableDefinition::new("stamps");
 /// "format" -> the record format of the file.
 const META: TableDefinition<&str, u32> = TableDefinition::new("meta");
+/// "count" -> how many write transactions were committed.
+const COMMITS: TableDefinition<&str, u64> = TableDefinition::new("commits");
+const COMMIT_COUNT: &str = "count";
 
 const NAME: &str = "embedded";
 
@@ -81,11 +89,36 @@ pub enum OpenError {
     Open { path: String, message: String },
     #[error("{path} was written by a newer normserve (format {found}, this build reads up to {FORMAT_VERSION}); refusing to start")]
     NewerFormat { path: String, found: u32 },
+    #[error("{path} holds {stored} commits, but {acknowledged} were acknowledged (recorded in {mark}): the store has gone back in time (redb repaired a corrupt newest commit by falling back to an older one, or an older copy of the file was restored), and sessions would silently lose acknowledged steps. Refusing to start; to serve the store as it is, start once with --accept-store-rollback")]
+    RolledBack {
+        path: String,
+        mark: String,
+        stored: u64,
+        acknowledged: u64,
+    },
+    #[error("{path} is missing or empty, but this data directory held a store with {acknowledged} acknowledged commits (recorded in {mark}). Refusing to start with no sessions; restore the file, or start once with --accept-store-rollback to begin with an empty store")]
+    Missing {
+        path: String,
+        mark: String,
+        acknowledged: u64,
+    },
+    #[error(transparent)]
+    Mark(#[from] MarkError),
+}
+
+/// How to open the embedded store.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OpenOptions {
+    /// Serve a store that holds fewer commits than were acknowledged (or is
+    /// missing where one was) instead of refusing to start; the commit mark
+    /// then starts again from what the store holds.
+    pub accept_rollback: bool,
 }
 
 impl EmbeddedStore {
-    /// Opens (or creates) `data_dir/sessions.redb` and starts the writer.
-    pub fn open(data_dir: &Path) -> Result<Self, OpenError> {
+    /// Opens (or creates) `data_dir/sessions.redb`, checks it against the
+    /// commit mark and starts the writer.
+    pub fn open(data_dir: &Path, options: OpenOptions) -> Result<Self, OpenError> {
         let path = data_dir.join(FILE_NAME);
         let shown = path.display().to_string();
         let open_error = |e: &dyn std::fmt::Display| OpenError::Open {
@@ -93,6 +126,23 @@ impl EmbeddedStore {
             message: e.to_string(),
         };
         std::fs::create_dir_all(data_dir).map_err(|e| open_error(&e))?;
+        let mark = CommitMark::open(data_dir)?;
+        let shown_mark = mark.path().display().to_string();
+        let acknowledged = mark.found.unwrap_or(0);
+        // An empty or missing file is checked before redb would make a fresh
+        // store of it, which would be a silent reset.
+        let empty = std::fs::metadata(&path).map_or(true, |m| m.len() == 0);
+        if empty && acknowledged > 0 {
+            if !options.accept_rollback {
+                return Err(OpenError::Missing {
+                    path: shown,
+                    mark: shown_mark,
+                    acknowledged,
+                });
+            }
+            tracing::warn!(path = %shown, acknowledged,
+                "store missing or empty where one was; starting empty (--accept-store-rollback)");
+        }
         let db = Database::create(&path).map_err(|e| open_error(&e))?;
         // Check (or stamp) the file's format before anything else touches it.
         let txn = db.begin_write().map_err(|e| open_error(&e))?;
@@ -114,14 +164,36 @@ impl EmbeddedStore {
             }
             txn.open_table(RECORDS).map_err(|e| open_error(&e))?;
             txn.open_table(VERSIONS).map_err(|e| open_error(&e))?;
+            txn.open_table(COMMITS).map_err(|e| open_error(&e))?;
         }
         txn.commit().map_err(|e| open_error(&e))?;
+        let stored = {
+            let txn = db.begin_read().map_err(|e| open_error(&e))?;
+            let commits = txn.open_table(COMMITS).map_err(|e| open_error(&e))?;
+            let count = commits.get(COMMIT_COUNT).map_err(|e| open_error(&e))?;
+            count.map_or(0, |v| v.value())
+        };
+        if stored < acknowledged && !empty {
+            if !options.accept_rollback {
+                return Err(OpenError::RolledBack {
+                    path: shown,
+                    mark: shown_mark,
+                    stored,
+                    acknowledged,
+                });
+            }
+            tracing::warn!(path = %shown, stored, acknowledged,
+                "store has gone back in time; serving it as it is (--accept-store-rollback)");
+        }
+        // From here the mark follows the store (also a mark that lagged
+        // after a power loss, or a store from before marks existed).
+        mark.record(stored)?;
         let db = Arc::new(db);
         let (writes, jobs) = mpsc::channel();
         let writer_db = db.clone();
         let writer = thread::Builder::new()
             .name("normserve-store-writer".into())
-            .spawn(move || write_loop(&writer_db, &jobs))
+            .spawn(move || write_loop(&writer_db, &jobs, &mark, stored))
             .map_err(|e| open_error(&e))?;
         Ok(EmbeddedStore {
             db,
@@ -150,15 +222,25 @@ impl EmbeddedStore {
 }
 
 /// The group-commit loop: block for one job, take every job already queued,
-/// apply them in one transaction, commit once, answer all.
-fn write_loop(db: &Database, jobs: &mpsc::Receiver<WriteJob>) {
+/// apply them in one transaction, commit once, record the commit in the mark,
+/// answer all. `commits`: the count the store holds when the loop starts.
+fn write_loop(db: &Database, jobs: &mpsc::Receiver<WriteJob>, mark: &CommitMark, mut commits: u64) {
+    let mut mark_failed = false;
     while let Ok(first) = jobs.recv() {
         let mut batch = vec![first];
         while let Ok(more) = jobs.try_recv() {
             batch.push(more);
         }
-        match apply_batch(db, &batch) {
+        match apply_batch(db, &batch, commits + 1) {
             Ok(outcomes) => {
+                commits += 1;
+                if let Err(error) = mark.record(commits) {
+                    // The commit is durable; only the rollback check is weaker.
+                    if !mark_failed {
+                        tracing::error!(%error, "commit mark not written; a rollback of the store could go unnoticed at the next start");
+                    }
+                    mark_failed = true;
+                }
                 for (job, outcome) in batch.into_iter().zip(outcomes) {
                     let _ = job.done.send(Ok(outcome));
                 }
@@ -171,12 +253,21 @@ fn write_loop(db: &Database, jobs: &mpsc::Receiver<WriteJob>) {
             }
         }
     }
+    if let Err(error) = mark.sync() {
+        tracing::warn!(%error, "commit mark not synced at shutdown");
+    }
 }
 
-fn apply_batch(db: &Database, batch: &[WriteJob]) -> Result<Vec<Written>, StoreError> {
+/// Applies `batch` in one transaction that counts itself as commit number
+/// `commit`.
+fn apply_batch(db: &Database, batch: &[WriteJob], commit: u64) -> Result<Vec<Written>, StoreError> {
     let txn = db.begin_write().map_err(|e| error("begin", e))?;
     let mut outcomes = Vec::with_capacity(batch.len());
     {
+        let mut count = txn.open_table(COMMITS).map_err(|e| error("open", e))?;
+        count
+            .insert(COMMIT_COUNT, commit)
+            .map_err(|e| error("insert", e))?;
         let mut records = txn.open_table(RECORDS).map_err(|e| error("open", e))?;
         let mut versions = txn.open_table(VERSIONS).map_err(|e| error("open", e))?;
         for job in batch {
@@ -323,5 +414,81 @@ impl SessionStore for EmbeddedStore {
             }
             Ok(out)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    fn record(version: u64) -> SessionRecord {
+        SessionRecord {
+            id: "s".into(),
+            kind: 1,
+            num_features: 1,
+            version,
+            created_at_unix_nanos: 7,
+            ..Default::default()
+        }
+    }
+
+    fn open(dir: &Path, accept_rollback: bool) -> Result<EmbeddedStore, OpenError> {
+        EmbeddedStore::open(dir, OpenOptions { accept_rollback })
+    }
+
+    #[tokio::test]
+    async fn every_commit_is_counted_in_the_store_and_the_mark() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), false).unwrap();
+        store.put(&record(1), None).await.unwrap();
+        let stamp = Stamp::of(&record(1));
+        store.put(&record(2), Some(stamp)).await.unwrap();
+        drop(store);
+        let mark = CommitMark::open(dir.path()).unwrap();
+        assert_eq!(mark.found, Some(2));
+        // Reopening checks and keeps the count.
+        drop(open(dir.path(), false).unwrap());
+        assert_eq!(CommitMark::open(dir.path()).unwrap().found, Some(2));
+    }
+
+    #[tokio::test]
+    async fn a_store_behind_its_mark_is_refused_unless_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), false).unwrap();
+        store.put(&record(1), None).await.unwrap();
+        drop(store);
+        CommitMark::open(dir.path()).unwrap().record(5).unwrap();
+        match open(dir.path(), false) {
+            Err(OpenError::RolledBack {
+                stored: 1,
+                acknowledged: 5,
+                ..
+            }) => {}
+            Err(other) => panic!("{other}"),
+            Ok(_) => panic!("a rolled-back store was opened"),
+        }
+        drop(open(dir.path(), true).unwrap());
+        // Accepted: the mark follows the store again.
+        assert_eq!(CommitMark::open(dir.path()).unwrap().found, Some(1));
+        drop(open(dir.path(), false).unwrap());
+    }
+
+    #[tokio::test]
+    async fn an_empty_store_where_one_was_is_refused_unless_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), false).unwrap();
+        store.put(&record(1), None).await.unwrap();
+        drop(store);
+        std::fs::File::create(dir.path().join(FILE_NAME)).unwrap();
+        assert!(matches!(
+            open(dir.path(), false),
+            Err(OpenError::Missing {
+                acknowledged: 1,
+                ..
+            })
+        ));
+        let store = open(dir.path(), true).unwrap();
+        assert!(store.load_all().await.unwrap().is_empty());
     }
 }

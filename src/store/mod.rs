@@ -9,6 +9,7 @@
 //! Chosen by `--store` and `--durability` (see [`open`]). Either is wrapped
 //! in [`measured::MeasuredStore`] for the metrics.
 
+pub mod commit_mark;
 pub mod embedded;
 pub mod measured;
 pub mod redis;
@@ -41,6 +42,9 @@ pub async fn open(config: &Config) -> Result<Option<Arc<dyn SessionStore>>, Stor
         ))),
         Durability::Sync => Ok(Some(Arc::new(embedded::EmbeddedStore::open(
             &config.data_dir,
+            embedded::OpenOptions {
+                accept_rollback: config.accept_store_rollback,
+            },
         )?))),
     }
 }

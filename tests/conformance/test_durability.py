@@ -1,6 +1,7 @@
 """Durable sessions: nothing acknowledged is lost across SIGKILL, retries are
-applied exactly once, corrupt records are reported and not reset, and a
-newer record format is refused. The oracle is torch.nn.BatchNorm*d fed the
+applied exactly once, corrupt records are reported and not reset, a store
+that went back in time (or is missing or empty where one was) is refused
+unless the operator accepts it, and a newer record format is refused. The oracle is torch.nn.BatchNorm*d fed the
 accepted batches in the order of the versions the server returned."""
 
 import os
@@ -280,3 +281,103 @@ def test_durability_none_keeps_nothing_across_restarts():
     assert rpc_error(get, stub, sid).code() == grpc.StatusCode.NOT_FOUND
     channel.close()
     assert server.stop() == 0
+
+
+def start_refused(data_dir, *args):
+    """Runs the server on `data_dir`, expecting it to refuse to start."""
+    binary = os.environ.get("NORMSERVE_BIN", "target/release/normserve")
+    done = subprocess.run([binary, "--listen", "127.0.0.1:0", "--data-dir", data_dir, *args],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0, done.stdout
+    return done.stderr
+
+
+def update_running_mean(stub, sid, values):
+    return stub.UpdateParameters(bn.UpdateParametersRequest(
+        session_id=sid, running_mean=wire.to_proto(values)))
+
+
+def test_a_store_repaired_back_to_an_older_commit_after_kill_9_is_refused():
+    server = ServerProcess()
+    channel, stub = stub_for(server.address)
+    create(normserve.Client(channel), "1d", torch.nn.BatchNorm1d(4), session_id="victim")
+    update_running_mean(stub, "victim", torch.tensor([11.5, 12.5, 13.5, 14.5]))
+    # The newest acknowledged state: values found in its newest copy only.
+    newest = torch.tensor([2718.25, -3141.5, 1414.125, 1732.0625])
+    assert update_running_mean(stub, "victim", newest).session.version == 3
+    channel.close()
+    server.kill9()
+
+    # One flipped bit in the newest copy: at the next start redb finds the
+    # newest commit corrupt and repairs the file back to the one before it.
+    assert flip_in_file(os.path.join(server.data_dir, "sessions.redb"), newest.numpy().tobytes()) >= 1
+    stderr = start_refused(server.data_dir)
+    assert "gone back in time" in stderr and "--accept-store-rollback" in stderr, stderr
+    assert "refusing to start" in stderr.lower(), stderr
+
+    # The operator accepts it: the older state is served, and said so in the log.
+    server = ServerProcess("--accept-store-rollback", data_dir=server.data_dir)
+    channel, stub = stub_for(server.address)
+    session = get(stub, "victim")
+    assert session.version == 2
+    torch.testing.assert_close(wire.from_proto(session.running_mean),
+                               torch.tensor([11.5, 12.5, 13.5, 14.5]))
+    channel.close()
+    assert server.stop() == 0
+    assert "gone back in time" in "".join(server.log)
+    # Accepted once: the next start needs no flag.
+    server = ServerProcess(data_dir=server.data_dir)
+    channel, stub = stub_for(server.address)
+    assert get(stub, "victim").version == 2
+    channel.close()
+    assert server.stop() == 0
+
+
+def test_an_older_copy_of_the_store_is_refused():
+    server = ServerProcess()
+    channel, stub = stub_for(server.address)
+    create(normserve.Client(channel), "1d", torch.nn.BatchNorm1d(2), session_id="s")
+    channel.close()
+    assert server.stop() == 0
+    path = os.path.join(server.data_dir, "sessions.redb")
+    with open(path, "rb") as f:
+        backup = f.read()
+    server = ServerProcess(data_dir=server.data_dir)
+    channel, stub = stub_for(server.address)
+    stub.Forward(bn.ForwardRequest(session_id="s", input=wire.to_proto(torch.randn(3, 2)),
+                                   mode=bn.MODE_TRAIN))
+    channel.close()
+    server.kill9()
+    with open(path, "wb") as f:
+        f.write(backup)
+    assert "gone back in time" in start_refused(server.data_dir)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "deleted"])
+def test_an_empty_or_missing_store_where_one_was_is_refused(damage):
+    server = ServerProcess()
+    channel, stub = stub_for(server.address)
+    create(normserve.Client(channel), "1d", torch.nn.BatchNorm1d(2), session_id="kept")
+    channel.close()
+    assert server.stop() == 0
+    path = os.path.join(server.data_dir, "sessions.redb")
+    if damage == "truncated":
+        os.truncate(path, 0)
+    else:
+        os.remove(path)
+    stderr = start_refused(server.data_dir)
+    assert "missing or empty" in stderr and "--accept-store-rollback" in stderr, stderr
+    # Refusing changed nothing on disk.
+    assert not os.path.exists(path) or os.path.getsize(path) == 0
+
+    # Accepted through the environment variable: an empty store is served.
+    os.environ["NORMSERVE_ACCEPT_STORE_ROLLBACK"] = "true"
+    try:
+        server = ServerProcess(data_dir=server.data_dir)
+    finally:
+        del os.environ["NORMSERVE_ACCEPT_STORE_ROLLBACK"]
+    channel, stub = stub_for(server.address)
+    assert rpc_error(get, stub, "kept").code() == grpc.StatusCode.NOT_FOUND
+    channel.close()
+    assert server.stop() == 0
+    assert "missing or empty" in "".join(server.log)
