@@ -326,8 +326,10 @@ fn per_channel_tensors(request: &CompareRequest) -> [(&'static str, Option<&Tens
     ]
 }
 
-/// Checks the request in the order PyTorch would fail it (first the layer,
-/// then the input against the layer), then what only Compare has: the
+/// Checks the request, each check one function, in an order that decides
+/// which error a request with several faults gets: the server's limit and
+/// the layer's settings, the per-channel tensors, the input against the layer
+/// (PyTorch's order and texts), then what only Compare has: grad_output, the
 /// candidate, the tolerance and the implementations.
 fn validate(request: &CompareRequest, max_num_features: i64) -> Result<Checked, NumericsError> {
     let shape = request.input.shape();
