@@ -28,7 +28,7 @@ pub fn retain_freed_buffers() -> bool {
 
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 mod imp {
-    /// The one `unsafe` of this module: two `mallopt` calls, made before
+    /// The only `unsafe` of this module: three `mallopt` calls, made before
     /// other threads start. They take plain integers and change only glibc's
     /// allocation policy; a rejected value leaves the default in place.
     #[allow(unsafe_code)]

@@ -1,6 +1,14 @@
-//! A CPU tensor's memory seen as [`Bytes`] without a copy: the reply to a
-//! Forward is encoded straight from the output tensor, which lives exactly as
-//! long as the bytes that borrow it.
+//! CPU tensor memory <-> bytes and slices without extra copies: the reply to
+//! a Forward is encoded straight from the output tensor, which lives exactly
+//! as long as the bytes that borrow it; aligned request bytes are read in
+//! place as a tensor; the native train-mode kernel reads and fills float32
+//! tensors as slices; unaligned bytes are copied into a tensor once, without
+//! a zero fill first.
+//!
+//! Owns all of the numerics' `unsafe`: five blocks, one per function here
+//! (`HostTensor::as_ref`, `borrow`, `with_f32_values`, `new_f32_tensor`,
+//! `copy_into_new_tensor`), each with its SAFETY argument. Nothing else in
+//! `numerics` may dereference a tensor's data pointer.
 
 use bytes::Bytes;
 use tch::{Device, Tensor};
@@ -14,10 +22,10 @@ struct HostTensor {
 }
 
 impl AsRef<[u8]> for HostTensor {
-    /// The one `unsafe` of the numerics. Sound because [`into_bytes`] admits
-    /// only contiguous CPU tensors of at least `length` bytes; the tensor is
-    /// owned here, so its storage outlives every borrow; and callers hand
-    /// over fresh results that nothing else writes to.
+    /// Sound because [`into_bytes`] admits only contiguous CPU tensors of at
+    /// least `length` bytes; the tensor is owned here, so its storage outlives
+    /// every borrow; and callers hand over fresh results that nothing else
+    /// writes to.
     #[allow(unsafe_code)]
     fn as_ref(&self) -> &[u8] {
         let data = self.tensor.data_ptr() as *const u8;

@@ -6,9 +6,9 @@ use std::collections::BTreeSet;
 use tokio::task::JoinSet;
 use tonic::Code;
 
-use crate::requests::{bn1d, create, get, named, train};
 use crate::server::TestServer;
-use crate::tensors::batch;
+use crate::support::requests::{bn1d, create, get, named, train};
+use crate::support::tensors::batch;
 
 const CLIENTS: usize = 8;
 const CALLS_PER_CLIENT: usize = 25;

@@ -9,10 +9,11 @@ use normserve::config::{Durability, TtlAction};
 use normserve::proto::v1 as pb;
 use tonic::Code;
 
-use crate::metrics::{sample, scrape};
-use crate::requests::{bn1d, create, get, named, train};
 use crate::server::{BatchNorm, TestServer};
-use crate::tensors::batch;
+use crate::support::metrics::{sample, scrape};
+use crate::support::requests::{bn1d, create, get, named, train};
+use crate::support::state::list_ids;
+use crate::support::tensors::batch;
 
 const EVICTED: &str = "normserve_session_evictions_total{action=\"evict\"}";
 const DELETED: &str = "normserve_session_evictions_total{action=\"delete\"}";
@@ -34,15 +35,6 @@ where
         client.forward(train(id, batch(4, 2))).await.unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-async fn list_ids(client: &mut BatchNorm) -> Vec<String> {
-    let listed = client
-        .list_sessions(pb::ListSessionsRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    listed.sessions.into_iter().map(|s| s.session_id).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,9 +9,9 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
-use crate::requests::{bn1d, create, expect_status, get, train};
 use crate::server::TestServer;
-use crate::tensors::batch;
+use crate::support::requests::{bn1d, create, expect_status, get, train};
+use crate::support::tensors::batch;
 
 /// What the server serves, by full gRPC name (reflection itself aside).
 const SERVED: [&str; 4] = [

@@ -9,9 +9,9 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
-use crate::requests::{bn1d, check_status, create, get, train};
 use crate::server::TestServer;
-use crate::tensors::batch;
+use crate::support::requests::{bn1d, check_status, create, get, train};
+use crate::support::tensors::batch;
 
 const LIMIT: u64 = 3;
 
@@ -129,7 +129,7 @@ fn repeated_batch(repeats: usize) -> pb::Tensor {
     let values: Vec<f32> = (0..repeats)
         .flat_map(|_| rows.iter().flatten().copied())
         .collect();
-    crate::tensors::f32_raw(&[4 * repeats as i64, 2], &values)
+    crate::support::tensors::f32_raw(&[4 * repeats as i64, 2], &values)
 }
 
 /// The session's counters and running mean describe the same number of
@@ -138,7 +138,7 @@ fn repeated_batch(repeats: usize) -> pb::Tensor {
 fn assert_steps_consistent(session: &pb::Session) -> i64 {
     let steps = session.num_batches_tracked;
     assert_eq!(session.version, steps as u64 + 1, "{session:?}");
-    let running_mean = crate::tensors::values(session.running_mean.as_ref().unwrap());
+    let running_mean = crate::support::tensors::values(session.running_mean.as_ref().unwrap());
     let decay = 1.0 - 0.9f64.powi(steps as i32);
     for (got, mean) in running_mean.iter().zip([-1.5, -1.0]) {
         let want = mean * decay;

@@ -24,9 +24,9 @@ use tonic::{Code, Request, Status};
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
-use crate::requests::{bn1d, named};
 use crate::server::TestServer;
-use crate::tensors::f32_raw;
+use crate::support::requests::{bn1d, named};
+use crate::support::tensors::f32_raw;
 
 // ------------------------------------------------------------ certificates
 

@@ -4,9 +4,9 @@ use normserve::proto::v1 as pb;
 use pb::forward_stream_response::Result as Reply;
 use tonic::Code;
 
-use crate::requests::{bn1d, bn2d, check_status, create, get, train};
 use crate::server::TestServer;
-use crate::tensors::{batch, f32_raw};
+use crate::support::requests::{bn1d, bn2d, check_status, create, get, train};
+use crate::support::tensors::{batch, f32_raw};
 
 /// What one request of the stream should get back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

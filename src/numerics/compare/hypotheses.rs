@@ -365,42 +365,13 @@ pub(super) fn diagnose(
     truth: &Parts<Tensor>,
     tolerance: Tolerance,
 ) -> Result<Diagnosis, NumericsError> {
-    let sent = |group: Group| parts_sent(group, candidate);
-    let baseline = |part: Part| -> Result<(&Tensor, &Tensor, &Tensor), NumericsError> {
-        match (candidate.get(part), truth.get(part), reference.get(part)) {
-            (Some(c), Some(t), Some(r)) => Ok((c, t, r)),
-            _ => Err(NumericsError::Torch(format!(
-                "no reference for candidate.{}",
-                part.name()
-            ))),
-        }
+    let compared = Compared {
+        candidate,
+        reference,
+        truth,
+        tolerance,
     };
-    // A group deviates when one of its parts matches neither reference.
-    let mut deviating = Vec::new();
-    let mut matching = Vec::new();
-    let mut worst = Vec::new();
-    for group in [Group::Normalization, Group::RunningStats] {
-        let parts = sent(group);
-        if parts.is_empty() {
-            continue;
-        }
-        let mut deviates = false;
-        let mut max_diff: f64 = 0.0;
-        for &part in &parts {
-            let (c, t, r) = baseline(part)?;
-            let close = diff::tolerance_ratio(c, t, tolerance)? <= 1.0
-                || diff::tolerance_ratio(c, r, tolerance)? <= 1.0;
-            deviates |= !close;
-            max_diff = max_diff.max(diff::max_abs_diff(c, t)?);
-        }
-        if deviates {
-            deviating.push(group);
-            worst.push((group, max_diff));
-        } else {
-            matching.push(group);
-        }
-    }
-
+    let groups = judge_groups(&compared)?;
     let mut tested = Vec::new();
     let mut untested: Vec<Mistake> = Vec::new();
     for mistake in Mistake::ALL {
@@ -415,43 +386,144 @@ pub(super) fn diagnose(
             untested.push(mistake);
             continue;
         }
-        let parts = sent(mistake.group());
-        let with_gradients = parts
-            .iter()
-            .any(|part| matches!(part, Part::GradInput | Part::GradWeight | Part::GradBias));
-        let simulation = simulate(problem, mistake, with_gradients)?;
-        let mut ratio: f64 = 0.0;
-        let mut max_abs: f64 = 0.0;
-        let mut invisible = true;
-        for &part in &parts {
-            let (c, t, _) = baseline(part)?;
-            let Some(s) = simulation.get(part) else {
-                return Err(NumericsError::Torch(format!(
-                    "{} simulated no {}",
-                    mistake.name(),
-                    part.name()
-                )));
-            };
-            ratio = ratio.max(diff::tolerance_ratio(c, s, tolerance)?);
-            max_abs = max_abs.max(diff::max_abs_diff(c, s)?);
-            invisible &= diff::tolerance_ratio(s, t, tolerance)? <= 1.0;
-        }
-        tested.push(Tested {
+        tested.push(test_mistake(
+            problem,
             mistake,
-            group_deviates: deviating.contains(&mistake.group()),
-            invisible,
-            hypothesis: Hypothesis {
-                name: mistake.name(),
-                max_abs_diff: max_abs,
-                tolerance_ratio: ratio,
-                explains: ratio <= 1.0,
-                explanation: mistake.explanation(),
-                fix: mistake.fix(),
-                parts,
-            },
-        });
+            &compared,
+            &groups.deviating,
+        )?);
     }
-    // Stable sort: the catalogue order breaks the remaining ties.
+    rank(&mut tested);
+    let ambiguities = ambiguities(problem, &tested, &groups.deviating, &untested);
+    let summary = summary(&tested, &groups, candidate, tolerance);
+    Ok(Diagnosis {
+        matches_reference: groups.deviating.is_empty(),
+        hypotheses: tested.into_iter().map(|t| t.hypothesis).collect(),
+        ambiguities,
+        summary,
+    })
+}
+
+/// The candidate beside both references, and the tolerance they are judged by.
+struct Compared<'a> {
+    candidate: &'a Parts<Tensor>,
+    reference: &'a Parts<Tensor>,
+    truth: &'a Parts<Tensor>,
+    tolerance: Tolerance,
+}
+
+impl Compared<'_> {
+    /// The parts of `group` the candidate sent.
+    fn sent(&self, group: Group) -> Vec<Part> {
+        parts_sent(group, self.candidate)
+    }
+
+    /// (candidate, float64 reference, native reference) of one sent part.
+    fn part(&self, part: Part) -> Result<(&Tensor, &Tensor, &Tensor), NumericsError> {
+        match (
+            self.candidate.get(part),
+            self.truth.get(part),
+            self.reference.get(part),
+        ) {
+            (Some(c), Some(t), Some(r)) => Ok((c, t, r)),
+            _ => Err(NumericsError::Torch(format!(
+                "no reference for candidate.{}",
+                part.name()
+            ))),
+        }
+    }
+}
+
+/// The groups the candidate sent parts of, judged against the references.
+struct GroupVerdicts {
+    /// A part matches neither reference, in checking order.
+    deviating: Vec<Group>,
+    matching: Vec<Group>,
+    /// The largest difference from the float64 reference of each deviating
+    /// group.
+    worst: Vec<(Group, f64)>,
+}
+
+/// A group deviates when one of its parts matches neither reference.
+fn judge_groups(compared: &Compared) -> Result<GroupVerdicts, NumericsError> {
+    let mut verdicts = GroupVerdicts {
+        deviating: Vec::new(),
+        matching: Vec::new(),
+        worst: Vec::new(),
+    };
+    for group in [Group::Normalization, Group::RunningStats] {
+        let parts = compared.sent(group);
+        if parts.is_empty() {
+            continue;
+        }
+        let mut deviates = false;
+        let mut max_diff: f64 = 0.0;
+        for &part in &parts {
+            let (c, t, r) = compared.part(part)?;
+            let close = diff::tolerance_ratio(c, t, compared.tolerance)? <= 1.0
+                || diff::tolerance_ratio(c, r, compared.tolerance)? <= 1.0;
+            deviates |= !close;
+            max_diff = max_diff.max(diff::max_abs_diff(c, t)?);
+        }
+        if deviates {
+            verdicts.deviating.push(group);
+            verdicts.worst.push((group, max_diff));
+        } else {
+            verdicts.matching.push(group);
+        }
+    }
+    Ok(verdicts)
+}
+
+/// Simulates `mistake` and measures the candidate against the simulation on
+/// the parts of its group the candidate sent.
+fn test_mistake(
+    problem: &Problem,
+    mistake: Mistake,
+    compared: &Compared,
+    deviating: &[Group],
+) -> Result<Tested, NumericsError> {
+    let parts = compared.sent(mistake.group());
+    let with_gradients = parts
+        .iter()
+        .any(|part| matches!(part, Part::GradInput | Part::GradWeight | Part::GradBias));
+    let simulation = simulate(problem, mistake, with_gradients)?;
+    let tolerance = compared.tolerance;
+    let mut ratio: f64 = 0.0;
+    let mut max_abs: f64 = 0.0;
+    let mut invisible = true;
+    for &part in &parts {
+        let (c, t, _) = compared.part(part)?;
+        let Some(s) = simulation.get(part) else {
+            return Err(NumericsError::Torch(format!(
+                "{} simulated no {}",
+                mistake.name(),
+                part.name()
+            )));
+        };
+        ratio = ratio.max(diff::tolerance_ratio(c, s, tolerance)?);
+        max_abs = max_abs.max(diff::max_abs_diff(c, s)?);
+        invisible &= diff::tolerance_ratio(s, t, tolerance)? <= 1.0;
+    }
+    Ok(Tested {
+        mistake,
+        group_deviates: deviating.contains(&mistake.group()),
+        invisible,
+        hypothesis: Hypothesis {
+            name: mistake.name(),
+            max_abs_diff: max_abs,
+            tolerance_ratio: ratio,
+            explains: ratio <= 1.0,
+            explanation: mistake.explanation(),
+            fix: mistake.fix(),
+            parts,
+        },
+    })
+}
+
+/// Mistakes of deviating groups first, then the closest to the candidate.
+/// Stable sort: the catalogue order breaks the remaining ties.
+fn rank(tested: &mut [Tested]) {
     tested.sort_by(|a, b| {
         b.group_deviates
             .cmp(&a.group_deviates)
@@ -461,15 +533,6 @@ pub(super) fn diagnose(
             ))
             .then(total(a.hypothesis.max_abs_diff, b.hypothesis.max_abs_diff))
     });
-
-    let ambiguities = ambiguities(problem, &tested, &deviating, &untested);
-    let summary = summary(&tested, &deviating, &matching, &worst, candidate, tolerance);
-    Ok(Diagnosis {
-        matches_reference: deviating.is_empty(),
-        hypotheses: tested.into_iter().map(|t| t.hypothesis).collect(),
-        ambiguities,
-        summary,
-    })
 }
 
 /// NaN-free ratios compare as numbers; a NaN (never produced) sorts last.
@@ -494,6 +557,8 @@ fn part_names(parts: &[Part]) -> String {
         .join(", ")
 }
 
+/// What this input leaves open: mistakes that explain the same deviation,
+/// mistakes it cannot reveal, mistakes the candidate's parts cannot test.
 fn ambiguities(
     problem: &Problem,
     tested: &[Tested],
@@ -502,22 +567,7 @@ fn ambiguities(
 ) -> Vec<String> {
     let mut sentences = Vec::new();
     for &group in deviating {
-        let explaining: Vec<&Tested> = tested
-            .iter()
-            .filter(|t| t.mistake.group() == group && t.hypothesis.explains)
-            .collect();
-        if explaining.len() >= 2 {
-            let hints: Vec<String> = explaining
-                .iter()
-                .map(|t| format!("{}: {}", t.mistake.name(), t.mistake.separation(problem)))
-                .collect();
-            sentences.push(format!(
-                "{} all explain the candidate's {} on this input. To separate them: {}.",
-                names(explaining.iter().map(|t| t.mistake)),
-                part_names(&explaining[0].hypothesis.parts),
-                hints.join("; ")
-            ));
-        }
+        sentences.extend(rival_explanations(problem, tested, group));
     }
     for t in tested.iter().filter(|t| t.invisible) {
         sentences.push(format!(
@@ -526,7 +576,35 @@ fn ambiguities(
             t.mistake.separation(problem)
         ));
     }
-    // Mistakes that change the same parts share one sentence.
+    sentences.extend(untested_sentences(untested));
+    sentences
+}
+
+/// The sentence naming two or more mistakes that all explain `group`'s
+/// deviation, with how to separate them; none when fewer explain it.
+fn rival_explanations(problem: &Problem, tested: &[Tested], group: Group) -> Option<String> {
+    let explaining: Vec<&Tested> = tested
+        .iter()
+        .filter(|t| t.mistake.group() == group && t.hypothesis.explains)
+        .collect();
+    if explaining.len() < 2 {
+        return None;
+    }
+    let hints: Vec<String> = explaining
+        .iter()
+        .map(|t| format!("{}: {}", t.mistake.name(), t.mistake.separation(problem)))
+        .collect();
+    Some(format!(
+        "{} all explain the candidate's {} on this input. To separate them: {}.",
+        names(explaining.iter().map(|t| t.mistake)),
+        part_names(&explaining[0].hypothesis.parts),
+        hints.join("; ")
+    ))
+}
+
+/// One sentence per set of untested mistakes that change the same parts.
+fn untested_sentences(untested: &[Mistake]) -> Vec<String> {
+    let mut sentences = Vec::new();
     let mut remaining: Vec<Mistake> = untested.to_vec();
     while let Some(&first) = remaining.first() {
         let (same, rest): (Vec<Mistake>, Vec<Mistake>) = remaining
@@ -548,11 +626,11 @@ fn ambiguities(
     sentences
 }
 
+/// The diagnosis in sentences: what deviates, the best explanation of each
+/// deviating group, what matches.
 fn summary(
     tested: &[Tested],
-    deviating: &[Group],
-    matching: &[Group],
-    worst: &[(Group, f64)],
+    groups: &GroupVerdicts,
     candidate: &Parts<Tensor>,
     tolerance: Tolerance,
 ) -> String {
@@ -561,70 +639,82 @@ fn summary(
         "within tolerance (rtol={:e}, atol={:e})",
         tolerance.rtol, tolerance.atol
     );
-    let mut sentences = Vec::new();
-    if deviating.is_empty() {
-        let parts: Vec<Part> = matching.iter().flat_map(|&g| sent(g)).collect();
-        sentences.push(format!(
-            "The candidate matches the reference in {} {within}.",
-            part_names(&parts)
-        ));
-        let invisible: Vec<Mistake> = tested
-            .iter()
-            .filter(|t| t.invisible)
-            .map(|t| t.mistake)
-            .collect();
-        if !invisible.is_empty() {
-            sentences.push(format!(
-                "This input could not reveal {} (see ambiguities).",
-                names(invisible)
-            ));
-        }
-        return sentences.join(" ");
+    if groups.deviating.is_empty() {
+        let parts: Vec<Part> = groups.matching.iter().flat_map(|&g| sent(g)).collect();
+        return summary_of_a_match(tested, &parts, &within);
     }
-    for &(group, max_diff) in worst {
+    let mut sentences = Vec::new();
+    for &(group, max_diff) in &groups.worst {
         sentences.push(format!(
             "The candidate differs from the float64 reference in {} (max abs diff {max_diff:.3e}).",
             part_names(&sent(group))
         ));
-        let in_group: Vec<&Tested> = tested
-            .iter()
-            .filter(|t| t.mistake.group() == group)
-            .collect();
-        match in_group.first() {
-            Some(best) if best.hypothesis.explains => {
-                sentences.push(format!(
-                    "Best explanation: {}, which {}. Fix: {}.",
-                    best.mistake.name(),
-                    best.mistake.explanation(),
-                    best.mistake.fix()
-                ));
-                let others: Vec<Mistake> = in_group[1..]
-                    .iter()
-                    .filter(|t| t.hypothesis.explains)
-                    .map(|t| t.mistake)
-                    .collect();
-                if !others.is_empty() {
-                    sentences.push(format!(
-                        "Equally consistent on this input: {} (see ambiguities).",
-                        names(others)
-                    ));
-                }
-            }
-            Some(best) => sentences.push(format!(
-                "No known mistake explains it {within}; the closest is {} ({:.3e} tolerances away).",
-                best.mistake.name(),
-                best.hypothesis.tolerance_ratio
-            )),
-            None => sentences.push("No known mistake applies to it.".to_owned()),
-        }
+        explain_group(tested, group, &within, &mut sentences);
     }
-    for &group in matching {
+    for &group in &groups.matching {
         sentences.push(format!(
             "It matches the reference in {} {within}.",
             part_names(&sent(group))
         ));
     }
     sentences.join(" ")
+}
+
+/// The summary when every sent part matches: which parts, and which
+/// mistakes this input could not have revealed.
+fn summary_of_a_match(tested: &[Tested], parts: &[Part], within: &str) -> String {
+    let mut sentences = vec![format!(
+        "The candidate matches the reference in {} {within}.",
+        part_names(parts)
+    )];
+    let invisible: Vec<Mistake> = tested
+        .iter()
+        .filter(|t| t.invisible)
+        .map(|t| t.mistake)
+        .collect();
+    if !invisible.is_empty() {
+        sentences.push(format!(
+            "This input could not reveal {} (see ambiguities).",
+            names(invisible)
+        ));
+    }
+    sentences.join(" ")
+}
+
+/// The best explanation of a deviating group (`tested` is ranked), the
+/// others equally consistent, or why none fits.
+fn explain_group(tested: &[Tested], group: Group, within: &str, sentences: &mut Vec<String>) {
+    let in_group: Vec<&Tested> = tested
+        .iter()
+        .filter(|t| t.mistake.group() == group)
+        .collect();
+    match in_group.first() {
+        Some(best) if best.hypothesis.explains => {
+            sentences.push(format!(
+                "Best explanation: {}, which {}. Fix: {}.",
+                best.mistake.name(),
+                best.mistake.explanation(),
+                best.mistake.fix()
+            ));
+            let others: Vec<Mistake> = in_group[1..]
+                .iter()
+                .filter(|t| t.hypothesis.explains)
+                .map(|t| t.mistake)
+                .collect();
+            if !others.is_empty() {
+                sentences.push(format!(
+                    "Equally consistent on this input: {} (see ambiguities).",
+                    names(others)
+                ));
+            }
+        }
+        Some(best) => sentences.push(format!(
+            "No known mistake explains it {within}; the closest is {} ({:.3e} tolerances away).",
+            best.mistake.name(),
+            best.hypothesis.tolerance_ratio
+        )),
+        None => sentences.push("No known mistake applies to it.".to_owned()),
+    }
 }
 
 /// The parts of `group` the candidate sent.

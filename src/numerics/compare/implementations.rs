@@ -172,58 +172,90 @@ pub(super) fn manual(
     );
 
     if problem.updates_running_stats() {
-        let (running_mean, running_var) = problem.running_stats()?;
-        // running_var always takes the unbiased variance, whatever normalizes.
-        let batch_mean = x.f_mean_dim(dims, false, None::<Kind>)?;
-        let batch_var = x.f_var_correction(dims, 1, false)?;
-        results.set(
-            Part::RunningMean,
-            moving_average(running_mean, &batch_mean, problem.factor)?,
-        );
-        results.set(
-            Part::RunningVar,
-            moving_average(running_var, &batch_var, problem.factor)?,
-        );
+        let (running_mean, running_var) = manual_running_stats(problem)?;
+        results.set(Part::RunningMean, running_mean);
+        results.set(Part::RunningVar, running_var);
     }
-
     if let Some(g) = &problem.grad_output {
-        let g = g.f_to_kind(kind)?;
-        let g_x_hat = g.f_mul(&x_hat)?;
-        let scale = match &weight {
-            Some(weight) => weight.f_div(&std)?,
-            None => std.f_reciprocal()?,
+        let normalized = Normalized {
+            x_hat: &x_hat,
+            std: &std,
+            weight: weight.as_ref(),
         };
-        let grad_input = if problem.uses_batch_stats() {
-            let m = problem.values_per_channel() as f64;
-            let divisor = m - variance.correction() as f64;
-            let centered_g = g.f_sub(&g.f_mean_dim(dims, true, None::<Kind>)?)?;
-            let projection = x_hat.f_mul(
-                &g_x_hat
-                    .f_sum_dim_intlist(dims, true, None::<Kind>)?
-                    .f_div_scalar(divisor)?,
-            )?;
-            centered_g.f_sub(&projection)?.f_mul(&scale)?
-        } else {
-            g.f_mul(&scale)?
-        };
-        let in_param_dtype = |grad: Tensor, like: &Option<Tensor>| match like {
-            Some(param) => Ok::<_, NumericsError>(Some(grad.f_to_kind(param.f_kind()?)?)),
-            None => Ok(None),
-        };
-        let grads = Gradients {
-            input: grad_input,
-            weight: in_param_dtype(
-                g_x_hat.f_sum_dim_intlist(dims, false, None::<Kind>)?,
-                &problem.weight,
-            )?,
-            bias: in_param_dtype(
-                g.f_sum_dim_intlist(dims, false, None::<Kind>)?,
-                &problem.bias,
-            )?,
-        };
+        let grads = manual_gradients(problem, &g.f_to_kind(kind)?, &normalized, variance)?;
         set_gradients(&mut results, grads);
     }
     Ok(results)
+}
+
+/// The running statistics after this step (only called when they update):
+/// running_var always takes the unbiased variance, whatever normalizes.
+fn manual_running_stats(problem: &Problem) -> Result<(Tensor, Tensor), NumericsError> {
+    let (running_mean, running_var) = problem.running_stats()?;
+    let dims = problem.reduction_dims();
+    let dims = dims.as_slice();
+    let batch_mean = problem.x.f_mean_dim(dims, false, None::<Kind>)?;
+    let batch_var = problem.x.f_var_correction(dims, 1, false)?;
+    Ok((
+        moving_average(running_mean, &batch_mean, problem.factor)?,
+        moving_average(running_var, &batch_var, problem.factor)?,
+    ))
+}
+
+/// What the forward pass of [`manual`] computed that its gradients reuse,
+/// each broadcastable against the input, in the input's dtype.
+struct Normalized<'a> {
+    x_hat: &'a Tensor,
+    /// sqrt(var + eps), (1, C, 1, ...).
+    std: &'a Tensor,
+    /// (1, C, 1, ...).
+    weight: Option<&'a Tensor>,
+}
+
+/// The closed-form gradients of [`manual`] for `g` (grad_output in the
+/// input's dtype); grad_weight and grad_bias in the parameters' dtypes.
+fn manual_gradients(
+    problem: &Problem,
+    g: &Tensor,
+    normalized: &Normalized,
+    variance: Variance,
+) -> Result<Gradients, NumericsError> {
+    let dims = problem.reduction_dims();
+    let dims = dims.as_slice();
+    let x_hat = normalized.x_hat;
+    let g_x_hat = g.f_mul(x_hat)?;
+    let scale = match normalized.weight {
+        Some(weight) => weight.f_div(normalized.std)?,
+        None => normalized.std.f_reciprocal()?,
+    };
+    let grad_input = if problem.uses_batch_stats() {
+        let m = problem.values_per_channel() as f64;
+        let divisor = m - variance.correction() as f64;
+        let centered_g = g.f_sub(&g.f_mean_dim(dims, true, None::<Kind>)?)?;
+        let projection = x_hat.f_mul(
+            &g_x_hat
+                .f_sum_dim_intlist(dims, true, None::<Kind>)?
+                .f_div_scalar(divisor)?,
+        )?;
+        centered_g.f_sub(&projection)?.f_mul(&scale)?
+    } else {
+        g.f_mul(&scale)?
+    };
+    let in_param_dtype = |grad: Tensor, like: &Option<Tensor>| match like {
+        Some(param) => Ok::<_, NumericsError>(Some(grad.f_to_kind(param.f_kind()?)?)),
+        None => Ok(None),
+    };
+    Ok(Gradients {
+        input: grad_input,
+        weight: in_param_dtype(
+            g_x_hat.f_sum_dim_intlist(dims, false, None::<Kind>)?,
+            &problem.weight,
+        )?,
+        bias: in_param_dtype(
+            g.f_sum_dim_intlist(dims, false, None::<Kind>)?,
+            &problem.bias,
+        )?,
+    })
 }
 
 /// x̂ · weight + bias, each factor only when present.

@@ -326,10 +326,41 @@ fn per_channel_tensors(request: &CompareRequest) -> [(&'static str, Option<&Tens
     ]
 }
 
+/// Checks the request, each check one function, in an order that decides
+/// which error a request with several faults gets: the server's limit and
+/// the layer's settings, the per-channel tensors, the input against the layer
+/// (PyTorch's order and texts), then what only Compare has: grad_output, the
+/// candidate, the tolerance and the implementations.
 fn validate(request: &CompareRequest, max_num_features: i64) -> Result<Checked, NumericsError> {
     let shape = request.input.shape();
     let kind = layer_kind_for_rank(shape.len())?;
     let channels = shape[1];
+    check_num_features_limit(channels, max_num_features)?;
+    check_hyperparameters(request)?;
+    check_running_stats_pairing(request)?;
+    let first = first_parameter(request)?;
+    let num_features = first.map_or(channels, |data| data.shape()[0]);
+    let param_dtype = first.map_or(request.input.dtype(), TensorData::dtype);
+    check_input_against_layer(request, kind, num_features, param_dtype)?;
+    check_parameter_lengths(request, channels)?;
+    check_input_not_empty(request)?;
+    if let Some(grad_output) = &request.grad_output {
+        check_shape("grad_output", grad_output, shape, "the input's")?;
+    }
+    if let Some(candidate) = &request.candidate {
+        check_candidate(request, candidate, channels)?;
+    }
+    let tolerance = checked_tolerance(request)?;
+    let implementations = requested_implementations(request)?;
+    Ok(Checked {
+        kind,
+        param_dtype,
+        tolerance,
+        implementations,
+    })
+}
+
+fn check_num_features_limit(channels: i64, max_num_features: i64) -> Result<(), NumericsError> {
     if channels > max_num_features {
         return Err(NumericsError::LimitExceeded {
             field: "input".to_owned(),
@@ -339,6 +370,11 @@ fn validate(request: &CompareRequest, max_num_features: i64) -> Result<Checked, 
             limit_name: "max_num_features",
         });
     }
+    Ok(())
+}
+
+/// eps, momentum and the counter, with the texts sessions use.
+fn check_hyperparameters(request: &CompareRequest) -> Result<(), NumericsError> {
     check_eps("eps", request.eps)?;
     if let Momentum::Exponential(momentum) = request.momentum {
         check_momentum("momentum", momentum)?;
@@ -349,16 +385,23 @@ fn validate(request: &CompareRequest, max_num_features: i64) -> Result<Checked, 
             format!("must be >= 0, got {}", request.num_batches_tracked),
         ));
     }
+    Ok(())
+}
+
+fn check_running_stats_pairing(request: &CompareRequest) -> Result<(), NumericsError> {
     if request.running_mean.is_some() != request.running_var.is_some() {
         return Err(NumericsError::invalid(
             "running_mean",
             "running_mean and running_var must be given together (both absent: track_running_stats=False)",
         ));
     }
+    Ok(())
+}
 
-    // The layer is judged as PyTorch judges it: its size is that of its
-    // first tensor in ATen's order, and every other tensor must match the
-    // input's channels.
+/// The first per-channel tensor in ATen's order, after checking that each is
+/// 1-D and all share its dtype. The layer is judged as PyTorch judges it:
+/// its size is that of this tensor.
+fn first_parameter(request: &CompareRequest) -> Result<Option<&TensorData>, NumericsError> {
     let mut first: Option<(&str, &TensorData)> = None;
     for (field, data) in per_channel_tensors(request) {
         let Some(data) = data else { continue };
@@ -386,8 +429,17 @@ fn validate(request: &CompareRequest, max_num_features: i64) -> Result<Checked, 
             Some(_) => {}
         }
     }
-    let num_features = first.map_or(channels, |(_, data)| data.shape()[0]);
-    let param_dtype = first.map_or(request.input.dtype(), |(_, data)| data.dtype());
+    Ok(first.map(|(_, data)| data))
+}
+
+/// The input against the layer the parameters describe, with PyTorch's
+/// texts ([`Layer::check_input`]).
+fn check_input_against_layer(
+    request: &CompareRequest,
+    kind: LayerKind,
+    num_features: i64,
+    param_dtype: DType,
+) -> Result<(), NumericsError> {
     // Layer::check_input looks only at which tensors exist; empty host
     // stand-ins keep the data off the device until validation is over.
     let present = |data: Option<&TensorData>| -> Result<Option<Tensor>, NumericsError> {
@@ -415,7 +467,15 @@ fn validate(request: &CompareRequest, max_num_features: i64) -> Result<Checked, 
         running_var: running_var.as_ref(),
         stats: StatsKernel::Libtorch,
     };
-    layer.check_input(shape, request.input.dtype(), request.training)?;
+    layer.check_input(
+        request.input.shape(),
+        request.input.dtype(),
+        request.training,
+    )
+}
+
+/// Every per-channel tensor holds one value per input channel.
+fn check_parameter_lengths(request: &CompareRequest, channels: i64) -> Result<(), NumericsError> {
     for (field, data) in per_channel_tensors(request) {
         if let Some(data) = data {
             if data.shape()[0] != channels {
@@ -429,70 +489,91 @@ fn validate(request: &CompareRequest, max_num_features: i64) -> Result<Checked, 
             }
         }
     }
+    Ok(())
+}
+
+fn check_input_not_empty(request: &CompareRequest) -> Result<(), NumericsError> {
     if request.input.numel() == 0 {
         return Err(NumericsError::invalid(
             "input",
             format!(
                 "Compare needs at least one element, got input size {}",
-                torch_size(shape)
+                torch_size(request.input.shape())
             ),
         ));
     }
-    if let Some(grad_output) = &request.grad_output {
-        check_shape("grad_output", grad_output, shape, "the input's")?;
+    Ok(())
+}
+
+/// The candidate has at least one part, only parts the references produce,
+/// each in its shape.
+fn check_candidate(
+    request: &CompareRequest,
+    candidate: &Parts<TensorData>,
+    channels: i64,
+) -> Result<(), NumericsError> {
+    if candidate.is_empty() {
+        return Err(NumericsError::invalid(
+            "candidate",
+            "no tensors: set at least one of output, running_mean, running_var, grad_input, grad_weight, grad_bias",
+        ));
     }
+    for (part, data) in candidate.iter() {
+        let field = format!("candidate.{}", part.name());
+        if let Some(reason) = why_no_reference(request, part) {
+            return Err(NumericsError::invalid(field, reason));
+        }
+        if part.is_per_channel() {
+            check_shape(&field, data, &[channels], "(C,)")?;
+        } else {
+            check_shape(&field, data, request.input.shape(), "the input's")?;
+        }
+    }
+    Ok(())
+}
+
+/// Why the references produce no `part` for this request, if they do not.
+fn why_no_reference(request: &CompareRequest, part: Part) -> Option<&'static str> {
     let updates_running_stats = request.training && request.running_mean.is_some();
-    if let Some(candidate) = &request.candidate {
-        if candidate.is_empty() {
+    match part {
+        Part::Output => None,
+        Part::RunningMean | Part::RunningVar if !updates_running_stats => Some(
+            "the reference updates no running statistics here (eval mode, or no running_mean/running_var in the request)",
+        ),
+        Part::GradInput | Part::GradWeight | Part::GradBias if request.grad_output.is_none() => {
+            Some("gradients are compared only when the request has grad_output")
+        }
+        Part::GradWeight if request.weight.is_none() => {
+            Some("the request has no weight, so there is no grad_weight")
+        }
+        Part::GradBias if request.bias.is_none() => {
+            Some("the request has no bias, so there is no grad_bias")
+        }
+        _ => None,
+    }
+}
+
+/// The caller's tolerance when valid, else the default for the input's dtype.
+fn checked_tolerance(request: &CompareRequest) -> Result<Tolerance, NumericsError> {
+    let Some(tolerance) = request.tolerance else {
+        return Ok(Tolerance::default_for(request.input.dtype()));
+    };
+    for (field, value) in [("rtol", tolerance.rtol), ("atol", tolerance.atol)] {
+        if !(value.is_finite() && value >= 0.0) {
             return Err(NumericsError::invalid(
-                "candidate",
-                "no tensors: set at least one of output, running_mean, running_var, grad_input, grad_weight, grad_bias",
+                field,
+                format!("must be finite and >= 0, got {value}"),
             ));
         }
-        for (part, data) in candidate.iter() {
-            let field = format!("candidate.{}", part.name());
-            let missing = match part {
-                Part::Output => None,
-                Part::RunningMean | Part::RunningVar if !updates_running_stats => Some(
-                    "the reference updates no running statistics here (eval mode, or no running_mean/running_var in the request)",
-                ),
-                Part::GradInput | Part::GradWeight | Part::GradBias
-                    if request.grad_output.is_none() =>
-                {
-                    Some("gradients are compared only when the request has grad_output")
-                }
-                Part::GradWeight if request.weight.is_none() => {
-                    Some("the request has no weight, so there is no grad_weight")
-                }
-                Part::GradBias if request.bias.is_none() => {
-                    Some("the request has no bias, so there is no grad_bias")
-                }
-                _ => None,
-            };
-            if let Some(reason) = missing {
-                return Err(NumericsError::invalid(field, reason));
-            }
-            if part.is_per_channel() {
-                check_shape(&field, data, &[channels], "(C,)")?;
-            } else {
-                check_shape(&field, data, shape, "the input's")?;
-            }
-        }
     }
-    let tolerance = match request.tolerance {
-        Some(tolerance) => {
-            for (field, value) in [("rtol", tolerance.rtol), ("atol", tolerance.atol)] {
-                if !(value.is_finite() && value >= 0.0) {
-                    return Err(NumericsError::invalid(
-                        field,
-                        format!("must be finite and >= 0, got {value}"),
-                    ));
-                }
-            }
-            tolerance
-        }
-        None => Tolerance::default_for(request.input.dtype()),
-    };
+    Ok(tolerance)
+}
+
+/// The implementations to run, deduplicated, in reply order: every one when
+/// none is named, the candidate only when there is one.
+fn requested_implementations(
+    request: &CompareRequest,
+) -> Result<Vec<Implementation>, NumericsError> {
     let mut implementations = if request.implementations.is_empty() {
         Implementation::ALL.to_vec()
     } else {
@@ -511,12 +592,7 @@ fn validate(request: &CompareRequest, max_num_features: i64) -> Result<Checked, 
     }
     implementations.sort();
     implementations.dedup();
-    Ok(Checked {
-        kind,
-        param_dtype,
-        tolerance,
-        implementations,
-    })
+    Ok(implementations)
 }
 
 fn check_shape(

@@ -7,6 +7,9 @@ use tonic::{Code, Response, Status};
 
 use crate::server::BatchNorm;
 
+/// PyTorch's default `eps` of a batch-norm layer.
+pub const EPS: f64 = 1e-5;
+
 /// `torch.nn.BatchNorm1d(num_features)` with every default.
 pub fn bn1d(num_features: i64) -> pb::CreateSessionRequest {
     pb::CreateSessionRequest {

@@ -1,0 +1,325 @@
+//! Running a scenario against the server: its connections and sessions, the
+//! callers of each workload (unary, stream, Compare), one HDR histogram of
+//! latencies per round, and the figures of a round. Prints nothing but the
+//! first error of a round.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use normserve::proto::v1 as pb;
+use normserve::proto::v1::compare_service_client::CompareServiceClient;
+use tch::Device;
+use tokio::sync::{mpsc, Semaphore};
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+
+use crate::fatal;
+use crate::scenarios::{random_input, raw_bytes, Scenario, Workload};
+use crate::target::{batch_norm_client, connect, CpuMeter, Target};
+
+/// One round's figures.
+#[derive(Clone, Debug, Default)]
+pub struct Round {
+    pub calls: u64,
+    pub errors: u64,
+    pub seconds: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    /// CPU seconds used by this process and by the server during the round.
+    pub generator_cpu: f64,
+    pub server_cpu: Option<f64>,
+}
+
+impl Round {
+    pub fn calls_per_s(&self) -> f64 {
+        self.calls as f64 / self.seconds
+    }
+}
+
+/// `rounds` rounds of `duration` of `scenario` against the server, after a
+/// warm-up round (connections, allocator, libtorch) that is dropped.
+pub async fn service_rounds(
+    target: &Target,
+    scenario: &Scenario,
+    device: &str,
+    rounds: usize,
+    duration: Duration,
+    server_pid: Option<&str>,
+) -> Vec<Round> {
+    let prepared = prepare(target, scenario, device).await;
+    let mut measured = Vec::new();
+    // Round 0 warms up and is dropped.
+    for i in 0..=rounds {
+        let round_time = if i == 0 {
+            duration.min(Duration::from_millis(300))
+        } else {
+            duration
+        };
+        let round = match scenario.workload {
+            Workload::Unary { .. } => {
+                unary_round(&prepared, scenario, round_time, server_pid).await
+            }
+            Workload::Stream { window } => {
+                stream_round(&prepared, scenario, window, round_time, server_pid).await
+            }
+            Workload::Compare => {
+                compare_round(&prepared, scenario, device, round_time, server_pid).await
+            }
+        };
+        if i > 0 {
+            measured.push(round);
+        }
+    }
+    measured
+}
+
+fn histogram() -> Histogram<u64> {
+    // Nanoseconds, 1 µs to 10 min, 3 significant digits.
+    match Histogram::new_with_bounds(1_000, 600_000_000_000, 3) {
+        Ok(h) => h,
+        Err(e) => fatal(&format!("histogram: {e}")),
+    }
+}
+
+fn finish(
+    histogram: &Histogram<u64>,
+    calls: u64,
+    errors: u64,
+    start: Instant,
+    cpu: &CpuMeter,
+) -> Round {
+    let (generator_cpu, server_cpu) = cpu.stop();
+    Round {
+        calls,
+        errors,
+        seconds: start.elapsed().as_secs_f64(),
+        p50_us: histogram.value_at_quantile(0.5) as f64 / 1e3,
+        p99_us: histogram.value_at_quantile(0.99) as f64 / 1e3,
+        generator_cpu,
+        server_cpu,
+    }
+}
+
+/// Shared per-scenario setup: channels, sessions, the request bytes.
+struct Prepared {
+    channels: Vec<Channel>,
+    sessions: Vec<String>,
+    raw: Bytes,
+}
+
+async fn prepare(target: &Target, scenario: &Scenario, device: &str) -> Prepared {
+    let callers = scenario.callers();
+    // One HTTP/2 connection per caller, up to 8; more callers share them.
+    let mut channels = Vec::new();
+    for _ in 0..callers.min(8) {
+        channels.push(connect(&target.address).await);
+    }
+    let mut sessions = Vec::new();
+    if scenario.workload != Workload::Compare {
+        for i in 0..callers {
+            sessions.push(create_session(&channels[i % channels.len()], scenario, device).await);
+        }
+    }
+    let raw = raw_bytes(&random_input(&scenario.shape, Device::Cpu));
+    Prepared {
+        channels,
+        sessions,
+        raw,
+    }
+}
+
+async fn create_session(channel: &Channel, scenario: &Scenario, device: &str) -> String {
+    let reply = batch_norm_client(channel.clone())
+        .create_session(pb::CreateSessionRequest {
+            kind: scenario.layer_kind() as i32,
+            num_features: scenario.shape[1],
+            device: device.to_owned(),
+            ..Default::default()
+        })
+        .await;
+    match reply {
+        Ok(r) => r
+            .into_inner()
+            .session
+            .map(|s| s.session_id)
+            .unwrap_or_default(),
+        Err(status) => fatal(&format!("CreateSession: {status}")),
+    }
+}
+
+async fn unary_round(
+    prepared: &Prepared,
+    scenario: &Scenario,
+    duration: Duration,
+    cpu_pid: Option<&str>,
+) -> Round {
+    let cpu = CpuMeter::start(cpu_pid);
+    let start = Instant::now();
+    let deadline = start + duration;
+    let mut tasks = Vec::new();
+    for (i, session_id) in prepared.sessions.iter().enumerate() {
+        let mut client = batch_norm_client(prepared.channels[i % prepared.channels.len()].clone());
+        let request = scenario.forward_request(session_id.clone(), &prepared.raw);
+        tasks.push(tokio::spawn(async move {
+            let mut histogram = histogram();
+            let (mut calls, mut errors) = (0u64, 0u64);
+            let mut first_error = None;
+            while Instant::now() < deadline {
+                let sent = Instant::now();
+                match client.forward(request.clone()).await {
+                    Ok(reply) => {
+                        std::hint::black_box(reply.into_inner());
+                        calls += 1;
+                        histogram.saturating_record(sent.elapsed().as_nanos() as u64);
+                    }
+                    Err(status) => {
+                        errors += 1;
+                        first_error.get_or_insert(status);
+                    }
+                }
+            }
+            (histogram, calls, errors, first_error)
+        }));
+    }
+    let mut total = histogram();
+    let (mut calls, mut errors) = (0, 0);
+    for task in tasks {
+        let Ok((h, c, e, first_error)) = task.await else {
+            fatal("a caller task panicked")
+        };
+        if let Some(status) = first_error {
+            eprintln!(
+                "normserve-bench: {}: {} errors, first: {status}",
+                scenario.name, e
+            );
+        }
+        let _ = total.add(&h);
+        calls += c;
+        errors += e;
+    }
+    finish(&total, calls, errors, start, &cpu)
+}
+
+async fn stream_round(
+    prepared: &Prepared,
+    scenario: &Scenario,
+    window: usize,
+    duration: Duration,
+    cpu_pid: Option<&str>,
+) -> Round {
+    let mut client = batch_norm_client(prepared.channels[0].clone());
+    let request = scenario.forward_request(prepared.sessions[0].clone(), &prepared.raw);
+    let cpu = CpuMeter::start(cpu_pid);
+    let start = Instant::now();
+    let deadline = start + duration;
+    let permits = Arc::new(Semaphore::new(window));
+    let sent_at: Arc<std::sync::Mutex<BTreeMap<u64, Instant>>> = Arc::default();
+    let (sender, receiver) = mpsc::channel::<pb::ForwardRequest>(window);
+    let feeder = {
+        let permits = permits.clone();
+        let sent_at = sent_at.clone();
+        tokio::spawn(async move {
+            let mut index = 0u64;
+            while Instant::now() < deadline {
+                let Ok(permit) = permits.acquire().await else {
+                    break;
+                };
+                permit.forget();
+                if let Ok(mut map) = sent_at.lock() {
+                    map.insert(index, Instant::now());
+                }
+                if sender.send(request.clone()).await.is_err() {
+                    break;
+                }
+                index += 1;
+            }
+            // Dropping the sender half-closes the stream.
+        })
+    };
+    let mut histogram = histogram();
+    let (mut calls, mut errors) = (0u64, 0u64);
+    let stream = client
+        .forward_stream(tokio_stream::wrappers::ReceiverStream::new(receiver))
+        .await;
+    match stream {
+        Ok(reply) => {
+            let mut responses = reply.into_inner();
+            while let Some(item) = responses.next().await {
+                match item {
+                    Ok(message) => {
+                        let sent = sent_at
+                            .lock()
+                            .ok()
+                            .and_then(|mut m| m.remove(&message.index));
+                        match message.result {
+                            Some(pb::forward_stream_response::Result::Response(r)) => {
+                                std::hint::black_box(r);
+                                calls += 1;
+                                if let Some(sent) = sent {
+                                    histogram.saturating_record(sent.elapsed().as_nanos() as u64);
+                                }
+                            }
+                            _ => errors += 1,
+                        }
+                        permits.add_permits(1);
+                    }
+                    Err(status) => {
+                        eprintln!(
+                            "normserve-bench: {}: stream failed: {status}",
+                            scenario.name
+                        );
+                        errors += 1;
+                        break;
+                    }
+                }
+            }
+        }
+        Err(status) => {
+            eprintln!(
+                "normserve-bench: {}: ForwardStream: {status}",
+                scenario.name
+            );
+            errors += 1;
+        }
+    }
+    permits.close();
+    let _ = feeder.await;
+    finish(&histogram, calls, errors, start, &cpu)
+}
+
+async fn compare_round(
+    prepared: &Prepared,
+    scenario: &Scenario,
+    device: &str,
+    duration: Duration,
+    cpu_pid: Option<&str>,
+) -> Round {
+    let mut client = CompareServiceClient::new(prepared.channels[0].clone())
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX);
+    let request = scenario.compare_request(&prepared.raw, device);
+    let cpu = CpuMeter::start(cpu_pid);
+    let start = Instant::now();
+    let mut histogram = histogram();
+    let (mut calls, mut errors) = (0u64, 0u64);
+    while start.elapsed() < duration {
+        let sent = Instant::now();
+        match client.compare(request.clone()).await {
+            Ok(reply) => {
+                std::hint::black_box(reply.into_inner());
+                calls += 1;
+                histogram.saturating_record(sent.elapsed().as_nanos() as u64);
+            }
+            Err(status) => {
+                if errors == 0 {
+                    eprintln!("normserve-bench: {}: {status}", scenario.name);
+                }
+                errors += 1;
+            }
+        }
+    }
+    finish(&histogram, calls, errors, start, &cpu)
+}

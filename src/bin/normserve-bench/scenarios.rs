@@ -1,0 +1,214 @@
+//! The named scenarios: what each one sends (shape, mode) and how
+//! (unary callers, a stream window, Compare), and the request bodies built
+//! from them. Owns no I/O and measures nothing.
+
+use bytes::Bytes;
+use normserve::proto::v1 as pb;
+use tch::{Device, Kind, Tensor};
+
+use crate::fatal;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Workload {
+    /// Unary Forward from `callers` concurrent callers, each on its own session.
+    Unary { callers: usize },
+    /// ForwardStream with up to `window` requests in flight.
+    Stream { window: usize },
+    /// The Compare RPC, sequential.
+    Compare,
+}
+
+#[derive(Clone, Debug)]
+pub struct Scenario {
+    pub name: &'static str,
+    pub what: &'static str,
+    pub shape: Vec<i64>,
+    pub train: bool,
+    pub workload: Workload,
+}
+
+pub fn scenarios() -> Vec<Scenario> {
+    let unary = Workload::Unary { callers: 1 };
+    let s = |name, what, shape: &[i64], train, workload| Scenario {
+        name,
+        what,
+        shape: shape.to_vec(),
+        train,
+        workload,
+    };
+    vec![
+        s(
+            "latency_1k",
+            "unary train (4,64) f32, sequential",
+            &[4, 64],
+            true,
+            unary,
+        ),
+        s(
+            "latency_1k_eval",
+            "unary eval (4,64), sequential",
+            &[4, 64],
+            false,
+            unary,
+        ),
+        s(
+            "throughput_1m",
+            "unary train (4096,64) 1 MiB",
+            &[4096, 64],
+            true,
+            unary,
+        ),
+        s(
+            "throughput_1m_4d",
+            "unary train (64,64,8,8) 1 MiB",
+            &[64, 64, 8, 8],
+            true,
+            unary,
+        ),
+        s(
+            "throughput_16m",
+            "unary train (65536,64) 16 MiB",
+            &[65536, 64],
+            true,
+            unary,
+        ),
+        s(
+            "throughput_16m_4d",
+            "unary train (64,64,32,32) 16 MiB",
+            &[64, 64, 32, 32],
+            true,
+            unary,
+        ),
+        s(
+            "throughput_16m_eval",
+            "unary eval (65536,64) 16 MiB",
+            &[65536, 64],
+            false,
+            unary,
+        ),
+        s(
+            "throughput_16m_4d_eval",
+            "unary eval (64,64,32,32) 16 MiB",
+            &[64, 64, 32, 32],
+            false,
+            unary,
+        ),
+        s(
+            "concurrent_64k_8",
+            "8 callers, train (256,64) 64 KiB",
+            &[256, 64],
+            true,
+            Workload::Unary { callers: 8 },
+        ),
+        s(
+            "concurrent_64k_64",
+            "64 callers, train (256,64) 64 KiB",
+            &[256, 64],
+            true,
+            Workload::Unary { callers: 64 },
+        ),
+        s(
+            "stream_small",
+            "ForwardStream train (4,64), 32 in flight",
+            &[4, 64],
+            true,
+            Workload::Stream { window: 32 },
+        ),
+        s(
+            "compare_small",
+            "Compare train (4,64), all implementations",
+            &[4, 64],
+            true,
+            Workload::Compare,
+        ),
+    ]
+}
+
+/// The scenarios named in `names`, in that order; all of them when `names`
+/// is empty. An unknown name is fatal.
+pub fn select(names: &[String]) -> Vec<Scenario> {
+    let all = scenarios();
+    if names.is_empty() {
+        return all;
+    }
+    names
+        .iter()
+        .map(|name| match all.iter().find(|s| s.name == name) {
+            Some(s) => s.clone(),
+            None => fatal(&format!("unknown scenario {name:?} (see --list)")),
+        })
+        .collect()
+}
+
+impl Scenario {
+    /// How many concurrent callers (and sessions) the scenario uses.
+    pub fn callers(&self) -> usize {
+        match self.workload {
+            Workload::Unary { callers } => callers,
+            _ => 1,
+        }
+    }
+
+    /// Bytes of one request's input (float32).
+    pub fn input_bytes(&self) -> f64 {
+        self.shape.iter().product::<i64>() as f64 * 4.0
+    }
+
+    /// The module a session for this input is.
+    pub fn layer_kind(&self) -> pb::BatchNormKind {
+        match self.shape.len() {
+            2 | 3 => pb::BatchNormKind::BatchNorm1d,
+            4 => pb::BatchNormKind::BatchNorm2d,
+            _ => pb::BatchNormKind::BatchNorm3d,
+        }
+    }
+
+    pub fn mode(&self) -> i32 {
+        if self.train {
+            pb::Mode::Train as i32
+        } else {
+            pb::Mode::Eval as i32
+        }
+    }
+
+    /// The input as it goes on the wire: float32, raw bytes.
+    pub fn wire_tensor(&self, raw: &Bytes) -> pb::Tensor {
+        pb::Tensor {
+            dtype: pb::DataType::Float32 as i32,
+            shape: self.shape.clone(),
+            values: Some(pb::tensor::Values::Raw(raw.clone())),
+        }
+    }
+
+    pub fn forward_request(&self, session_id: String, raw: &Bytes) -> pb::ForwardRequest {
+        pb::ForwardRequest {
+            session_id,
+            input: Some(self.wire_tensor(raw)),
+            mode: self.mode(),
+            ..Default::default()
+        }
+    }
+
+    pub fn compare_request(&self, raw: &Bytes, device: &str) -> pb::CompareRequest {
+        pb::CompareRequest {
+            input: Some(self.wire_tensor(raw)),
+            training: self.train,
+            device: device.to_owned(),
+            ..Default::default()
+        }
+    }
+}
+
+/// Standard-normal float32 values of `shape` on `device`.
+pub fn random_input(shape: &[i64], device: Device) -> Tensor {
+    Tensor::randn(shape, (Kind::Float, Device::Cpu)).to_device(device)
+}
+
+/// A float32 tensor's values as little-endian bytes.
+pub fn raw_bytes(tensor: &Tensor) -> Bytes {
+    let host = tensor.to_device(Device::Cpu).contiguous();
+    let numel = host.numel();
+    let mut raw = vec![0u8; numel * 4];
+    host.copy_data_u8(&mut raw, numel);
+    Bytes::from(raw)
+}
