@@ -58,8 +58,8 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let device = match transport::prepare(&config) {
-        Ok(device) => device,
+    let server = match transport::Server::new(config) {
+        Ok(server) => server.with_security(security),
         Err(error) => {
             tracing::error!(%error, "cannot use the requested device");
             eprintln!("normserve: {error}");
@@ -76,7 +76,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(run(config, device, retained, security)) {
+    match runtime.block_on(run(server, retained)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(%error, "normserve stopped with an error");
@@ -86,16 +86,13 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(
-    config: Config,
-    device: tch::Device,
-    retained: bool,
-    security: transport::Security,
-) -> Result<(), transport::ServeError> {
+async fn run(mut server: transport::Server, retained: bool) -> Result<(), transport::ServeError> {
+    let config = server.config().clone();
+    let device = server.device();
     std::fs::create_dir_all(&config.data_dir)?;
-    let registry = transport::open_registry(&config, device).await?;
+    server.open_registry().await?;
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
-    let metrics_listener = transport::bind_metrics(&config).await?;
+    let metrics_address = server.bind_metrics().await?;
     let address = listener.local_addr()?;
     tracing::info!(
         %address,
@@ -113,19 +110,10 @@ async fn run(
         device_name(device),
         transport::LIBTORCH_VERSION
     );
-    if let Some(metrics) = &metrics_listener {
-        tracing::info!(address = %metrics.local_addr()?, "metrics endpoint listening (GET /metrics)");
+    if let Some(address) = metrics_address {
+        tracing::info!(%address, "metrics endpoint listening (GET /metrics)");
     }
-    transport::serve_registry_with_metrics(
-        config,
-        device,
-        registry,
-        security,
-        listener,
-        metrics_listener,
-        shutdown_signal(),
-    )
-    .await
+    server.serve(listener, shutdown_signal()).await
 }
 
 /// Completes on SIGINT or SIGTERM.
