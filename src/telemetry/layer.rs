@@ -23,7 +23,6 @@ use tracing::Instrument;
 use super::metrics::Metrics;
 use super::rpc::{as_rpc, code_name, is_health_check, rpc_name};
 
-
 fn grpc_status(headers: &http::HeaderMap) -> Option<&'static str> {
     let value = headers.get("grpc-status")?;
     let number = value.to_str().ok()?.trim().parse::<i32>().ok()?;

@@ -25,7 +25,6 @@ use tonic::Status;
 
 use crate::telemetry::rpc::is_health_check;
 
-
 /// Whether a request may proceed.
 pub trait Admit: Send + Sync + 'static {
     /// What an admitted request holds until its call ends (a place among
