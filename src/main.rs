@@ -116,28 +116,48 @@ async fn run(mut server: transport::Server, retained: bool) -> Result<(), transp
     server.serve(listener, shutdown_signal()).await
 }
 
-/// Completes on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut terminate = match tokio::signal::unix::signal(
-            tokio::signal::unix::SignalKind::terminate(),
-        ) {
-            Ok(signal) => signal,
-            Err(error) => {
+/// Completes on SIGINT or SIGTERM. The signals are listened for from this
+/// call on, not from the future's first poll: the server may answer before
+/// that poll, and a signal sent once it answers must stop it, not kill it.
+#[cfg(unix)]
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let interrupt = signal(SignalKind::interrupt());
+    let terminate = signal(SignalKind::terminate());
+    async move {
+        let mut terminate = terminate
+            .map_err(|error| {
                 tracing::warn!(%error, "cannot listen for SIGTERM; only SIGINT stops the server");
-                let _ = interrupt.await;
-                return;
+            })
+            .ok();
+        let sigterm = async {
+            match terminate.as_mut() {
+                Some(terminate) => {
+                    terminate.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        let sigint = async {
+            match interrupt {
+                Ok(mut interrupt) => {
+                    interrupt.recv().await;
+                }
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
             }
         };
         tokio::select! {
-            _ = interrupt => {}
-            _ = terminate.recv() => {}
+            () = sigint => {}
+            () = sigterm => {}
         }
     }
-    #[cfg(not(unix))]
-    {
-        let _ = interrupt.await;
+}
+
+#[cfg(not(unix))]
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    async {
+        let _ = tokio::signal::ctrl_c().await;
     }
 }
