@@ -35,14 +35,15 @@ async fn start(config_for: impl FnOnce(&mut Config)) -> Server {
     let mut config = Config::with_defaults(address);
     config.device = "cpu".parse().unwrap();
     config_for(&mut config);
-    let device = normserve::transport::prepare(&config).unwrap();
+    let server = normserve::transport::Server::new(config).unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let done = tokio::spawn(async move {
-        normserve::transport::serve(config, device, listener, async {
-            let _ = stopped.await;
-        })
-        .await
-        .expect("serve");
+        server
+            .serve(listener, async {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("serve");
     });
     Server {
         stop,
@@ -284,11 +285,9 @@ async fn main() {
     let mut config = Config::with_defaults("127.0.0.1:0".parse().unwrap());
     config.durability = Durability::Sync;
     config.data_dir = dir.clone();
-    let device = normserve::transport::prepare(&config).unwrap();
+    let mut server = normserve::transport::Server::new(config).unwrap();
     let opened = Instant::now();
-    let registry = normserve::transport::open_registry(&config, device)
-        .await
-        .unwrap();
+    let registry = server.open_registry().await.unwrap();
     let recovering = opened.elapsed();
     println!(
         "\nrecovery: {} sessions (64 features) loaded in {:.0} ms at start-up (creating them took {:.1} s, {:.0} creates/s with 16 clients)",

@@ -11,9 +11,10 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::telemetry::{current_rpc, Metrics};
+use crate::telemetry::metrics::Metrics;
+use crate::telemetry::rpc::current_rpc;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ComputeError {
@@ -64,35 +65,19 @@ pub const INLINE_BYTES: usize = 64 * 1024;
 #[derive(Clone)]
 pub struct ComputePool {
     permits: Arc<Semaphore>,
-    threads: usize,
     metrics: Arc<Metrics>,
 }
 
 impl ComputePool {
-    /// A pool whose measurements go to metrics of its own.
-    pub fn new(threads: usize) -> Self {
-        Self::with_metrics(threads, Arc::new(Metrics::new()))
-    }
-
-    /// A pool reporting queue waits and job times to `metrics` (jobs that
-    /// run for a request are labelled with its RPC; others, such as the
-    /// recovery at start-up, count in the queue wait only).
-    pub fn with_metrics(threads: usize, metrics: Arc<Metrics>) -> Self {
-        let threads = threads.max(1);
+    /// A pool of `threads` permits (at least one) reporting queue waits and
+    /// job times to `metrics` (jobs that run for a request are labelled with
+    /// its RPC; others, such as the recovery at start-up, count in the queue
+    /// wait only).
+    pub fn new(threads: usize, metrics: Arc<Metrics>) -> Self {
         ComputePool {
-            permits: Arc::new(Semaphore::new(threads)),
-            threads,
+            permits: Arc::new(Semaphore::new(threads.max(1))),
             metrics,
         }
-    }
-
-    /// The metrics this pool reports to (shared with the whole server).
-    pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.metrics
-    }
-
-    pub fn threads(&self) -> usize {
-        self.threads
     }
 
     /// Runs `job` over `input_bytes` of tensor data once a permit is free:
@@ -107,21 +92,11 @@ impl ComputePool {
         if input_bytes > INLINE_BYTES {
             return self.run(job).await;
         }
-        let queued = Instant::now();
-        let _permit = self
-            .permits
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| ComputeError::Closed)?;
-        self.metrics.queue_wait(queued.elapsed());
-        check_deadline()?;
-        let started = Instant::now();
+        let _permit = self.start().await?;
         // As on a blocking thread, a panicking job fails its request only.
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
-        if let Some(rpc) = current_rpc() {
-            self.metrics.compute(rpc, started.elapsed());
-        }
+        let result = timed(&self.metrics, current_rpc(), || {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(job))
+        });
         result.map_err(|panic| {
             let text = panic
                 .downcast_ref::<&str>()
@@ -141,6 +116,22 @@ impl ComputePool {
         T: Send + 'static,
         F: FnOnce() -> T + Send + 'static,
     {
+        let permit = self.start().await?;
+        // The task-local RPC is not visible on the blocking thread: read it here.
+        let rpc = current_rpc();
+        let metrics = self.metrics.clone();
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            timed(&metrics, rpc, job)
+        })
+        .await
+        .map_err(|e| ComputeError::JobFailed(e.to_string()))
+    }
+
+    /// What every job goes through before it runs: a permit, waited for in
+    /// arrival order (the wait measured), and the request's deadline, checked
+    /// once the permit comes.
+    async fn start(&self) -> Result<OwnedSemaphorePermit, ComputeError> {
         let queued = Instant::now();
         let permit = self
             .permits
@@ -150,21 +141,18 @@ impl ComputePool {
             .map_err(|_| ComputeError::Closed)?;
         self.metrics.queue_wait(queued.elapsed());
         check_deadline()?;
-        // The task-local RPC is not visible on the blocking thread: read it here.
-        let rpc = current_rpc();
-        let metrics = self.metrics.clone();
-        tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            let started = Instant::now();
-            let value = job();
-            if let Some(rpc) = rpc {
-                metrics.compute(rpc, started.elapsed());
-            }
-            value
-        })
-        .await
-        .map_err(|e| ComputeError::JobFailed(e.to_string()))
+        Ok(permit)
     }
+}
+
+/// Runs `job`, its time counted under the request's `rpc` when it has one.
+fn timed<T>(metrics: &Metrics, rpc: Option<&'static str>, job: impl FnOnce() -> T) -> T {
+    let started = Instant::now();
+    let value = job();
+    if let Some(rpc) = rpc {
+        metrics.compute(rpc, started.elapsed());
+    }
+    value
 }
 
 #[cfg(test)]
@@ -175,7 +163,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_job_whose_deadline_passed_while_queued_does_not_run() {
-        let pool = ComputePool::new(1);
+        let pool = ComputePool::new(1, Arc::new(Metrics::new()));
         // Occupy the only permit until released.
         let (release, released) = std::sync::mpsc::channel::<()>();
         let busy = tokio::spawn({

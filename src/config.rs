@@ -1,10 +1,13 @@
 //! Configuration: command-line flags and `NORMSERVE_*` environment variables
 //! parsed into one validated [`Config`]. This is the single source of truth for
 //! every option; `--help` and the README's table describe the same fields.
+//!
+//! Config states choices in its own terms; the server's assembly maps them to
+//! the types of the layers they configure (config depends on no layer).
 
-use crate::numerics::stats::StatsKernel;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::str::FromStr;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
@@ -72,7 +75,7 @@ pub struct Config {
     /// for contiguous float32 inputs of rank 3 to 5; every other input takes
     /// libtorch's path) or libtorch (exactly nn.BatchNorm's CPU kernel).
     #[arg(long, env = "NORMSERVE_CPU_STATS_KERNEL", default_value = "native")]
-    pub cpu_stats_kernel: StatsKernel,
+    pub cpu_stats_kernel: CpuStatsKernel,
 
     /// Tensor operations that may run at once (0: one per CPU core).
     #[arg(long, env = "NORMSERVE_COMPUTE_THREADS", default_value_t = 0)]
@@ -159,6 +162,70 @@ pub enum Durability {
     None,
 }
 
+impl Durability {
+    /// Its flag value, as GetServerInfo reports it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Durability::Sync => "sync",
+            Durability::None => "none",
+        }
+    }
+}
+
+/// Who computes train-mode batch statistics on the CPU (`--cpu-stats-kernel`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CpuStatsKernel {
+    /// Exactly nn.BatchNorm's CPU kernel.
+    Libtorch,
+    /// The vectorized kernel held to libtorch's numbers.
+    Native,
+}
+
+impl CpuStatsKernel {
+    /// Its flag value, as GetServerInfo reports it.
+    pub fn name(self) -> &'static str {
+        match self {
+            CpuStatsKernel::Libtorch => "libtorch",
+            CpuStatsKernel::Native => "native",
+        }
+    }
+}
+
+impl FromStr for CpuStatsKernel {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        [CpuStatsKernel::Libtorch, CpuStatsKernel::Native]
+            .into_iter()
+            .find(|kernel| kernel.name() == text)
+            .ok_or_else(|| {
+                format!("unknown statistics kernel {text:?}: expected libtorch or native")
+            })
+    }
+}
+
+/// Where sessions are kept, as `--durability` and `--store` choose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    /// In memory only (`--durability none`).
+    None,
+    /// The embedded redb file in `--data-dir`.
+    Embedded,
+    /// A Redis server shared by replicas (`--store redis://...`).
+    Redis,
+}
+
+impl StoreKind {
+    /// As GetServerInfo's `store` and `store:` feature name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            StoreKind::None => "none",
+            StoreKind::Embedded => "embedded",
+            StoreKind::Redis => "redis",
+        }
+    }
+}
+
 /// What happens to a session idle for --session-ttl-seconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum TtlAction {
@@ -166,6 +233,16 @@ pub enum TtlAction {
     Evict,
     /// Deleted from memory and store.
     Delete,
+}
+
+impl TtlAction {
+    /// The flag's value, also the metric label and the log field.
+    pub fn name(self) -> &'static str {
+        match self {
+            TtlAction::Evict => "evict",
+            TtlAction::Delete => "delete",
+        }
+    }
 }
 
 /// How log lines are written.
@@ -260,6 +337,15 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The store `--durability` and `--store` choose.
+    pub fn store_kind(&self) -> StoreKind {
+        match (self.durability, self.store.as_str()) {
+            (Durability::None, _) => StoreKind::None,
+            (Durability::Sync, "embedded") => StoreKind::Embedded,
+            (Durability::Sync, _) => StoreKind::Redis,
+        }
     }
 
     /// Compute pool size with the `0 = one per core` default resolved.

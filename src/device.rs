@@ -143,10 +143,12 @@ fn cpu_model() -> Option<String> {
 
 /// Device names and memory come from the CUDA driver API, because libtorch's C
 /// API (through tch) exposes neither. The driver library is loaded only when
-/// libtorch already reported a CUDA device, so CPU machines never touch it.
+/// libtorch already reported a CUDA device, so CPU machines never touch it,
+/// and then once per process: metrics scrapes ask for memory every time.
 #[allow(unsafe_code)]
 mod cuda_driver {
     use std::ffi::{c_char, c_int, c_void, CStr};
+    use std::sync::OnceLock;
 
     type CuInit = unsafe extern "C" fn(flags: u32) -> c_int;
     type CuDeviceGet = unsafe extern "C" fn(device: *mut c_int, ordinal: c_int) -> c_int;
@@ -162,57 +164,107 @@ mod cuda_driver {
     type CuCtxPopCurrent = unsafe extern "C" fn(context: *mut *mut c_void) -> c_int;
     type CuMemGetInfo = unsafe extern "C" fn(free: *mut usize, total: *mut usize) -> c_int;
 
+    /// The loaded and initialized driver: its entry points, valid for as
+    /// long as `_library` is loaded, which is the whole process (a static).
+    struct Driver {
+        _library: libloading::Library,
+        device_get: CuDeviceGet,
+        get_name: CuDeviceGetName,
+        total_mem: CuDeviceTotalMem,
+        /// The calls asking a device's memory in use (newer than the others:
+        /// cuDevicePrimaryCtxRelease_v2 needs CUDA 11); None when missing.
+        memory: Option<MemoryCalls>,
+    }
+
+    struct MemoryCalls {
+        get_state: CuDevicePrimaryCtxGetState,
+        retain: CuDevicePrimaryCtxRetain,
+        release: CuDevicePrimaryCtxRelease,
+        push: CuCtxPushCurrent,
+        pop: CuCtxPopCurrent,
+        mem_get_info: CuMemGetInfo,
+    }
+
+    static DRIVER: OnceLock<Option<Driver>> = OnceLock::new();
+
+    /// The driver, loaded and initialized on first use; None when it cannot
+    /// be loaded or initialized (then never tried again).
+    fn driver() -> Option<&'static Driver> {
+        DRIVER.get_or_init(load).as_ref()
+    }
+
+    fn load() -> Option<Driver> {
+        // SAFETY: the symbols are the CUDA driver API's stable C entry points
+        // with the signatures declared above (cuda.h: cuDevicePrimaryCtx*
+        // since 7.0, the _v2 context and memory calls since 4.0, the _v2
+        // release since 11.0); the function pointers are kept beside the
+        // library, which is never unloaded (it lives in a static).
+        unsafe {
+            let library = libloading::Library::new("libcuda.so.1").ok()?;
+            let init: CuInit = *library.get::<CuInit>(b"cuInit\0").ok()?;
+            if init(0) != 0 {
+                return None;
+            }
+            let memory = (|| {
+                Some(MemoryCalls {
+                    get_state: *library.get(b"cuDevicePrimaryCtxGetState\0").ok()?,
+                    retain: *library.get(b"cuDevicePrimaryCtxRetain\0").ok()?,
+                    release: *library.get(b"cuDevicePrimaryCtxRelease_v2\0").ok()?,
+                    push: *library.get(b"cuCtxPushCurrent_v2\0").ok()?,
+                    pop: *library.get(b"cuCtxPopCurrent_v2\0").ok()?,
+                    mem_get_info: *library.get(b"cuMemGetInfo_v2\0").ok()?,
+                })
+            })();
+            Some(Driver {
+                device_get: *library.get(b"cuDeviceGet\0").ok()?,
+                get_name: *library.get(b"cuDeviceGetName\0").ok()?,
+                total_mem: *library.get(b"cuDeviceTotalMem_v2\0").ok()?,
+                memory,
+                _library: library,
+            })
+        }
+    }
+
+    impl Driver {
+        /// The driver's handle of CUDA device `index`.
+        fn device(&self, index: usize) -> Option<c_int> {
+            let mut device: c_int = 0;
+            // SAFETY: cuDeviceGet writes one c_int through a valid pointer.
+            let status = unsafe { (self.device_get)(&mut device, c_int::try_from(index).ok()?) };
+            (status == 0).then_some(device)
+        }
+    }
+
     /// Total minus free memory of CUDA device `index`, asked in its primary
     /// context (the one the CUDA runtime, and so libtorch, uses); None when
     /// that context is not active (not used by this process), or the driver
     /// cannot be loaded or answers with an error.
     pub fn memory_in_use(index: usize) -> Option<u64> {
-        // SAFETY: the CUDA driver API's stable C entry points with the
-        // signatures declared above (cuda.h: cuDevicePrimaryCtx* since 7.0,
-        // the _v2 context and memory calls since 4.0); the context pushed is
-        // popped before returning, and the retain is released; the library
-        // stays loaded for the calls.
+        let driver = driver()?;
+        let calls = driver.memory.as_ref()?;
+        let device = driver.device(index)?;
+        // SAFETY: the entry points loaded by `load` with their declared
+        // signatures, called with valid pointers; the context pushed is
+        // popped before returning, and the retain is released.
         unsafe {
-            let library = libloading::Library::new("libcuda.so.1").ok()?;
-            let init: libloading::Symbol<CuInit> = library.get(b"cuInit\0").ok()?;
-            let device_get: libloading::Symbol<CuDeviceGet> = library.get(b"cuDeviceGet\0").ok()?;
-            let get_state: libloading::Symbol<CuDevicePrimaryCtxGetState> =
-                library.get(b"cuDevicePrimaryCtxGetState\0").ok()?;
-            let retain: libloading::Symbol<CuDevicePrimaryCtxRetain> =
-                library.get(b"cuDevicePrimaryCtxRetain\0").ok()?;
-            let release: libloading::Symbol<CuDevicePrimaryCtxRelease> =
-                library.get(b"cuDevicePrimaryCtxRelease_v2\0").ok()?;
-            let push: libloading::Symbol<CuCtxPushCurrent> =
-                library.get(b"cuCtxPushCurrent_v2\0").ok()?;
-            let pop: libloading::Symbol<CuCtxPopCurrent> =
-                library.get(b"cuCtxPopCurrent_v2\0").ok()?;
-            let mem_get_info: libloading::Symbol<CuMemGetInfo> =
-                library.get(b"cuMemGetInfo_v2\0").ok()?;
-            if init(0) != 0 {
-                return None;
-            }
-            let mut device: c_int = 0;
-            if device_get(&mut device, c_int::try_from(index).ok()?) != 0 {
-                return None;
-            }
             let (mut flags, mut active): (u32, c_int) = (0, 0);
-            if get_state(device, &mut flags, &mut active) != 0 || active == 0 {
+            if (calls.get_state)(device, &mut flags, &mut active) != 0 || active == 0 {
                 return None;
             }
             let mut context: *mut c_void = std::ptr::null_mut();
-            if retain(&mut context, device) != 0 {
+            if (calls.retain)(&mut context, device) != 0 {
                 return None;
             }
             let mut answer = None;
-            if push(context) == 0 {
+            if (calls.push)(context) == 0 {
                 let (mut free, mut total): (usize, usize) = (0, 0);
-                if mem_get_info(&mut free, &mut total) == 0 {
+                if (calls.mem_get_info)(&mut free, &mut total) == 0 {
                     answer = Some(total.saturating_sub(free) as u64);
                 }
                 let mut popped: *mut c_void = std::ptr::null_mut();
-                pop(&mut popped);
+                (calls.pop)(&mut popped);
             }
-            release(device);
+            (calls.release)(device);
             answer
         }
     }
@@ -220,30 +272,18 @@ mod cuda_driver {
     /// (name, total memory in bytes) of CUDA device `index`, or None when the
     /// driver cannot be loaded or answers with an error.
     pub fn describe(index: usize) -> Option<(String, u64)> {
-        // SAFETY: the symbols are the CUDA driver API's stable C entry points
-        // with the signatures declared above (cuda.h, all CUDA versions >= 3.2
-        // for the _v2 memory call); the library stays loaded for the calls.
+        let driver = driver()?;
+        let device = driver.device(index)?;
+        // SAFETY: the entry points loaded by `load` with their declared
+        // signatures; the name buffer's length is passed with it and the
+        // driver NUL-terminates what it writes.
         unsafe {
-            let library = libloading::Library::new("libcuda.so.1").ok()?;
-            let init: libloading::Symbol<CuInit> = library.get(b"cuInit\0").ok()?;
-            let device_get: libloading::Symbol<CuDeviceGet> = library.get(b"cuDeviceGet\0").ok()?;
-            let get_name: libloading::Symbol<CuDeviceGetName> =
-                library.get(b"cuDeviceGetName\0").ok()?;
-            let total_mem: libloading::Symbol<CuDeviceTotalMem> =
-                library.get(b"cuDeviceTotalMem_v2\0").ok()?;
-            if init(0) != 0 {
-                return None;
-            }
-            let mut device: c_int = 0;
-            if device_get(&mut device, c_int::try_from(index).ok()?) != 0 {
-                return None;
-            }
             let mut name = [0 as c_char; 256];
-            if get_name(name.as_mut_ptr(), name.len() as c_int, device) != 0 {
+            if (driver.get_name)(name.as_mut_ptr(), name.len() as c_int, device) != 0 {
                 return None;
             }
             let mut bytes: usize = 0;
-            if total_mem(&mut bytes, device) != 0 {
+            if (driver.total_mem)(&mut bytes, device) != 0 {
                 return None;
             }
             let name = CStr::from_ptr(name.as_ptr()).to_string_lossy().into_owned();

@@ -1,18 +1,29 @@
 //! normserve: a gRPC batch-normalization service on libtorch.
 //!
-//! Modules in reading order; dependencies point upwards only
-//! (`numerics <- session <- store`, `auth` and `transport` on top, with `config`, `device`,
-//! `compute` and `telemetry` usable anywhere). See ARCHITECTURE.md.
+//! Modules in reading order, from the math up to the gRPC surface.
+//! Dependencies point upwards only: `numerics <- session <- store`, `auth`,
+//! `cli` and `transport` on top; `config`, `device`, `compute` and
+//! `telemetry` may be used anywhere. See ARCHITECTURE.md.
 
-pub mod auth;
-pub mod cli;
+// Batch-norm math on tensors: no gRPC, no tokio, no I/O.
+pub mod numerics;
+// Sessions, their registry and the SessionStore trait: no proto types.
+pub mod session;
+// SessionStore backends (embedded redb, Redis).
+pub mod store;
+
+// Used anywhere: options, devices, the compute pool, observability, malloc tuning.
 pub mod compute;
 pub mod config;
 pub mod device;
 pub mod memory;
-pub mod numerics;
-pub mod proto;
-pub mod session;
-pub mod store;
 pub mod telemetry;
+
+// Generated gRPC code, confined to one module.
+pub mod proto;
+// The tokens file and who a caller is.
+pub mod auth;
+// The operator's command line (a gRPC client).
+pub mod cli;
+// The gRPC server: services, conversions, status mapping, layers, assembly.
 pub mod transport;

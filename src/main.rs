@@ -58,8 +58,8 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let device = match transport::prepare(&config) {
-        Ok(device) => device,
+    let server = match transport::Server::new(config) {
+        Ok(server) => server.with_security(security),
         Err(error) => {
             tracing::error!(%error, "cannot use the requested device");
             eprintln!("normserve: {error}");
@@ -76,7 +76,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(run(config, device, retained, security)) {
+    match runtime.block_on(run(server, retained)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(%error, "normserve stopped with an error");
@@ -86,16 +86,13 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(
-    config: Config,
-    device: tch::Device,
-    retained: bool,
-    security: transport::Security,
-) -> Result<(), transport::ServeError> {
+async fn run(mut server: transport::Server, retained: bool) -> Result<(), transport::ServeError> {
+    let config = server.config().clone();
+    let device = server.device();
     std::fs::create_dir_all(&config.data_dir)?;
-    let registry = transport::open_registry(&config, device).await?;
+    server.open_registry().await?;
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
-    let metrics_listener = transport::bind_metrics(&config).await?;
+    let metrics_address = server.bind_metrics().await?;
     let address = listener.local_addr()?;
     tracing::info!(
         %address,
@@ -113,43 +110,54 @@ async fn run(
         device_name(device),
         transport::LIBTORCH_VERSION
     );
-    if let Some(metrics) = &metrics_listener {
-        tracing::info!(address = %metrics.local_addr()?, "metrics endpoint listening (GET /metrics)");
+    if let Some(address) = metrics_address {
+        tracing::info!(%address, "metrics endpoint listening (GET /metrics)");
     }
-    transport::serve_registry_with_metrics(
-        config,
-        device,
-        registry,
-        security,
-        listener,
-        metrics_listener,
-        shutdown_signal(),
-    )
-    .await
+    server.serve(listener, shutdown_signal()).await
 }
 
-/// Completes on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut terminate = match tokio::signal::unix::signal(
-            tokio::signal::unix::SignalKind::terminate(),
-        ) {
-            Ok(signal) => signal,
-            Err(error) => {
+/// Completes on SIGINT or SIGTERM. The signals are listened for from this
+/// call on, not from the future's first poll: the server may answer before
+/// that poll, and a signal sent once it answers must stop it, not kill it.
+#[cfg(unix)]
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let interrupt = signal(SignalKind::interrupt());
+    let terminate = signal(SignalKind::terminate());
+    async move {
+        let mut terminate = terminate
+            .map_err(|error| {
                 tracing::warn!(%error, "cannot listen for SIGTERM; only SIGINT stops the server");
-                let _ = interrupt.await;
-                return;
+            })
+            .ok();
+        let sigterm = async {
+            match terminate.as_mut() {
+                Some(terminate) => {
+                    terminate.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        let sigint = async {
+            match interrupt {
+                Ok(mut interrupt) => {
+                    interrupt.recv().await;
+                }
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
             }
         };
         tokio::select! {
-            _ = interrupt => {}
-            _ = terminate.recv() => {}
+            () = sigint => {}
+            () = sigterm => {}
         }
     }
-    #[cfg(not(unix))]
-    {
-        let _ = interrupt.await;
+}
+
+#[cfg(not(unix))]
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    async {
+        let _ = tokio::signal::ctrl_c().await;
     }
 }

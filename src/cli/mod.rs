@@ -23,6 +23,7 @@ use crate::proto::v1 as pb;
 use crate::proto::v1::batch_norm_service_client::BatchNormServiceClient;
 use crate::proto::v1::compare_service_client::CompareServiceClient;
 use crate::proto::v1::server_service_client::ServerServiceClient;
+use crate::telemetry::code_name;
 use render::{print_json, Table};
 
 #[derive(Subcommand, Debug)]
@@ -198,18 +199,6 @@ impl From<npy::NpyError> for CliError {
     fn from(error: npy::NpyError) -> Self {
         CliError::Usage(error.to_string())
     }
-}
-
-fn code_name(code: tonic::Code) -> String {
-    format!("{code:?}")
-        .chars()
-        .fold(String::new(), |mut out, ch| {
-            if ch.is_uppercase() && !out.is_empty() {
-                out.push('_');
-            }
-            out.push(ch.to_ascii_uppercase());
-            out
-        })
 }
 
 /// Runs one subcommand to completion.

@@ -2,7 +2,9 @@
 
 use serde_json::{json, Value};
 
+use crate::numerics::{DType, LayerKind};
 use crate::proto::v1 as pb;
+use crate::transport::convert;
 
 /// A table printed with columns padded to their widest cell.
 pub struct Table {
@@ -92,22 +94,17 @@ fn civil_from_days(days: i64) -> (i64, i64, i64) {
 }
 
 fn kind_name(kind: i32) -> &'static str {
-    match pb::BatchNormKind::try_from(kind) {
-        Ok(pb::BatchNormKind::BatchNorm1d) => "BatchNorm1d",
-        Ok(pb::BatchNormKind::BatchNorm2d) => "BatchNorm2d",
-        Ok(pb::BatchNormKind::BatchNorm3d) => "BatchNorm3d",
-        _ => "unknown",
-    }
+    pb::BatchNormKind::try_from(kind)
+        .ok()
+        .and_then(convert::layer_kind_from_proto)
+        .map_or("unknown", LayerKind::module_name)
 }
 
 fn dtype_name(dtype: i32) -> &'static str {
-    match pb::DataType::try_from(dtype) {
-        Ok(pb::DataType::Float32) => "float32",
-        Ok(pb::DataType::Float64) => "float64",
-        Ok(pb::DataType::Float16) => "float16",
-        Ok(pb::DataType::Bfloat16) => "bfloat16",
-        _ => "unspecified",
-    }
+    pb::DataType::try_from(dtype)
+        .ok()
+        .and_then(convert::dtype_from_proto)
+        .map_or("unspecified", DType::name)
 }
 
 fn labels(config: &pb::SessionConfig) -> String {

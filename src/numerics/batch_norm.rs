@@ -25,13 +25,36 @@ pub enum LayerKind {
 }
 
 impl LayerKind {
+    /// Every layer kind; the reverse lookup searches it.
+    pub const ALL: [LayerKind; 3] = [
+        LayerKind::BatchNorm1d,
+        LayerKind::BatchNorm2d,
+        LayerKind::BatchNorm3d,
+    ];
+
+    /// The one table of layer kinds: (number in stored session records, a
+    /// storage format that must never be reused; PyTorch's class name).
+    const fn row(self) -> (u32, &'static str) {
+        match self {
+            LayerKind::BatchNorm1d => (1, "BatchNorm1d"),
+            LayerKind::BatchNorm2d => (2, "BatchNorm2d"),
+            LayerKind::BatchNorm3d => (3, "BatchNorm3d"),
+        }
+    }
+
+    /// Its number in stored session records.
+    pub fn code(self) -> u32 {
+        self.row().0
+    }
+
+    /// The layer kind stored as `code`, if any.
+    pub fn from_code(code: u32) -> Option<Self> {
+        Self::ALL.into_iter().find(|kind| kind.code() == code)
+    }
+
     /// The class name PyTorch uses in messages, e.g. "BatchNorm2d".
     pub fn module_name(self) -> &'static str {
-        match self {
-            LayerKind::BatchNorm1d => "BatchNorm1d",
-            LayerKind::BatchNorm2d => "BatchNorm2d",
-            LayerKind::BatchNorm3d => "BatchNorm3d",
-        }
+        self.row().1
     }
 
     /// `_check_input_dim`, with PyTorch's text.
@@ -415,6 +438,17 @@ mod tests {
 
     use super::*;
     use crate::numerics::LayerKind;
+
+    #[test]
+    fn layer_kinds_read_back_from_their_stored_codes() {
+        for kind in LayerKind::ALL {
+            assert_eq!(LayerKind::from_code(kind.code()), Some(kind));
+        }
+        // Stored records depend on these numbers.
+        let codes: Vec<u32> = LayerKind::ALL.into_iter().map(LayerKind::code).collect();
+        assert_eq!(codes, [1, 2, 3]);
+        assert_eq!(LayerKind::from_code(0), None);
+    }
 
     fn layer<'a>(
         kind: LayerKind,

@@ -25,43 +25,85 @@ pub enum DType {
     BFloat16,
 }
 
+/// Everything an element type is called or measures, in one row per type.
+struct DTypeRow {
+    /// Its number in stored session records (a storage format: never reuse).
+    code: u32,
+    /// NumPy's and PyTorch's short name, e.g. "float32".
+    name: &'static str,
+    /// As PyTorch prints it, e.g. "torch.float32".
+    torch_name: &'static str,
+    kind: tch::Kind,
+    /// Bytes per element.
+    itemsize: usize,
+    safetensors: safetensors::Dtype,
+}
+
 impl DType {
-    pub fn kind(self) -> tch::Kind {
-        match self {
-            DType::Float32 => tch::Kind::Float,
-            DType::Float64 => tch::Kind::Double,
-            DType::Float16 => tch::Kind::Half,
-            DType::BFloat16 => tch::Kind::BFloat16,
+    /// Every element type; the reverse lookups search it.
+    pub const ALL: [DType; 4] = [
+        DType::Float32,
+        DType::Float64,
+        DType::Float16,
+        DType::BFloat16,
+    ];
+
+    /// The one table of element types.
+    const fn row(self) -> DTypeRow {
+        use safetensors::Dtype as St;
+        use tch::Kind;
+        let (code, name, torch_name, kind, itemsize, safetensors) = match self {
+            DType::Float32 => (1, "float32", "torch.float32", Kind::Float, 4, St::F32),
+            DType::Float64 => (2, "float64", "torch.float64", Kind::Double, 8, St::F64),
+            DType::Float16 => (3, "float16", "torch.float16", Kind::Half, 2, St::F16),
+            DType::BFloat16 => (4, "bfloat16", "torch.bfloat16", Kind::BFloat16, 2, St::BF16),
+        };
+        DTypeRow {
+            code,
+            name,
+            torch_name,
+            kind,
+            itemsize,
+            safetensors,
         }
     }
 
+    /// Its number in stored session records.
+    pub fn code(self) -> u32 {
+        self.row().code
+    }
+
+    /// The element type stored as `code`, if any.
+    pub fn from_code(code: u32) -> Option<Self> {
+        Self::ALL.into_iter().find(|dtype| dtype.code() == code)
+    }
+
+    pub fn kind(self) -> tch::Kind {
+        self.row().kind
+    }
+
     pub fn from_kind(kind: tch::Kind) -> Option<Self> {
-        match kind {
-            tch::Kind::Float => Some(DType::Float32),
-            tch::Kind::Double => Some(DType::Float64),
-            tch::Kind::Half => Some(DType::Float16),
-            tch::Kind::BFloat16 => Some(DType::BFloat16),
-            _ => None,
-        }
+        Self::ALL.into_iter().find(|dtype| dtype.kind() == kind)
     }
 
     /// Bytes per element.
     pub fn itemsize(self) -> usize {
-        match self {
-            DType::Float32 => 4,
-            DType::Float64 => 8,
-            DType::Float16 | DType::BFloat16 => 2,
-        }
+        self.row().itemsize
+    }
+
+    /// The short name, e.g. "float32".
+    pub fn name(self) -> &'static str {
+        self.row().name
     }
 
     /// As PyTorch prints it, e.g. "torch.float32".
     pub fn torch_name(self) -> &'static str {
-        match self {
-            DType::Float32 => "torch.float32",
-            DType::Float64 => "torch.float64",
-            DType::Float16 => "torch.float16",
-            DType::BFloat16 => "torch.bfloat16",
-        }
+        self.row().torch_name
+    }
+
+    /// The safetensors dtype of its state_dict entries.
+    pub fn safetensors_dtype(self) -> safetensors::Dtype {
+        self.row().safetensors
     }
 }
 
@@ -154,7 +196,21 @@ pub fn python_float(x: f64) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::python_float;
+    use super::{python_float, DType};
+
+    #[test]
+    fn element_types_read_back_from_each_of_their_names() {
+        for dtype in DType::ALL {
+            assert_eq!(DType::from_code(dtype.code()), Some(dtype));
+            assert_eq!(DType::from_kind(dtype.kind()), Some(dtype));
+            assert_eq!(dtype.torch_name(), format!("torch.{}", dtype.name()));
+        }
+        // Stored records depend on these numbers.
+        let codes: Vec<u32> = DType::ALL.into_iter().map(DType::code).collect();
+        assert_eq!(codes, [1, 2, 3, 4]);
+        assert_eq!(DType::from_code(0), None);
+        assert_eq!(DType::from_code(5), None);
+    }
 
     #[test]
     fn floats_print_like_python_repr() {

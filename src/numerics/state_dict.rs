@@ -69,12 +69,7 @@ pub fn export(tensors: &ExportTensors<'_>) -> Result<Vec<u8>, NumericsError> {
     ];
     for (key, data) in float_entries {
         let Some(data) = data else { continue };
-        let dtype = match data.dtype() {
-            super::DType::Float32 => StDtype::F32,
-            super::DType::Float64 => StDtype::F64,
-            super::DType::Float16 => StDtype::F16,
-            super::DType::BFloat16 => StDtype::BF16,
-        };
+        let dtype = data.dtype().safetensors_dtype();
         let shape = data.shape().iter().map(|&d| d as usize).collect();
         views.push((
             key,

@@ -15,23 +15,6 @@ use super::{Mode, SessionConfig, SessionError, SessionId};
 use crate::device::{device_name, DeviceChoice};
 use crate::numerics::{DType, LayerKind, Momentum, TensorData};
 
-fn kind_code(kind: LayerKind) -> u32 {
-    match kind {
-        LayerKind::BatchNorm1d => 1,
-        LayerKind::BatchNorm2d => 2,
-        LayerKind::BatchNorm3d => 3,
-    }
-}
-
-fn dtype_code(dtype: DType) -> u32 {
-    match dtype {
-        DType::Float32 => 1,
-        DType::Float64 => 2,
-        DType::Float16 => 3,
-        DType::BFloat16 => 4,
-    }
-}
-
 fn momentum_value(momentum: Momentum) -> Option<f64> {
     match momentum {
         Momentum::Exponential(m) => Some(m),
@@ -55,14 +38,14 @@ pub fn record(
     Ok(SessionRecord {
         id: info.id.as_str().to_owned(),
         tenant: info.id.tenant().to_owned(),
-        kind: kind_code(config.kind),
+        kind: config.kind.code(),
         num_features: config.num_features,
         created_eps: config.eps,
         created_momentum: momentum_value(config.momentum),
         created_cumulative: config.momentum == Momentum::CumulativeAverage,
         affine: config.affine,
         track_running_stats: config.track_running_stats,
-        param_dtype: dtype_code(config.param_dtype),
+        param_dtype: config.param_dtype.code(),
         default_mode: if config.default_mode == Mode::Train {
             1
         } else {
@@ -102,18 +85,11 @@ pub fn info_from_record(
             record.id, record.tenant
         )));
     }
-    let kind = match record.kind {
-        1 => LayerKind::BatchNorm1d,
-        2 => LayerKind::BatchNorm2d,
-        3 => LayerKind::BatchNorm3d,
-        other => return Err(corrupt(format!("kind {other}"))),
+    let Some(kind) = LayerKind::from_code(record.kind) else {
+        return Err(corrupt(format!("kind {}", record.kind)));
     };
-    let param_dtype = match record.param_dtype {
-        1 => DType::Float32,
-        2 => DType::Float64,
-        3 => DType::Float16,
-        4 => DType::BFloat16,
-        other => return Err(corrupt(format!("param_dtype {other}"))),
+    let Some(param_dtype) = DType::from_code(record.param_dtype) else {
+        return Err(corrupt(format!("param_dtype {}", record.param_dtype)));
     };
     let created_momentum = match (record.created_cumulative, record.created_momentum) {
         (true, _) => Momentum::CumulativeAverage,

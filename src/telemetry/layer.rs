@@ -21,92 +21,12 @@ use tonic::Code;
 use tracing::Instrument;
 
 use super::metrics::Metrics;
-
-const HEALTH_PREFIX: &str = "/grpc.health.v1.Health/";
-
-/// The methods this server serves; any other path is counted as "other", so
-/// that a client cannot create series by inventing paths.
-const RPCS: [&str; 16] = [
-    "CreateSession",
-    "GetSession",
-    "ListSessions",
-    "DeleteSession",
-    "ResetRunningStats",
-    "UpdateParameters",
-    "Forward",
-    "ForwardStream",
-    "ExportState",
-    "ImportState",
-    "Compare",
-    "GetServerInfo",
-    "Check",
-    "Watch",
-    "ServerReflectionInfo",
-    "other",
-];
-
-/// The `rpc` label of a request path `/package.Service/Method`: the method
-/// name, or "other" for a method this server does not serve.
-pub fn rpc_name(path: &str) -> &'static str {
-    let method = path.rsplit('/').next().unwrap_or_default();
-    RPCS.iter()
-        .find(|known| **known == method)
-        .copied()
-        .unwrap_or("other")
-}
-
-/// gRPC's name of a status code, as in the `code` label and the `status`
-/// log field.
-pub fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
-    }
-}
+use super::rpc::{as_rpc, code_name, is_health_check, rpc_name};
 
 fn grpc_status(headers: &http::HeaderMap) -> Option<&'static str> {
     let value = headers.get("grpc-status")?;
     let number = value.to_str().ok()?.trim().parse::<i32>().ok()?;
     Some(code_name(Code::from_i32(number)))
-}
-
-tokio::task_local! {
-    static CURRENT_RPC: &'static str;
-}
-
-/// The `rpc` label of the request the current task serves, if any.
-pub fn current_rpc() -> Option<&'static str> {
-    CURRENT_RPC.try_with(|rpc| *rpc).ok()
-}
-
-/// Runs `future` as part of request `rpc` (for work a handler spawns onto
-/// another task, such as a stream's loop), keeping the request's span.
-pub fn in_request<F: std::future::Future>(
-    rpc: Option<&'static str>,
-    future: F,
-) -> impl std::future::Future<Output = F::Output> {
-    let span = tracing::Span::current();
-    async move {
-        match rpc {
-            Some(rpc) => CURRENT_RPC.scope(rpc, future).instrument(span).await,
-            None => future.instrument(span).await,
-        }
-    }
 }
 
 /// The tower layer measuring every request.
@@ -198,25 +118,25 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let path = request.uri().path();
         let rpc = rpc_name(path);
-        let health = path.starts_with(HEALTH_PREFIX);
+        let health = is_health_check(path);
+        // A span's level is part of its static callsite: one per level.
+        macro_rules! request_span {
+            ($level:expr) => {
+                tracing::span!(
+                    $level,
+                    "request",
+                    rpc,
+                    session_id = tracing::field::Empty,
+                    tenant = tracing::field::Empty,
+                    status = tracing::field::Empty,
+                    duration_ms = tracing::field::Empty,
+                )
+            };
+        }
         let span = if health {
-            tracing::debug_span!(
-                "request",
-                rpc,
-                session_id = tracing::field::Empty,
-                tenant = tracing::field::Empty,
-                status = tracing::field::Empty,
-                duration_ms = tracing::field::Empty,
-            )
+            request_span!(tracing::Level::DEBUG)
         } else {
-            tracing::info_span!(
-                "request",
-                rpc,
-                session_id = tracing::field::Empty,
-                tenant = tracing::field::Empty,
-                status = tracing::field::Empty,
-                duration_ms = tracing::field::Empty,
-            )
+            request_span!(tracing::Level::INFO)
         };
         let metrics = self.metrics.clone();
         metrics.inflight_started();
@@ -238,7 +158,7 @@ where
         // Inner layers (auth) record into the span as they take the request.
         let response = {
             let _entered = span.enter();
-            CURRENT_RPC.scope(rpc, inner.call(request))
+            as_rpc(rpc, inner.call(request))
         };
         Box::pin(async move {
             let response = match response.instrument(span).await {
@@ -322,21 +242,6 @@ impl http_body::Body for Counted {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn rpc_names_are_method_names_or_other() {
-        assert_eq!(
-            rpc_name("/normserve.v1.BatchNormService/Forward"),
-            "Forward"
-        );
-        assert_eq!(
-            rpc_name("/normserve.v1.BatchNormService/ForwardStream"),
-            "ForwardStream"
-        );
-        assert_eq!(rpc_name("/grpc.health.v1.Health/Check"), "Check");
-        assert_eq!(rpc_name("/x.Y/Invented"), "other");
-        assert_eq!(rpc_name(""), "other");
-    }
 
     #[test]
     fn status_header_names_the_code() {

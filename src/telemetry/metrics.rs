@@ -18,6 +18,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use crate::config::TtlAction;
+
 /// Every metric name as it appears in the exposition (counters with their
 /// `_total` suffix), in the order of `deploy/checks/metrics.txt`.
 pub const NAMES: [&str; 13] = [
@@ -72,24 +74,6 @@ struct Action {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DeviceLabel {
     device: String,
-}
-
-/// Why a session left memory, for `normserve_session_evictions_total`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Eviction {
-    /// Dropped from memory, still in the store.
-    Evict,
-    /// Deleted for good (memory and store).
-    Delete,
-}
-
-impl Eviction {
-    pub fn label(self) -> &'static str {
-        match self {
-            Eviction::Evict => "evict",
-            Eviction::Delete => "delete",
-        }
-    }
 }
 
 fn duration_histogram() -> Histogram {
@@ -218,9 +202,9 @@ impl Metrics {
             drop(metrics.store_duration.get_or_create(&Op { op }));
             drop(metrics.store_errors.get_or_create(&Op { op }));
         }
-        for action in [Eviction::Evict, Eviction::Delete] {
+        for action in [TtlAction::Evict, TtlAction::Delete] {
             drop(metrics.evictions.get_or_create(&Action {
-                action: action.label(),
+                action: action.name(),
             }));
         }
         metrics
@@ -296,10 +280,10 @@ impl Metrics {
     }
 
     /// A session removed by the idle-session evictor.
-    pub fn eviction(&self, action: Eviction) {
+    pub fn eviction(&self, action: TtlAction) {
         self.evictions
             .get_or_create(&Action {
-                action: action.label(),
+                action: action.name(),
             })
             .inc();
     }

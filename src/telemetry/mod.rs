@@ -1,15 +1,18 @@
 //! Observability: the `tracing` subscriber writing text or JSON lines to
 //! stderr, filtered by the configured level ([`init`]); the Prometheus
 //! metrics ([`metrics`]), the gRPC layer that measures and logs every request
-//! ([`layer`]) and the `/metrics` endpoint ([`exporter`]). Never logs tensor
-//! contents or tokens.
+//! ([`layer`]), the names requests and statuses are labelled with and the
+//! current request's RPC ([`rpc`]), and the `/metrics` endpoint
+//! ([`exporter`]). Never logs tensor contents or tokens.
 
 pub mod exporter;
 pub mod layer;
 pub mod metrics;
+pub mod rpc;
 
-pub use layer::{current_rpc, in_request, RequestLayer};
-pub use metrics::{Eviction, Metrics};
+pub use layer::RequestLayer;
+pub use metrics::Metrics;
+pub use rpc::{code_name, current_rpc, in_request};
 
 use std::io::IsTerminal;
 

@@ -1,16 +1,102 @@
-//! Proto <-> domain conversions, in one module. Every proto3 field that may be
-//! absent is handled here; handlers only decode, call the domain, encode.
+//! Proto <-> domain conversions, in one module: the only code that reads
+//! proto fields. Every request becomes a domain command or value through a
+//! `TryFrom` ([`Scope::decode`]), every result a response through a `From`
+//! ([`Scope::encode`]); handlers only decode, call the domain, encode.
+//!
+//! Every proto3 field that may be absent is handled here, tensors are checked
+//! against the element limit before anything is allocated, and a caller's
+//! session ids are scoped to its tenant (and shown back as it names them).
+//! Failures are [`ConvertError`]s, which `transport::status` maps.
 
 use std::collections::BTreeMap;
 
+use bytes::Bytes;
+use tch::Device;
+
 use crate::auth::Principal;
+use crate::config::{CpuStatsKernel, Durability, StoreKind};
+use crate::device::{device_name, DeviceChoice, DeviceDescription, DeviceError};
 use crate::numerics::compare::{
     CompareRequest, Comparison, Diagnosis, Difference, Implementation, Part, Parts, TensorReport,
     Tolerance,
 };
 use crate::numerics::{DType, LayerKind, Momentum, NumericsError, TensorData};
 use crate::proto::v1 as pb;
-use crate::session::{Mode, SessionConfig, SessionError, SessionId, SessionSnapshot, StateTensors};
+use crate::session::{
+    parse_request_id, Applied, CreateSession, Created, ExportedState, Forward, ForwardOutcome,
+    InvalidSessionId, Mode, Preconditions, SessionConfig, SessionError, SessionId, SessionPage,
+    SessionSnapshot, StateTensors, UpdateParameters,
+};
+
+/// Why a request cannot be turned into a domain command.
+#[derive(Debug, thiserror::Error)]
+pub enum ConvertError {
+    /// A field that is malformed, out of range or inconsistent with another.
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error(transparent)]
+    SessionId(#[from] InvalidSessionId),
+    /// A tensor that does not decode or is over the element limit.
+    #[error(transparent)]
+    Tensor(#[from] NumericsError),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    /// A value the session layer validates (the request id's length).
+    #[error(transparent)]
+    Session(#[from] SessionError),
+}
+
+fn invalid(message: impl Into<String>) -> ConvertError {
+    ConvertError::InvalidArgument(message.into())
+}
+
+/// What decoding a BatchNormService request needs besides the message: who
+/// sent it (session ids are scoped to its tenant) and the element limit its
+/// tensors are checked against.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub principal: Principal,
+    pub max_tensor_elements: u64,
+}
+
+/// What decoding a Compare request needs besides the message.
+#[derive(Debug, Clone, Copy)]
+pub struct CompareLimits {
+    pub max_tensor_elements: u64,
+    /// The device `auto` (or no device) stands for.
+    pub default_device: Device,
+}
+
+/// A value together with the context converting it needs.
+pub struct Scoped<'a, C, T> {
+    pub scope: &'a C,
+    pub value: T,
+}
+
+/// A context messages are decoded in and results encoded for.
+pub trait Scope: Sized {
+    /// The domain command or value `message` asks for.
+    fn decode<M, T>(&self, message: M) -> Result<T, ConvertError>
+    where
+        T: for<'a> TryFrom<Scoped<'a, Self, M>, Error = ConvertError>,
+    {
+        T::try_from(Scoped {
+            scope: self,
+            value: message,
+        })
+    }
+
+    /// The response carrying `value`.
+    fn encode<T, P>(&self, value: T) -> P
+    where
+        P: for<'a> From<Scoped<'a, Self, T>>,
+    {
+        P::from(Scoped { scope: self, value })
+    }
+}
+
+impl Scope for Caller {}
+impl Scope for CompareLimits {}
 
 /// How a tensor's values travelled, so the reply can use the same form.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,11 +106,27 @@ pub enum Representation {
     Double,
 }
 
+impl Representation {
+    /// `value`, to be encoded with tensors in this form.
+    pub fn of<T>(self, value: T) -> Represented<T> {
+        Represented {
+            value,
+            representation: self,
+        }
+    }
+}
+
+/// A result whose tensors are encoded as the request's input travelled.
+pub struct Represented<T> {
+    pub value: T,
+    pub representation: Representation,
+}
+
 /// The key of the session a caller names. A user names the sessions of its
 /// tenant, so another tenant's sessions are out of its reach by construction;
 /// an admin names any session by its key (`tenant/name`, or `name` for the
 /// default tenant).
-pub fn session_id(principal: &Principal, text: &str) -> Result<SessionId, SessionError> {
+pub fn session_id(principal: &Principal, text: &str) -> Result<SessionId, ConvertError> {
     // The caller's own name for it, into the request's log line.
     tracing::Span::current().record("session_id", text);
     let parsed = if principal.is_admin() {
@@ -32,13 +134,13 @@ pub fn session_id(principal: &Principal, text: &str) -> Result<SessionId, Sessio
     } else {
         SessionId::parse(text).map(|name| SessionId::in_tenant(&principal.tenant, &name))
     };
-    parsed.map_err(|e| SessionError::InvalidArgument(e.to_string()))
+    Ok(parsed?)
 }
 
 pub fn optional_session_id(
     principal: &Principal,
     text: &str,
-) -> Result<Option<SessionId>, SessionError> {
+) -> Result<Option<SessionId>, ConvertError> {
     if text.is_empty() {
         Ok(None)
     } else {
@@ -55,17 +157,10 @@ pub fn shown_session_id(principal: &Principal, id: &SessionId) -> String {
     }
 }
 
-fn data_type(field: &str, value: i32) -> Result<Option<DType>, SessionError> {
-    match pb::DataType::try_from(value) {
-        Ok(pb::DataType::Unspecified) => Ok(None),
-        Ok(pb::DataType::Float32) => Ok(Some(DType::Float32)),
-        Ok(pb::DataType::Float64) => Ok(Some(DType::Float64)),
-        Ok(pb::DataType::Float16) => Ok(Some(DType::Float16)),
-        Ok(pb::DataType::Bfloat16) => Ok(Some(DType::BFloat16)),
-        Err(_) => Err(SessionError::InvalidArgument(format!(
-            "{field}: unknown DataType value {value}"
-        ))),
-    }
+/// The domain value of proto enum value `proto`: `to_proto`, the one table
+/// between the two, read backwards.
+fn from_proto<D: Copy, P: PartialEq>(all: &[D], to_proto: fn(D) -> P, proto: P) -> Option<D> {
+    all.iter().copied().find(|value| to_proto(*value) == proto)
 }
 
 pub fn dtype_to_proto(dtype: DType) -> pb::DataType {
@@ -77,13 +172,24 @@ pub fn dtype_to_proto(dtype: DType) -> pb::DataType {
     }
 }
 
+/// None for DATA_TYPE_UNSPECIFIED.
+pub fn dtype_from_proto(proto: pb::DataType) -> Option<DType> {
+    from_proto(&DType::ALL, dtype_to_proto, proto)
+}
+
+fn data_type(field: &str, value: i32) -> Result<Option<DType>, ConvertError> {
+    pb::DataType::try_from(value)
+        .map(dtype_from_proto)
+        .map_err(|_| invalid(format!("{field}: unknown DataType value {value}")))
+}
+
 /// Decodes a tensor, checking its size against `max_elements` before any
 /// allocation. `None` in, `None` out.
 pub fn tensor(
     field: &str,
     tensor: Option<pb::Tensor>,
     max_elements: u64,
-) -> Result<Option<(TensorData, Representation)>, SessionError> {
+) -> Result<Option<(TensorData, Representation)>, ConvertError> {
     let Some(tensor) = tensor else {
         return Ok(None);
     };
@@ -139,7 +245,7 @@ pub fn required_tensor(
     field: &str,
     value: Option<pb::Tensor>,
     max_elements: u64,
-) -> Result<(TensorData, Representation), SessionError> {
+) -> Result<(TensorData, Representation), ConvertError> {
     tensor(field, value, max_elements)?
         .ok_or_else(|| NumericsError::invalid(field, "required").into())
 }
@@ -169,29 +275,15 @@ pub fn state_tensors(
     running_mean: Option<pb::Tensor>,
     running_var: Option<pb::Tensor>,
     max_elements: u64,
-) -> Result<StateTensors, SessionError> {
+) -> Result<StateTensors, ConvertError> {
     let decode =
-        |field: &str, t| Ok::<_, SessionError>(tensor(field, t, max_elements)?.map(|(d, _)| d));
+        |field: &str, t| Ok::<_, ConvertError>(tensor(field, t, max_elements)?.map(|(d, _)| d));
     Ok(StateTensors {
         weight: decode("weight", weight)?,
         bias: decode("bias", bias)?,
         running_mean: decode("running_mean", running_mean)?,
         running_var: decode("running_var", running_var)?,
     })
-}
-
-pub fn layer_kind(value: i32) -> Result<LayerKind, SessionError> {
-    match pb::BatchNormKind::try_from(value) {
-        Ok(pb::BatchNormKind::BatchNorm1d) => Ok(LayerKind::BatchNorm1d),
-        Ok(pb::BatchNormKind::BatchNorm2d) => Ok(LayerKind::BatchNorm2d),
-        Ok(pb::BatchNormKind::BatchNorm3d) => Ok(LayerKind::BatchNorm3d),
-        Ok(pb::BatchNormKind::Unspecified) => Err(SessionError::InvalidArgument(
-            "kind: required (BATCH_NORM_1D, BATCH_NORM_2D or BATCH_NORM_3D)".into(),
-        )),
-        Err(_) => Err(SessionError::InvalidArgument(format!(
-            "kind: unknown BatchNormKind value {value}"
-        ))),
-    }
 }
 
 fn layer_kind_to_proto(kind: LayerKind) -> pb::BatchNormKind {
@@ -202,14 +294,18 @@ fn layer_kind_to_proto(kind: LayerKind) -> pb::BatchNormKind {
     }
 }
 
-/// None: unspecified (the session default applies).
-pub fn mode(value: i32) -> Result<Option<Mode>, SessionError> {
-    match pb::Mode::try_from(value) {
-        Ok(pb::Mode::Unspecified) => Ok(None),
-        Ok(pb::Mode::Train) => Ok(Some(Mode::Train)),
-        Ok(pb::Mode::Eval) => Ok(Some(Mode::Eval)),
-        Err(_) => Err(SessionError::InvalidArgument(format!(
-            "mode: unknown Mode value {value}"
+/// None for BATCH_NORM_KIND_UNSPECIFIED.
+pub fn layer_kind_from_proto(proto: pb::BatchNormKind) -> Option<LayerKind> {
+    from_proto(&LayerKind::ALL, layer_kind_to_proto, proto)
+}
+
+pub fn layer_kind(value: i32) -> Result<LayerKind, ConvertError> {
+    match pb::BatchNormKind::try_from(value) {
+        Ok(proto) => layer_kind_from_proto(proto).ok_or_else(|| {
+            invalid("kind: required (BATCH_NORM_1D, BATCH_NORM_2D or BATCH_NORM_3D)")
+        }),
+        Err(_) => Err(invalid(format!(
+            "kind: unknown BatchNormKind value {value}"
         ))),
     }
 }
@@ -221,12 +317,19 @@ fn mode_to_proto(mode: Mode) -> pb::Mode {
     }
 }
 
+/// None: unspecified (the session default applies).
+pub fn mode(value: i32) -> Result<Option<Mode>, ConvertError> {
+    pb::Mode::try_from(value)
+        .map(|proto| from_proto(&[Mode::Train, Mode::Eval], mode_to_proto, proto))
+        .map_err(|_| invalid(format!("mode: unknown Mode value {value}")))
+}
+
 /// Momentum from the (momentum, cumulative_average) pair; None when neither
 /// is set.
-pub fn momentum(momentum: Option<f64>, cumulative: bool) -> Result<Option<Momentum>, SessionError> {
+pub fn momentum(momentum: Option<f64>, cumulative: bool) -> Result<Option<Momentum>, ConvertError> {
     match (momentum, cumulative) {
-        (Some(_), true) => Err(SessionError::InvalidArgument(
-            "momentum: set either momentum or cumulative_average, not both".into(),
+        (Some(_), true) => Err(invalid(
+            "momentum: set either momentum or cumulative_average, not both",
         )),
         (Some(m), false) => Ok(Some(Momentum::Exponential(m))),
         (None, true) => Ok(Some(Momentum::CumulativeAverage)),
@@ -237,7 +340,7 @@ pub fn momentum(momentum: Option<f64>, cumulative: bool) -> Result<Option<Moment
 pub const DEFAULT_EPS: f64 = 1e-5;
 pub const DEFAULT_MOMENTUM: f64 = 0.1;
 
-pub fn session_config(request: &pb::CreateSessionRequest) -> Result<SessionConfig, SessionError> {
+pub fn session_config(request: &pb::CreateSessionRequest) -> Result<SessionConfig, ConvertError> {
     let labels: BTreeMap<String, String> = request
         .labels
         .iter()
@@ -286,7 +389,7 @@ pub fn session_to_proto(principal: &Principal, snapshot: SessionSnapshot) -> pb:
     pb::Session {
         session_id: shown_session_id(principal, &snapshot.id),
         config: Some(proto_config),
-        device: crate::device::device_name(snapshot.device),
+        device: device_name(snapshot.device),
         version: snapshot.version,
         num_batches_tracked: snapshot.num_batches_tracked,
         weight: raw(tensors.weight),
@@ -296,22 +399,6 @@ pub fn session_to_proto(principal: &Principal, snapshot: SessionSnapshot) -> pb:
         created_at: Some(snapshot.created_at.into()),
         updated_at: Some(snapshot.updated_at.into()),
         last_used_at: Some(snapshot.last_used_at.into()),
-    }
-}
-
-fn implementation(value: i32) -> Result<Implementation, SessionError> {
-    match pb::Implementation::try_from(value) {
-        Ok(pb::Implementation::Reference) => Ok(Implementation::Reference),
-        Ok(pb::Implementation::Float64Reference) => Ok(Implementation::Float64Reference),
-        Ok(pb::Implementation::ManualBiased) => Ok(Implementation::ManualBiased),
-        Ok(pb::Implementation::ManualUnbiased) => Ok(Implementation::ManualUnbiased),
-        Ok(pb::Implementation::Candidate) => Ok(Implementation::Candidate),
-        Ok(pb::Implementation::Unspecified) => Err(SessionError::InvalidArgument(
-            "implementations: IMPLEMENTATION_UNSPECIFIED is not an implementation".into(),
-        )),
-        Err(_) => Err(SessionError::InvalidArgument(format!(
-            "implementations: unknown Implementation value {value}"
-        ))),
     }
 }
 
@@ -325,25 +412,43 @@ fn implementation_to_proto(implementation: Implementation) -> pb::Implementation
     }
 }
 
+fn implementation(value: i32) -> Result<Implementation, ConvertError> {
+    const ALL: [Implementation; 5] = [
+        Implementation::Reference,
+        Implementation::Float64Reference,
+        Implementation::ManualBiased,
+        Implementation::ManualUnbiased,
+        Implementation::Candidate,
+    ];
+    match pb::Implementation::try_from(value) {
+        Ok(proto) => from_proto(&ALL, implementation_to_proto, proto).ok_or_else(|| {
+            invalid("implementations: IMPLEMENTATION_UNSPECIFIED is not an implementation")
+        }),
+        Err(_) => Err(invalid(format!(
+            "implementations: unknown Implementation value {value}"
+        ))),
+    }
+}
+
 /// The tolerance pair: both or neither, as `torch.testing.assert_close`.
-fn tolerance(rtol: Option<f64>, atol: Option<f64>) -> Result<Option<Tolerance>, SessionError> {
+fn tolerance(rtol: Option<f64>, atol: Option<f64>) -> Result<Option<Tolerance>, ConvertError> {
     match (rtol, atol) {
         (Some(rtol), Some(atol)) => Ok(Some(Tolerance { rtol, atol })),
         (None, None) => Ok(None),
-        _ => Err(SessionError::InvalidArgument(
-            "rtol, atol: set both or neither (as torch.testing.assert_close requires)".into(),
+        _ => Err(invalid(
+            "rtol, atol: set both or neither (as torch.testing.assert_close requires)",
         )),
     }
 }
 
-/// Decodes a Compare request (everything but `device`, which the handler
-/// resolves). The representation is the input's, for the reply's tensors.
+/// Decodes a Compare request but its `device` (see [`CompareCall`]). The
+/// representation is the input's, for the reply's tensors.
 pub fn compare_request(
     request: pb::CompareRequest,
     max_elements: u64,
-) -> Result<(CompareRequest, Representation), SessionError> {
+) -> Result<(CompareRequest, Representation), ConvertError> {
     let decode =
-        |field: &str, t| Ok::<_, SessionError>(tensor(field, t, max_elements)?.map(|(d, _)| d));
+        |field: &str, t| Ok::<_, ConvertError>(tensor(field, t, max_elements)?.map(|(d, _)| d));
     let (input, representation) = required_tensor("input", request.input, max_elements)?;
     let candidate = match request.candidate {
         Some(candidate) => {
@@ -445,7 +550,7 @@ fn diagnosis_to_proto(diagnosis: Diagnosis) -> pb::Diagnosis {
     }
 }
 
-pub fn comparison_to_proto(
+fn comparison_to_proto(
     comparison: Comparison,
     representation: Representation,
 ) -> pb::CompareResponse {
@@ -469,6 +574,448 @@ pub fn comparison_to_proto(
         diagnosis: comparison.diagnosis.map(diagnosis_to_proto),
         rtol: comparison.tolerance.rtol,
         atol: comparison.tolerance.atol,
-        device: crate::device::device_name(comparison.device),
+        device: device_name(comparison.device),
+    }
+}
+
+// ---- BatchNormService requests -> commands ------------------------------
+
+impl TryFrom<Scoped<'_, Caller, pb::CreateSessionRequest>> for CreateSession {
+    type Error = ConvertError;
+
+    fn try_from(scoped: Scoped<'_, Caller, pb::CreateSessionRequest>) -> Result<Self, Self::Error> {
+        let (caller, request) = (scoped.scope, scoped.value);
+        let config = session_config(&request)?;
+        let device: DeviceChoice = request.device.parse()?;
+        let initial = state_tensors(
+            request.weight,
+            request.bias,
+            request.running_mean,
+            request.running_var,
+            caller.max_tensor_elements,
+        )?;
+        Ok(CreateSession {
+            id: optional_session_id(&caller.principal, &request.session_id)?,
+            tenant: caller.principal.tenant.clone(),
+            config,
+            device,
+            initial,
+            num_batches_tracked: request.num_batches_tracked,
+        })
+    }
+}
+
+/// A session named by its caller, for GetSession and ExportState.
+impl TryFrom<Scoped<'_, Caller, pb::GetSessionRequest>> for SessionId {
+    type Error = ConvertError;
+
+    fn try_from(scoped: Scoped<'_, Caller, pb::GetSessionRequest>) -> Result<Self, Self::Error> {
+        session_id(&scoped.scope.principal, &scoped.value.session_id)
+    }
+}
+
+impl TryFrom<Scoped<'_, Caller, pb::ExportStateRequest>> for SessionId {
+    type Error = ConvertError;
+
+    fn try_from(scoped: Scoped<'_, Caller, pb::ExportStateRequest>) -> Result<Self, Self::Error> {
+        session_id(&scoped.scope.principal, &scoped.value.session_id)
+    }
+}
+
+/// Default and largest ListSessions page.
+const DEFAULT_PAGE_SIZE: usize = 100;
+const MAX_PAGE_SIZE: usize = 1000;
+
+/// One ListSessions page as the registry is asked for it.
+#[derive(Debug, Clone)]
+pub struct ListSessions {
+    /// The caller's tenant; None for an admin (every tenant).
+    pub tenant: Option<String>,
+    pub after: Option<SessionId>,
+    pub page_size: usize,
+    pub selector: BTreeMap<String, String>,
+    pub include_tensors: bool,
+}
+
+impl TryFrom<Scoped<'_, Caller, pb::ListSessionsRequest>> for ListSessions {
+    type Error = ConvertError;
+
+    fn try_from(scoped: Scoped<'_, Caller, pb::ListSessionsRequest>) -> Result<Self, Self::Error> {
+        let (principal, request) = (&scoped.scope.principal, scoped.value);
+        let page_size = match request.page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            n if n < 0 => return Err(invalid(format!("page_size must be >= 0, got {n}"))),
+            n => (n as usize).min(MAX_PAGE_SIZE),
+        };
+        let after = optional_session_id(principal, &request.page_token)
+            .map_err(|_| invalid("page_token: not a token returned by ListSessions"))?;
+        Ok(ListSessions {
+            tenant: (!principal.is_admin()).then(|| principal.tenant.clone()),
+            after,
+            page_size,
+            selector: request.label_selector.into_iter().collect(),
+            include_tensors: request.include_tensors,
+        })
+    }
+}
+
+/// A DeleteSession.
+#[derive(Debug, Clone)]
+pub struct DeleteSession {
+    pub id: SessionId,
+    pub expected_version: Option<u64>,
+}
+
+impl TryFrom<Scoped<'_, Caller, pb::DeleteSessionRequest>> for DeleteSession {
+    type Error = ConvertError;
+
+    fn try_from(scoped: Scoped<'_, Caller, pb::DeleteSessionRequest>) -> Result<Self, Self::Error> {
+        Ok(DeleteSession {
+            id: session_id(&scoped.scope.principal, &scoped.value.session_id)?,
+            expected_version: scoped.value.expected_version,
+        })
+    }
+}
+
+/// The preconditions of a mutation: `expected_version` and `request_id`.
+fn preconditions(
+    expected_version: Option<u64>,
+    request_id: &str,
+) -> Result<Preconditions, ConvertError> {
+    Ok(Preconditions {
+        expected_version,
+        request_id: parse_request_id(request_id)?,
+    })
+}
+
+/// A mutation of one session: which, what, and its preconditions.
+#[derive(Debug, Clone)]
+pub struct Mutation<T> {
+    pub id: SessionId,
+    pub change: T,
+    pub preconditions: Preconditions,
+}
+
+/// ResetRunningStats changes nothing the caller chooses.
+pub type ResetRunningStats = Mutation<()>;
+
+impl TryFrom<Scoped<'_, Caller, pb::ResetRunningStatsRequest>> for ResetRunningStats {
+    type Error = ConvertError;
+
+    fn try_from(
+        scoped: Scoped<'_, Caller, pb::ResetRunningStatsRequest>,
+    ) -> Result<Self, Self::Error> {
+        let request = scoped.value;
+        Ok(Mutation {
+            id: session_id(&scoped.scope.principal, &request.session_id)?,
+            preconditions: preconditions(request.expected_version, &request.request_id)?,
+            change: (),
+        })
+    }
+}
+
+impl TryFrom<Scoped<'_, Caller, pb::UpdateParametersRequest>> for Mutation<UpdateParameters> {
+    type Error = ConvertError;
+
+    fn try_from(
+        scoped: Scoped<'_, Caller, pb::UpdateParametersRequest>,
+    ) -> Result<Self, Self::Error> {
+        let (caller, request) = (scoped.scope, scoped.value);
+        let id = session_id(&caller.principal, &request.session_id)?;
+        let preconditions = preconditions(request.expected_version, &request.request_id)?;
+        let cumulative = request.cumulative_average.unwrap_or(false);
+        if request.cumulative_average == Some(false) && request.momentum.is_none() {
+            return Err(invalid(
+                "cumulative_average=false needs a momentum to switch to",
+            ));
+        }
+        let change = UpdateParameters {
+            tensors: state_tensors(
+                request.weight,
+                request.bias,
+                request.running_mean,
+                request.running_var,
+                caller.max_tensor_elements,
+            )?,
+            num_batches_tracked: request.num_batches_tracked,
+            eps: request.eps,
+            momentum: momentum(request.momentum, cumulative)?,
+        };
+        Ok(Mutation {
+            id,
+            change,
+            preconditions,
+        })
+    }
+}
+
+/// An ImportState's state dict.
+#[derive(Debug, Clone)]
+pub struct StateDict {
+    pub safetensors: Bytes,
+    /// Whether every key must be present and none unexpected (PyTorch's
+    /// `load_state_dict(strict=)`).
+    pub strict: bool,
+}
+
+impl TryFrom<Scoped<'_, Caller, pb::ImportStateRequest>> for Mutation<StateDict> {
+    type Error = ConvertError;
+
+    fn try_from(scoped: Scoped<'_, Caller, pb::ImportStateRequest>) -> Result<Self, Self::Error> {
+        let request = scoped.value;
+        Ok(Mutation {
+            id: session_id(&scoped.scope.principal, &request.session_id)?,
+            preconditions: preconditions(request.expected_version, &request.request_id)?,
+            change: StateDict {
+                safetensors: request.safetensors,
+                strict: request.strict.unwrap_or(true),
+            },
+        })
+    }
+}
+
+/// A Forward, and the form its output travels back in.
+#[derive(Debug, Clone)]
+pub struct ForwardCall {
+    pub command: Forward,
+    pub representation: Representation,
+}
+
+impl TryFrom<Scoped<'_, Caller, pb::ForwardRequest>> for ForwardCall {
+    type Error = ConvertError;
+
+    fn try_from(scoped: Scoped<'_, Caller, pb::ForwardRequest>) -> Result<Self, Self::Error> {
+        let (caller, request) = (scoped.scope, scoped.value);
+        let id = session_id(&caller.principal, &request.session_id)?;
+        let (input, representation) =
+            required_tensor("input", request.input, caller.max_tensor_elements)?;
+        let command = Forward {
+            id,
+            input,
+            mode: mode(request.mode)?,
+            preconditions: preconditions(request.expected_version, &request.request_id)?,
+        };
+        Ok(ForwardCall {
+            command,
+            representation,
+        })
+    }
+}
+
+// ---- BatchNormService results -> responses ------------------------------
+
+impl From<Scoped<'_, Caller, Created>> for pb::CreateSessionResponse {
+    /// The session and whether it already existed.
+    fn from(scoped: Scoped<'_, Caller, Created>) -> Self {
+        pb::CreateSessionResponse {
+            session: Some(session_to_proto(
+                &scoped.scope.principal,
+                scoped.value.snapshot,
+            )),
+            already_existed: scoped.value.already_existed,
+        }
+    }
+}
+
+impl From<Scoped<'_, Caller, SessionSnapshot>> for pb::GetSessionResponse {
+    fn from(scoped: Scoped<'_, Caller, SessionSnapshot>) -> Self {
+        pb::GetSessionResponse {
+            session: Some(session_to_proto(&scoped.scope.principal, scoped.value)),
+        }
+    }
+}
+
+impl From<Scoped<'_, Caller, SessionPage>> for pb::ListSessionsResponse {
+    fn from(scoped: Scoped<'_, Caller, SessionPage>) -> Self {
+        let (principal, page) = (&scoped.scope.principal, scoped.value);
+        pb::ListSessionsResponse {
+            sessions: page
+                .sessions
+                .into_iter()
+                .map(|s| session_to_proto(principal, s))
+                .collect(),
+            next_page_token: page
+                .next_after
+                .map(|id| shown_session_id(principal, &id))
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// The session after a mutation (as `principal` names it) and whether the
+/// mutation was a replay: what every mutation's response carries.
+fn applied(
+    principal: &Principal,
+    applied: Applied<SessionSnapshot>,
+) -> (Option<pb::Session>, bool) {
+    (
+        Some(session_to_proto(principal, applied.value)),
+        applied.replayed,
+    )
+}
+
+impl From<Scoped<'_, Caller, Applied<SessionSnapshot>>> for pb::ResetRunningStatsResponse {
+    fn from(scoped: Scoped<'_, Caller, Applied<SessionSnapshot>>) -> Self {
+        let (session, replayed) = applied(&scoped.scope.principal, scoped.value);
+        pb::ResetRunningStatsResponse { session, replayed }
+    }
+}
+
+impl From<Scoped<'_, Caller, Applied<SessionSnapshot>>> for pb::UpdateParametersResponse {
+    fn from(scoped: Scoped<'_, Caller, Applied<SessionSnapshot>>) -> Self {
+        let (session, replayed) = applied(&scoped.scope.principal, scoped.value);
+        pb::UpdateParametersResponse { session, replayed }
+    }
+}
+
+impl From<Scoped<'_, Caller, Applied<SessionSnapshot>>> for pb::ImportStateResponse {
+    fn from(scoped: Scoped<'_, Caller, Applied<SessionSnapshot>>) -> Self {
+        let (session, replayed) = applied(&scoped.scope.principal, scoped.value);
+        pb::ImportStateResponse { session, replayed }
+    }
+}
+
+impl From<Represented<ForwardOutcome>> for pb::ForwardResponse {
+    fn from(represented: Represented<ForwardOutcome>) -> Self {
+        let outcome = represented.value;
+        pb::ForwardResponse {
+            output: outcome
+                .output
+                .map(|o| tensor_to_proto(o, represented.representation)),
+            version: outcome.version,
+            num_batches_tracked: outcome.num_batches_tracked,
+            replayed: outcome.replayed,
+        }
+    }
+}
+
+impl From<ExportedState> for pb::ExportStateResponse {
+    fn from(exported: ExportedState) -> Self {
+        pb::ExportStateResponse {
+            safetensors: exported.safetensors,
+            version: exported.version,
+        }
+    }
+}
+
+// ---- CompareService -------------------------------------------------------
+
+/// A Compare: what to compare, on which device, and the form tensors travel
+/// back in.
+#[derive(Debug, Clone)]
+pub struct CompareCall {
+    pub request: CompareRequest,
+    pub device: Device,
+    pub representation: Representation,
+}
+
+impl TryFrom<Scoped<'_, CompareLimits, pb::CompareRequest>> for CompareCall {
+    type Error = ConvertError;
+
+    fn try_from(
+        scoped: Scoped<'_, CompareLimits, pb::CompareRequest>,
+    ) -> Result<Self, Self::Error> {
+        let (limits, mut request) = (scoped.scope, scoped.value);
+        // The device first: an unusable one is refused before any tensor is
+        // decoded.
+        let device = std::mem::take(&mut request.device)
+            .parse::<DeviceChoice>()?
+            .resolve(Some(limits.default_device))?;
+        let (request, representation) = compare_request(request, limits.max_tensor_elements)?;
+        Ok(CompareCall {
+            request,
+            device,
+            representation,
+        })
+    }
+}
+
+impl From<Represented<Comparison>> for pb::CompareResponse {
+    fn from(represented: Represented<Comparison>) -> Self {
+        comparison_to_proto(represented.value, represented.representation)
+    }
+}
+
+// ---- ServerService --------------------------------------------------------
+
+/// What GetServerInfo reports that does not change while the server runs.
+#[derive(Debug, Clone)]
+pub struct ServerFacts {
+    pub server_version: &'static str,
+    pub libtorch_version: &'static str,
+    pub default_device: Device,
+    /// The CPU first, then each CUDA device.
+    pub devices: Vec<DeviceDescription>,
+    pub max_sessions: u64,
+    pub max_tensor_elements: u64,
+    pub max_num_features: i64,
+    pub max_message_bytes: usize,
+    pub store: StoreKind,
+    pub durability: Durability,
+    pub cpu_stats_kernel: CpuStatsKernel,
+    pub tls: bool,
+    /// Client certificates required.
+    pub mtls: bool,
+    /// Bearer tokens required.
+    pub auth: bool,
+    pub intra_op_threads: i32,
+    pub compute_threads: usize,
+}
+
+/// GetServerInfo's answer: the facts and the session counts of this call.
+pub struct ServerInfo<'a> {
+    pub facts: &'a ServerFacts,
+    /// Sessions the caller may know of.
+    pub sessions: u64,
+    pub unreadable_sessions: u64,
+}
+
+impl From<ServerInfo<'_>> for pb::GetServerInfoResponse {
+    fn from(info: ServerInfo<'_>) -> Self {
+        let facts = info.facts;
+        pb::GetServerInfoResponse {
+            server_version: facts.server_version.to_owned(),
+            libtorch_version: facts.libtorch_version.to_owned(),
+            default_device: device_name(facts.default_device),
+            cuda_device_count: facts.devices.len().saturating_sub(1) as i32,
+            devices: facts
+                .devices
+                .iter()
+                .map(|d| pb::DeviceInfo {
+                    name: d.name.clone(),
+                    description: d.description.clone(),
+                    total_memory_bytes: d.total_memory_bytes,
+                })
+                .collect(),
+            limits: Some(pb::Limits {
+                max_sessions: facts.max_sessions,
+                max_tensor_elements: facts.max_tensor_elements,
+                max_num_features: facts.max_num_features,
+                max_message_bytes: facts.max_message_bytes as u64,
+            }),
+            features: [
+                "sessions",
+                "forward_stream",
+                "compare",
+                "health",
+                "reflection",
+            ]
+            .into_iter()
+            .chain(facts.tls.then_some("tls"))
+            .chain(facts.mtls.then_some("mtls"))
+            .chain(facts.auth.then_some("auth"))
+            .map(str::to_owned)
+            .chain([
+                format!("store:{}", facts.store.name()),
+                format!("durability:{}", facts.durability.name()),
+                format!("cpu_stats_kernel:{}", facts.cpu_stats_kernel.name()),
+            ])
+            .collect(),
+            intra_op_threads: facts.intra_op_threads,
+            compute_threads: facts.compute_threads as i32,
+            sessions: info.sessions,
+            unreadable_sessions: info.unreadable_sessions,
+            store: facts.store.name().to_owned(),
+        }
     }
 }

@@ -1,40 +1,32 @@
-//! Load shedding: a tower layer that caps the requests in progress across the
+//! Load shedding: the admission policy that caps the requests in progress across the
 //! whole server (`--max-concurrent-requests`) and refuses the others at once
 //! with RESOURCE_EXHAUSTED. Nothing waits in a queue: a client that is shed
 //! learns it in one round trip and can back off or go to another replica,
 //! and the server's memory stays bounded by the limit × the message size.
 //!
-//! `grpc.health.v1.Health` is never shed: an overloaded server is still alive
-//! and must not be restarted by its liveness probe.
-//!
-//! Owns no domain logic and knows nothing of sessions.
+//! A policy of [`super::admission`], which exempts health checks. Owns no
+//! domain logic and knows nothing of sessions.
 
-use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tonic::body::Body;
 use tonic::Status;
 
-use super::held_body::hold_until_end;
+use super::admission::Admit;
+use crate::telemetry::metrics::Metrics;
 
-const HEALTH_PREFIX: &str = "/grpc.health.v1.Health/";
-
-/// The server-wide limit on requests in progress, and how many it refused.
+/// The server-wide limit on requests in progress; refusals are counted as
+/// `normserve_shed_requests_total`.
 pub struct Shedder {
     /// `None`: no limit (`--max-concurrent-requests 0`).
     permits: Option<Arc<Semaphore>>,
     limit: u64,
-    shed: AtomicU64,
-    /// Counts refusals as `normserve_shed_requests_total` when set.
-    metrics: Option<Arc<crate::telemetry::metrics::Metrics>>,
+    metrics: Arc<Metrics>,
 }
 
 impl Shedder {
     /// A limit of `max_in_flight` requests in progress; 0 means no limit.
-    pub fn new(max_in_flight: u64) -> Shedder {
+    pub fn new(max_in_flight: u64, metrics: Arc<Metrics>) -> Shedder {
         // The semaphore's capacity is a usize bounded by MAX_PERMITS; a limit
         // beyond it is no limit in practice.
         let permits = (max_in_flight > 0).then(|| {
@@ -46,35 +38,28 @@ impl Shedder {
         Shedder {
             permits,
             limit: max_in_flight,
-            shed: AtomicU64::new(0),
-            metrics: None,
+            metrics,
         }
     }
+}
 
-    /// Also counts refusals in the server's metrics.
-    pub fn with_metrics(mut self, metrics: Arc<crate::telemetry::metrics::Metrics>) -> Shedder {
-        self.metrics = Some(metrics);
-        self
-    }
-
-    /// Requests refused so far.
-    pub fn shed_total(&self) -> u64 {
-        self.shed.load(Ordering::Relaxed)
-    }
+impl Admit for Shedder {
+    type Place = OwnedSemaphorePermit;
 
     /// A place among the requests in progress (`None` without a limit), or
     /// RESOURCE_EXHAUSTED at once.
-    fn admit(&self) -> Result<Option<OwnedSemaphorePermit>, Status> {
+    fn admit(
+        &self,
+        _headers: &http::HeaderMap,
+        _extensions: &mut http::Extensions,
+    ) -> Result<Option<OwnedSemaphorePermit>, Status> {
         let Some(permits) = &self.permits else {
             return Ok(None);
         };
         match permits.clone().try_acquire_owned() {
             Ok(permit) => Ok(Some(permit)),
             Err(_) => {
-                self.shed.fetch_add(1, Ordering::Relaxed);
-                if let Some(metrics) = &self.metrics {
-                    metrics.shed();
-                }
+                self.metrics.shed();
                 Err(Status::resource_exhausted(format!(
                     "server has {} requests in progress, its limit (max_concurrent_requests); retry later with backoff",
                     self.limit
@@ -84,93 +69,44 @@ impl Shedder {
     }
 }
 
-/// The tower layer of [`Shedder`].
-#[derive(Clone)]
-pub struct ShedLayer {
-    shedder: Arc<Shedder>,
-}
-
-impl ShedLayer {
-    pub fn new(shedder: Arc<Shedder>) -> ShedLayer {
-        ShedLayer { shedder }
-    }
-}
-
-impl<S> tower::Layer<S> for ShedLayer {
-    type Service = Shed<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        Shed {
-            inner,
-            shedder: self.shedder.clone(),
-        }
-    }
-}
-
-#[derive(Clone)]
-pub struct Shed<S> {
-    inner: S,
-    shedder: Arc<Shedder>,
-}
-
-type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
-
-impl<S, B> tower::Service<http::Request<B>> for Shed<S>
-where
-    S: tower::Service<http::Request<B>, Response = http::Response<Body>> + Clone + Send + 'static,
-    S::Future: Send,
-    B: Send + 'static,
-{
-    type Response = http::Response<Body>;
-    type Error = S::Error;
-    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        // The clone is not ready; the ready service handles this request.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        if request.uri().path().starts_with(HEALTH_PREFIX) {
-            return Box::pin(inner.call(request));
-        }
-        let permit = match self.shedder.admit() {
-            Ok(permit) => permit,
-            Err(status) => return Box::pin(async move { Ok(status.into_http()) }),
-        };
-        Box::pin(async move {
-            let response = inner.call(request).await?;
-            Ok(hold_until_end(response, permit))
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn admit(shedder: &Shedder) -> Result<Option<OwnedSemaphorePermit>, Status> {
+        shedder.admit(&http::HeaderMap::new(), &mut http::Extensions::new())
+    }
+
+    fn shed_total(metrics: &Metrics) -> String {
+        let text = metrics.encode().unwrap();
+        text.lines()
+            .find(|line| line.starts_with("normserve_shed_requests_total "))
+            .unwrap()
+            .to_owned()
+    }
+
     #[test]
     fn places_return_when_released_and_refusals_are_counted() {
-        let shedder = Shedder::new(2);
-        let first = shedder.admit().unwrap();
-        let second = shedder.admit().unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let shedder = Shedder::new(2, metrics.clone());
+        let first = admit(&shedder).unwrap();
+        let second = admit(&shedder).unwrap();
         assert!(first.is_some() && second.is_some());
-        let refused = shedder.admit().unwrap_err();
+        let refused = admit(&shedder).unwrap_err();
         assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
         assert!(refused.message().contains("max_concurrent_requests"));
-        assert_eq!(shedder.shed_total(), 1);
+        assert_eq!(shed_total(&metrics), "normserve_shed_requests_total 1");
         drop(first);
-        assert!(shedder.admit().unwrap().is_some());
-        assert_eq!(shedder.shed_total(), 1);
+        assert!(admit(&shedder).unwrap().is_some());
+        assert_eq!(shed_total(&metrics), "normserve_shed_requests_total 1");
     }
 
     #[test]
     fn zero_means_no_limit() {
-        let shedder = Shedder::new(0);
-        let held: Vec<_> = (0..1000).map(|_| shedder.admit().unwrap()).collect();
+        let metrics = Arc::new(Metrics::new());
+        let shedder = Shedder::new(0, metrics.clone());
+        let held: Vec<_> = (0..1000).map(|_| admit(&shedder).unwrap()).collect();
         assert!(held.iter().all(Option::is_none));
-        assert_eq!(shedder.shed_total(), 0);
+        assert_eq!(shed_total(&metrics), "normserve_shed_requests_total 0");
     }
 }

@@ -7,6 +7,19 @@ use crate::compute::ComputeError;
 use crate::device::DeviceError;
 use crate::numerics::NumericsError;
 use crate::session::SessionError;
+use crate::transport::convert::ConvertError;
+
+impl From<ConvertError> for Status {
+    fn from(error: ConvertError) -> Self {
+        match error {
+            ConvertError::InvalidArgument(message) => Status::invalid_argument(message),
+            ConvertError::SessionId(error) => Status::invalid_argument(error.to_string()),
+            ConvertError::Tensor(error) => error.into(),
+            ConvertError::Device(error) => error.into(),
+            ConvertError::Session(error) => error.into(),
+        }
+    }
+}
 
 impl From<SessionError> for Status {
     fn from(error: SessionError) -> Self {

@@ -27,7 +27,6 @@ mod wire;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use normserve::session::SessionError;
 use proptest::strategy::Strategy;
 use proptest::test_runner::{Config, FileFailurePersistence, TestCaseResult, TestRunner};
 use tonic::Code;
@@ -95,6 +94,6 @@ pub fn fuzz<S: Strategy>(
 }
 
 /// The gRPC code a rejection becomes (through `transport::status`).
-pub fn code(error: SessionError) -> Code {
-    tonic::Status::from(error).code()
+pub fn code(error: impl Into<tonic::Status>) -> Code {
+    error.into().code()
 }

@@ -126,7 +126,10 @@ fn message_bytes() -> impl Strategy<Value = Vec<u8>> {
     ]
 }
 
-fn ok_or_client_error<T>(result: Result<T, normserve::session::SessionError>) -> TestCaseResult {
+fn ok_or_client_error<T, E>(result: Result<T, E>) -> TestCaseResult
+where
+    E: Into<tonic::Status> + std::fmt::Display,
+{
     if let Err(error) = result {
         let text = error.to_string();
         prop_assert!(is_client_error(error), "not a client error: {text}");

@@ -1,5 +1,5 @@
 //! A normserve server inside the test process: bound on `127.0.0.1:0`, served
-//! by `normserve::transport::serve` in a spawned task, stopped through a
+//! by `normserve::transport::Server` in a spawned task, stopped through a
 //! oneshot-driven shutdown future. The listener is bound before anyone
 //! connects, so clients never wait for the server to come up.
 
@@ -53,17 +53,14 @@ impl TestServer {
         let mut config = Config::with_defaults(address);
         adjust(&mut config);
         config.validate().unwrap();
-        let device = transport::prepare(&config).unwrap();
+        let mut server = transport::Server::new(config).unwrap();
+        if let Some(metrics_listener) = metrics_listener {
+            server = server.with_metrics_listener(metrics_listener);
+        }
         let (shutdown, stop) = oneshot::channel::<()>();
-        let served = tokio::spawn(transport::serve_with_metrics(
-            config,
-            device,
-            listener,
-            metrics_listener,
-            async move {
-                let _ = stop.await;
-            },
-        ));
+        let served = tokio::spawn(server.serve(listener, async move {
+            let _ = stop.await;
+        }));
         TestServer {
             address,
             metrics_address,

@@ -10,7 +10,6 @@ use super::commit::stamp;
 use super::{Registry, Session};
 use crate::config::TtlAction;
 use crate::session::durable::Written;
-use crate::telemetry::metrics::Eviction;
 
 impl Registry {
     /// Drops from memory (`Evict`: the stored record stays and the next
@@ -44,12 +43,11 @@ impl Registry {
             if state.deleted || state.evicted {
                 continue;
             }
-            let eviction = match action {
+            match action {
                 TtlAction::Evict => {
                     state.evicted = true;
                     self.evicted_map()
                         .insert(id.clone(), session.info.last_used.get());
-                    Eviction::Evict
                 }
                 TtlAction::Delete => {
                     if let Some(store) = &self.store {
@@ -65,16 +63,15 @@ impl Registry {
                         }
                     }
                     state.deleted = true;
-                    Eviction::Delete
                 }
-            };
+            }
             self.forget(&session);
-            self.metrics.eviction(eviction);
+            self.metrics.eviction(action);
             tracing::info!(
                 session = %id,
                 tenant = id.tenant(),
                 idle_seconds = idle_for.as_secs_f64(),
-                action = eviction.label(),
+                action = action.name(),
                 "idle session expired"
             );
             expired += 1;
