@@ -124,6 +124,7 @@ impl SessionStore for MemoryStore {
 }
 
 fn new_registry(store: Option<Arc<MemoryStore>>) -> Registry {
+    let metrics = Arc::new(Metrics::new());
     Registry::new(
         RegistryOptions {
             limits: Limits {
@@ -137,9 +138,9 @@ fn new_registry(store: Option<Arc<MemoryStore>>) -> Registry {
             replay_cache_bytes: 1 << 20,
             stats_kernel: StatsKernel::Libtorch,
         },
-        ComputePool::new(1),
+        ComputePool::new(1, metrics.clone()),
         store.map(|s| s as Arc<dyn SessionStore>),
-        Arc::new(Metrics::new()),
+        metrics,
     )
 }
 
