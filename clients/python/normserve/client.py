@@ -303,6 +303,12 @@ class Client:
         """Versions, devices, limits and features of the server (ServerInfo)."""
         return self._run(protocol.server_info())
 
+    def health(self, service: str = "") -> str:
+        """The server's health (grpc.health.v1 Check, which needs no token):
+        "SERVING" or "NOT_SERVING" for the server (""), or for a service such
+        as "normserve.v1.BatchNormService"; NotFound for an unknown service."""
+        return self._run(protocol.health(service))
+
     def compare(self, x: Array, *, module: Any = None, weight: Array | None = None, bias: Array | None = None,
                 running_mean: Array | None = None, running_var: Array | None = None,
                 num_batches_tracked: int | None = None, training: bool | None = None, eps: float | None = None,

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Generic, TypeVar
 
 import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import Message
 
 from normserve import codec, compare as compare_module, errors
@@ -335,6 +336,42 @@ def server_info() -> Call[ServerInfo]:
 def compare(x: Array, **options: Any) -> Call[CompareReport]:
     request = compare_module.build_request(x, **options)
     return Call(COMPARE, request, True, lambda reply: CompareReport.from_proto(reply, like=x))
+
+
+def _health_messages() -> tuple[Any, Any]:
+    """grpc.health.v1's HealthCheckRequest and HealthCheckResponse, built from
+    their definition (health.proto) in a pool of their own: the client needs
+    no grpcio-health-checking, and cannot clash with it when both are used."""
+    file = descriptor_pb2.FileDescriptorProto(name="normserve/grpc_health_v1.proto", package="grpc.health.v1",
+                                              syntax="proto3")
+    request = file.message_type.add(name="HealthCheckRequest")
+    request.field.add(name="service", number=1, type=descriptor_pb2.FieldDescriptorProto.TYPE_STRING,
+                      label=descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL)
+    response = file.message_type.add(name="HealthCheckResponse")
+    status = response.enum_type.add(name="ServingStatus")
+    for number, name in enumerate(HEALTH_STATUSES):
+        status.value.add(name=name, number=number)
+    response.field.add(name="status", number=1, type=descriptor_pb2.FieldDescriptorProto.TYPE_ENUM,
+                       type_name=".grpc.health.v1.HealthCheckResponse.ServingStatus",
+                       label=descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL)
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(file)
+    return (message_factory.GetMessageClass(pool.FindMessageTypeByName("grpc.health.v1.HealthCheckRequest")),
+            message_factory.GetMessageClass(pool.FindMessageTypeByName("grpc.health.v1.HealthCheckResponse")))
+
+
+# grpc.health.v1.HealthCheckResponse.ServingStatus, by number.
+HEALTH_STATUSES = ("UNKNOWN", "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN")
+_HEALTH_REQUEST, _HEALTH_RESPONSE = _health_messages()
+HEALTH_CHECK = Method("/grpc.health.v1.Health/Check", _HEALTH_RESPONSE)
+
+
+def health(service: str) -> Call[str]:
+    """grpc.health.v1.Health/Check: "SERVING", "NOT_SERVING", ... for the
+    server ("") or one of its services ("normserve.v1.BatchNormService")."""
+    return Call(HEALTH_CHECK, _HEALTH_REQUEST(service=service), True,
+                lambda reply: HEALTH_STATUSES[reply.status] if reply.status < len(HEALTH_STATUSES)
+                else str(reply.status))
 
 
 def temporary_session_created(session: Any) -> None:
