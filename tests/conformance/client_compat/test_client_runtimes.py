@@ -3,12 +3,22 @@ this environment has (`make test` runs these with the oldest and the newest
 the client supports): the generated stubs import cleanly, and every kind of
 call works against the real server. No torch here: the oracle is the batch
 norm formula written out in numpy (float64), as PyTorch defines it — biased
-variance to normalize, unbiased variance in running_var."""
+variance to normalize, unbiased variance in running_var.
+
+These run in small environments without torch (scripts/client-envs.sh),
+where `make test` runs them with `--confcutdir` on this folder so that the
+torch-based conftest above is not loaded, and in the main test environment
+as well; so this folder has no conftest of its own, and its fixtures are
+here. NORMSERVE_EXPECT_RUNTIME ("grpcio==X protobuf==Y"), when set, is the
+runtime the environment must have: it makes sure the tests ran where they
+were meant to."""
 
 import asyncio
 import os
 import subprocess
 import sys
+import tempfile
+import threading
 import uuid
 
 import grpc
@@ -16,10 +26,50 @@ import numpy as np
 import pytest
 from google import protobuf
 
-import normserve
-import normserve.aio
+CLIENT_DIR = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "..", "clients", "python"))
+if CLIENT_DIR not in sys.path:
+    sys.path.insert(0, CLIENT_DIR)
 
-from conftest import CLIENT_DIR
+import normserve  # noqa: E402
+import normserve.aio  # noqa: E402
+
+assert normserve.__file__.startswith(CLIENT_DIR), f"normserve imported from {normserve.__file__}, not {CLIENT_DIR}"
+
+
+class Server:
+    """A normserve process on an ephemeral loopback port (NORMSERVE_BIN)."""
+
+    def __init__(self, *args):
+        binary = os.environ.get("NORMSERVE_BIN", "target/release/normserve")
+        self.data_dir = tempfile.mkdtemp(prefix="normserve-compat-")
+        self.proc = subprocess.Popen([binary, "--listen", "127.0.0.1:0", "--data-dir", self.data_dir, *args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # The server prints one line once it is bound; no sleeps, no polling.
+        line = self.proc.stdout.readline()
+        if not line.startswith("normserve listening on "):
+            self.proc.kill()
+            raise RuntimeError(f"server did not start: {line!r} {self.proc.stderr.read()}")
+        self.address = line.split()[3]
+        for stream in (self.proc.stdout, self.proc.stderr):  # a full pipe would block the server
+            threading.Thread(target=lambda s=stream: [None for _ in s], daemon=True).start()
+
+    def stop(self):
+        self.proc.terminate()
+        return self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def compat_server():
+    server = Server("--compute-threads", "2")
+    yield server
+    assert server.stop() == 0
+
+
+@pytest.fixture(scope="session")
+def compat_client(compat_server):
+    with normserve.connect(compat_server.address) as client:
+        client.wait_ready(timeout=30)
+        yield client
 
 
 class Oracle:
