@@ -60,3 +60,4 @@ clean: ## remove build outputs (the cached Python environment stays)
 include mk/deploy.mk
 include mk/soak.mk
 include mk/fuzz.mk
+include mk/python-client.mk

@@ -9,6 +9,10 @@
 #   clients/python/generate.sh          rewrite the stubs in the package
 #   clients/python/generate.sh DIR      write them to DIR/normserve/v1 instead
 #
+# The generated code is then post-processed (postprocess_stubs.py) so that
+# it runs on every protobuf and grpcio the package supports, not only on
+# versions as new as the generator.
+#
 # PYTHON selects the interpreter (default: scripts/provision.sh --python).
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -27,3 +31,6 @@ cd "$repo"
 "$python" -m grpc_tools.protoc -Iproto \
   --python_out="$out" --pyi_out="$out" --grpc_python_out="$out" \
   proto/normserve/v1/*.proto
+# Drop the generators' runtime version guards, which would refuse the older
+# protobuf and grpcio runtimes the package supports (see the script).
+"$python" "$here/postprocess_stubs.py" "$out/normserve/v1"

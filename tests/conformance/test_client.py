@@ -937,14 +937,15 @@ def test_the_package_installs_with_pip_and_ships_its_stubs(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-build-isolation", "--no-deps",
                     "--disable-pip-version-check", "--target", str(target), str(source)],
                    check=True, capture_output=True)
-    probe = ("import normserve, normserve.torch, normserve.v1.batch_norm_pb2_grpc as g, os; "
+    probe = ("import normserve, normserve.aio, normserve.torch, normserve.v1.batch_norm_pb2_grpc as g, os; "
              "print(normserve.__file__); print(normserve.__version__); "
-             "print(sorted(os.listdir(os.path.dirname(g.__file__))))")
+             "print(sorted(os.listdir(os.path.dirname(g.__file__)) + os.listdir(os.path.dirname(normserve.__file__))))")
     done = subprocess.run([sys.executable, "-c", probe], env={**os.environ, "PYTHONPATH": str(target)},
                           cwd=tmp_path, check=True, capture_output=True, text=True)
     where, version, files = done.stdout.splitlines()
     assert where.startswith(str(target)) and version == normserve.__version__
     assert "batch_norm_pb2.py" in files and "batch_norm_pb2.pyi" in files and "__init__.py" in files
+    assert "py.typed" in files and "aio.py" in files  # PEP 561: type checkers use the package's hints
 
 
 def readme_python_client_example():

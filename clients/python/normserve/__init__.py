@@ -7,13 +7,17 @@
     session.eval()(x)                      # eval mode, like an nn.Module
     print(client.compare(x, candidate=mine))
 
+`normserve.aio` is the asyncio client (`await session.forward(x)`), with the
+same calls and exceptions. `client.temporary_session(...)` is a session for
+a `with` block, deleted when it ends.
+
 `normserve.torch.RemoteBatchNorm2d` (and 1d/3d) is an nn.Module running on
 a session. The generated stubs are `normserve.v1` (`client.stubs` holds them
 on the client's channel). torch is optional: it is imported only when torch
 tensors are used or asked for.
 """
 
-from normserve.client import Client, DeviceInfo, Limits, ServerInfo, Stubs, TLSConfig, connect
+from normserve.client import Client, Stubs, TLSConfig, connect
 from normserve.compare import CompareReport, Diagnosis, Difference, Hypothesis, ImplementationReport, TensorReport
 from normserve.errors import (
     Aborted,
@@ -32,7 +36,8 @@ from normserve.errors import (
     Unauthenticated,
     Unavailable,
 )
-from normserve.session import ForwardResult, Session, SessionInfo, StateExport
+from normserve.results import DeviceInfo, ForwardResult, Limits, ServerInfo, SessionInfo, StateExport
+from normserve.session import Session
 
 __version__ = "0.1.0"
 

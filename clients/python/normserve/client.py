@@ -1,35 +1,33 @@
 """The connection to a normserve server: channel, credentials, metadata,
-retries, and the calls that are not about one session."""
+retries, and the calls that are not about one session. This is the blocking
+client; normserve.aio has the asyncio one, with the same calls."""
 
+from __future__ import annotations
+
+import contextlib
 import dataclasses
 import os
 import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, TypeVar
 
 import grpc
 
-from normserve import codec, compare as compare_module, errors
-from normserve.session import Session, SessionInfo, UNSET, kind_value, tensor_or_none
-from normserve.v1 import (
-    batch_norm_pb2 as bn,
-    batch_norm_pb2_grpc,
-    compare_pb2_grpc,
-    server_pb2,
-    server_pb2_grpc,
-)
+from normserve import codec, errors, protocol
+from normserve.codec import Array
+from normserve.compare import CompareReport
+from normserve.protocol import DEFAULT_OPTIONS  # noqa: F401  (re-exported)
+from normserve.protocol import retryable as _retryable  # noqa: F401  (re-exported)
+from normserve.results import UNSET, DeviceInfo, Limits, ServerInfo, SessionInfo, _Unset  # noqa: F401
+from normserve.session import Session
+from normserve.v1 import batch_norm_pb2_grpc, compare_pb2_grpc, server_pb2_grpc
 
-# The server enforces its own message limit (max_message_bytes); the client
-# adds none (gRPC's default would refuse replies above 4 MiB).
-DEFAULT_OPTIONS = (
-    ("grpc.max_send_message_length", -1),
-    ("grpc.max_receive_message_length", -1),
-    # Let the server send large HTTP/2 DATA frames: it writes one frame per
-    # syscall, and with the 16 KiB default a 16 MiB reply costs ~1000 of them
-    # (measured: a 16 MiB Forward 125 ms -> 76 ms on the 2-core dev machine).
-    ("grpc.http2.max_frame_size", 16 * 1024 * 1024 - 1),
-)
+T = TypeVar("T")
+Metadata = tuple[tuple[str, str], ...]
+PEMSource = bytes | str | os.PathLike[str] | None
 
 
-def _pem(value, what):
+def _pem(value: PEMSource, what: str) -> bytes | None:
     """PEM bytes from bytes, PEM text, or a path to a PEM file."""
     if value is None or isinstance(value, bytes):
         return value
@@ -56,12 +54,12 @@ class TLSConfig:
         not the host of the address (e.g. connecting by IP address).
     """
 
-    root_certificates: bytes | str | os.PathLike | None = None
-    client_certificate: bytes | str | os.PathLike | None = None
-    client_key: bytes | str | os.PathLike | None = None
+    root_certificates: PEMSource = None
+    client_certificate: PEMSource = None
+    client_key: PEMSource = None
     server_name: str | None = None
 
-    def credentials(self):
+    def credentials(self) -> grpc.ChannelCredentials:
         """The grpc.ChannelCredentials these settings describe."""
         if (self.client_certificate is None) != (self.client_key is None):
             raise ValueError("TLSConfig: client_certificate and client_key go together (mutual TLS)")
@@ -72,7 +70,7 @@ class TLSConfig:
         )
 
 
-def auth_metadata(token):
+def auth_metadata(token: str | None) -> Metadata:
     """The metadata sent with every call: `authorization: Bearer <token>`, or
     none without a token."""
     if token is None:
@@ -84,7 +82,23 @@ def auth_metadata(token):
     return (("authorization", f"Bearer {token}"),)
 
 
-def connect(address, token=None, tls=None, *, timeout=None, retries=0, options=()):
+def channel_settings(tls: bool | TLSConfig | None,
+                     options: Sequence[tuple[str, Any]]) -> tuple[list[tuple[str, Any]], grpc.ChannelCredentials | None]:
+    """connect()'s channel options and credentials (None: plaintext), for a
+    blocking or an asyncio channel."""
+    channel_options = list(DEFAULT_OPTIONS) + list(options)
+    if tls is None or tls is False:
+        return channel_options, None
+    config = TLSConfig() if tls is True else tls
+    if not isinstance(config, TLSConfig):
+        raise TypeError(f"tls: expected None, True or a TLSConfig, got {type(tls).__name__}")
+    if config.server_name:
+        channel_options.append(("grpc.ssl_target_name_override", config.server_name))
+    return channel_options, config.credentials()
+
+
+def connect(address: str, token: str | None = None, tls: bool | TLSConfig | None = None, *,
+            timeout: float | None = None, retries: int = 0, options: Sequence[tuple[str, Any]] = ()) -> Client:
     """A Client of the server at `address` ("host:port").
 
     token: sent as `authorization: Bearer <token>` with every call (send it
@@ -98,16 +112,11 @@ def connect(address, token=None, tls=None, *, timeout=None, retries=0, options=(
         carrying a request_id (generated when none is given). 0: none.
     options: extra grpc channel options, (name, value) pairs.
     """
-    channel_options = list(DEFAULT_OPTIONS) + list(options)
-    if tls is None or tls is False:
+    channel_options, credentials = channel_settings(tls, options)
+    if credentials is None:
         channel = grpc.insecure_channel(address, options=channel_options)
     else:
-        config = TLSConfig() if tls is True else tls
-        if not isinstance(config, TLSConfig):
-            raise TypeError(f"tls: expected None, True or a TLSConfig, got {type(tls).__name__}")
-        if config.server_name:
-            channel_options.append(("grpc.ssl_target_name_override", config.server_name))
-        channel = grpc.secure_channel(address, config.credentials(), options=channel_options)
+        channel = grpc.secure_channel(address, credentials, options=channel_options)
     return Client(channel, token=token, timeout=timeout, retries=retries, owns_channel=True)
 
 
@@ -120,68 +129,12 @@ class Stubs:
     compare: compare_pb2_grpc.CompareServiceStub
     server: server_pb2_grpc.ServerServiceStub
 
-
-@dataclasses.dataclass(frozen=True)
-class DeviceInfo:
-    name: str
-    description: str
-    total_memory_bytes: int
-
-
-@dataclasses.dataclass(frozen=True)
-class Limits:
-    max_sessions: int
-    max_tensor_elements: int
-    max_num_features: int
-    max_message_bytes: int
-
-
-@dataclasses.dataclass(frozen=True)
-class ServerInfo:
-    """Facts about the running server (GetServerInfo)."""
-
-    server_version: str
-    libtorch_version: str
-    default_device: str
-    devices: tuple
-    cuda_device_count: int
-    limits: Limits
-    features: tuple
-    intra_op_threads: int
-    compute_threads: int
-    sessions: int
-    unreadable_sessions: int
-    store: str
-    proto: server_pb2.GetServerInfoResponse = dataclasses.field(repr=False)
-
     @classmethod
-    def from_proto(cls, reply):
-        limits = reply.limits
-        return cls(
-            server_version=reply.server_version,
-            libtorch_version=reply.libtorch_version,
-            default_device=reply.default_device,
-            devices=tuple(DeviceInfo(d.name, d.description, d.total_memory_bytes) for d in reply.devices),
-            cuda_device_count=reply.cuda_device_count,
-            limits=Limits(limits.max_sessions, limits.max_tensor_elements, limits.max_num_features,
-                          limits.max_message_bytes),
-            features=tuple(reply.features),
-            intra_op_threads=reply.intra_op_threads,
-            compute_threads=reply.compute_threads,
-            sessions=reply.sessions,
-            unreadable_sessions=reply.unreadable_sessions,
-            store=reply.store,
-            proto=reply,
-        )
-
-
-def _module_kind(module):
-    import torch
-
-    for kind, cls in (("1d", torch.nn.BatchNorm1d), ("2d", torch.nn.BatchNorm2d), ("3d", torch.nn.BatchNorm3d)):
-        if isinstance(module, cls):
-            return kind
-    raise TypeError(f"expected a torch.nn.BatchNorm1d, BatchNorm2d or BatchNorm3d, got {type(module).__name__}")
+    def on(cls, channel: Any) -> Stubs:
+        """The stubs on a blocking or an asyncio channel."""
+        return cls(batch_norm_pb2_grpc.BatchNormServiceStub(channel),
+                   compare_pb2_grpc.CompareServiceStub(channel),
+                   server_pb2_grpc.ServerServiceStub(channel))
 
 
 class Client:
@@ -190,43 +143,37 @@ class Client:
     to close). Thread-safe, as the channel is; use it as a context manager
     or call close()."""
 
-    def __init__(self, channel, *, token=None, timeout=None, retries=0, retry_backoff=0.05,
-                 owns_channel=False):
+    def __init__(self, channel: grpc.Channel, *, token: str | None = None, timeout: float | None = None,
+                 retries: int = 0, retry_backoff: float = 0.05, owns_channel: bool = False) -> None:
         if retries < 0:
             raise ValueError("retries: must be >= 0")
         self.channel = channel
-        self.stubs = Stubs(
-            batch_norm=batch_norm_pb2_grpc.BatchNormServiceStub(channel),
-            compare=compare_pb2_grpc.CompareServiceStub(channel),
-            server=server_pb2_grpc.ServerServiceStub(channel),
-        )
-        # Forward and ForwardStream as the stubs have them, but taking
-        # codec.SplicedRequests: the tensor bytes skip protobuf's copies.
-        service = bn.DESCRIPTOR.services_by_name["BatchNormService"].full_name
-        self._forward = channel.unary_unary(
-            f"/{service}/Forward",
-            request_serializer=codec.serialize, response_deserializer=bn.ForwardResponse.FromString)
+        self.stubs = Stubs.on(channel)
+        # Unary calls by path, made on first use; they take requests whose
+        # tensor bytes are spliced in (codec.SplicedRequest) as well as plain
+        # messages, so that the values skip protobuf's copies.
+        self._unary: dict[str, Any] = {}
         self._forward_stream = channel.stream_stream(
-            f"/{service}/ForwardStream",
-            request_serializer=codec.serialize, response_deserializer=bn.ForwardStreamResponse.FromString)
+            protocol.FORWARD_STREAM.path, request_serializer=codec.serialize,
+            response_deserializer=protocol.FORWARD_STREAM.response.FromString)
         self.metadata = auth_metadata(token)
         self.timeout = timeout
         self.retries = retries
         self.retry_backoff = retry_backoff
         self._owns_channel = owns_channel
 
-    def close(self):
+    def close(self) -> None:
         """Closes the channel if connect() made it."""
         if self._owns_channel:
             self.channel.close()
 
-    def __enter__(self):
+    def __enter__(self) -> Client:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def wait_ready(self, timeout=None):
+    def wait_ready(self, timeout: float | None = None) -> None:
         """Blocks until the channel is connected (Unavailable after `timeout` s)."""
         try:
             grpc.channel_ready_future(self.channel).result(timeout=timeout)
@@ -234,26 +181,36 @@ class Client:
             raise errors.Unavailable(grpc.StatusCode.UNAVAILABLE,
                                      f"not connected after {timeout} s") from None
 
-    def _call(self, rpc, request, *, retry):
-        """One unary call with the client's metadata and timeout; failures
-        become NormserveErrors. `retry`: the call is safe to repeat."""
+    def _run(self, call: protocol.Call[T]) -> T:
+        """One unary call with the client's metadata and timeout, retried as
+        the client's retries allow; failures become NormserveErrors."""
+        rpc = self._unary.get(call.method.path)
+        if rpc is None:
+            rpc = self._unary[call.method.path] = self.channel.unary_unary(
+                call.method.path, request_serializer=codec.serialize,
+                response_deserializer=call.method.response.FromString)
         attempt = 0
         while True:
             try:
-                return rpc(request, metadata=self.metadata, timeout=self.timeout)
+                reply = rpc(call.request, metadata=self.metadata, timeout=self.timeout)
+                break
             except grpc.RpcError as error:
-                if retry and attempt < self.retries and _retryable(error, request):
-                    time.sleep(self.retry_backoff * 2 ** attempt)
+                if call.retry and attempt < self.retries and protocol.retryable(error, call.request):
+                    time.sleep(protocol.backoff(self.retry_backoff, attempt))
                     attempt += 1
                     continue
                 raise errors.from_rpc_error(error) from error
+        return call.parse(reply)
 
     # ---------------------------------------------------------- sessions
 
-    def create_session(self, kind, num_features, *, eps=1e-5, momentum=0.1, affine=True,
-                       track_running_stats=True, dtype="float32", device="", session_id=None,
-                       labels=None, training=True, reject_non_finite=False, weight=None, bias=None,
-                       running_mean=None, running_var=None, num_batches_tracked=None):
+    def create_session(self, kind: str | int, num_features: int, *, eps: float = 1e-5,
+                       momentum: float | None = 0.1, affine: bool = True, track_running_stats: bool = True,
+                       dtype: Any = "float32", device: str | None = "", session_id: str | None = None,
+                       labels: Mapping[str, str] | None = None, training: bool = True,
+                       reject_non_finite: bool = False, weight: Array | None = None, bias: Array | None = None,
+                       running_mean: Array | None = None, running_var: Array | None = None,
+                       num_batches_tracked: int | None = None) -> Session:
         """A new session: `torch.nn.BatchNorm{kind}(num_features, eps, momentum,
         affine, track_running_stats, dtype=dtype)` living in the server.
 
@@ -270,93 +227,95 @@ class Client:
         weight, bias, running_mean, running_var (shape (C,)) and
             num_batches_tracked: the initial state (PyTorch's defaults otherwise).
         """
-        request = bn.CreateSessionRequest(
-            session_id=session_id or "",
-            kind=kind_value(kind),
-            num_features=num_features,
-            eps=eps,
-            affine=affine,
-            track_running_stats=track_running_stats,
-            param_dtype=codec.wire_dtype(dtype),
-            device=device or "",
-            default_mode=bn.MODE_TRAIN if training else bn.MODE_EVAL,
-            reject_non_finite=reject_non_finite,
-            labels=labels or {},
-        )
-        if momentum is None:
-            request.cumulative_average = True
-        else:
-            request.momentum = momentum
-        for field, value in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
-                             ("running_var", running_var)):
-            tensor_or_none(request, field, value)
-        if num_batches_tracked is not None:
-            request.num_batches_tracked = int(num_batches_tracked)
-        # With a client-chosen id creation is idempotent, so safe to retry.
-        reply = self._call(self.stubs.batch_norm.CreateSession, request, retry=bool(session_id))
-        info = SessionInfo.from_proto(reply.session)
-        return Session(self, info.session_id, training=info.training,
-                       already_existed=reply.already_existed, initial_info=info)
+        created = self._run(protocol.create_session(
+            kind, num_features, eps=eps, momentum=momentum, affine=affine,
+            track_running_stats=track_running_stats, dtype=dtype, device=device, session_id=session_id,
+            labels=labels, training=training, reject_non_finite=reject_non_finite, weight=weight, bias=bias,
+            running_mean=running_mean, running_var=running_var, num_batches_tracked=num_batches_tracked))
+        return Session(self, created.info.session_id, training=created.info.training,
+                       already_existed=created.already_existed, initial_info=created.info)
 
-    def create_session_from_module(self, module, *, dtype=None, **options):
+    def create_session_from_module(self, module: Any, *, dtype: Any = None, **options: Any) -> Session:
         """A session with a local `nn.BatchNorm{1,2,3}d`'s configuration, state
         and mode. dtype: the session's (default: the module's); other options
         as create_session (device, session_id, labels, reject_non_finite)."""
-        kind = _module_kind(module)
-        state = module.state_dict()
-        if dtype is None:
-            tensors = [state[key] for key in ("weight", "running_mean") if key in state]
-            dtype = tensors[0].dtype if tensors else "float32"
-        initial = {key: state[key] for key in ("weight", "bias", "running_mean", "running_var") if key in state}
-        if "num_batches_tracked" in state:
-            initial["num_batches_tracked"] = int(state["num_batches_tracked"])
-        options.setdefault("training", module.training)
-        return self.create_session(
-            kind, module.num_features, eps=module.eps, momentum=module.momentum, affine=module.affine,
-            track_running_stats=module.track_running_stats, dtype=dtype, **initial, **options)
+        return self.create_session(**protocol.module_options(module, dtype, options))
 
-    def get_session(self, session_id):
+    @contextlib.contextmanager
+    def temporary_session(self, kind: str | int, num_features: int, **options: Any) -> Iterator[Session]:
+        """A new session (create_session's arguments) for the `with` block,
+        deleted when the block ends, also when it raises:
+
+            with client.temporary_session("2d", 3) as session:
+                y = session.forward(x)
+
+        A session_id that names an existing session is refused
+        (AlreadyExists): the block would delete what it did not create."""
+        session = self.create_session(kind, num_features, **options)
+        protocol.temporary_session_created(session)
+        try:
+            yield session
+        except BaseException as error:
+            try:
+                session.delete()
+            except errors.NotFound:
+                pass
+            except Exception as cleanup_error:
+                protocol.cleanup_failed(error, cleanup_error, session.session_id)
+            raise
+        with contextlib.suppress(errors.NotFound):  # the block may have deleted it itself
+            session.delete()
+
+    @contextlib.contextmanager
+    def temporary_session_from_module(self, module: Any, *, dtype: Any = None,
+                                      **options: Any) -> Iterator[Session]:
+        """`temporary_session` with a local module's configuration, state and
+        mode (as create_session_from_module)."""
+        with self.temporary_session(**protocol.module_options(module, dtype, options)) as session:
+            yield session
+
+    def get_session(self, session_id: str) -> Session:
         """A handle on an existing session (NotFound otherwise), in the
         session's default mode."""
-        reply = self._call(self.stubs.batch_norm.GetSession, bn.GetSessionRequest(session_id=session_id),
-                           retry=True)
-        info = SessionInfo.from_proto(reply.session)
+        info = self._run(protocol.get_session(session_id))
         return Session(self, session_id, training=info.training, initial_info=info)
 
-    def list_sessions(self, labels=None, *, include_tensors=False, page_size=None):
+    def list_sessions(self, labels: Mapping[str, str] | None = None, *, include_tensors: bool = False,
+                      page_size: int | None = None) -> Iterator[SessionInfo]:
         """Every session carrying all of `labels`, in id order, as SessionInfo;
         pages (page_size, server default 100) are fetched as the iteration
         goes. Tensors only with include_tensors."""
         token = ""
         while True:
-            request = bn.ListSessionsRequest(page_size=page_size or 0, page_token=token,
-                                             label_selector=labels or {}, include_tensors=include_tensors)
-            reply = self._call(self.stubs.batch_norm.ListSessions, request, retry=True)
-            for session in reply.sessions:
-                yield SessionInfo.from_proto(session)
-            token = reply.next_page_token
+            page = self._run(protocol.list_sessions_page(labels, include_tensors, page_size, token))
+            yield from page.sessions
+            token = page.next_page_token
             if not token:
                 return
 
-    def delete_session(self, session_id, *, expected_version=None):
+    def delete_session(self, session_id: str, *, expected_version: int | None = None) -> None:
         """Deletes a session (NotFound when there is none)."""
-        request = bn.DeleteSessionRequest(session_id=session_id)
-        if expected_version is not None:
-            request.expected_version = expected_version
-        # Not retried: a retry after a lost reply would answer NotFound.
-        self._call(self.stubs.batch_norm.DeleteSession, request, retry=False)
+        self._run(protocol.delete_session(session_id, expected_version))
 
     # ------------------------------------------------------- the others
 
-    def server_info(self):
+    def server_info(self) -> ServerInfo:
         """Versions, devices, limits and features of the server (ServerInfo)."""
-        return ServerInfo.from_proto(self._call(self.stubs.server.GetServerInfo,
-                                                server_pb2.GetServerInfoRequest(), retry=True))
+        return self._run(protocol.server_info())
 
-    def compare(self, x, *, module=None, weight=None, bias=None, running_mean=None, running_var=None,
-                num_batches_tracked=None, training=None, eps=None, momentum=UNSET, grad_output=None,
-                candidate=None, rtol=None, atol=None, implementations=None, return_tensors=False,
-                device=""):
+    def health(self, service: str = "") -> str:
+        """The server's health (grpc.health.v1 Check, which needs no token):
+        "SERVING" or "NOT_SERVING" for the server (""), or for a service such
+        as "normserve.v1.BatchNormService"; NotFound for an unknown service."""
+        return self._run(protocol.health(service))
+
+    def compare(self, x: Array, *, module: Any = None, weight: Array | None = None, bias: Array | None = None,
+                running_mean: Array | None = None, running_var: Array | None = None,
+                num_batches_tracked: int | None = None, training: bool | None = None, eps: float | None = None,
+                momentum: float | None | _Unset = UNSET, grad_output: Array | None = None,
+                candidate: Array | Mapping[str, Array] | None = None, rtol: float | None = None,
+                atol: float | None = None, implementations: Sequence[str | int] | None = None,
+                return_tensors: bool = False, device: str = "") -> CompareReport:
         """PyTorch's batch norm of `x` beside the textbook formulas and your
         own results (`candidate`), with a diagnosis: a CompareReport, whose
         `print()` shows the table and the diagnosis.
@@ -377,23 +336,8 @@ class Client:
             "manual_biased", "manual_unbiased", "candidate"); default all.
         return_tensors: each report carries its tensors (as x: numpy/torch).
         """
-        request = compare_module.build_request(
+        return self._run(protocol.compare(
             x, module=module, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var,
             num_batches_tracked=num_batches_tracked, training=training, eps=eps, momentum=momentum,
             grad_output=grad_output, candidate=candidate, rtol=rtol, atol=atol,
-            implementations=implementations, return_tensors=return_tensors, device=device)
-        reply = self._call(self.stubs.compare.Compare, request, retry=True)
-        return compare_module.CompareReport.from_proto(reply, like=x)
-
-
-def _retryable(error, request):
-    code = error.code() if callable(getattr(error, "code", None)) else None
-    if code == grpc.StatusCode.UNAVAILABLE:
-        return True
-    # ABORTED is a lost compare-and-set race only when no expected_version was
-    # sent; with one it is the version check, which a retry would fail again.
-    if code == grpc.StatusCode.ABORTED:
-        request = getattr(request, "message", request)  # a codec.SplicedRequest's message
-        fields = request.DESCRIPTOR.fields_by_name
-        return "expected_version" not in fields or not request.HasField("expected_version")
-    return False
+            implementations=implementations, return_tensors=return_tensors, device=device))

@@ -27,28 +27,38 @@ torch is never imported here unless a torch tensor was passed in or a torch
 result was asked for.
 """
 
+from __future__ import annotations
+
 import math
 import sys
 import warnings
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
 from normserve.v1 import tensor_pb2
+
+if TYPE_CHECKING:
+    from google.protobuf.message import Message
+
+# A numpy array or a torch tensor (torch is optional, so the union cannot be
+# spelled here): what the client takes and returns as tensors.
+Array = Any
 
 FLOAT32 = tensor_pb2.DATA_TYPE_FLOAT32
 FLOAT64 = tensor_pb2.DATA_TYPE_FLOAT64
 FLOAT16 = tensor_pb2.DATA_TYPE_FLOAT16
 BFLOAT16 = tensor_pb2.DATA_TYPE_BFLOAT16
 
-DTYPE_NAMES = {FLOAT32: "float32", FLOAT64: "float64", FLOAT16: "float16", BFLOAT16: "bfloat16"}
+DTYPE_NAMES: dict[int, str] = {FLOAT32: "float32", FLOAT64: "float64", FLOAT16: "float16", BFLOAT16: "bfloat16"}
 _BY_NAME = {name: wire for wire, name in DTYPE_NAMES.items()}
 # Wire dtype -> the little-endian numpy dtype of its raw bytes (bfloat16: none).
-_NUMPY_WIRE = {FLOAT32: np.dtype("<f4"), FLOAT64: np.dtype("<f8"), FLOAT16: np.dtype("<f2")}
-_ITEMSIZE = {FLOAT32: 4, FLOAT64: 8, FLOAT16: 2, BFLOAT16: 2}
+_NUMPY_WIRE: dict[int, np.dtype[Any]] = {FLOAT32: np.dtype("<f4"), FLOAT64: np.dtype("<f8"), FLOAT16: np.dtype("<f2")}
+_ITEMSIZE: dict[int, int] = {FLOAT32: 4, FLOAT64: 8, FLOAT16: 2, BFLOAT16: 2}
 SUPPORTED = "float32, float64, float16 or bfloat16"
 
 
-def _torch():
+def import_torch() -> Any:
     """torch, imported on first use; a clear error where it is missing."""
     try:
         import torch
@@ -57,14 +67,14 @@ def _torch():
     return torch
 
 
-def is_torch_tensor(x):
+def is_torch_tensor(x: object) -> bool:
     """True for a torch.Tensor; never imports torch (a caller holding a tensor
     has already imported it)."""
     torch = sys.modules.get("torch")
     return torch is not None and isinstance(x, torch.Tensor)
 
 
-def wire_dtype(dtype):
+def wire_dtype(dtype: Any) -> int:
     """The DataType value of `dtype`: a name ("float32", "bfloat16", ...), a
     numpy dtype or scalar type, a torch dtype, or a DataType value itself."""
     if isinstance(dtype, int) and not isinstance(dtype, bool):
@@ -89,35 +99,40 @@ def wire_dtype(dtype):
     return _numpy_wire_dtype(np_dtype)
 
 
-def _numpy_wire_dtype(np_dtype):
+def _data_type(wire: int) -> tensor_pb2.DataType:
+    """A DataType value for a message field (DataType values are ints)."""
+    return cast(tensor_pb2.DataType, wire)
+
+
+def _numpy_wire_dtype(np_dtype: np.dtype[Any]) -> int:
     if np_dtype.kind == "f" and np_dtype.itemsize in (2, 4, 8):
         return {2: FLOAT16, 4: FLOAT32, 8: FLOAT64}[np_dtype.itemsize]
     raise TypeError(f"unsupported dtype {np_dtype}: normserve tensors are {SUPPORTED} "
                     f"(convert first, e.g. x.astype(np.float32))")
 
 
-def encode(x, *, typed=False):
+def encode(x: Array, *, typed: bool = False) -> tensor_pb2.Tensor:
     """A Tensor message holding `x` (numpy array, torch tensor, or anything
     `np.asarray` accepts), with its dtype and shape. `typed=True` sends
     `float_values` (`double_values` for float64) instead of raw bytes."""
     array, wire = _as_array(x, typed)
-    message = tensor_pb2.Tensor(dtype=wire, shape=array.shape)
+    message = tensor_pb2.Tensor(dtype=_data_type(wire), shape=array.shape)
     if typed:
         if wire == FLOAT64:
-            values = message.double_values
-            values.SetInParent()
-            values.values.extend(array.ravel().tolist())
+            doubles = message.double_values
+            doubles.SetInParent()
+            doubles.values.extend(array.ravel().tolist())
         else:
-            values = message.float_values
-            values.SetInParent()
-            values.values.extend(array.astype(np.float32, copy=False).ravel().tolist())
+            floats = message.float_values
+            floats.SetInParent()
+            floats.values.extend(array.astype(np.float32, copy=False).ravel().tolist())
         return message
     # The one copy; it also gathers a non-contiguous array in row-major order.
     message.raw = array.tobytes(order="C")
     return message
 
 
-def _as_array(x, typed=False):
+def _as_array(x: Array, typed: bool = False) -> tuple[np.ndarray[Any, Any], int]:
     """`x` as a numpy array holding the values to send (a view where
     possible: bfloat16 as its int16 bits, or as float32 for typed values;
     little-endian for raw bytes) and its wire dtype."""
@@ -142,16 +157,16 @@ def _as_array(x, typed=False):
     return array, wire
 
 
-def encode_parts(x):
+def encode_parts(x: Array) -> tuple[tensor_pb2.Tensor, np.ndarray[Any, Any]]:
     """`x` for splicing into a request without a protobuf copy: a Tensor
     holding only dtype and shape, and the raw bytes as a flat uint8 view
     (copied only when `x` is not C-contiguous or not little-endian)."""
     array, wire = _as_array(x)
-    header = tensor_pb2.Tensor(dtype=wire, shape=array.shape)
+    header = tensor_pb2.Tensor(dtype=_data_type(wire), shape=array.shape)
     return header, np.ascontiguousarray(array).reshape(-1).view(np.uint8)
 
 
-def _varint(value):
+def _varint(value: int) -> bytes:
     out = bytearray()
     while True:
         low, value = value & 0x7F, value >> 7
@@ -162,7 +177,7 @@ def _varint(value):
             return bytes(out)
 
 
-def _length_delimited_key(field_number):
+def _length_delimited_key(field_number: int) -> bytes:
     return _varint(field_number << 3 | 2)
 
 
@@ -179,7 +194,7 @@ class SplicedRequest:
 
     __slots__ = ("message", "field_number", "header", "raw")
 
-    def __init__(self, message, field, x):
+    def __init__(self, message: Message, field: str, x: Array) -> None:
         """message: the request without `field`; field: the name of its
         Tensor field; x: the array to send there."""
         if message.HasField(field):
@@ -188,33 +203,33 @@ class SplicedRequest:
         self.field_number = message.DESCRIPTOR.fields_by_name[field].number
         self.header, self.raw = encode_parts(x)
 
-    def HasField(self, name):
+    def HasField(self, name: str) -> bool:
         return self.message.HasField(name)
 
-    def SerializeToString(self):
+    def SerializeToString(self) -> bytes:
         header = self.header.SerializeToString()
         raw_prefix = _RAW_KEY + _varint(self.raw.nbytes)
         tensor_length = len(header) + len(raw_prefix) + self.raw.nbytes
         return b"".join([self.message.SerializeToString(), _length_delimited_key(self.field_number),
-                         _varint(tensor_length), header, raw_prefix, self.raw])
+                         _varint(tensor_length), header, raw_prefix, self.raw.data])
 
 
-def serialize(message):
+def serialize(message: Message | SplicedRequest) -> bytes:
     """The request serializer for calls that take SplicedRequests (and plain
     messages)."""
     return message.SerializeToString()
 
 
-def _numel(message):
+def _numel(message: tensor_pb2.Tensor) -> int:
     return math.prod(message.shape)
 
 
-def _check_shape(message):
+def _check_shape(message: tensor_pb2.Tensor) -> None:
     if any(size < 0 for size in message.shape):
         raise ValueError(f"tensor: negative size in shape {list(message.shape)}")
 
 
-def _raw_bytes(message):
+def _raw_bytes(message: tensor_pb2.Tensor) -> bytes:
     """The raw bytes, checked against shape and dtype."""
     if message.dtype not in _ITEMSIZE:
         raise ValueError(f"tensor: raw values need a dtype ({SUPPORTED}), got DataType {message.dtype}")
@@ -226,7 +241,7 @@ def _raw_bytes(message):
     return data
 
 
-def _typed_values(message, which):
+def _typed_values(message: tensor_pb2.Tensor, which: str) -> tuple[np.ndarray[Any, Any], int]:
     """Typed values as a float32/float64 numpy array in the tensor's shape,
     and the dtype they are to be converted to."""
     if which == "float_values":
@@ -243,15 +258,15 @@ def _typed_values(message, which):
     return values.reshape(tuple(message.shape)), target
 
 
-def _which(message):
-    which = message.WhichOneof("values")
+def _which(message: tensor_pb2.Tensor) -> str:
+    which: str | None = message.WhichOneof("values")
     if which is None:
         raise ValueError("tensor: carries no values (none of raw, float_values, double_values is set)")
     _check_shape(message)
     return which
 
 
-def to_numpy(message, *, copy=False):
+def to_numpy(message: tensor_pb2.Tensor, *, copy: bool = False) -> np.ndarray[Any, Any]:
     """The tensor as a numpy array of its dtype. Raw values come back as a
     read-only view of the message's bytes unless `copy` is set. bfloat16 has
     no numpy dtype: use `to_torch`."""
@@ -270,9 +285,9 @@ def to_numpy(message, *, copy=False):
     return values.astype(_NUMPY_WIRE[target].newbyteorder("="), copy=False)
 
 
-def to_torch(message, *, device=None):
+def to_torch(message: tensor_pb2.Tensor, *, device: Any = None) -> Any:
     """The tensor as a torch.Tensor of its dtype (on `device`, default CPU)."""
-    torch = _torch()
+    torch = import_torch()
     which = _which(message)
     shape = tuple(message.shape)
     if which == "raw":
@@ -306,15 +321,15 @@ def to_torch(message, *, device=None):
     return tensor if device is None else tensor.to(device)
 
 
-def decode_like(message, like):
+def decode_like(message: tensor_pb2.Tensor, like: Array | None) -> Array:
     """Decode as the caller's input was given: a torch tensor on `like`'s
     device for a torch input, else a numpy array (bfloat16: torch)."""
-    if is_torch_tensor(like):
+    if like is not None and is_torch_tensor(like):
         return to_torch(message, device=like.device if like.device.type != "cpu" else None)
     return decode(message)
 
 
-def decode(message):
+def decode(message: tensor_pb2.Tensor) -> Array:
     """numpy where numpy has the dtype, torch for bfloat16 (numpy has none)."""
     if message.dtype == BFLOAT16:
         return to_torch(message)

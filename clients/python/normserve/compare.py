@@ -1,12 +1,17 @@
 """Compare: PyTorch's batch norm beside the textbook formulas and the caller's
 own results, with the differences and a diagnosis, as a readable report."""
 
+from __future__ import annotations
+
 import collections.abc
 import dataclasses
 import textwrap
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 from normserve import codec
-from normserve.session import UNSET
+from normserve.codec import Array
+from normserve.results import UNSET, _Unset
 from normserve.v1 import compare_pb2
 
 IMPLEMENTATIONS = {
@@ -21,7 +26,7 @@ _BY_NAME = {name: value for value, name in IMPLEMENTATIONS.items()}
 PARTS = ("output", "running_mean", "running_var", "grad_input", "grad_weight", "grad_bias")
 
 
-def _implementation_value(name):
+def _implementation_value(name: str | int) -> int:
     if isinstance(name, str) and name in _BY_NAME:
         return _BY_NAME[name]
     if isinstance(name, int) and not isinstance(name, bool):
@@ -29,10 +34,13 @@ def _implementation_value(name):
     raise ValueError(f"unknown implementation {name!r}: expected one of {', '.join(_BY_NAME)}")
 
 
-def build_request(x, *, module=None, weight=None, bias=None, running_mean=None, running_var=None,
-                  num_batches_tracked=None, training=None, eps=None, momentum=UNSET, grad_output=None,
-                  candidate=None, rtol=None, atol=None, implementations=None, return_tensors=False,
-                  device=""):
+def build_request(x: Array, *, module: Any = None, weight: Array | None = None, bias: Array | None = None,
+                  running_mean: Array | None = None, running_var: Array | None = None,
+                  num_batches_tracked: int | None = None, training: bool | None = None, eps: float | None = None,
+                  momentum: float | None | _Unset = UNSET, grad_output: Array | None = None,
+                  candidate: Array | Mapping[str, Array] | None = None, rtol: float | None = None,
+                  atol: float | None = None, implementations: Sequence[str | int] | None = None,
+                  return_tensors: bool = False, device: str = "") -> compare_pb2.CompareRequest:
     """The CompareRequest of Client.compare's arguments."""
     if module is not None:
         if module.affine:
@@ -45,7 +53,7 @@ def build_request(x, *, module=None, weight=None, bias=None, running_mean=None, 
                 num_batches_tracked = int(module.num_batches_tracked)
         training = module.training if training is None else training
         eps = module.eps if eps is None else eps
-        momentum = module.momentum if momentum is UNSET else momentum
+        momentum = module.momentum if isinstance(momentum, _Unset) else momentum
     request = compare_pb2.CompareRequest(
         input=codec.encode(x),
         num_batches_tracked=num_batches_tracked or 0,
@@ -57,7 +65,7 @@ def build_request(x, *, module=None, weight=None, bias=None, running_mean=None, 
         request.eps = eps
     if momentum is None:
         request.cumulative_average = True
-    elif momentum is not UNSET:
+    elif not isinstance(momentum, _Unset):
         request.momentum = momentum
     for field, value in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
                          ("running_var", running_var), ("grad_output", grad_output)):
@@ -77,7 +85,7 @@ def build_request(x, *, module=None, weight=None, bias=None, running_mean=None, 
     if atol is not None:
         request.atol = atol
     for name in implementations or ():
-        request.implementations.append(_implementation_value(name))
+        request.implementations.append(_implementation_value(name))  # type: ignore[arg-type]
     return request
 
 
@@ -88,14 +96,14 @@ class Difference:
     max_abs_diff: float
     max_rel_diff: float
     # Multi-index (n, c, spatial...) of the largest |a - b|; (c,) for (C,) tensors.
-    argmax_index: tuple
-    per_channel_max_abs_diff: tuple
+    argmax_index: tuple[int, ...]
+    per_channel_max_abs_diff: tuple[float, ...]
     # torch.allclose(a, b, rtol, atol, equal_nan=True).
     allclose: bool
     mismatched_elements: int
 
     @classmethod
-    def from_proto(cls, message):
+    def from_proto(cls, message: compare_pb2.Difference) -> Difference:
         return cls(message.max_abs_diff, message.max_rel_diff, tuple(message.argmax_index),
                    tuple(message.per_channel_max_abs_diff), message.allclose, message.mismatched_elements)
 
@@ -108,7 +116,7 @@ class TensorReport:
 
     vs_float64_reference: Difference
     vs_reference: Difference
-    values: object
+    values: Array | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,9 +125,9 @@ class ImplementationReport:
     running_mean, running_var, grad_input, grad_weight, grad_bias)."""
 
     name: str
-    tensors: dict
+    tensors: dict[str, TensorReport]
 
-    def __getitem__(self, part):
+    def __getitem__(self, part: str) -> TensorReport:
         return self.tensors[part]
 
 
@@ -134,20 +142,20 @@ class Hypothesis:
     max_abs_diff: float
     explanation: str
     fix: str
-    parts: tuple
+    parts: tuple[str, ...]
 
 
 @dataclasses.dataclass(frozen=True)
 class Diagnosis:
     matches_reference: bool
     # Best first.
-    hypotheses: tuple
+    hypotheses: tuple[Hypothesis, ...]
     # What this input cannot tell apart, and the input that would.
-    ambiguities: tuple
+    ambiguities: tuple[str, ...]
     summary: str
 
     @property
-    def best(self):
+    def best(self) -> Hypothesis | None:
         """The best hypothesis that explains the candidate, or None."""
         return next((h for h in self.hypotheses if h.explains), None)
 
@@ -159,7 +167,7 @@ class CompareReport:
     the diagnosis when a candidate was sent."""
 
     # By implementation name, in the server's order.
-    implementations: dict
+    implementations: dict[str, ImplementationReport]
     # None without a candidate.
     diagnosis: Diagnosis | None
     rtol: float
@@ -168,7 +176,7 @@ class CompareReport:
     proto: compare_pb2.CompareResponse = dataclasses.field(repr=False)
 
     @classmethod
-    def from_proto(cls, reply, like=None):
+    def from_proto(cls, reply: compare_pb2.CompareResponse, like: Array | None = None) -> CompareReport:
         implementations = {}
         for report in reply.reports:
             name = IMPLEMENTATIONS.get(report.implementation, str(report.implementation))
@@ -192,13 +200,13 @@ class CompareReport:
             )
         return cls(implementations, diagnosis, reply.rtol, reply.atol, reply.device, reply)
 
-    def __getitem__(self, name):
+    def __getitem__(self, name: str) -> ImplementationReport:
         return self.implementations[name]
 
-    def __str__(self):
+    def __str__(self) -> str:
         return "\n".join(self._lines())
 
-    def _lines(self):
+    def _lines(self) -> Iterator[str]:
         yield f"Compare on {self.device}, tolerance rtol={self.rtol:g} atol={self.atol:g}"
         header = ("implementation", "tensor", "max abs", "max rel", "at", "allclose", "max abs", "allclose")
         rows = []
@@ -211,7 +219,7 @@ class CompareReport:
                              _verdict(ref)))
         widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
 
-        def line(cells):
+        def line(cells: Sequence[str]) -> str:
             return "  ".join(cell.ljust(width) for cell, width in zip(cells, widths)).rstrip()
 
         left = sum(widths[:2]) + 4
@@ -248,18 +256,18 @@ class CompareReport:
                 yield from _wrap(sentence, width=100, initial_indent="  - ", subsequent_indent="    ")
 
 
-def _wrap(text, **options):
+def _wrap(text: str, **options: Any) -> list[str]:
     # Never split words or at hyphens: "m-1" and "x.var(dim=...)" stay whole.
     return textwrap.wrap(text, break_long_words=False, break_on_hyphens=False, **options)
 
 
-def _number(value):
+def _number(value: float) -> str:
     return "0" if value == 0 else f"{value:.3g}"
 
 
-def _index(index):
+def _index(index: Sequence[int]) -> str:
     return "(" + ", ".join(str(i) for i in index) + ")" if index else "-"
 
 
-def _verdict(difference):
+def _verdict(difference: Difference) -> str:
     return "yes" if difference.allclose else f"NO ({difference.mismatched_elements} off)"

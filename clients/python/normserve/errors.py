@@ -7,6 +7,8 @@ uses, all under `NormserveError`, each keeping the server's message text.
         print(error.code, error.details)         # StatusCode.INVALID_ARGUMENT, PyTorch's text
 """
 
+from __future__ import annotations
+
 import grpc
 
 
@@ -14,12 +16,15 @@ class NormserveError(Exception):
     """A failed call. `code` is the grpc.StatusCode (None for a condition the
     client itself detected) and `details` the server's message, verbatim."""
 
-    def __init__(self, code, details):
+    # Which input of a forward_stream an in-band error answers (None elsewhere).
+    index: int | None = None
+
+    def __init__(self, code: grpc.StatusCode | None, details: str) -> None:
         super().__init__(code, details)
         self.code = code
         self.details = details
 
-    def __str__(self):
+    def __str__(self) -> str:
         if self.code is None:
             return self.details
         return f"{self.code.name}: {self.details}"
@@ -90,7 +95,7 @@ class ReplayWithoutOutput(NormserveError):
     replay cache, or the server restarted). The step counts once; use
     `Session.forward_result` to read the version it produced."""
 
-    def __init__(self, request_id, version, num_batches_tracked):
+    def __init__(self, request_id: str, version: int, num_batches_tracked: int) -> None:
         super().__init__(None, (
             f"request {request_id!r} was already applied (version {version}, num_batches_tracked "
             f"{num_batches_tracked}) and the server no longer holds its output"))
@@ -100,7 +105,7 @@ class ReplayWithoutOutput(NormserveError):
         self.num_batches_tracked = num_batches_tracked
 
 
-BY_CODE = {
+BY_CODE: dict[grpc.StatusCode, type[NormserveError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
     grpc.StatusCode.NOT_FOUND: NotFound,
     grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
@@ -118,7 +123,7 @@ BY_CODE = {
 _BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 
 
-def from_status(code, details):
+def from_status(code: grpc.StatusCode | int, details: str) -> NormserveError:
     """The exception for a status code (a grpc.StatusCode or the google.rpc.Code
     number of an in-band stream error) and message."""
     if not isinstance(code, grpc.StatusCode):
@@ -126,7 +131,7 @@ def from_status(code, details):
     return BY_CODE.get(code, NormserveError)(code, details)
 
 
-def from_rpc_error(error):
+def from_rpc_error(error: grpc.RpcError) -> NormserveError:
     """The exception for a grpc.RpcError raised by a stub call."""
     code = error.code() if callable(getattr(error, "code", None)) else grpc.StatusCode.UNKNOWN
     details = error.details() if callable(getattr(error, "details", None)) else str(error)

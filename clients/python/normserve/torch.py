@@ -15,23 +15,41 @@ the forward is not differentiable (an input that requires grad is refused
 while autograd is recording; call it under `torch.no_grad()`).
 """
 
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any, NoReturn, TypeVar
+
 import torch
 from torch import nn
 
-from normserve.session import Session, state_dict_from_safetensors
+from normserve.client import Client
+from normserve.results import SessionInfo, state_dict_from_safetensors
+from normserve.session import Session
+
+R = TypeVar("R", bound="_RemoteBatchNorm")
 
 __all__ = ["RemoteBatchNorm1d", "RemoteBatchNorm2d", "RemoteBatchNorm3d", "convert_batch_norms"]
 
 
 class _RemoteBatchNorm(nn.Module):
-    _kind = None  # "1d", "2d", "3d"
-    _local = None  # the nn class it replaces
+    _kind: str  # "1d", "2d", "3d"
+    _local: type[nn.modules.batchnorm._BatchNorm]  # the nn class it replaces
+    session: Session
+    num_features: int
+    affine: bool
+    track_running_stats: bool
+    _eps: float
+    _momentum: float | None
+    _dtype: torch.dtype
     # nn.BatchNorm's state_dict version (2: has num_batches_tracked); saved
     # in state_dict metadata so the states load into each other unchanged.
     _version = 2
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 device=None, dtype=None, *, client, session_id=None, labels=None):
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device: Any = None, dtype: torch.dtype | None = None, *,
+                 client: Client, session_id: str | None = None, labels: Mapping[str, str] | None = None) -> None:
         """As nn.BatchNorm, plus the client to create the session with;
         `device` is where the session's tensors live in the server ("cpu",
         "cuda", "cuda:N"; None: the server's default), `dtype` their dtype
@@ -41,10 +59,10 @@ class _RemoteBatchNorm(nn.Module):
             self._kind, num_features, eps=eps, momentum=momentum, affine=affine,
             track_running_stats=track_running_stats, dtype=dtype or torch.float32,
             device="" if device is None else str(torch.device(device)), session_id=session_id, labels=labels)
-        self._attach(session, session.initial_info)
+        self._attach(session, _initial_info(session))
 
     @classmethod
-    def from_module(cls, module, *, client, **options):
+    def from_module(cls: type[R], module: nn.Module, *, client: Client, **options: Any) -> R:
         """A remote copy of a local nn.BatchNorm of the same kind: its
         configuration, state and mode (options as Client.create_session)."""
         if not isinstance(module, cls._local):
@@ -53,11 +71,11 @@ class _RemoteBatchNorm(nn.Module):
         session = client.create_session_from_module(module, **options)
         remote = cls.__new__(cls)
         nn.Module.__init__(remote)
-        remote._attach(session, session.initial_info)
+        remote._attach(session, _initial_info(session))
         return remote.train(module.training)
 
     @classmethod
-    def from_session(cls, session):
+    def from_session(cls: type[R], session: Session) -> R:
         """A module on an existing session (a Session handle) of this kind."""
         info = session.info()
         if info.kind != cls._kind:
@@ -67,7 +85,7 @@ class _RemoteBatchNorm(nn.Module):
         remote._attach(session, info)
         return remote.train(session.training)
 
-    def _attach(self, session, info):
+    def _attach(self, session: Session, info: SessionInfo) -> None:
         if not isinstance(session, Session):
             raise TypeError(f"expected a normserve.Session, got {type(session).__name__}")
         # object.__setattr__: plain attributes, not submodules or parameters.
@@ -79,7 +97,7 @@ class _RemoteBatchNorm(nn.Module):
         object.__setattr__(self, "_momentum", info.momentum)
         object.__setattr__(self, "_dtype", getattr(torch, info.dtype))
 
-    def __reduce_ex__(self, protocol):
+    def __reduce_ex__(self, protocol: Any) -> NoReturn:
         # What would be copied is a connection; the state is in the server.
         raise TypeError(
             f"{type(self).__name__} cannot be copied or pickled: its state lives in normserve session "
@@ -89,71 +107,72 @@ class _RemoteBatchNorm(nn.Module):
     # ---------------------------------------------------- configuration
 
     @property
-    def eps(self):
+    def eps(self) -> float:
         return self._eps
 
     @eps.setter
-    def eps(self, value):
+    def eps(self, value: float) -> None:
         self.session.update_parameters(eps=value)
         object.__setattr__(self, "_eps", float(value))
 
     @property
-    def momentum(self):
+    def momentum(self) -> float | None:
         """The exponential-average factor; None: the cumulative average."""
         return self._momentum
 
     @momentum.setter
-    def momentum(self, value):
+    def momentum(self, value: float | None) -> None:
         self.session.update_parameters(momentum=value)
         object.__setattr__(self, "_momentum", None if value is None else float(value))
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
                 f"track_running_stats={self.track_running_stats}, session={self.session.session_id!r}")
 
     # ------------------------------------------------------------- state
 
-    def _snapshot(self, key):
+    def _snapshot(self, key: str) -> torch.Tensor | None:
         return self.session.info().state_dict().get(key)
 
     @property
-    def weight(self):
+    def weight(self) -> torch.Tensor | None:
         """A snapshot of the session's weight (None without affine)."""
         return self._snapshot("weight")
 
     @property
-    def bias(self):
+    def bias(self) -> torch.Tensor | None:
         return self._snapshot("bias")
 
     @property
-    def running_mean(self):
+    def running_mean(self) -> torch.Tensor | None:
         return self._snapshot("running_mean")
 
     @property
-    def running_var(self):
+    def running_var(self) -> torch.Tensor | None:
         return self._snapshot("running_var")
 
     @property
-    def num_batches_tracked(self):
+    def num_batches_tracked(self) -> torch.Tensor | None:
         return self._snapshot("num_batches_tracked")
 
-    def reset_running_stats(self):
+    def reset_running_stats(self) -> None:
         if self.track_running_stats:
             self.session.reset_running_stats()
 
-    def reset_parameters(self):
+    def reset_parameters(self) -> None:
         """nn.BatchNorm.reset_parameters: running statistics reset, weight 1, bias 0."""
         self.reset_running_stats()
         if self.affine:
             ones = torch.ones(self.num_features)
             self.session.update_parameters(weight=ones, bias=torch.zeros(self.num_features))
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         for key, value in self.session.state_dict().items():
             destination[prefix + key] = value
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any],
+                              strict: bool, missing_keys: list[str], unexpected_keys: list[str],
+                              error_msgs: list[str]) -> None:
         # PyTorch's own loading rules and texts, on a local stand-in holding
         # the session's current state; what it loads is then written back with
         # a compare-and-set on the exported version, so a concurrent change
@@ -170,12 +189,20 @@ class _RemoteBatchNorm(nn.Module):
 
     # ----------------------------------------------------------- forward
 
-    def forward(self, input):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and input.requires_grad:
             raise RuntimeError(
                 f"{type(self).__name__} is not differentiable (the batch norm runs in the server): "
                 f"call it under torch.no_grad(), or pass input.detach()")
-        return self.session.forward(input, train=self.training)
+        output: torch.Tensor = self.session.forward(input, train=self.training)
+        return output
+
+
+def _initial_info(session: Session) -> SessionInfo:
+    # create_session always sets it; checked so that a None cannot slip through.
+    if session.initial_info is None:
+        raise RuntimeError(f"session {session.session_id!r} carries no SessionInfo")
+    return session.initial_info
 
 
 class RemoteBatchNorm1d(_RemoteBatchNorm):
@@ -199,11 +226,11 @@ class RemoteBatchNorm3d(_RemoteBatchNorm):
     _local = nn.BatchNorm3d
 
 
-_REMOTE = ((nn.BatchNorm1d, RemoteBatchNorm1d), (nn.BatchNorm2d, RemoteBatchNorm2d),
+_REMOTE: tuple[tuple[type[nn.Module], type[_RemoteBatchNorm]], ...] = ((nn.BatchNorm1d, RemoteBatchNorm1d), (nn.BatchNorm2d, RemoteBatchNorm2d),
            (nn.BatchNorm3d, RemoteBatchNorm3d))
 
 
-def convert_batch_norms(module, client, **options):
+def convert_batch_norms(module: nn.Module, client: Client, **options: Any) -> nn.Module:
     """Replaces every nn.BatchNorm{1,2,3}d in `module` (itself included) by a
     remote copy with its configuration, state and mode; returns the module
     (a new one when `module` itself is a batch norm). Options as

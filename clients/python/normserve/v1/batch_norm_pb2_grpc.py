@@ -5,24 +5,8 @@ import warnings
 
 from normserve.v1 import batch_norm_pb2 as normserve_dot_v1_dot_batch__norm__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
-GRPC_VERSION = grpc.__version__
-_version_not_supported = False
-
-try:
-    from grpc._utilities import first_version_is_lower
-    _version_not_supported = first_version_is_lower(GRPC_VERSION, GRPC_GENERATED_VERSION)
-except ImportError:
-    _version_not_supported = True
-
-if _version_not_supported:
-    raise RuntimeError(
-        f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in normserve/v1/batch_norm_pb2_grpc.py depends on'
-        + f' grpcio>={GRPC_GENERATED_VERSION}.'
-        + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
-        + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
-    )
+# (normserve: grpcio-tools' version check removed by postprocess_stubs.py;
+# this code runs on grpcio >= 1.62, the package's dependency.)
 
 
 class BatchNormServiceStub:
@@ -74,53 +58,43 @@ class BatchNormServiceStub:
         self.CreateSession = channel.unary_unary(
                 '/normserve.v1.BatchNormService/CreateSession',
                 request_serializer=normserve_dot_v1_dot_batch__norm__pb2.CreateSessionRequest.SerializeToString,
-                response_deserializer=normserve_dot_v1_dot_batch__norm__pb2.CreateSessionResponse.FromString,
-                _registered_method=True)
+                response_deserializer=normserve_dot_v1_dot_batch__norm__pb2.CreateSessionResponse.FromString)
         self.GetSession = channel.unary_unary(
                 '/normserve.v1.BatchNormService/GetSession',
                 request_serializer=normserve_dot_v1_dot_batch__norm__pb2.GetSessionRequest.SerializeToString,
-                response_deserializer=normserve_dot_v1_dot_batch__norm__pb2.GetSessionResponse.FromString,
-                _registered_method=True)
+                response_deserializer=normserve_dot_v1_dot_batch__norm__pb2.GetSessionResponse.FromString)
         self.ListSessions = channel.unary_unary(
                 '/normserve.v1.BatchNormService/ListSessions',
                 request_serializer=normserve_dot_v1_dot_batch__norm__pb2.ListSessionsRequest.SerializeToString,
-                response_deserializer=normserve_dot_v1_dot_batch__norm__pb2.ListSessionsResponse.FromString,
-                _registered_method=True)
+                response_deserializer=normserve_dot_v1_dot_batch__norm__pb2.ListSessionsResponse.FromString)
         self.DeleteSession = channel.unary_unary(
                 '/normserve.v1.BatchNormService/DeleteSession',
                 request_serializer=normserve_dot_v1_dot_batch__norm__pb2.DeleteSessionRequest.SerializeToString,
-                response_deserializer=normserve_dot_v1_dot_batch__norm__pb2.DeleteSessionResponse.FromString,
-                _registered_method=True)
+                response_deserializer=normserve_dot_v1_dot_batch__norm__pb2.DeleteSessionResponse.FromString)
         self.ResetRunningStats = channel.unary_unary(
                 '/normserve.v1.BatchNormService/ResetRunningStats',
                 request_serializer=normserve_dot_v1_dot_batch__norm__pb2.ResetRunningStatsRequest.SerializeToString,
-                response_deserializer=normserve_dot_v1_dot_batch__norm__pb2.ResetRunningStatsResponse.FromString,
-                _registered_method=True)
+                response_deserializer=normserve_dot_v1_dot_batch__norm__pb2.ResetRunningStatsResponse.FromString)
         self.UpdateParameters = channel.unary_unary(
                 '/normserve.v1.BatchNormService/UpdateParameters',
                 request_serializer=normserve_dot_v1_dot_batch__norm__pb2.UpdateParametersRequest.SerializeToString,
-                response_deserializer=normserve_dot_v1_dot_batch__norm__pb2.UpdateParametersResponse.FromString,
-                _registered_method=True)
+                response_deserializer=normserve_dot_v1_dot_batch__norm__pb2.UpdateParametersResponse.FromString)
         self.Forward = channel.unary_unary(
                 '/normserve.v1.BatchNormService/Forward',
                 request_serializer=normserve_dot_v1_dot_batch__norm__pb2.ForwardRequest.SerializeToString,
-                response_deserializer=normserve_dot_v1_dot_batch__norm__pb2.ForwardResponse.FromString,
-                _registered_method=True)
+                response_deserializer=normserve_dot_v1_dot_batch__norm__pb2.ForwardResponse.FromString)
         self.ForwardStream = channel.stream_stream(
                 '/normserve.v1.BatchNormService/ForwardStream',
                 request_serializer=normserve_dot_v1_dot_batch__norm__pb2.ForwardRequest.SerializeToString,
-                response_deserializer=normserve_dot_v1_dot_batch__norm__pb2.ForwardStreamResponse.FromString,
-                _registered_method=True)
+                response_deserializer=normserve_dot_v1_dot_batch__norm__pb2.ForwardStreamResponse.FromString)
         self.ExportState = channel.unary_unary(
                 '/normserve.v1.BatchNormService/ExportState',
                 request_serializer=normserve_dot_v1_dot_batch__norm__pb2.ExportStateRequest.SerializeToString,
-                response_deserializer=normserve_dot_v1_dot_batch__norm__pb2.ExportStateResponse.FromString,
-                _registered_method=True)
+                response_deserializer=normserve_dot_v1_dot_batch__norm__pb2.ExportStateResponse.FromString)
         self.ImportState = channel.unary_unary(
                 '/normserve.v1.BatchNormService/ImportState',
                 request_serializer=normserve_dot_v1_dot_batch__norm__pb2.ImportStateRequest.SerializeToString,
-                response_deserializer=normserve_dot_v1_dot_batch__norm__pb2.ImportStateResponse.FromString,
-                _registered_method=True)
+                response_deserializer=normserve_dot_v1_dot_batch__norm__pb2.ImportStateResponse.FromString)
 
 
 class BatchNormServiceServicer:
@@ -302,7 +276,6 @@ def add_BatchNormServiceServicer_to_server(servicer, server):
     generic_handler = grpc.method_handlers_generic_handler(
             'normserve.v1.BatchNormService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('normserve.v1.BatchNormService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
@@ -370,8 +343,7 @@ class BatchNormService:
             compression,
             wait_for_ready,
             timeout,
-            metadata,
-            _registered_method=True)
+            metadata)
 
     @staticmethod
     def GetSession(request,
@@ -397,8 +369,7 @@ class BatchNormService:
             compression,
             wait_for_ready,
             timeout,
-            metadata,
-            _registered_method=True)
+            metadata)
 
     @staticmethod
     def ListSessions(request,
@@ -424,8 +395,7 @@ class BatchNormService:
             compression,
             wait_for_ready,
             timeout,
-            metadata,
-            _registered_method=True)
+            metadata)
 
     @staticmethod
     def DeleteSession(request,
@@ -451,8 +421,7 @@ class BatchNormService:
             compression,
             wait_for_ready,
             timeout,
-            metadata,
-            _registered_method=True)
+            metadata)
 
     @staticmethod
     def ResetRunningStats(request,
@@ -478,8 +447,7 @@ class BatchNormService:
             compression,
             wait_for_ready,
             timeout,
-            metadata,
-            _registered_method=True)
+            metadata)
 
     @staticmethod
     def UpdateParameters(request,
@@ -505,8 +473,7 @@ class BatchNormService:
             compression,
             wait_for_ready,
             timeout,
-            metadata,
-            _registered_method=True)
+            metadata)
 
     @staticmethod
     def Forward(request,
@@ -532,8 +499,7 @@ class BatchNormService:
             compression,
             wait_for_ready,
             timeout,
-            metadata,
-            _registered_method=True)
+            metadata)
 
     @staticmethod
     def ForwardStream(request_iterator,
@@ -559,8 +525,7 @@ class BatchNormService:
             compression,
             wait_for_ready,
             timeout,
-            metadata,
-            _registered_method=True)
+            metadata)
 
     @staticmethod
     def ExportState(request,
@@ -586,8 +551,7 @@ class BatchNormService:
             compression,
             wait_for_ready,
             timeout,
-            metadata,
-            _registered_method=True)
+            metadata)
 
     @staticmethod
     def ImportState(request,
@@ -613,5 +577,4 @@ class BatchNormService:
             compression,
             wait_for_ready,
             timeout,
-            metadata,
-            _registered_method=True)
+            metadata)

@@ -5,24 +5,8 @@ import warnings
 
 from normserve.v1 import server_pb2 as normserve_dot_v1_dot_server__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
-GRPC_VERSION = grpc.__version__
-_version_not_supported = False
-
-try:
-    from grpc._utilities import first_version_is_lower
-    _version_not_supported = first_version_is_lower(GRPC_VERSION, GRPC_GENERATED_VERSION)
-except ImportError:
-    _version_not_supported = True
-
-if _version_not_supported:
-    raise RuntimeError(
-        f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in normserve/v1/server_pb2_grpc.py depends on'
-        + f' grpcio>={GRPC_GENERATED_VERSION}.'
-        + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
-        + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
-    )
+# (normserve: grpcio-tools' version check removed by postprocess_stubs.py;
+# this code runs on grpcio >= 1.62, the package's dependency.)
 
 
 class ServerServiceStub:
@@ -39,8 +23,7 @@ class ServerServiceStub:
         self.GetServerInfo = channel.unary_unary(
                 '/normserve.v1.ServerService/GetServerInfo',
                 request_serializer=normserve_dot_v1_dot_server__pb2.GetServerInfoRequest.SerializeToString,
-                response_deserializer=normserve_dot_v1_dot_server__pb2.GetServerInfoResponse.FromString,
-                _registered_method=True)
+                response_deserializer=normserve_dot_v1_dot_server__pb2.GetServerInfoResponse.FromString)
 
 
 class ServerServiceServicer:
@@ -66,7 +49,6 @@ def add_ServerServiceServicer_to_server(servicer, server):
     generic_handler = grpc.method_handlers_generic_handler(
             'normserve.v1.ServerService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('normserve.v1.ServerService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
@@ -99,5 +81,4 @@ class ServerService:
             compression,
             wait_for_ready,
             timeout,
-            metadata,
-            _registered_method=True)
+            metadata)
