@@ -11,5 +11,7 @@ proto-check: ## buf lint + buf breaking (released image, merge base with main), 
 proto-baseline: ## at a release: record proto/ as the released API (proto/baseline/normserve-v1.json)
 	scripts/proto-check.sh --update-baseline
 
-node-example: ## run the Node.js example client against a running server (ADDR=127.0.0.1:50051)
-	node examples/node/client.js --addr "$(or $(ADDR),127.0.0.1:50051)"
+ADDR ?= 127.0.0.1:50051
+
+node-example: ## run the Node.js example client (examples/node) against a running server at ADDR
+	NODE_PATH="$$(scripts/ensure-node-client.sh)" node examples/node/client.js --addr "$(ADDR)"
