@@ -14,4 +14,4 @@ proto-baseline: ## at a release: record proto/ as the released API (proto/baseli
 ADDR ?= 127.0.0.1:50051
 
 node-example: ## run the Node.js example client (examples/node) against a running server at ADDR
-	NODE_PATH="$$(scripts/ensure-node-client.sh)" node examples/node/client.js --addr "$(ADDR)"
+	NODE_PATH="$$(scripts/ensure-node-packages.sh)" node examples/node/client.js --addr "$(ADDR)"

@@ -4,7 +4,7 @@
 The test draws the batches, hands them to the Node client as a JSON file, runs
 it as a subprocess (it creates a session, trains, runs eval, reads the state)
 and compares the JSON it prints with torch.nn.BatchNorm1d/2d on the same
-batches. scripts/ensure-node-client.sh installs Node.js (when missing) and the
+batches. scripts/ensure-node-packages.sh installs Node.js (when missing) and the
 locked npm packages.
 """
 
@@ -22,7 +22,7 @@ CLIENT = os.path.join(REPO, "examples", "node", "client.js")
 @pytest.fixture(scope="module")
 def node_env():
     node_modules = subprocess.run(
-        [os.path.join(REPO, "scripts", "ensure-node-client.sh")],
+        [os.path.join(REPO, "scripts", "ensure-node-packages.sh")],
         check=True, stdout=subprocess.PIPE, text=True,
     ).stdout.strip()
     return {**os.environ, "NODE_PATH": node_modules}
