@@ -32,8 +32,8 @@ run: build ## build and serve on 127.0.0.1:50051 (override LISTEN=, DATA_DIR=)
 pystubs: setup ## regenerate the Python client's stubs (clients/python/normserve/v1) from proto/
 	PYTHON="$(PYTHON)" clients/python/generate.sh
 
-test: build ## run every test: deployment files, Rust unit + integration, Python conformance
-	$(MAKE) --no-print-directory deploy-check test-rust test-python
+test: build ## run every test: proto lint/breaking, deployment files, Rust unit + integration, Python conformance (Node.js client included)
+	$(MAKE) --no-print-directory proto-check deploy-check test-rust test-python
 
 test-rust:
 	LIBTORCH="$(LIBTORCH_DIR)" $(CARGO) test --release --locked
@@ -58,6 +58,7 @@ clean: ## remove build outputs (the cached Python environment stays)
 	$(CARGO) clean
 
 include mk/deploy.mk
+include mk/others.mk
 include mk/soak.mk
 include mk/fuzz.mk
 include mk/python-client.mk

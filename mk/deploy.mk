@@ -5,12 +5,12 @@ IMAGE ?= localhost/normserve
 # buildah, else podman; override with IMAGE_TOOL=podman.
 IMAGE_TOOL ?= $(shell command -v buildah 2>/dev/null || command -v podman 2>/dev/null)
 # Empty: the tool's default. vfs works where overlay mounts are not allowed
-# (inside a container, as on the project's dev machines), at the cost of disk.
+# (e.g. when building inside an unprivileged container), at the cost of disk.
 IMAGE_STORAGE_DRIVER ?=
 
 .PHONY: deploy-check deploy-selftest image image-cuda
 
-deploy-check: ## lint Dockerfiles, validate k8s manifests and compose, policy rules, self-test
+deploy-check: ## lint Dockerfiles, validate the k8s overlays, PodMonitor and compose, policy rules, self-test
 	deploy/check.sh
 	deploy/checks/selftest.sh
 

@@ -2,10 +2,11 @@
 
 Run by deploy/check.sh with the deploy-tools Python (PyYAML):
 
-    policy.py ROOT K8S_RENDERED GPU_RENDERED
+    policy.py ROOT RENDERED_DIR
 
-ROOT is the repository (or a copy of it, for the self-test); K8S_RENDERED and
-GPU_RENDERED are `kubectl kustomize deploy/k8s` and `... deploy/k8s/gpu`.
+ROOT is the repository (or a copy of it, for the self-test); RENDERED_DIR holds
+`kubectl kustomize deploy/k8s/overlays/<mode>` as <mode>.yaml for every
+overlay, and all.yaml: the redis overlay with every component added.
 Every rule that fails prints one line `FAIL <area>: <what>`; the exit status
 is 1 when any failed. Each rule is exercised by deploy/checks/selftest.sh,
 which breaks it on purpose and expects this script to say so.
@@ -27,6 +28,8 @@ PENDING_ENV: set[str] = set()
 # Labels Prometheus adds to every series, and the histogram bucket label.
 STANDARD_LABELS = {"instance", "job", "le"}
 GRPC_PORT = 50051
+# deploy/k8s/overlays: one `kubectl apply -k` per mode.
+OVERLAYS = ("embedded", "gpu", "redis")
 
 failures: list[str] = []
 
@@ -132,9 +135,8 @@ def check_kubernetes(docs: list[dict], env_names: set[str], default_drain: int, 
                 check(key in env_names, area, f"ConfigMap {cm['metadata']['name']}: unknown variable {key}")
 
     workloads = [d for d in docs if pod_spec(d) is not None]
-    check(any(d["kind"] == "Deployment" for d in workloads), area, "no Deployment")
-    check(any(d["kind"] == "StatefulSet" for d in workloads), area, "no StatefulSet")
-    normserve_workloads = 0
+    check(not any(d["kind"] == "Secret" and (d.get("data") or d.get("stringData")) for d in docs), area,
+          "a Secret with data is part of the manifests: secrets are created apart (deploy/README.md), never committed")
     for doc in workloads:
         name = f"{doc['kind']}/{doc['metadata']['name']}"
         spec = pod_spec(doc)
@@ -174,14 +176,12 @@ def check_kubernetes(docs: list[dict], env_names: set[str], default_drain: int, 
             check(container.get("readinessProbe") is not None, area, f"{cname}: no readinessProbe")
             if not is_normserve(container):
                 continue
-            normserve_workloads += 1
             check_normserve_container(doc, container, cname, env_of(container, config_maps), env_names,
                                       default_drain, volumes, claims, services, area)
         # A PodDisruptionBudget must cover every normserve pod.
         if any(is_normserve(c) for c in spec["containers"]):
             covered = [p for p in pdbs if selector_matches(p["spec"]["selector"].get("matchLabels", {}), pod_labels)]
             check(bool(covered), area, f"{name}: no PodDisruptionBudget selects its pods")
-    check(normserve_workloads >= 2, area, f"expected the Deployment and the StatefulSet of normserve, found {normserve_workloads} normserve containers")
 
     # Every Service reaches pods, on ports those pods declare.
     for svc in services.values():
@@ -240,7 +240,7 @@ def check_normserve_container(doc, container, cname, env, env_names, default_dra
         fail(area, f"{cname}: the embedded store needs a StatefulSet with a PersistentVolumeClaim")
 
 
-def check_gpu(docs: list[dict], area: str) -> None:
+def check_gpu(docs: list[dict], area: str, expected: int) -> None:
     seen = 0
     for doc in docs:
         spec = pod_spec(doc)
@@ -256,7 +256,178 @@ def check_gpu(docs: list[dict], area: str) -> None:
             check(container["image"].endswith(":cuda"), area, f"{cname}: must run the CUDA image, got {container['image']}")
             env = {e["name"]: e.get("value") for e in container.get("env", [])}
             check(env.get("NORMSERVE_DEVICE", "").startswith("cuda"), area, f"{cname}: NORMSERVE_DEVICE must be cuda")
-    check(seen >= 2, area, f"expected both normserve workloads in the GPU overlay, found {seen}")
+    check(seen == expected, area, f"expected {expected} normserve workload(s) on GPUs, found {seen}")
+
+
+# ------------------------------------------------------------------ modes
+
+
+def normserve_workloads(docs: list[dict]) -> list[dict]:
+    return [d for d in docs if pod_spec(d) is not None and any(is_normserve(c) for c in pod_spec(d)["containers"])]
+
+
+def template_labels(doc: dict) -> dict:
+    return doc["spec"]["template"]["metadata"].get("labels", {})
+
+
+def secret_env(container: dict) -> dict[str, tuple[str, str]]:
+    """Variables of the container taken from a Secret: name -> (secret, key)."""
+    found = {}
+    for item in container.get("env", []):
+        ref = item.get("valueFrom", {}).get("secretKeyRef")
+        if ref:
+            found[item["name"]] = (ref.get("name"), ref.get("key"))
+    return found
+
+
+def check_embedded_mode(docs: list[dict], area: str) -> None:
+    """One normserve, a StatefulSet on the embedded store; nothing of Redis."""
+    workloads = normserve_workloads(docs)
+    kinds = sorted(f"{d['kind']}/{d['metadata']['name']}" for d in workloads)
+    if check(len(workloads) == 1 and workloads[0]["kind"] == "StatefulSet", area,
+             f"expected one normserve StatefulSet, found {kinds}"):
+        container = next(c for c in pod_spec(workloads[0])["containers"] if is_normserve(c))
+        store = {e["name"]: e.get("value") for e in container.get("env", [])}.get("NORMSERVE_STORE", "embedded")
+        check(store == "embedded", area, f"the embedded overlay must use the embedded store, got {store}")
+    others = [f"{d['kind']}/{d['metadata']['name']}" for d in docs
+              if d["kind"] in ("HorizontalPodAutoscaler", "Deployment") or "redis" in d["metadata"]["name"]]
+    check(not others, area, f"the embedded overlay must not deploy {others}")
+
+
+def check_redis_mode(docs: list[dict], area: str) -> None:
+    """Replicas on Redis: the password comes from a Secret on both sides, only
+    normserve pods reach Redis, and an HPA owns the replica count."""
+    workloads = normserve_workloads(docs)
+    deployments = [d for d in workloads if d["kind"] == "Deployment"]
+    check(len(deployments) == 1 and len(workloads) == 1, area,
+          f"expected one normserve Deployment, found {sorted(d['kind'] + '/' + d['metadata']['name'] for d in workloads)}")
+    redis_pods = [d for d in docs if pod_spec(d) is not None
+                  and any(c.get("image", "").split("/")[-1].startswith("redis:") or "/redis@" in c.get("image", "")
+                          for c in pod_spec(d)["containers"])]
+    if not check(len(redis_pods) == 1, area, f"expected one Redis workload, found {len(redis_pods)}"):
+        return
+    redis = redis_pods[0]
+    redis_container = next(c for c in pod_spec(redis)["containers"] if "redis" in c.get("image", ""))
+    redis_name = f"{redis['kind']}/{redis['metadata']['name']}"
+    args = [str(a) for a in redis_container.get("args", []) + redis_container.get("command", [])]
+    password_source = None
+    if "--requirepass" in args and args.index("--requirepass") + 1 < len(args):
+        value = args[args.index("--requirepass") + 1]
+        ref = re.fullmatch(r"\$\((\w+)\)", value)
+        password_source = secret_env(redis_container).get(ref.group(1)) if ref else None
+    check(password_source is not None, area,
+          f"{redis_name}: Redis must require the password (--requirepass $(VAR), VAR from a Secret)")
+    check(secret_env(redis_container).get("REDISCLI_AUTH") == password_source, area,
+          f"{redis_name}: REDISCLI_AUTH must come from the same Secret key, or its redis-cli probes fail")
+
+    for doc in deployments:
+        container = next(c for c in pod_spec(doc)["containers"] if is_normserve(c))
+        cname = f"{doc['kind']}/{doc['metadata']['name']} container {container['name']}"
+        store = {e["name"]: e.get("value") for e in container.get("env", [])}.get("NORMSERVE_STORE", "")
+        userinfo = re.match(r"^rediss?://([^@/]*)@", store)
+        ref = re.fullmatch(r":\$\((\w+)\)", userinfo.group(1)) if userinfo else None
+        check(ref is not None and secret_env(container).get(ref.group(1)) is not None, area,
+              f"{cname}: the Redis password must come from a Secret: NORMSERVE_STORE redis://:$(VAR)@host..., got {store!r}")
+        if ref is not None and password_source is not None:
+            check(secret_env(container).get(ref.group(1)) == password_source, area,
+                  f"{cname}: the store URL's password and Redis's --requirepass come from different Secret keys")
+        check("replicas" not in doc["spec"], area,
+              f"{cname}: spec.replicas is managed by the HorizontalPodAutoscaler; a fixed count resets it on every apply")
+        hpas = [h for h in docs if h["kind"] == "HorizontalPodAutoscaler"
+                and h["spec"]["scaleTargetRef"].get("kind") == "Deployment"
+                and h["spec"]["scaleTargetRef"].get("name") == doc["metadata"]["name"]]
+        if check(len(hpas) == 1, area, f"{cname}: no HorizontalPodAutoscaler scales Deployment/{doc['metadata']['name']}"):
+            spec = hpas[0]["spec"]
+            check(spec.get("minReplicas", 1) >= 2, area,
+                  f"HorizontalPodAutoscaler/{hpas[0]['metadata']['name']}: minReplicas must be at least 2 (one serves while the PDB lets one go)")
+            check(spec.get("maxReplicas", 0) >= spec.get("minReplicas", 1), area, "HorizontalPodAutoscaler: maxReplicas below minReplicas")
+            check(bool(spec.get("metrics")), area, "HorizontalPodAutoscaler: no metrics")
+
+    # NetworkPolicy: Redis's pods admit normserve pods only, on Redis's port.
+    labels = template_labels(redis)
+    ports = {p["containerPort"] for p in redis_container.get("ports", [])} | {p.get("name") for p in redis_container.get("ports", [])}
+    policies = [n for n in docs if n["kind"] == "NetworkPolicy"
+                and selector_matches(n["spec"].get("podSelector", {}).get("matchLabels", {}), labels)]
+    if not check(bool(policies), area, f"no NetworkPolicy selects the Redis pods ({labels})"):
+        return
+    normserve_labels = [template_labels(d) for d in workloads]
+    for policy in policies:
+        pname = f"NetworkPolicy/{policy['metadata']['name']}"
+        check("Ingress" in policy["spec"].get("policyTypes", []), area, f"{pname}: policyTypes must include Ingress")
+        for rule in policy["spec"].get("ingress", []):
+            peers = rule.get("from", [])
+            ok = bool(peers) and all(set(peer) == {"podSelector"} for peer in peers)
+            ok = ok and all(
+                any(selector_matches(peer["podSelector"].get("matchLabels", {}), l) for l in normserve_labels)
+                and not selector_matches(peer["podSelector"].get("matchLabels", {}), labels)
+                for peer in peers)
+            check(ok, area, f"{pname}: an ingress rule admits more than normserve pods: {peers}")
+            rule_ports = rule.get("ports", [])
+            check(bool(rule_ports) and all(p.get("port") in ports for p in rule_ports), area,
+                  f"{pname}: an ingress rule must name Redis's port only, got {rule_ports}")
+
+
+def check_pod_monitors(docs: list[dict], area: str) -> None:
+    monitors = [d for d in docs if d["kind"] == "PodMonitor"]
+    if not check(bool(monitors), area, "no PodMonitor (components/prometheus-operator)"):
+        return
+    workloads = normserve_workloads(docs)
+    for monitor in monitors:
+        mname = f"PodMonitor/{monitor['metadata']['name']}"
+        selector = monitor["spec"].get("selector", {}).get("matchLabels", {})
+        for doc in workloads:
+            name = f"{doc['kind']}/{doc['metadata']['name']}"
+            check(selector_matches(selector, template_labels(doc)), area, f"{mname}: selector {selector} misses {name}")
+            declared = {p.get("name") for c in pod_spec(doc)["containers"] if is_normserve(c) for p in c.get("ports", [])}
+            for endpoint in monitor["spec"].get("podMetricsEndpoints", []):
+                check(endpoint.get("port") in declared, area, f"{mname}: port {endpoint.get('port')} not declared by {name}")
+                check(endpoint.get("path", "/metrics") == "/metrics", area, f"{mname}: path must be /metrics")
+
+
+# ------------------------------------------------------------------ images
+
+DIGEST = re.compile(r"@sha256:[0-9a-f]{64}$")
+
+
+def image_references(root: Path, docs: list[dict]) -> dict[str, str]:
+    """Every third-party image reference -> where it is used."""
+    found: dict[str, str] = {}
+    for name in ("Dockerfile", "Dockerfile.cuda"):
+        for arg, value in re.findall(r"^ARG (\w+_IMAGE)=(\S+)", (root / "deploy" / name).read_text(), re.M):
+            found[value] = f"deploy/{name} ARG {arg}"
+    for doc in docs:
+        spec = pod_spec(doc)
+        for container in (spec or {}).get("containers", []) + (spec or {}).get("initContainers", []):
+            if not is_normserve(container):
+                found[container["image"]] = f"deploy/k8s {doc['kind']}/{doc['metadata']['name']}"
+    compose = yaml.safe_load((root / "deploy/compose.yaml").read_text())
+    for name, svc in compose.get("services", {}).items():
+        image = svc.get("image", "")
+        if image and image.split("/")[-1].split(":")[0] != "normserve" and "${" not in image:
+            found[image] = f"deploy/compose.yaml service {name}"
+    return found
+
+
+def check_images(root: Path, docs: list[dict]) -> None:
+    """Base and third-party images are pinned by digest, or named in
+    checks/unpinned-images.txt (with the reason a digest could not be had)."""
+    area = "images"
+    listed = set()
+    for line in (root / "deploy/checks/unpinned-images.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            listed.add(line)
+    used = image_references(root, docs)
+    for image, where in sorted(used.items()):
+        if DIGEST.search(image):
+            check(image.split("@")[0] not in listed, area, f"{image} is pinned: remove it from checks/unpinned-images.txt")
+            continue
+        check(":" in image.split("/")[-1] and not image.endswith(":latest"), area, f"{where}: {image} needs a version tag")
+        check(image in listed, area,
+              f"{where}: {image} is not pinned by digest (image@sha256:...; scripts/pin-image-digests.sh) "
+              "nor listed in deploy/checks/unpinned-images.txt")
+    for image in sorted(listed - {u.split("@")[0] for u in used}):
+        fail(area, f"checks/unpinned-images.txt lists {image}, which nothing uses")
 
 
 # ------------------------------------------------------------------ compose
@@ -383,9 +554,13 @@ def check_dockerfile(root: Path, name: str, torch_pin: str, rust_version: tuple[
         covered = any(src.rstrip("/") == "/staging" + dst.rstrip("/") and (libtorch + "/lib").startswith(dst.rstrip("/") + "/")
                       for src, dst in copied)
         check(covered, area, f"runtime stage must copy /staging{libtorch}/lib to {libtorch}/lib (the binary's RUNPATH)")
+    # The release profile keeps line tables (~117 MB) for local profiling and
+    # backtraces; images ship the binary without them.
+    check(any(re.search(r"\b(strip|objcopy) --strip-debug\b[^&]*/staging/usr/local/bin/normserve", l) for l in build), area,
+          "build stage must strip debug info from the staged binary (strip --strip-debug /staging/usr/local/bin/normserve)")
     from_line = runtime[0]
     check("rust" not in from_line.lower() and "RUNTIME_IMAGE" in from_line, area, f"runtime stage must start from RUNTIME_IMAGE: {from_line}")
-    check(args.get("RUNTIME_IMAGE", "").endswith("-slim"), area, "RUNTIME_IMAGE must be a slim image")
+    check(args.get("RUNTIME_IMAGE", "").split("@")[0].endswith("-slim"), area, "RUNTIME_IMAGE must be a slim image")
     compilers = re.compile(r"\b(gcc|g\+\+|clang|cc|cargo|rustc|rustup|build-essential|python3?|pip3?)\b")
     for line in runtime:
         if line.startswith("RUN ") and "apt-get install" in line:
@@ -488,17 +663,28 @@ def check_metrics_in_source(root: Path, metrics: dict[str, tuple[str, set[str]]]
 
 
 def main() -> int:
-    root, k8s_rendered, gpu_rendered = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+    root, rendered = Path(sys.argv[1]), Path(sys.argv[2])
     env_names, default_drain = known_env(root)
     torch_pin = re.search(r"^torch==(\S+)", (root / "scripts/requirements.txt").read_text(), re.M)
     rust_version = re.search(r'^rust-version\s*=\s*"([\d.]+)"', (root / "Cargo.toml").read_text(), re.M)
     metrics = load_metrics(root)
 
-    k8s_docs = [d for d in yaml.safe_load_all(k8s_rendered.read_text()) if d]
-    gpu_docs = [d for d in yaml.safe_load_all(gpu_rendered.read_text()) if d]
-    check_kubernetes(k8s_docs, env_names, default_drain, "k8s")
-    check_kubernetes(gpu_docs, env_names, default_drain, "k8s/gpu")
-    check_gpu(gpu_docs, "k8s/gpu")
+    overlays = sorted(p.name for p in (root / "deploy/k8s/overlays").iterdir() if p.is_dir())
+    check(overlays == list(OVERLAYS), "k8s", f"expected the overlays {list(OVERLAYS)}, found {overlays}")
+    check(not (root / "deploy/k8s/kustomization.yaml").exists(), "k8s",
+          "deploy/k8s/kustomization.yaml would deploy several modes at once: one overlay per mode")
+    rendered_docs = {}
+    for name in OVERLAYS + ("all",):
+        rendered_docs[name] = [d for d in yaml.safe_load_all((rendered / f"{name}.yaml").read_text()) if d]
+        check_kubernetes(rendered_docs[name], env_names, default_drain, f"k8s/{name}")
+    check_embedded_mode(rendered_docs["embedded"], "k8s/embedded")
+    check_embedded_mode(rendered_docs["gpu"], "k8s/gpu")
+    check_gpu(rendered_docs["gpu"], "k8s/gpu", 1)
+    check_redis_mode(rendered_docs["redis"], "k8s/redis")
+    check_redis_mode(rendered_docs["all"], "k8s/all")
+    check_gpu(rendered_docs["all"], "k8s/all", 1)
+    check_pod_monitors(rendered_docs["all"], "k8s/all")
+    check_images(root, [d for docs in rendered_docs.values() for d in docs])
     targets = check_compose(root, env_names, default_drain)
     check_prometheus(root, targets)
     if check(torch_pin is not None and rust_version is not None, "versions", "torch pin or rust-version not found"):
