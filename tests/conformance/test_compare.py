@@ -939,7 +939,7 @@ def test_compare_never_changes_a_session(compare_stub, bn_stub):
 # ------------------------------------------------------ JSON, grpcurl, info
 
 
-# The README's grpcurl body: the forum mistake on a (3, 2) input, as JSON with
+# The grpcurl body of docs/api.md: the forum mistake on a (3, 2) input, as JSON with
 # typed float fields.
 README_JSON = """{
   "input": {"shape": [3, 2], "floatValues": {"values": [0.5, 1.0, 1.5, -1.0, -2.0, 0.0]}},
