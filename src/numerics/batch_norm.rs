@@ -212,8 +212,10 @@ impl Layer<'_> {
 
     /// ATen's CPU mixed-dtype rule: float32 parameters accept float32,
     /// float16 and bfloat16 input; other parameters only their own dtype.
+    /// ATen skips it for a layer without parameters or statistics; we do not
+    /// (a session's dtype is part of its contract, as its channels are).
     fn check_dtype(&self, dtype: DType) -> Result<(), NumericsError> {
-        if !self.has_parameters() || dtype == self.param_dtype {
+        if dtype == self.param_dtype {
             return Ok(());
         }
         let message = match (self.param_dtype, dtype) {
@@ -221,10 +223,15 @@ impl Layer<'_> {
             (DType::Float32, _) => "mixed dtype (CPU): all inputs must share same datatype.",
             _ => "mixed dtype (CPU): expect parameter to have scalar type of Float",
         };
+        let layer = if self.has_parameters() {
+            "the layer's parameters are"
+        } else {
+            "the layer has no parameters; its param_dtype is"
+        };
         Err(NumericsError::invalid(
             "input",
             format!(
-                "{message} (input is {}, the layer's parameters are {})",
+                "{message} (input is {}, {layer} {})",
                 dtype.torch_name(),
                 self.param_dtype.torch_name()
             ),

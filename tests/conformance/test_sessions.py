@@ -209,6 +209,29 @@ def test_wrong_channel_count_is_refused_even_where_pytorch_lets_it_through(clien
     assert get(bn_stub, sid).num_batches_tracked == 0
 
 
+@pytest.mark.parametrize("session_dtype,input_dtype", [
+    (torch.float32, torch.float64),
+    (torch.float64, torch.float32),
+    (torch.float16, torch.float32),
+])
+def test_dtype_is_checked_even_where_pytorch_lets_it_through(client, bn_stub, session_dtype, input_dtype):
+    # No weight and no running stats: PyTorch normalizes any dtype. The
+    # session's dtype is refused exactly as the same layer with parameters
+    # refuses it (PyTorch's own text), in both modes.
+    x = torch.randn(3, 4).to(input_dtype)
+    expected = torch_error(torch.nn.BatchNorm1d(4).to(session_dtype), x)
+    bare = torch.nn.BatchNorm1d(4, affine=False, track_running_stats=False).to(session_dtype)
+    with torch.no_grad():
+        assert bare(x).dtype == input_dtype  # what PyTorch lets through
+    sid = create(client, "1d", torch.nn.BatchNorm1d(4, affine=False, track_running_stats=False),
+                 session_dtype).session_id
+    for mode in (TRAIN, EVAL):
+        error = rpc_error(forward, bn_stub, sid, x, mode)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert expected in error.details() and "no parameters" in error.details()
+    assert get(bn_stub, sid).version == 1
+
+
 @pytest.mark.parametrize("eps", [0.0, -1.0])
 def test_eps_that_pytorch_refuses_is_refused_at_creation(client, bn_stub, eps):
     expected = torch_error(torch.nn.BatchNorm1d(3, eps=eps), torch.randn(4, 3))
