@@ -159,10 +159,13 @@ impl TokenTable {
     /// The principal of `token`, comparing its hash with every entry in
     /// constant time (the time depends on the number of entries only).
     pub fn authenticate(&self, token: &str) -> Option<&Principal> {
-        let presented = digest(token);
+        self.principal_of(&digest(token))
+    }
+
+    fn principal_of(&self, presented: &TokenDigest) -> Option<&Principal> {
         let mut found = None;
         for entry in &self.entries {
-            if bool::from(entry.digest.ct_eq(&presented)) {
+            if bool::from(entry.digest.ct_eq(presented)) {
                 found = Some(&entry.principal);
             }
         }
@@ -228,6 +231,18 @@ impl Tokens {
         self.current().authenticate(token).cloned()
     }
 
+    /// The credential of `token` for a call that outlives one message (a
+    /// stream): it can be checked again against the tokens in force later.
+    pub fn credential(self: &Arc<Self>, token: &str) -> Option<Credential> {
+        let presented = digest(token);
+        let principal = self.current().principal_of(&presented).cloned()?;
+        Some(Credential {
+            digest: presented,
+            principal,
+            tokens: self.clone(),
+        })
+    }
+
     pub fn len(&self) -> usize {
         self.current().len()
     }
@@ -238,6 +253,28 @@ impl Tokens {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+/// A token as a caller presented it (its hash, never the token itself), and
+/// who it named then. A stream keeps it to check each message against the
+/// tokens in force, so that a revocation (a reload without the token, or with
+/// it for another tenant or role) also ends the calls already open.
+#[derive(Clone)]
+pub struct Credential {
+    digest: TokenDigest,
+    principal: Principal,
+    tokens: Arc<Tokens>,
+}
+
+impl Credential {
+    pub fn principal(&self) -> &Principal {
+        &self.principal
+    }
+
+    /// Whether the tokens in force still name the same principal.
+    pub fn is_still_valid(&self) -> bool {
+        self.tokens.current().principal_of(&self.digest) == Some(&self.principal)
     }
 }
 

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use tonic::Status;
 
 use super::admission::Admit;
-use crate::auth::{Principal, Tokens};
+use crate::auth::{Credential, Principal, Tokens};
 
 /// Who may call, and how many requests each tenant may have in progress.
 pub struct Gate {
@@ -33,10 +33,11 @@ impl Gate {
         }
     }
 
-    /// The caller of a request with these headers, or UNAUTHENTICATED.
-    fn principal(&self, headers: &http::HeaderMap) -> Result<Principal, Status> {
+    /// The caller of a request with these headers (None: authentication is
+    /// off, every caller is [`Principal::anonymous`]), or UNAUTHENTICATED.
+    fn credential(&self, headers: &http::HeaderMap) -> Result<Option<Credential>, Status> {
         let Some(tokens) = &self.tokens else {
-            return Ok(Principal::anonymous());
+            return Ok(None);
         };
         let Some(value) = headers.get(http::header::AUTHORIZATION) else {
             return Err(Status::unauthenticated(
@@ -58,7 +59,8 @@ impl Gate {
             ));
         };
         tokens
-            .authenticate(token)
+            .credential(token)
+            .map(Some)
             .ok_or_else(|| Status::unauthenticated("invalid or revoked bearer token"))
     }
 
@@ -91,11 +93,17 @@ impl Admit for Gate {
         headers: &http::HeaderMap,
         extensions: &mut http::Extensions,
     ) -> Result<Option<InFlight>, Status> {
-        let principal = self.principal(headers)?;
+        let credential = self.credential(headers)?;
+        let principal = credential
+            .as_ref()
+            .map_or_else(Principal::anonymous, |c| c.principal().clone());
         let in_flight = self.place(&principal.tenant)?;
         // Into the request's span (the telemetry layer's), for its log line.
         tracing::Span::current().record("tenant", principal.tenant.as_str());
         extensions.insert(principal);
+        if let Some(credential) = credential {
+            extensions.insert(credential);
+        }
         Ok(in_flight)
     }
 }
@@ -117,6 +125,23 @@ impl Drop for InFlight {
             }
         }
     }
+}
+
+/// Whether the token a long call (a stream) was admitted with is still in
+/// force: UNAUTHENTICATED once a reload revoked it (or gave it to another
+/// tenant or role). Calls admitted without authentication always pass.
+pub fn check_still_authorized(credential: Option<&Credential>) -> Result<(), Status> {
+    match credential {
+        Some(credential) if !credential.is_still_valid() => Err(Status::unauthenticated(
+            "bearer token revoked while the stream was open: reconnect with a valid token",
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The credential a request was admitted with (None without authentication).
+pub fn credential<T>(request: &tonic::Request<T>) -> Option<Credential> {
+    request.extensions().get::<Credential>().cloned()
 }
 
 /// The caller of a request that passed the [`Gate`].

@@ -142,6 +142,7 @@ impl BatchNormService for BatchNormApi {
         request: Request<Streaming<pb::ForwardRequest>>,
     ) -> Result<Response<Self::ForwardStreamStream>, Status> {
         let caller = self.caller(&request)?;
+        let credential = auth::credential(&request);
         let mut inbound = request.into_inner();
         let (replies, receiver) = mpsc::channel(16);
         let registry = self.registry.clone();
@@ -162,6 +163,12 @@ impl BatchNormService for BatchNormApi {
                         break;
                     }
                 };
+                // A token revoked since the stream opened ends it here, before
+                // the message is applied.
+                if let Err(status) = auth::check_still_authorized(credential.as_ref()) {
+                    let _ = replies.send(Err(status)).await;
+                    break;
+                }
                 let result = match forward(&registry, &caller, request).await {
                     Ok(response) => pb::forward_stream_response::Result::Response(response),
                     Err(status) => pb::forward_stream_response::Result::Error(pb::StreamError {

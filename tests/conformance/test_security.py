@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 
 import pytest
@@ -198,6 +199,47 @@ def test_sighup_reloads_tokens_and_a_broken_file_keeps_the_previous_ones(pki):
     finally:
         assert server.stop() == 0
     assert ALICE not in "".join(server.log) and BOB not in "".join(server.log)
+
+
+def reload_tokens(server, path, *lines):
+    write_tokens(path, *lines)
+    seen = count_log(server, "tokens file reloaded")
+    server.proc.send_signal(signal.SIGHUP)
+    wait_for_log(server, "tokens file reloaded", seen)
+
+
+def test_a_revoked_token_ends_its_open_stream_before_the_next_message(pki):
+    tokens = pki("stream-tokens")
+    write_tokens(tokens, *ALL_TOKENS)
+    server = ServerProcess("--auth-tokens", tokens)
+    try:
+        alice = normserve.connect(server.address, token=ALICE, timeout=30)
+        session = alice.create_session("1d", 4)
+        xs = [torch.randn(3, 4, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+        revoked = threading.Event()
+
+        def inputs():
+            yield xs[0]
+            revoked.wait(timeout=30)
+            yield from xs[1:]
+
+        outputs = session.forward_stream(inputs(), train=True)
+        module = torch.nn.BatchNorm1d(4)
+        with torch.no_grad():
+            torch.testing.assert_close(next(outputs), module(xs[0]))
+        # Revoke Alice while her stream is open: its next message is refused.
+        reload_tokens(server, tokens, entry(BOB, "globex", "user"))
+        revoked.set()
+        with pytest.raises(normserve.Unauthenticated, match="revoked"):
+            next(outputs)
+
+        # Nothing after the revocation was applied.
+        reload_tokens(server, tokens, *ALL_TOKENS)
+        info = alice.get_session(session.session_id).info()
+        assert (info.version, info.num_batches_tracked) == (2, 1)
+        torch.testing.assert_close(session.state_dict()["running_mean"], module.running_mean)
+    finally:
+        assert server.stop() == 0
 
 
 @pytest.mark.parametrize("args, expected", [
