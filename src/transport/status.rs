@@ -91,7 +91,11 @@ impl From<ComputeError> for Status {
 /// - a unary body that ends inside its message or before any (a truncated or
 ///   empty request, or a client that cancelled while sending it) is INTERNAL
 ///   in tonic, which would count a client's doing as a server fault in
-///   `normserve_requests_total` and alerts; here INVALID_ARGUMENT.
+///   `normserve_requests_total` and alerts; here INVALID_ARGUMENT;
+/// - bytes that are not a valid protobuf message of the request's type are
+///   INTERNAL in tonic (following gRPC's status-code table, written for
+///   servers that produce the bytes themselves); the bytes are the client's,
+///   so here INVALID_ARGUMENT.
 ///
 /// Other statuses pass unchanged.
 pub fn decoding_error(status: Status) -> Status {
@@ -110,6 +114,15 @@ pub fn decoding_error(status: Status) -> Status {
         Status::invalid_argument(
             "request body holds no message (or the call was cancelled before sending it)",
         )
+    } else if internal
+        && status
+            .message()
+            .starts_with("failed to decode Protobuf message")
+    {
+        Status::invalid_argument(format!(
+            "malformed request: {} (not a valid message of the call's request type)",
+            status.message()
+        ))
     } else {
         status
     }

@@ -172,3 +172,56 @@ def test_server_is_healthy_and_the_session_untouched_after_bad_input(stub, chann
     # And it still works.
     reply = stub.Forward(train(target, f32([4, 2])))
     assert (reply.version, reply.num_batches_tracked) == (3, 2)
+
+
+# Bytes that are no protobuf message at all: a field whose varint never ends,
+# a wire type that does not exist, a length past the end, a string field that
+# is not UTF-8.
+MALFORMED = {
+    "unterminated_varint": b"\x08\xff\xff\xff",
+    "wire_type_7": b"\x0f\x01",
+    "length_past_the_end": b"\x0a\x7fab",
+    "invalid_utf8_string": b"\x0a\x02\xff\xfe",
+}
+UNARY_RPCS = [
+    "/normserve.v1.BatchNormService/" + name for name in (
+        "CreateSession", "GetSession", "ListSessions", "DeleteSession", "ResetRunningStats",
+        "UpdateParameters", "Forward", "ExportState", "ImportState")
+] + ["/normserve.v1.CompareService/Compare", "/normserve.v1.ServerService/GetServerInfo",
+     "/grpc.health.v1.Health/Check"]
+
+
+@pytest.mark.parametrize("payload", sorted(MALFORMED))
+@pytest.mark.parametrize("method", UNARY_RPCS)
+def test_malformed_protobuf_is_invalid_argument_on_every_call(channel, method, payload):
+    # Raw bytes through a real gRPC call: no serializer, the server's decoder sees them.
+    call = channel.unary_unary(method)
+    if (method, payload) == ("/normserve.v1.ServerService/GetServerInfo", "invalid_utf8_string"):
+        # GetServerInfoRequest has no field 1: the bytes are a valid message
+        # with an unknown field, which protobuf skips.
+        assert call(MALFORMED[payload], timeout=30)
+        return
+    with pytest.raises(grpc.RpcError) as refused:
+        call(MALFORMED[payload], timeout=30)
+    assert refused.value.code() == INV, (method, refused.value.code(), refused.value.details())
+    assert "malformed request" in refused.value.details()
+
+
+@pytest.mark.parametrize("payload", sorted(MALFORMED))
+def test_malformed_protobuf_ends_a_stream_with_invalid_argument(channel, stub, payload):
+    target = f"stream-{payload}".replace("_", "-")
+    stub.CreateSession(create(session_id=target, num_features=2))
+    before = snapshot(stub, target)
+    call = channel.stream_stream("/normserve.v1.BatchNormService/ForwardStream")
+    good = train(target, f32([4, 2])).SerializeToString()
+    replies = call(iter([good, MALFORMED[payload], good]), timeout=30)
+    first = next(replies)  # the good message is answered before the bad one
+    assert first
+    with pytest.raises(grpc.RpcError) as refused:
+        for _ in replies:
+            pass
+    assert refused.value.code() == INV, refused.value.details()
+    assert "malformed request" in refused.value.details()
+    # Exactly the message before the malformed one was applied.
+    version, tracked, _ = snapshot(stub, target)
+    assert (version, tracked) == (before[0] + 1, before[1] + 1)
