@@ -151,6 +151,19 @@ pub struct SessionSnapshot {
     pub tensors: Option<StateTensors>,
 }
 
+impl SessionSnapshot {
+    /// Bytes of tensor data the snapshot carries (0 without tensors).
+    pub fn tensor_bytes(&self) -> usize {
+        self.tensors.as_ref().map_or(0, |t| {
+            [&t.weight, &t.bias, &t.running_mean, &t.running_var]
+                .into_iter()
+                .flatten()
+                .map(|data| data.bytes().len())
+                .sum()
+        })
+    }
+}
+
 /// A mutation's result plus whether it is a replay of an earlier request.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Applied<T> {
@@ -165,12 +178,36 @@ pub struct ExportedState {
     pub version: u64,
 }
 
+/// A ListSessions query: one page of sessions in id order.
+#[derive(Debug, Clone)]
+pub struct ListSessions {
+    /// The caller's tenant; None for an admin (every tenant).
+    pub tenant: Option<String>,
+    /// Continue after this id (the previous page's last).
+    pub after: Option<SessionId>,
+    pub page_size: usize,
+    /// Only sessions carrying all of these labels.
+    pub selector: BTreeMap<String, String>,
+    pub include_tensors: bool,
+}
+
 /// One page of ListSessions.
 #[derive(Debug, Clone)]
 pub struct SessionPage {
     pub sessions: Vec<SessionSnapshot>,
     /// Id to continue after; None on the last page.
     pub next_after: Option<SessionId>,
+    /// Sessions in the page's range of ids whose stored record cannot be read
+    /// (DATA_LOSS), whatever the label selector (their labels cannot be read
+    /// either): listed so that their owner sees them, not left out silently.
+    pub unreadable: Vec<UnreadableSession>,
+}
+
+/// A session served as DATA_LOSS, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UnreadableSession {
+    pub id: SessionId,
+    pub reason: String,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -7,12 +7,12 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::convert::{
-    Caller, DeleteSession, ForwardCall, ListSessions, Mutation, ResetRunningStats, Scope, StateDict,
+    Caller, DeleteSession, ForwardCall, Mutation, ResetRunningStats, Scope, StateDict,
 };
 use super::{auth, status};
 use crate::proto::v1 as pb;
 use crate::proto::v1::batch_norm_service_server::BatchNormService;
-use crate::session::{CreateSession, Registry, SessionId, UpdateParameters};
+use crate::session::{CreateSession, ListSessions, Registry, SessionId, UpdateParameters};
 
 pub struct BatchNormApi {
     registry: Arc<Registry>,
@@ -74,16 +74,7 @@ impl BatchNormService for BatchNormApi {
     ) -> Result<Response<pb::ListSessionsResponse>, Status> {
         let caller = self.caller(&request)?;
         let query: ListSessions = caller.decode(request.into_inner())?;
-        let page = self
-            .registry
-            .list(
-                query.tenant.as_deref(),
-                query.after.as_ref(),
-                query.page_size,
-                &query.selector,
-                query.include_tensors,
-            )
-            .await?;
+        let page = self.registry.list(&query).await?;
         Ok(Response::new(caller.encode(page)))
     }
 

@@ -24,8 +24,8 @@ use crate::numerics::{DType, LayerKind, Momentum, NumericsError, TensorData};
 use crate::proto::v1 as pb;
 use crate::session::{
     parse_request_id, Applied, CreateSession, Created, ExportedState, Forward, ForwardOutcome,
-    InvalidSessionId, Mode, Preconditions, SessionConfig, SessionError, SessionId, SessionPage,
-    SessionSnapshot, StateTensors, UpdateParameters,
+    InvalidSessionId, ListSessions, Mode, Preconditions, SessionConfig, SessionError, SessionId,
+    SessionPage, SessionSnapshot, StateTensors, UpdateParameters,
 };
 
 /// Why a request cannot be turned into a domain command.
@@ -626,17 +626,6 @@ impl TryFrom<Scoped<'_, Caller, pb::ExportStateRequest>> for SessionId {
 const DEFAULT_PAGE_SIZE: usize = 100;
 const MAX_PAGE_SIZE: usize = 1000;
 
-/// One ListSessions page as the registry is asked for it.
-#[derive(Debug, Clone)]
-pub struct ListSessions {
-    /// The caller's tenant; None for an admin (every tenant).
-    pub tenant: Option<String>,
-    pub after: Option<SessionId>,
-    pub page_size: usize,
-    pub selector: BTreeMap<String, String>,
-    pub include_tensors: bool,
-}
-
 impl TryFrom<Scoped<'_, Caller, pb::ListSessionsRequest>> for ListSessions {
     type Error = ConvertError;
 
@@ -838,6 +827,14 @@ impl From<Scoped<'_, Caller, SessionPage>> for pb::ListSessionsResponse {
                 .next_after
                 .map(|id| shown_session_id(principal, &id))
                 .unwrap_or_default(),
+            unreadable: page
+                .unreadable
+                .into_iter()
+                .map(|u| pb::UnreadableSession {
+                    session_id: shown_session_id(principal, &u.id),
+                    reason: u.reason,
+                })
+                .collect(),
         }
     }
 }

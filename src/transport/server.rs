@@ -149,6 +149,9 @@ impl Server {
                 max_sessions_per_tenant: config.tenant_max_sessions,
                 max_tensor_elements: config.max_tensor_elements,
                 max_num_features: config.max_num_features,
+                // The rest of the reply (ids, configurations, labels) is small
+                // beside the tensors; a quarter of the message is kept for it.
+                max_page_bytes: config.max_message_bytes / 4 * 3,
             },
             default_device: self.device,
             replay_window: config.replay_window,

@@ -31,16 +31,17 @@ impl ServerService for ServerInfoApi {
         let principal = auth::principal(&request)?;
         // Users of a tenant count their tenant's sessions only: the others' are
         // not theirs to know. Without authentication everything is one tenant.
-        let sessions = if principal.is_admin() || principal.tenant.is_empty() {
-            self.registry.len()
-        } else {
-            self.registry.tenant_len(&principal.tenant)
+        let tenant = (!principal.is_admin() && !principal.tenant.is_empty())
+            .then_some(principal.tenant.as_str());
+        let sessions = match tenant {
+            None => self.registry.len(),
+            Some(tenant) => self.registry.tenant_len(tenant),
         };
         Ok(Response::new(
             ServerInfo {
                 facts: &self.facts,
                 sessions: sessions as u64,
-                unreadable_sessions: self.registry.unreadable_count() as u64,
+                unreadable_sessions: self.registry.unreadable_count(tenant) as u64,
             }
             .into(),
         ))

@@ -5,13 +5,14 @@
 //! state happens here.
 
 use std::collections::BTreeMap;
+use std::ops::Bound;
 use std::sync::{Arc, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Instant, SystemTime};
 
 use super::{Recovery, RecoveryError, Registry, Session};
 use crate::session::durable::{RecordError, SessionRecord};
 use crate::session::record::{info_from_record, state_from_record};
-use crate::session::{SessionError, SessionId};
+use crate::session::{SessionError, SessionId, UnreadableSession};
 
 impl Registry {
     pub(super) fn read_map(&self) -> RwLockReadGuard<'_, BTreeMap<SessionId, Arc<Session>>> {
@@ -40,12 +41,36 @@ impl Registry {
             .cloned()
     }
 
-    /// Sessions whose records could not be read.
-    pub fn unreadable_count(&self) -> usize {
+    /// Sessions whose records could not be read, of `tenant` only (None: of
+    /// every tenant).
+    pub fn unreadable_count(&self, tenant: Option<&str>) -> usize {
+        let unreadable = self.unreadable.read().unwrap_or_else(|p| p.into_inner());
+        match tenant {
+            None => unreadable.len(),
+            Some(tenant) => unreadable.keys().filter(|id| id.belongs_to(tenant)).count(),
+        }
+    }
+
+    /// Unreadable sessions after `after` up to `through` (None: to the end)
+    /// that `in_scope` keeps, in id order.
+    pub(super) fn unreadable_between(
+        &self,
+        after: Option<&SessionId>,
+        through: Option<&SessionId>,
+        in_scope: &dyn Fn(&SessionId) -> bool,
+    ) -> Vec<UnreadableSession> {
+        let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let upper = through.map_or(Bound::Unbounded, Bound::Included);
         self.unreadable
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .len()
+            .range::<SessionId, _>((lower, upper))
+            .filter(|(id, _)| in_scope(id))
+            .map(|(id, reason)| UnreadableSession {
+                id: id.clone(),
+                reason: reason.clone(),
+            })
+            .collect()
     }
 
     /// Serves DATA_LOSS for `id` from now on, and returns that error.

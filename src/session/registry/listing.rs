@@ -9,19 +9,19 @@ use std::sync::Arc;
 
 use super::{Registry, Session};
 use crate::session::state::snapshot;
-use crate::session::{SessionError, SessionId, SessionPage, SessionSnapshot};
+use crate::session::{ListSessions, SessionError, SessionId, SessionPage, SessionSnapshot};
 
 impl Registry {
-    /// Sessions after `after` in id order carrying every label of `selector`,
-    /// of `tenant` only (None: of every tenant).
-    pub async fn list(
-        &self,
-        tenant: Option<&str>,
-        after: Option<&SessionId>,
-        page_size: usize,
-        selector: &BTreeMap<String, String>,
-        include_tensors: bool,
-    ) -> Result<SessionPage, SessionError> {
+    /// Sessions after `query.after` in id order carrying every label of its
+    /// selector, of its tenant only (None: of every tenant), with the
+    /// unreadable sessions of the same range beside them.
+    pub async fn list(&self, query: &ListSessions) -> Result<SessionPage, SessionError> {
+        let (tenant, after, page_size) = (
+            query.tenant.as_deref(),
+            query.after.as_ref(),
+            query.page_size,
+        );
+        let (selector, include_tensors) = (&query.selector, query.include_tensors);
         let matches = |session: &Session| {
             selector
                 .iter()
@@ -42,7 +42,7 @@ impl Registry {
             // Other replicas create sessions too, and evicted sessions are in
             // the store only: the store has the full list.
             Some(store) => {
-                let mut cursor = start;
+                let mut cursor = start.clone();
                 'pages: loop {
                     let ids = store.ids_after(cursor.as_ref(), page_size + 1).await?;
                     let Some(last) = ids.last().cloned() else {
@@ -88,13 +88,14 @@ impl Registry {
                     .collect();
             }
         }
-        let next_after = if candidates.len() > page_size {
+        let mut next_after = if candidates.len() > page_size {
             candidates.truncate(page_size);
             candidates.last().map(|s| s.info.id.clone())
         } else {
             None
         };
-        let mut sessions = Vec::with_capacity(candidates.len());
+        let mut sessions: Vec<SessionSnapshot> = Vec::with_capacity(candidates.len());
+        let mut page_bytes = 0;
         for session in candidates {
             let id = session.info.id.clone();
             let cached = self
@@ -109,16 +110,35 @@ impl Registry {
             } else {
                 self.describe_stored(session, include_tensors).await
             };
-            match described {
-                Ok(snapshot) => sessions.push(snapshot),
+            let snapshot = match described {
+                Ok(snapshot) => snapshot,
                 // Deleted since the page was collected.
-                Err(SessionError::NotFound(_)) => {}
+                Err(SessionError::NotFound(_)) => continue,
                 Err(other) => return Err(other),
+            };
+            // The page ends before the session that would not fit in the reply.
+            let bytes = snapshot.tensor_bytes();
+            let limit = self.options.limits.max_page_bytes;
+            if page_bytes + bytes > limit {
+                let Some(last) = sessions.last() else {
+                    return Err(SessionError::LimitExceeded {
+                        what: "tensor bytes of one session in a ListSessions page",
+                        actual: bytes as u64,
+                        limit: limit as u64,
+                        limit_name: "max_message_bytes",
+                    });
+                };
+                next_after = Some(last.id.clone());
+                break;
             }
+            page_bytes += bytes;
+            sessions.push(snapshot);
         }
+        let unreadable = self.unreadable_between(start.as_ref(), next_after.as_ref(), &in_scope);
         Ok(SessionPage {
             sessions,
             next_after,
+            unreadable,
         })
     }
 

@@ -60,6 +60,10 @@ pub struct Limits {
     pub max_sessions_per_tenant: Option<u64>,
     pub max_tensor_elements: u64,
     pub max_num_features: i64,
+    /// Largest size of one ListSessions page with tensors, in bytes of tensor
+    /// data (the reply must fit in one message): a page ends early rather
+    /// than exceed it.
+    pub max_page_bytes: usize,
 }
 
 #[derive(Debug, Clone)]

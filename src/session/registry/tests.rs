@@ -132,6 +132,7 @@ fn new_registry(store: Option<Arc<MemoryStore>>) -> Registry {
                 max_sessions_per_tenant: None,
                 max_tensor_elements: 1 << 20,
                 max_num_features: 1024,
+                max_page_bytes: 1 << 20,
             },
             default_device: Device::Cpu,
             replay_window: 16,
