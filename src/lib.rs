@@ -12,10 +12,12 @@ pub mod session;
 // SessionStore backends (embedded redb, Redis).
 pub mod store;
 
-// Used anywhere: options, devices, the compute pool, observability, malloc tuning.
+// Used anywhere: options, devices, the compute pool, observability, process
+// settings (malloc tuning, the descriptor limit).
 pub mod compute;
 pub mod config;
 pub mod device;
+pub mod fd_limit;
 pub mod memory;
 pub mod telemetry;
 

@@ -49,6 +49,12 @@ fn main() -> ExitCode {
         eprintln!("normserve: {error}");
         return ExitCode::from(2);
     }
+    // Every connection is a descriptor: the limit an operator set (the hard
+    // one) is the one in force, not the usual soft 1024.
+    match normserve::fd_limit::raise_to_hard_limit() {
+        Some(limit) => tracing::info!(soft = limit.soft, hard = limit.hard, "open file limit"),
+        None => tracing::warn!("cannot read the open file limit"),
+    }
     // Certificates, keys and tokens are read before anything else starts, so
     // that a bad file is a configuration error.
     let security = match transport::Security::load(&config) {
@@ -103,6 +109,9 @@ async fn run(mut server: transport::Server, retained: bool) -> Result<(), transp
         retain_freed_buffers = retained,
         "normserve listening"
     );
+    // Listening for SIGINT/SIGTERM starts before the server says it is up: a
+    // signal sent as soon as it answers must stop it cleanly, not kill it.
+    let shutdown = shutdown_signal();
     // One plain line on stdout for people and scripts (tests read the port
     // from it). Connections made before serving starts wait in the backlog.
     println!(
@@ -113,7 +122,7 @@ async fn run(mut server: transport::Server, retained: bool) -> Result<(), transp
     if let Some(address) = metrics_address {
         tracing::info!(%address, "metrics endpoint listening (GET /metrics)");
     }
-    server.serve(listener, shutdown_signal()).await
+    server.serve(listener, shutdown).await
 }
 
 /// Completes on SIGINT or SIGTERM. The signals are listened for from this

@@ -22,7 +22,7 @@ use crate::config::TtlAction;
 
 /// Every metric name as it appears in the exposition (counters with their
 /// `_total` suffix), in the order of `deploy/checks/metrics.txt`.
-pub const NAMES: [&str; 13] = [
+pub const NAMES: [&str; 14] = [
     "normserve_requests_total",
     "normserve_request_duration_seconds",
     "normserve_compute_duration_seconds",
@@ -32,6 +32,7 @@ pub const NAMES: [&str; 13] = [
     "normserve_sessions",
     "normserve_inflight_requests",
     "normserve_shed_requests_total",
+    "normserve_accept_pauses_total",
     "normserve_store_operation_duration_seconds",
     "normserve_store_errors_total",
     "normserve_session_evictions_total",
@@ -92,6 +93,7 @@ pub struct Metrics {
     sessions: Gauge,
     inflight: Gauge,
     shed: Counter,
+    accept_pauses: Counter,
     store_duration: Family<Op, Histogram, fn() -> Histogram>,
     store_errors: Family<Op, Counter>,
     evictions: Family<Action, Counter>,
@@ -123,6 +125,7 @@ impl Metrics {
             sessions: Gauge::default(),
             inflight: Gauge::default(),
             shed: Counter::default(),
+            accept_pauses: Counter::default(),
             store_duration: Family::new_with_constructor(duration_histogram),
             store_errors: Family::default(),
             evictions: Family::default(),
@@ -174,6 +177,11 @@ impl Metrics {
             "shed_requests",
             "Requests refused by load shedding",
             metrics.shed.clone(),
+        );
+        r.register(
+            "accept_pauses",
+            "Pauses of the accept loop after accepting failed for want of file descriptors or memory",
+            metrics.accept_pauses.clone(),
         );
         r.register(
             "store_operation_duration_seconds",
@@ -277,6 +285,11 @@ impl Metrics {
     /// A request refused by load shedding.
     pub fn shed(&self) {
         self.shed.inc();
+    }
+
+    /// The accept loop paused: accepting failed for want of resources.
+    pub fn accept_paused(&self) {
+        self.accept_pauses.inc();
     }
 
     /// A session removed by the idle-session evictor.

@@ -12,6 +12,7 @@ mod batch_norm;
 mod compare;
 pub mod convert;
 pub mod deadline;
+mod incoming;
 mod security;
 mod server;
 mod server_info;

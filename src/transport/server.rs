@@ -18,6 +18,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic_health::server::HealthReporter;
 
 use super::convert::{CompareLimits, ServerFacts};
+use super::incoming::ThrottledIncoming;
 use super::{auth, deadline, shedding, status, Security, SecurityError, LIBTORCH_VERSION};
 use super::{AdmissionLayer, BatchNormApi, CompareApi, ServerInfoApi};
 use crate::compute::ComputePool;
@@ -245,7 +246,10 @@ impl Server {
         let (stop_accepting, stopped) = tokio::sync::oneshot::channel::<()>();
         // TCP_NODELAY on every accepted connection: without it small replies wait
         // for the peer's delayed ACK (about 40 ms per call).
-        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let incoming = ThrottledIncoming::new(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            metrics.clone(),
+        );
         let builder = match security.tls.clone() {
             Some(tls) => tonic::transport::Server::builder().tls_config(tls)?,
             None => tonic::transport::Server::builder(),
