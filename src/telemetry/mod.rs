@@ -54,5 +54,13 @@ pub fn init(config: &Config) -> Result<(), TelemetryError> {
     result.map_err(|e| TelemetryError {
         filter: config.log.clone(),
         reason: e.to_string(),
-    })
+    })?;
+    // Configuration at INFO: what the request lines below DEBUG will be.
+    tracing::info!(
+        filter = %config.log,
+        slow_request_ms = config.slow_request_ms,
+        access_log_sample = config.access_log_sample,
+        "request log: DEBUG, or INFO when slow or sampled, WARN/ERROR for server faults"
+    );
+    Ok(())
 }
