@@ -153,6 +153,23 @@ pub struct Config {
     /// Log filter in tracing's EnvFilter syntax, e.g. "info" or "normserve=debug".
     #[arg(long, env = "NORMSERVE_LOG", default_value = "info")]
     pub log: String,
+
+    /// Requests (streams excepted) that take at least this many milliseconds
+    /// are logged at INFO; quicker ones at DEBUG. 0: off.
+    #[arg(long, env = "NORMSERVE_SLOW_REQUEST_MS", default_value_t = 1000)]
+    pub slow_request_ms: u64,
+    /// Share of requests, 0 to 1, logged at INFO whatever their duration (an
+    /// access log: 1 logs every request, 0 none). Health checks are never sampled.
+    #[arg(long, env = "NORMSERVE_ACCESS_LOG_SAMPLE", value_name = "RATE", default_value_t = 0.0, value_parser = sample_rate)]
+    pub access_log_sample: f64,
+}
+
+/// `--access-log-sample`: a number from 0 to 1.
+fn sample_rate(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(rate) if (0.0..=1.0).contains(&rate) => Ok(rate),
+        _ => Err(format!("expected a number from 0 to 1, got {text:?}")),
+    }
 }
 
 /// Whether mutations are persisted before they are acknowledged.

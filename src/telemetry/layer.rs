@@ -5,23 +5,130 @@
 //!
 //! The span (`request`) carries `rpc`, `session_id` and `tenant` (recorded by
 //! the code that learns them: `transport::convert` and the auth layer),
-//! `status` (the gRPC code name) and `duration_ms`. Health checks log at
-//! DEBUG, everything else at INFO. Nothing a client sends is logged but the
-//! method and the session id: no tensors, no tokens.
+//! `status` (the gRPC code name) and `duration_ms` (rounded to the
+//! microsecond). The event's level is the [`RequestLog`] policy's: DEBUG for
+//! an ordinary request, INFO for a slow or sampled one, WARN or ERROR for a
+//! server fault, so that a server at INFO does not write a line per request.
+//! Nothing a client sends is logged but the method and the session id: no
+//! tensors, no tokens.
 
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body::Frame;
 use tonic::body::Body;
 use tonic::Code;
-use tracing::Instrument;
+use tracing::{Instrument, Level};
 
 use super::metrics::Metrics;
 use super::rpc::{as_rpc, code_name, is_health_check, rpc_name};
+
+/// Which finished requests get a line at INFO or above; every other one is
+/// logged at DEBUG. One policy per process, as the subscriber it feeds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RequestLog {
+    /// Unary requests at least this long are logged at INFO (`None`: off).
+    /// Streams are exempt: their duration is their whole life, not a latency.
+    pub slow: Option<Duration>,
+    /// The share of requests (0 to 1) logged at INFO whatever their duration:
+    /// the access log. Health checks are never sampled.
+    pub sample_rate: f64,
+}
+
+impl Default for RequestLog {
+    /// The flags' defaults: slow from 1 s, no access log.
+    fn default() -> Self {
+        RequestLog {
+            slow: Some(Duration::from_secs(1)),
+            sample_rate: 0.0,
+        }
+    }
+}
+
+static REQUEST_LOG: OnceLock<RequestLog> = OnceLock::new();
+
+impl RequestLog {
+    /// Makes `self` the policy of every request layer built afterwards; the
+    /// first call wins (`telemetry::init` makes it, from the configuration).
+    pub fn install(self) {
+        // A second installation (an embedder calling init twice) keeps the
+        // first policy, as the global subscriber keeps the first subscriber.
+        let _ = REQUEST_LOG.set(self);
+    }
+
+    /// The installed policy, or the default one.
+    pub fn installed() -> RequestLog {
+        REQUEST_LOG.get().copied().unwrap_or_default()
+    }
+
+    /// The level of the line of a request to `rpc` that ended with `code`
+    /// after `elapsed`.
+    fn level(&self, rpc: &str, health: bool, code: &str, elapsed: Duration) -> Level {
+        if let Some(level) = server_fault_level(code) {
+            return level;
+        }
+        if health {
+            return Level::DEBUG;
+        }
+        let slow = self
+            .slow
+            .is_some_and(|threshold| elapsed >= threshold && !is_stream(rpc));
+        if slow || sampled(self.sample_rate) {
+            Level::INFO
+        } else {
+            Level::DEBUG
+        }
+    }
+}
+
+/// The level of a status that is the server's fault rather than the
+/// client's: ERROR for a bug or lost data, WARN for UNAVAILABLE (a store out
+/// of reach, a server draining: transient, the client may retry).
+fn server_fault_level(code: &str) -> Option<Level> {
+    match code {
+        "INTERNAL" | "UNKNOWN" | "DATA_LOSS" => Some(Level::ERROR),
+        "UNAVAILABLE" => Some(Level::WARN),
+        _ => None,
+    }
+}
+
+/// RPCs whose request or response is a stream.
+fn is_stream(rpc: &str) -> bool {
+    matches!(rpc, "ForwardStream" | "Watch" | "ServerReflectionInfo")
+}
+
+/// Requests finished so far, the sampler's sequence.
+static FINISHED: AtomicU64 = AtomicU64::new(0);
+
+/// Whether to log this request in the access log of `rate`: each request
+/// draws a number in [0, 1) from a hash of its sequence number (splitmix64),
+/// so rate 1 logs all and 0 none, without a random generator, and requests
+/// that come in a regular pattern are not sampled in step with it.
+fn sampled(rate: f64) -> bool {
+    if rate <= 0.0 {
+        return false;
+    }
+    let mut x = FINISHED
+        .fetch_add(1, Ordering::Relaxed)
+        .wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^= x >> 31;
+    let draw = (x >> 11) as f64 / (1u64 << 53) as f64;
+    draw < rate
+}
+
+/// Milliseconds to the microsecond (truncated): `0.189`, not
+/// `0.18940400000000002`.
+fn rounded_ms(elapsed: Duration) -> f64 {
+    // An integer number of microseconds over 1000 is the double nearest the
+    // three-decimal value, which is what both formatters print.
+    elapsed.as_micros() as f64 / 1e3
+}
 
 fn grpc_status(headers: &http::HeaderMap) -> Option<&'static str> {
     let value = headers.get("grpc-status")?;
@@ -33,11 +140,16 @@ fn grpc_status(headers: &http::HeaderMap) -> Option<&'static str> {
 #[derive(Clone)]
 pub struct RequestLayer {
     metrics: Arc<Metrics>,
+    log: RequestLog,
 }
 
 impl RequestLayer {
+    /// Measures into `metrics` and logs by the installed [`RequestLog`].
     pub fn new(metrics: Arc<Metrics>) -> RequestLayer {
-        RequestLayer { metrics }
+        RequestLayer {
+            metrics,
+            log: RequestLog::installed(),
+        }
     }
 }
 
@@ -48,6 +160,7 @@ impl<S> tower::Layer<S> for RequestLayer {
         MeasureRequests {
             inner,
             metrics: self.metrics.clone(),
+            log: self.log,
         }
     }
 }
@@ -56,12 +169,14 @@ impl<S> tower::Layer<S> for RequestLayer {
 pub struct MeasureRequests<S> {
     inner: S,
     metrics: Arc<Metrics>,
+    log: RequestLog,
 }
 
 /// One request until its status is known; reports itself exactly once,
 /// as CANCELLED when dropped before (the client went away).
 struct Finish {
     metrics: Arc<Metrics>,
+    log: RequestLog,
     rpc: &'static str,
     health: bool,
     started: Instant,
@@ -77,13 +192,20 @@ impl Finish {
         let elapsed = self.started.elapsed();
         self.metrics.request_finished(self.rpc, code, elapsed);
         self.metrics.inflight_ended();
-        let duration_ms = elapsed.as_secs_f64() * 1e3;
+        let duration_ms = rounded_ms(elapsed);
         self.span.record("status", code);
         self.span.record("duration_ms", duration_ms);
-        if self.health {
-            tracing::debug!(parent: &self.span, status = code, duration_ms, "request finished");
-        } else {
-            tracing::info!(parent: &self.span, status = code, duration_ms, "request finished");
+        // An event's level is part of its static callsite: one per level.
+        macro_rules! finished {
+            ($level:expr) => {
+                tracing::event!(parent: &self.span, $level, status = code, duration_ms, "request finished")
+            };
+        }
+        match self.log.level(self.rpc, self.health, code, elapsed) {
+            Level::ERROR => finished!(Level::ERROR),
+            Level::WARN => finished!(Level::WARN),
+            Level::INFO => finished!(Level::INFO),
+            _ => finished!(Level::DEBUG),
         }
     }
 }
@@ -119,29 +241,23 @@ where
         let path = request.uri().path();
         let rpc = rpc_name(path);
         let health = is_health_check(path);
-        // A span's level is part of its static callsite: one per level.
-        macro_rules! request_span {
-            ($level:expr) => {
-                tracing::span!(
-                    $level,
-                    "request",
-                    rpc,
-                    session_id = tracing::field::Empty,
-                    tenant = tracing::field::Empty,
-                    status = tracing::field::Empty,
-                    duration_ms = tracing::field::Empty,
-                )
-            };
-        }
-        let span = if health {
-            request_span!(tracing::Level::DEBUG)
-        } else {
-            request_span!(tracing::Level::INFO)
-        };
+        // The span exists at every level a request's line can have, up to
+        // ERROR: at a lower one, a server run with `--log warn` would print
+        // its fault lines without the request's rpc, session and tenant.
+        let span = tracing::span!(
+            Level::ERROR,
+            "request",
+            rpc,
+            session_id = tracing::field::Empty,
+            tenant = tracing::field::Empty,
+            status = tracing::field::Empty,
+            duration_ms = tracing::field::Empty,
+        );
         let metrics = self.metrics.clone();
         metrics.inflight_started();
         let mut finish = Finish {
             metrics: metrics.clone(),
+            log: self.log,
             rpc,
             health,
             started: Instant::now(),
@@ -251,5 +367,98 @@ mod tests {
         assert_eq!(grpc_status(&headers), Some("NOT_FOUND"));
         headers.insert("grpc-status", http::HeaderValue::from_static("0"));
         assert_eq!(grpc_status(&headers), Some("OK"));
+    }
+
+    const QUICK: Duration = Duration::from_millis(3);
+    const LONG: Duration = Duration::from_millis(1500);
+
+    #[test]
+    fn by_default_only_slow_requests_and_server_faults_are_above_debug() {
+        let log = RequestLog::default();
+        assert_eq!(log.level("Forward", false, "OK", QUICK), Level::DEBUG);
+        assert_eq!(
+            log.level("Forward", false, "NOT_FOUND", QUICK),
+            Level::DEBUG
+        );
+        assert_eq!(log.level("Forward", false, "OK", LONG), Level::INFO);
+        assert_eq!(
+            log.level("Forward", false, "OK", Duration::from_secs(1)),
+            Level::INFO
+        );
+        // A stream's duration is its life: never "slow".
+        assert_eq!(log.level("ForwardStream", false, "OK", LONG), Level::DEBUG);
+        assert_eq!(log.level("Watch", true, "OK", LONG), Level::DEBUG);
+        for (code, level) in [
+            ("INTERNAL", Level::ERROR),
+            ("UNKNOWN", Level::ERROR),
+            ("DATA_LOSS", Level::ERROR),
+            ("UNAVAILABLE", Level::WARN),
+        ] {
+            assert_eq!(log.level("Forward", false, code, QUICK), level, "{code}");
+            assert_eq!(
+                log.level("ForwardStream", false, code, QUICK),
+                level,
+                "{code}"
+            );
+        }
+        for client_fault in [
+            "INVALID_ARGUMENT",
+            "CANCELLED",
+            "DEADLINE_EXCEEDED",
+            "RESOURCE_EXHAUSTED",
+        ] {
+            assert_eq!(
+                log.level("Forward", false, client_fault, QUICK),
+                Level::DEBUG
+            );
+        }
+    }
+
+    #[test]
+    fn a_zero_threshold_turns_slow_requests_off() {
+        let log = RequestLog {
+            slow: None,
+            sample_rate: 0.0,
+        };
+        assert_eq!(log.level("Compare", false, "OK", LONG * 100), Level::DEBUG);
+    }
+
+    #[test]
+    fn sampling_logs_all_none_or_about_the_rate() {
+        let all = RequestLog {
+            slow: None,
+            sample_rate: 1.0,
+        };
+        assert!((0..1000).all(|_| all.level("Forward", false, "OK", QUICK) == Level::INFO));
+        // Health checks are never sampled.
+        assert_eq!(all.level("Check", true, "OK", QUICK), Level::DEBUG);
+        let none = RequestLog {
+            slow: None,
+            sample_rate: 0.0,
+        };
+        assert!((0..1000).all(|_| none.level("Forward", false, "OK", QUICK) == Level::DEBUG));
+        let tenth = RequestLog {
+            slow: None,
+            sample_rate: 0.1,
+        };
+        let logged = (0..20_000)
+            .filter(|_| tenth.level("Forward", false, "OK", QUICK) == Level::INFO)
+            .count();
+        // 2000 expected; the standard deviation is about 42.
+        assert!((1750..=2250).contains(&logged), "{logged}");
+    }
+
+    #[test]
+    fn durations_are_rounded_to_the_microsecond() {
+        assert_eq!(
+            rounded_ms(Duration::from_nanos(189_404)).to_string(),
+            "0.189"
+        );
+        assert_eq!(
+            rounded_ms(Duration::from_nanos(1_234_567_890)).to_string(),
+            "1234.567"
+        );
+        assert_eq!(rounded_ms(Duration::from_micros(7)).to_string(), "0.007");
+        assert_eq!(rounded_ms(Duration::ZERO).to_string(), "0");
     }
 }

@@ -3,7 +3,9 @@
 //! and the registry, and encoded in Prometheus' text format for
 //! `GET /metrics`. The names and labels are fixed by
 //! `deploy/checks/metrics.txt` (the dashboard and alerts use them); [`NAMES`]
-//! lists them as exposed.
+//! lists them as exposed. Beside them, the build (`normserve_build_info`) and
+//! the process' own metrics under their conventional names
+//! ([`super::process`], unprefixed).
 //!
 //! Label values come from fixed sets only (RPC names known at compile time,
 //! gRPC code names, store operation names), never from what a client sends,
@@ -18,7 +20,13 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use super::process::ProcessCollector;
 use crate::config::TtlAction;
+
+/// This build's version, as GetServerInfo reports it.
+pub const SERVER_VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The libtorch version this binary was built against (from its headers).
+pub const LIBTORCH_VERSION: &str = env!("NORMSERVE_LIBTORCH_VERSION");
 
 /// Every metric name as it appears in the exposition (counters with their
 /// `_total` suffix), in the order of `deploy/checks/metrics.txt`.
@@ -37,6 +45,7 @@ pub const NAMES: [&str; 14] = [
     "normserve_store_errors_total",
     "normserve_session_evictions_total",
     "normserve_cuda_memory_bytes",
+    "normserve_build_info",
 ];
 
 /// The `op` label values: the methods of the session store.
@@ -73,6 +82,12 @@ struct Action {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Build {
+    version: &'static str,
+    libtorch: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DeviceLabel {
     device: String,
 }
@@ -84,6 +99,8 @@ fn duration_histogram() -> Histogram {
 /// The server's metrics. Cheap to update from any thread.
 pub struct Metrics {
     registry: Registry,
+    /// The `process_*` metrics, without the `normserve` prefix.
+    process_registry: Registry,
     requests: Family<RpcCode, Counter>,
     request_duration: Family<Rpc, Histogram, fn() -> Histogram>,
     compute_duration: Family<Rpc, Histogram, fn() -> Histogram>,
@@ -98,6 +115,7 @@ pub struct Metrics {
     store_errors: Family<Op, Counter>,
     evictions: Family<Action, Counter>,
     cuda_memory: Family<DeviceLabel, Gauge>,
+    build_info: Family<Build, Gauge>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -116,6 +134,7 @@ impl Metrics {
     pub fn new() -> Metrics {
         let mut metrics = Metrics {
             registry: Registry::with_prefix("normserve"),
+            process_registry: Registry::default(),
             requests: Family::default(),
             request_duration: Family::new_with_constructor(duration_histogram),
             compute_duration: Family::new_with_constructor(duration_histogram),
@@ -130,6 +149,7 @@ impl Metrics {
             store_errors: Family::default(),
             evictions: Family::default(),
             cuda_memory: Family::default(),
+            build_info: Family::default(),
         };
         // prometheus-client adds the prefix and, for counters, `_total`.
         let r = &mut metrics.registry;
@@ -203,6 +223,14 @@ impl Metrics {
             "CUDA device memory in use, by device (absent without CUDA)",
             metrics.cuda_memory.clone(),
         );
+        r.register(
+            "build_info",
+            "Always 1; the labels name this build: server version and the libtorch it was built against",
+            metrics.build_info.clone(),
+        );
+        metrics
+            .process_registry
+            .register_collector(Box::new(ProcessCollector));
         // Series with a fixed label set exist from the start (at 0), so that
         // rates work from the first scrape; per-RPC series appear with the
         // first request of their RPC, the CUDA gauge with CUDA.
@@ -216,13 +244,23 @@ impl Metrics {
             }));
         }
         metrics
+            .build_info
+            .get_or_create(&Build {
+                version: SERVER_VERSION,
+                libtorch: LIBTORCH_VERSION,
+            })
+            .set(1);
+        metrics
     }
 
     /// The exposition in Prometheus' text format (OpenMetrics text, which
     /// Prometheus reads as its text format).
     pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        use prometheus_client::encoding::text::{encode_eof, encode_registry};
         let mut text = String::new();
-        prometheus_client::encoding::text::encode(&mut text, &self.registry)?;
+        encode_registry(&mut text, &self.registry)?;
+        encode_registry(&mut text, &self.process_registry)?;
+        encode_eof(&mut text)?;
         Ok(text)
     }
 
@@ -372,6 +410,42 @@ mod tests {
             text.contains("normserve_session_evictions_total{action=\"evict\"} 0\n"),
             "{text}"
         );
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        assert_eq!(text.matches("# EOF").count(), 1, "{text}");
+    }
+
+    #[test]
+    fn the_build_is_one_series_labelled_with_the_versions() {
+        let text = Metrics::new().encode().unwrap_or_default();
+        let expected = format!(
+            "normserve_build_info{{version=\"{}\",libtorch=\"{}\"}} 1\n",
+            env!("CARGO_PKG_VERSION"),
+            env!("NORMSERVE_LIBTORCH_VERSION")
+        );
+        assert!(text.contains(&expected), "{text}");
+        assert_eq!(text.matches("normserve_build_info{").count(), 1);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn process_metrics_are_exposed_unprefixed_with_their_conventional_types() {
+        let text = Metrics::new().encode().unwrap_or_default();
+        for name in super::super::process::NAMES {
+            let (family, kind) = match name.strip_suffix("_total") {
+                Some(family) => (family, "counter"),
+                None => (name, "gauge"),
+            };
+            assert!(
+                text.contains(&format!("# TYPE {family} {kind}\n")),
+                "{name} in\n{text}"
+            );
+            assert!(
+                text.lines()
+                    .any(|line| line.starts_with(&format!("{name} "))),
+                "{name} in\n{text}"
+            );
+        }
+        assert!(!text.contains("normserve_process_"), "{text}");
     }
 
     #[test]

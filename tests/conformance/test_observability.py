@@ -1,10 +1,15 @@
 """Observability of the real binary: the Prometheus endpoint (--metrics-addr)
-exposes every metric deploy/checks/metrics.txt lists, and each request is one
-JSON log line (--log-format json) with its RPC, session id, status and
-duration, and no tensor data."""
+exposes every metric deploy/checks/metrics.txt lists, the build's versions
+(normserve_build_info, as GetServerInfo reports them) and the process metrics
+(as /proc shows the process to this test); each request is one JSON log line
+(--log-format json) with its RPC, session id, status and duration, and no
+tensor data: at DEBUG, or at INFO when sampled (--access-log-sample) or slow
+(--slow-request-ms), at ERROR for a server fault."""
 
 import json
 import os
+import re
+import resource
 import time
 import urllib.error
 import urllib.request
@@ -15,7 +20,10 @@ import pytest
 import torch
 
 from conftest import ServerProcess, free_port
-from normserve.v1 import batch_norm_pb2 as bn, batch_norm_pb2_grpc, tensor_pb2
+from normserve.v1 import (batch_norm_pb2 as bn, batch_norm_pb2_grpc, compare_pb2, compare_pb2_grpc,
+                          server_pb2, server_pb2_grpc, tensor_pb2)
+
+import wire
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
@@ -32,9 +40,10 @@ def listed_metrics():
 
 @pytest.fixture(scope="module")
 def observed():
+    """A server logging every request at INFO (--access-log-sample 1)."""
     port = free_port()
     proc = ServerProcess("--metrics-addr", f"127.0.0.1:{port}", "--log-format", "json",
-                         "--durability", "none", "--device", "cpu")
+                         "--durability", "none", "--device", "cpu", "--access-log-sample", "1")
     with grpc.insecure_channel(proc.address) as channel:
         yield proc, f"http://127.0.0.1:{port}", batch_norm_pb2_grpc.BatchNormServiceStub(channel)
     assert proc.stop() == 0
@@ -46,21 +55,65 @@ def scrape(url):
         return response.read().decode()
 
 
-def log_lines(proc, predicate, timeout=10.0):
-    """The JSON log lines matching `predicate`, once there is one (the log is
-    read by a background thread)."""
+def log_lines(proc, predicate, timeout=10.0, at_least=1, raw=False):
+    """The JSON log lines matching `predicate`, once there are `at_least` (the
+    log is read by a background thread); with `raw`, (text, parsed) pairs."""
     deadline = time.monotonic() + timeout
     while True:
         lines = []
         for line in list(proc.log):
             try:
-                lines.append(json.loads(line))
+                lines.append((line, json.loads(line)))
             except ValueError:
                 continue
-        found = [line for line in lines if predicate(line)]
-        if found or time.monotonic() > deadline:
-            return found
+        found = [(text, line) for text, line in lines if predicate(line)]
+        if len(found) >= at_least or time.monotonic() > deadline:
+            return found if raw else [line for _, line in found]
         time.sleep(0.05)
+
+
+def finished(rpc, session_id=None):
+    """Matches the request line of `rpc` (and `session_id`, when given)."""
+    return lambda line: (line.get("fields", {}).get("message") == "request finished"
+                         and line.get("span", {}).get("rpc") == rpc
+                         and (session_id is None or line.get("span", {}).get("session_id") == session_id))
+
+
+def duration_decimals(text):
+    """Decimals of the duration_ms numbers in a JSON log line, as written."""
+    return [len(fraction) for fraction in re.findall(r'"duration_ms":-?\d+(?:\.(\d+))?', text)]
+
+
+def timed(call, *args):
+    """`call(*args)` and its duration in ms as this client saw it: an upper
+    bound of the server's own measure."""
+    started = time.monotonic()
+    reply = call(*args)
+    return reply, (time.monotonic() - started) * 1e3
+
+
+def flip_in_file(path, needle):
+    """Flips one bit in every copy of `needle` in the file; returns how many."""
+    with open(path, "rb") as f:
+        data = bytearray(f.read())
+    count, start = 0, 0
+    while (at := data.find(needle, start)) >= 0:
+        data[at + len(needle) // 2] ^= 0x01
+        count += 1
+        start = at + 1
+    with open(path, "wb") as f:
+        f.write(data)
+    return count
+
+
+def samples(text):
+    """{series: value} of an exposition, series as exposed (name and labels)."""
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            series, value = line.rsplit(" ", 1)
+            values[series] = float(value)
+    return values
 
 
 def test_every_listed_metric_is_exposed(observed):
@@ -105,13 +158,10 @@ def test_a_request_is_one_json_line_without_tensor_data(observed):
         stub.GetSession(bn.GetSessionRequest(session_id="nowhere"))
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND
 
-    def finished(rpc, session_id):
-        return lambda line: (line.get("fields", {}).get("message") == "request finished"
-                             and line.get("span", {}).get("rpc") == rpc
-                             and line.get("span", {}).get("session_id") == session_id)
-
-    [forward] = log_lines(proc, finished("Forward", "logged"))
+    [(forward_text, forward)] = log_lines(proc, finished("Forward", "logged"), raw=True)
     assert forward["level"] == "INFO"
+    # Rounded to the microsecond: at most 3 decimals in both places.
+    assert duration_decimals(forward_text) and max(duration_decimals(forward_text)) <= 3, forward_text
     assert forward["span"]["status"] == "OK"
     assert forward["fields"]["status"] == "OK"
     assert forward["span"]["duration_ms"] > 0
@@ -121,6 +171,138 @@ def test_a_request_is_one_json_line_without_tensor_data(observed):
     everything = "\n".join(proc.log)
     for value in ("123456", "98765", "4242.1", "31337"):
         assert value not in everything
+
+
+def test_the_access_log_at_rate_1_is_one_line_per_request(observed):
+    proc, _, stub = observed
+    before = len(log_lines(proc, finished("ListSessions"), timeout=0))
+    for _ in range(7):
+        stub.ListSessions(bn.ListSessionsRequest())
+    found = log_lines(proc, finished("ListSessions"), at_least=before + 7, raw=True)
+    assert len(found) == before + 7, [line for _, line in found]
+    for text, line in found[before:]:
+        assert line["level"] == "INFO", line
+        assert line["span"]["status"] == "OK", line
+        assert max(duration_decimals(text)) <= 3, text
+
+
+SLOW_MS = 200
+
+
+def test_at_the_default_level_only_slow_requests_and_server_faults_are_logged():
+    """No line for a quick request, whatever its status; one at INFO for a
+    request over --slow-request-ms (a Compare of 2M elements: about a second
+    here, against a threshold of 200 ms); one at ERROR for DATA_LOSS (a
+    record corrupted on disk, read again after a restart)."""
+    proc = ServerProcess("--log-format", "json", "--device", "cpu", "--slow-request-ms", str(SLOW_MS))
+    options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+    marker = torch.tensor([1234.5, -777.25, 31.125, 4096.75])
+    try:
+        with grpc.insecure_channel(proc.address, options=options) as channel:
+            stub = batch_norm_pb2_grpc.BatchNormServiceStub(channel)
+            quick = {}
+            _, quick["CreateSession"] = timed(stub.CreateSession, bn.CreateSessionRequest(
+                kind=bn.BATCH_NORM_1D, num_features=4, session_id="victim"))
+            _, quick["UpdateParameters"] = timed(stub.UpdateParameters, bn.UpdateParametersRequest(
+                session_id="victim", running_mean=wire.to_proto(marker)))
+            with pytest.raises(grpc.RpcError) as missing:
+                stub.GetSession(bn.GetSessionRequest(session_id="nowhere"))
+            assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+            x = torch.randn(1 << 18, 8)
+            _, heavy_ms = timed(compare_pb2_grpc.CompareServiceStub(channel).Compare,
+                                compare_pb2.CompareRequest(input=wire.to_proto(x), training=True))
+            assert heavy_ms > SLOW_MS, f"the heavy Compare took only {heavy_ms:.1f} ms"
+            [compare] = log_lines(proc, finished("Compare"))
+            assert compare["level"] == "INFO", compare
+            assert compare["span"]["status"] == "OK", compare
+            assert SLOW_MS <= compare["span"]["duration_ms"] <= heavy_ms, compare
+            for rpc, client_ms in quick.items():
+                if client_ms < SLOW_MS:
+                    assert log_lines(proc, finished(rpc), timeout=0) == [], rpc
+            assert log_lines(proc, finished("GetSession"), timeout=0) == []
+    finally:
+        assert proc.stop() == 0
+
+    assert flip_in_file(os.path.join(proc.data_dir, "sessions.redb"), marker.numpy().tobytes()) >= 1
+    proc = ServerProcess("--log-format", "json", "--device", "cpu", data_dir=proc.data_dir)
+    try:
+        with grpc.insecure_channel(proc.address) as channel:
+            stub = batch_norm_pb2_grpc.BatchNormServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as lost:
+                stub.GetSession(bn.GetSessionRequest(session_id="victim"))
+            assert lost.value.code() == grpc.StatusCode.DATA_LOSS
+        [line] = log_lines(proc, finished("GetSession", "victim"))
+        assert line["level"] == "ERROR", line
+        assert line["span"]["status"] == "DATA_LOSS", line
+    finally:
+        assert proc.stop() == 0
+
+
+def test_at_debug_every_request_is_logged():
+    proc = ServerProcess("--log-format", "json", "--durability", "none", "--device", "cpu",
+                         "--log", "debug")
+    try:
+        with grpc.insecure_channel(proc.address) as channel:
+            stub = batch_norm_pb2_grpc.BatchNormServiceStub(channel)
+            stub.CreateSession(bn.CreateSessionRequest(kind=bn.BATCH_NORM_1D, num_features=2, session_id="seen"))
+            for _ in range(3):
+                stub.GetSession(bn.GetSessionRequest(session_id="seen"))
+        [create] = log_lines(proc, finished("CreateSession", "seen"))
+        gets = log_lines(proc, finished("GetSession", "seen"), at_least=3)
+        assert len(gets) == 3, gets
+        for line in [create, *gets]:
+            assert line["level"] == "DEBUG", line
+            assert line["span"]["status"] == "OK", line
+    finally:
+        assert proc.stop() == 0
+
+
+def test_build_info_and_process_metrics_agree_with_the_server_and_proc():
+    """normserve_build_info's labels are GetServerInfo's versions; the
+    process_* metrics are what /proc and the kernel tell this test about the
+    server's process."""
+    port = free_port()
+    launched = time.time()
+    proc = ServerProcess("--metrics-addr", f"127.0.0.1:{port}", "--durability", "none", "--device", "cpu")
+    listening = time.time()
+    pid = proc.proc.pid
+    try:
+        with grpc.insecure_channel(proc.address) as channel:
+            info = server_pb2_grpc.ServerServiceStub(channel).GetServerInfo(server_pb2.GetServerInfoRequest())
+
+        def vm_rss():
+            with open(f"/proc/{pid}/status") as f:
+                [kib] = [line.split()[1] for line in f if line.startswith("VmRSS:")]
+            return int(kib) * 1024
+
+        rss_before, fds_before = vm_rss(), len(os.listdir(f"/proc/{pid}/fd"))
+        text = scrape(f"http://127.0.0.1:{port}")
+        rss_after, fds_after = vm_rss(), len(os.listdir(f"/proc/{pid}/fd"))
+        values = samples(text)
+
+        [build] = [series for series in values if series.startswith("normserve_build_info{")]
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', build))
+        assert labels == {"version": info.server_version, "libtorch": info.libtorch_version}, build
+        assert values[build] == 1
+
+        rss = values["process_resident_memory_bytes"]
+        assert 0.8 * min(rss_before, rss_after) <= rss <= 1.2 * max(rss_before, rss_after), (rss, rss_before, rss_after)
+        assert values["process_virtual_memory_bytes"] >= rss
+        # The scrape's own connection may hold a descriptor or two.
+        assert min(fds_before, fds_after) - 2 <= values["process_open_fds"] <= max(fds_before, fds_after) + 2, \
+            (values["process_open_fds"], fds_before, fds_after)
+        soft, _ = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        assert values["process_max_fds"] == soft
+        assert launched - 1 <= values["process_start_time_seconds"] <= listening + 1, \
+            (values["process_start_time_seconds"], launched, listening)
+        threads = len(os.listdir(f"/proc/{pid}/task"))
+        assert abs(values["process_threads"] - threads) <= 4, (values["process_threads"], threads)
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        assert 0 < values["process_cpu_seconds_total"] <= cpu + 0.5, (values["process_cpu_seconds_total"], cpu)
+    finally:
+        assert proc.stop() == 0
 
 
 def test_a_metrics_address_in_use_is_exit_code_2():

@@ -186,3 +186,57 @@ async fn other_paths_are_not_found() {
     let (status, _) = http_get(server.metrics_address.unwrap(), "/").await;
     assert_eq!(status, "HTTP/1.1 404 Not Found");
 }
+
+#[tokio::test]
+async fn build_info_names_the_versions_get_server_info_reports() {
+    let server = TestServer::start_with_metrics(|_| {}).await;
+    let info = server
+        .server_info()
+        .await
+        .get_server_info(pb::GetServerInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let text = scrape(&server).await;
+    let series = format!(
+        "normserve_build_info{{version=\"{}\",libtorch=\"{}\"}}",
+        info.server_version, info.libtorch_version
+    );
+    assert_eq!(sample(&text, &series), Some(1.0), "{text}");
+    assert_eq!(text.matches("normserve_build_info{").count(), 1, "{text}");
+}
+
+/// In-process, the server's process is this test binary, whose other tests
+/// run alongside: the figures are checked loosely here, strictly against the
+/// binary in tests/conformance/test_observability.py.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn process_metrics_describe_this_process() {
+    let server = TestServer::start_with_metrics(|_| {}).await;
+    let text = scrape(&server).await;
+    let value = |name: &str| sample(&text, name).unwrap_or_else(|| panic!("{name} in\n{text}"));
+    // The shell inherits this process' limit on open files.
+    let ulimit = std::process::Command::new("sh")
+        .args(["-c", "ulimit -n"])
+        .output()
+        .unwrap();
+    let soft_limit = String::from_utf8(ulimit.stdout).unwrap();
+    if let Ok(soft_limit) = soft_limit.trim().parse::<f64>() {
+        assert_eq!(value("process_max_fds"), soft_limit);
+    }
+    assert!(value("process_open_fds") >= 3.0);
+    assert!(value("process_open_fds") <= value("process_max_fds"));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let started = value("process_start_time_seconds");
+    assert!(
+        started <= now && started > now - 3600.0,
+        "{started} vs {now}"
+    );
+    assert!(value("process_resident_memory_bytes") > 1e6);
+    assert!(value("process_virtual_memory_bytes") >= value("process_resident_memory_bytes"));
+    assert!(value("process_threads") >= 2.0);
+    assert!(value("process_cpu_seconds_total") > 0.0);
+}
