@@ -30,7 +30,7 @@ pub const LIBTORCH_VERSION: &str = env!("NORMSERVE_LIBTORCH_VERSION");
 
 /// Every metric name as it appears in the exposition (counters with their
 /// `_total` suffix), in the order of `deploy/checks/metrics.txt`.
-pub const NAMES: [&str; 14] = [
+pub const NAMES: [&str; 15] = [
     "normserve_requests_total",
     "normserve_request_duration_seconds",
     "normserve_compute_duration_seconds",

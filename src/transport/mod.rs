@@ -27,4 +27,4 @@ pub use server::{ServeError, Server};
 pub use server_info::ServerInfoApi;
 
 /// The libtorch version this binary was built against (from its headers).
-pub const LIBTORCH_VERSION: &str = env!("NORMSERVE_LIBTORCH_VERSION");
+pub use crate::telemetry::metrics::LIBTORCH_VERSION;

@@ -168,7 +168,7 @@ impl Server {
             store = registry.store_name(),
             sessions = recovery.loaded,
             unreadable = recovery.unreadable,
-            elapsed_ms = recovery.elapsed.as_secs_f64() * 1e3,
+            elapsed_ms = (recovery.elapsed.as_secs_f64() * 1e6).round() / 1e3,
             "sessions recovered"
         );
         self.registry = Some(registry.clone());

@@ -78,7 +78,9 @@ def secured(pki):
     """A server with mutual TLS and tokens."""
     tokens = pki("tokens")
     write_tokens(tokens, *ALL_TOKENS)
-    server = ServerProcess("--tls-cert", pki("server.crt"), "--tls-key", pki("server.key"),
+    # Every request logged (the access log at rate 1): the tests below check
+    # that no token ever reaches a log line.
+    server = ServerProcess("--access-log-sample", "1", "--tls-cert", pki("server.crt"), "--tls-key", pki("server.key"),
                            "--tls-client-ca", pki("ca.crt"), "--auth-tokens", tokens)
     yield server
     assert server.stop() == 0
@@ -171,7 +173,7 @@ def count_log(server, text):
 def test_sighup_reloads_tokens_and_a_broken_file_keeps_the_previous_ones(pki):
     tokens = pki("reload-tokens")
     write_tokens(tokens, *ALL_TOKENS)
-    server = ServerProcess("--auth-tokens", tokens)
+    server = ServerProcess("--access-log-sample", "1", "--auth-tokens", tokens)
     try:
         alice = normserve.connect(server.address, token=ALICE, timeout=30)
         bob = normserve.connect(server.address, token=BOB, timeout=30)

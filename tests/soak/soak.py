@@ -834,7 +834,7 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=2026)
     p.add_argument("--json", default=os.path.join(ROOT, "target", "soak", "soak.json"))
     p.add_argument("--no-restart", action="store_true", help="skip the restart (durability) check")
-    p.add_argument("--server-log", default="warn", help="the server's --log filter (default warn; info logs every request)")
+    p.add_argument("--server-log", default="warn", help="the server's --log filter (default warn; debug logs every request)")
     p.add_argument("--only", default="", help="comma-separated operations to run, to narrow down a failure "
                    f"(default: all of {', '.join(OPERATION_WEIGHTS)}; coverage checks then fail)")
     p.add_argument("--keep-data", action="store_true", help="keep the data directory and server log")
