@@ -22,6 +22,7 @@ use normserve::transport;
     version,
     about = "gRPC batch-normalization service on libtorch",
     args_conflicts_with_subcommands = true,
+    override_usage = "normserve [serve] [SERVER FLAGS]\n       normserve <COMMAND> [OPTIONS]",
     after_help = "Without a command, normserve serves: `normserve [SERVER FLAGS]` is \
                   `normserve serve [SERVER FLAGS]`; `normserve serve --help` lists every \
                   server flag and its NORMSERVE_* environment variable.\n\
@@ -44,7 +45,7 @@ enum Top {
     /// every flag.
     Serve(Box<Config>),
     #[command(flatten)]
-    Operator(normserve_ctl::Command),
+    Operator(Box<normserve_ctl::Command>),
 }
 
 /// The command line, with the server's flags hidden from the top-level help
@@ -61,7 +62,7 @@ fn main() -> ExitCode {
     let arguments = parse();
     let config = match arguments.command {
         Some(Top::Operator(command)) => {
-            return normserve_ctl::exit_code("normserve", normserve_ctl::run(command));
+            return normserve_ctl::exit_code("normserve", normserve_ctl::run(*command));
         }
         Some(Top::Serve(config)) => *config,
         None => arguments.serve,

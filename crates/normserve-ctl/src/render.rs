@@ -178,7 +178,7 @@ pub fn server_info(info: &pb::GetServerInfoResponse) -> Table {
     table.field("sessions", info.sessions);
     table.field("unreadable_sessions", info.unreadable_sessions);
     table.field("features", info.features.join(", "));
-    let limits = info.limits.clone().unwrap_or_default();
+    let limits = info.limits.unwrap_or_default();
     table.field("limits.max_sessions", limits.max_sessions);
     table.field("limits.max_tensor_elements", limits.max_tensor_elements);
     table.field("limits.max_num_features", limits.max_num_features);
@@ -316,7 +316,10 @@ mod tests {
 
     #[test]
     fn enum_values_read_as_pytorch_names() {
-        assert_eq!(kind_name(pb::BatchNormKind::BatchNorm2d as i32), "BatchNorm2d");
+        assert_eq!(
+            kind_name(pb::BatchNormKind::BatchNorm2d as i32),
+            "BatchNorm2d"
+        );
         assert_eq!(kind_name(99), "99");
         assert_eq!(dtype_name(pb::DataType::Bfloat16 as i32), "bfloat16");
         assert_eq!(mode_name(pb::Mode::Eval as i32), "eval");
