@@ -23,8 +23,8 @@ help: ## list the targets
 setup: ## install libtorch and the Python test environment (idempotent)
 	@$(PROVISION)
 
-build: setup ## release build of the server
-	LIBTORCH="$(LIBTORCH_DIR)" $(CARGO) build --release --locked
+build: setup ## release build of the server and of normserve-ctl (the operator commands and health probe, no libtorch)
+	LIBTORCH="$(LIBTORCH_DIR)" $(CARGO) build --release --locked --workspace
 
 run: build ## build and serve on 127.0.0.1:50051 (override LISTEN=, DATA_DIR=)
 	./target/release/normserve --listen "$(LISTEN)" --data-dir "$(DATA_DIR)"
@@ -36,7 +36,7 @@ test: build ## run every test: proto lint/breaking, deployment files, Rust unit 
 	$(MAKE) --no-print-directory proto-check deploy-check test-rust test-python
 
 test-rust:
-	LIBTORCH="$(LIBTORCH_DIR)" $(CARGO) test --release --locked
+	LIBTORCH="$(LIBTORCH_DIR)" $(CARGO) test --release --locked --workspace
 
 test-python:
 	NORMSERVE_BIN="$(CURDIR)/target/release/normserve" \
@@ -48,11 +48,11 @@ bench: build ## benchmarks: normserve-bench scenarios vs in-process libtorch (ta
 	LIBTORCH="$(LIBTORCH_DIR)" $(CARGO) bench --locked --bench forward --bench durability
 
 lint: setup ## clippy with warnings as errors, and rustfmt check
-	LIBTORCH="$(LIBTORCH_DIR)" $(CARGO) clippy --release --locked --all-targets -- -D warnings
-	$(CARGO) fmt --check
+	LIBTORCH="$(LIBTORCH_DIR)" $(CARGO) clippy --release --locked --workspace --all-targets -- -D warnings
+	$(CARGO) fmt --all --check
 
 fmt: ## format the Rust code
-	$(CARGO) fmt
+	$(CARGO) fmt --all
 
 clean: ## remove build outputs (the cached Python environment stays)
 	$(CARGO) clean

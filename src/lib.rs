@@ -1,9 +1,11 @@
 //! normserve: a gRPC batch-normalization service on libtorch.
 //!
 //! Modules in reading order, from the math up to the gRPC surface.
-//! Dependencies point upwards only: `numerics <- session <- store`, `auth`,
-//! `cli` and `transport` on top; `config`, `device`, `compute` and
-//! `telemetry` may be used anywhere. See ARCHITECTURE.md.
+//! Dependencies point upwards only: `numerics <- session <- store`, `auth`
+//! and `transport` on top; `config`, `device`, `compute` and `telemetry` may
+//! be used anywhere. The operator command line is its own crate,
+//! `normserve-ctl` (no libtorch), which `normserve <command>` runs. See
+//! ARCHITECTURE.md.
 
 // Batch-norm math on tensors: no gRPC, no tokio, no I/O.
 pub mod numerics;
@@ -25,7 +27,7 @@ pub mod telemetry;
 pub mod proto;
 // The tokens file and who a caller is.
 pub mod auth;
-// The operator's command line (a gRPC client).
+// The operator command line's .npy reader, on this crate's proto types.
 pub mod cli;
 // The gRPC server: services, conversions, status mapping, layers, assembly.
 pub mod transport;

@@ -1,46 +1,76 @@
-//! The `normserve` binary: without a subcommand, parse the configuration,
-//! start logging, bind, serve until SIGTERM/SIGINT; with one, run that
-//! operator command against a server (`normserve --help`). The one place that
-//! maps errors to exit codes: 0 success / clean stop, 1 runtime failure (or
-//! the server's error for a command), 2 bad configuration, usage or device.
+//! The `normserve` binary: without a subcommand (or with `serve`), parse the
+//! configuration, start logging, bind, serve until SIGTERM/SIGINT; with an
+//! operator command, run it against a server (the `normserve-ctl` crate's
+//! commands; that crate's binary offers the same without loading libtorch).
+//! `normserve --help` lists the commands, `normserve serve --help` the
+//! server's flags. The one place that maps the server's errors to exit codes:
+//! 0 success / clean stop, 1 runtime failure, 2 bad configuration, usage or
+//! device (the commands' codes: `normserve_ctl::CliError::exit_code`).
 
 use std::process::ExitCode;
 
-use clap::Parser;
-use normserve::cli;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use normserve::config::Config;
 use normserve::device::device_name;
 use normserve::transport;
 
-/// `normserve [SERVER FLAGS]` serves; `normserve <COMMAND>` talks to a server.
+/// `normserve [SERVER FLAGS]` or `normserve serve [SERVER FLAGS]` serves;
+/// `normserve <COMMAND>` talks to a server.
 #[derive(Parser)]
 #[command(
     name = "normserve",
     version,
-    about = "gRPC batch-normalization service on libtorch (serves without a command)",
-    args_conflicts_with_subcommands = true
+    about = "gRPC batch-normalization service on libtorch",
+    args_conflicts_with_subcommands = true,
+    override_usage = "normserve [serve] [SERVER FLAGS]\n       normserve <COMMAND> [OPTIONS]",
+    after_help = "Without a command, normserve serves: `normserve [SERVER FLAGS]` is \
+                  `normserve serve [SERVER FLAGS]`; `normserve serve --help` lists every \
+                  server flag and its NORMSERVE_* environment variable.\n\
+                  Exit codes of the commands: 0 success; 1 the server answered with an \
+                  error, is not serving, or the compared candidate does not match; 2 bad \
+                  usage, an unreadable file or no connection."
 )]
 struct Cli {
     #[command(subcommand)]
-    command: Option<cli::Command>,
+    command: Option<Top>,
+    /// The server's flags, accepted here too (deployments run `normserve
+    /// --listen ...`), listed by `normserve serve --help`.
     #[command(flatten)]
     serve: Config,
+}
+
+#[derive(Subcommand)]
+enum Top {
+    /// Serve (the default without a command); `normserve serve --help` lists
+    /// every flag.
+    Serve(Box<Config>),
+    #[command(flatten)]
+    Operator(Box<normserve_ctl::Command>),
+}
+
+/// The command line, with the server's flags hidden from the top-level help
+/// (they are listed once, under `serve`).
+fn parse() -> Cli {
+    let command = Cli::command().mut_args(|arg| arg.hide(true));
+    let matches = command.get_matches();
+    Cli::from_arg_matches(&matches).unwrap_or_else(|error| error.exit())
 }
 
 fn main() -> ExitCode {
     // Before any thread starts: keep freed large buffers for reuse.
     let retained = normserve::memory::retain_freed_buffers();
-    let arguments = Cli::parse();
-    if let Some(command) = arguments.command {
-        return match cli::run(command) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(error) => {
-                eprintln!("normserve: {error}");
-                ExitCode::from(error.exit_code())
-            }
-        };
-    }
-    let config = arguments.serve;
+    let arguments = parse();
+    let config = match arguments.command {
+        Some(Top::Operator(command)) => {
+            return normserve_ctl::exit_code("normserve", normserve_ctl::run(*command));
+        }
+        Some(Top::Serve(config)) => *config,
+        None => arguments.serve,
+    };
+    serve(config, retained)
+}
+
+fn serve(config: Config, retained: bool) -> ExitCode {
     if let Err(error) = config.validate() {
         eprintln!("normserve: {error}");
         return ExitCode::from(2);

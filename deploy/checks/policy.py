@@ -477,8 +477,10 @@ def check_compose(root: Path, env_names: set[str], default_drain: int) -> set[st
         check(store.startswith("redis://") and host in services, area, f"{name}: NORMSERVE_STORE must be a redis:// URL of a compose service, got {store}")
         check(host in svc.get("depends_on", {}), area, f"{name}: must depend on its Redis service {host}")
         test = " ".join(svc.get("healthcheck", {}).get("test", []))
-        check(re.search(r"normserve health --addr 127\.0\.0\.1:\d+", test) is not None, area,
-              f"{name}: healthcheck must run `normserve health --addr 127.0.0.1:PORT`, got {test!r}")
+        # normserve-ctl: the health probe without libtorch (milliseconds and a
+        # few MiB per check, not the server binary's half second and ~460 MiB).
+        check(re.search(r"/normserve-ctl health --addr 127\.0\.0\.1:\d+", test) is not None, area,
+              f"{name}: healthcheck must run `normserve-ctl health --addr 127.0.0.1:PORT`, got {test!r}")
         drain = int(env.get("NORMSERVE_DRAIN_SECONDS", default_drain))
         grace = parse_duration(svc.get("stop_grace_period", "10s"))
         check(grace > drain, area, f"{name}: stop_grace_period {grace:g}s must exceed the drain ({drain}s)")
@@ -556,8 +558,10 @@ def check_dockerfile(root: Path, name: str, torch_pin: str, rust_version: tuple[
         check(covered, area, f"runtime stage must copy /staging{libtorch}/lib to {libtorch}/lib (the binary's RUNPATH)")
     # The release profile keeps line tables (~117 MB) for local profiling and
     # backtraces; images ship the binary without them.
-    check(any(re.search(r"\b(strip|objcopy) --strip-debug\b[^&]*/staging/usr/local/bin/normserve", l) for l in build), area,
-          "build stage must strip debug info from the staged binary (strip --strip-debug /staging/usr/local/bin/normserve)")
+    for binary in ("normserve", "normserve-ctl"):
+        staged = f"/staging/usr/local/bin/{binary}"
+        check(any(re.search(rf"\b(strip|objcopy) --strip-debug\b[^&]*{re.escape(staged)}(?![-\w])", l) for l in build), area,
+              f"build stage must strip debug info from the staged binary (strip --strip-debug {staged})")
     from_line = runtime[0]
     check("rust" not in from_line.lower() and "RUNTIME_IMAGE" in from_line, area, f"runtime stage must start from RUNTIME_IMAGE: {from_line}")
     check(args.get("RUNTIME_IMAGE", "").split("@")[0].endswith("-slim"), area, "RUNTIME_IMAGE must be a slim image")
@@ -570,8 +574,11 @@ def check_dockerfile(root: Path, name: str, torch_pin: str, rust_version: tuple[
         uid = users[-1].split(":")[0]
         check(uid.isdigit() and int(uid) > 0, area, f"runtime USER must be a numeric non-root uid, got {users[-1]}")
     health = " ".join(l for l in runtime if l.startswith("HEALTHCHECK"))
-    check(re.search(r'"normserve", "health", "--addr", "127\.0\.0\.1:50051"|/normserve", "health", "--addr", "127\.0\.0\.1:50051"', health) is not None,
-          area, "HEALTHCHECK must run `normserve health --addr 127.0.0.1:50051`")
+    # The probe without libtorch, copied into the image from the build stage.
+    check(re.search(r'/normserve-ctl", "health", "--addr", "127\.0\.0\.1:50051"', health) is not None,
+          area, "HEALTHCHECK must run `normserve-ctl health --addr 127.0.0.1:50051` (the probe without libtorch)")
+    check(any(re.match(r"COPY --from=build(?: --chown=\S+)? /staging/usr/local/bin/normserve-ctl /usr/local/bin/normserve-ctl$", l)
+              for l in runtime), area, "runtime stage must copy the health probe /usr/local/bin/normserve-ctl")
     env_line = " ".join(l for l in runtime if l.startswith("ENV "))
     check(f"NORMSERVE_LISTEN=0.0.0.0:{GRPC_PORT}" in env_line, area, f"runtime must set NORMSERVE_LISTEN=0.0.0.0:{GRPC_PORT}")
     check(any(l.startswith("EXPOSE ") and str(GRPC_PORT) in l.split() for l in runtime), area, f"runtime must EXPOSE {GRPC_PORT}")

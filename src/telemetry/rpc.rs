@@ -8,7 +8,6 @@
 //! request layer and the compute pool can use it without reaching into each
 //! other.
 
-use tonic::Code;
 use tracing::Instrument;
 
 /// The methods this server serves; any other path is counted as "other", so
@@ -49,28 +48,9 @@ pub fn is_health_check(path: &str) -> bool {
 }
 
 /// gRPC's name of a status code, as in the `code` label, the `status` log
-/// field and the CLI's error lines.
-pub fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
-    }
-}
+/// field and the command line's error lines: one table, in the operator
+/// command line's crate (which cannot depend on this one).
+pub use normserve_ctl::code_name;
 
 tokio::task_local! {
     static CURRENT_RPC: &'static str;
