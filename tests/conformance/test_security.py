@@ -289,7 +289,7 @@ def test_command_line_over_mutual_tls_with_a_token(secured, pki):
     assert run("health").stdout.strip() == "SERVING"
     listed = run("sessions", "list", "--json", token=ALICE)
     assert listed.returncode == 0, listed.stderr
-    assert [s["session_id"] for s in json.loads(listed.stdout)] == ["cli-layer"]
+    assert [s["sessionId"] for s in json.loads(listed.stdout)["sessions"]] == ["cli-layer"]
     refused = run("sessions", "list")
     assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr
     assert ALICE not in refused.stderr
