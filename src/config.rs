@@ -162,6 +162,21 @@ pub struct Config {
     /// access log: 1 logs every request, 0 none). Health checks are never sampled.
     #[arg(long, env = "NORMSERVE_ACCESS_LOG_SAMPLE", value_name = "RATE", default_value_t = 0.0, value_parser = sample_rate)]
     pub access_log_sample: f64,
+
+    /// Streams (calls in progress) one HTTP/2 connection may have open at
+    /// once; a client asking for more waits for one to end. 0: no limit.
+    #[arg(
+        long,
+        env = "NORMSERVE_MAX_STREAMS_PER_CONNECTION",
+        default_value_t = 256
+    )]
+    pub max_streams_per_connection: u32,
+
+    /// Seconds a connection may be idle before the server pings it (HTTP/2
+    /// keepalive); a peer that does not answer within as many seconds again
+    /// is disconnected, and its calls end. 0: no pings.
+    #[arg(long, env = "NORMSERVE_HTTP2_KEEPALIVE_SECONDS", default_value_t = 60)]
+    pub http2_keepalive_seconds: u64,
 }
 
 /// `--access-log-sample`: a number from 0 to 1.
@@ -380,6 +395,12 @@ impl Config {
 
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_secs(self.drain_seconds)
+    }
+
+    /// The HTTP/2 keepalive interval (and timeout); None: off.
+    pub fn http2_keepalive(&self) -> Option<Duration> {
+        (self.http2_keepalive_seconds > 0)
+            .then(|| Duration::from_secs(self.http2_keepalive_seconds))
     }
 
     /// A configuration with every default, listening on `listen`, except that

@@ -264,6 +264,11 @@ impl Server {
             .map(|ttl| expire_idle_sessions(registry.clone(), ttl, config.session_ttl_action));
         let shedder = shedding::Shedder::new(config.max_concurrent_requests, metrics.clone());
         let server = builder
+            // One connection cannot hold an unbounded number of calls open.
+            .max_concurrent_streams(Some(config.max_streams_per_connection).filter(|&max| max > 0))
+            // Pings find peers that vanished without closing their connection.
+            .http2_keepalive_interval(config.http2_keepalive())
+            .http2_keepalive_timeout(config.http2_keepalive())
             .initial_stream_window_size(window)
             .initial_connection_window_size(window)
             .max_frame_size(1 << 20)

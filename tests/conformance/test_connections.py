@@ -111,3 +111,68 @@ def test_out_of_descriptors_the_accept_loop_pauses_and_serves_again():
         for sock in idle:
             sock.close()
         stop(proc)
+
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+SETTINGS, PING = 0x4, 0x6
+
+
+def frame(kind, flags=0, payload=b"", stream=0):
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+
+
+def read_frame(sock):
+    """(type, flags, payload) of the next HTTP/2 frame; None at end of stream."""
+    header = b""
+    while len(header) < 9:
+        chunk = sock.recv(9 - len(header))
+        if not chunk:
+            return None
+        header += chunk
+    length = int.from_bytes(header[:3], "big")
+    payload = b""
+    while len(payload) < length:
+        chunk = sock.recv(length - len(payload))
+        if not chunk:
+            return None
+        payload += chunk
+    return header[3], header[4], payload
+
+
+def h2_connect(address):
+    host, port = address.rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    sock.sendall(PREFACE + frame(SETTINGS))
+    kind, flags, payload = read_frame(sock)
+    assert kind == SETTINGS and flags == 0
+    settings = {int.from_bytes(payload[i:i + 2], "big"): int.from_bytes(payload[i + 2:i + 6], "big")
+                for i in range(0, len(payload), 6)}
+    sock.sendall(frame(SETTINGS, flags=0x1))  # ACK the server's settings
+    return sock, settings
+
+
+def test_a_connection_may_hold_a_bounded_number_of_streams():
+    proc, address, _ = start((1024, 1024), "--max-streams-per-connection", "7")
+    try:
+        sock, settings = h2_connect(address)
+        assert settings.get(0x3) == 7  # SETTINGS_MAX_CONCURRENT_STREAMS
+        sock.close()
+    finally:
+        stop(proc)
+
+
+def test_an_idle_peer_is_pinged_and_disconnected_when_it_does_not_answer():
+    proc, address, _ = start((1024, 1024), "--http2-keepalive-seconds", "1")
+    try:
+        sock, _ = h2_connect(address)
+        sock.settimeout(10)
+        started, pinged = time.monotonic(), False
+        while (got := read_frame(sock)) is not None:
+            kind, flags, _ = got
+            pinged = pinged or (kind == PING and not flags & 0x1)
+        # Never answering the ping: the server closed the connection.
+        assert pinged and time.monotonic() - started < 8
+        sock.close()
+        assert healthy(address)
+    finally:
+        stop(proc)
