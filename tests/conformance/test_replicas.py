@@ -158,3 +158,56 @@ def test_a_session_recreated_through_another_replica_is_not_mistaken_for_the_old
     c1.close()
     for server in replicas:
         assert server.stop() == 0
+
+
+def redis_command(url, *args):
+    """One command to Redis over RESP, its reply as Python values (enough
+    for HGETALL and HSET)."""
+    import socket
+    host, port = url.split("//", 1)[1].split("/", 1)[0].split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        parts = [a if isinstance(a, bytes) else str(a).encode() for a in args]
+        sock.sendall(b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts))
+        reader = sock.makefile("rb")
+
+        def read():
+            line = reader.readline()
+            kind, rest = line[:1], line[1:-2]
+            if kind in (b"+", b":"):
+                return rest
+            if kind == b"-":
+                raise RuntimeError(rest.decode())
+            if kind == b"$":
+                return None if rest == b"-1" else reader.read(int(rest) + 2)[:-2]
+            if kind == b"*":
+                return [read() for _ in range(int(rest))]
+            raise RuntimeError(f"unexpected reply {line!r}")
+        return read()
+
+
+def test_a_store_that_went_back_in_time_is_data_loss_not_a_silent_rollback(redis_server):
+    replica = ServerProcess("--store", redis_server.url)
+    channel, stub = stub_for(replica.address)
+    module = torch.nn.BatchNorm1d(3)
+    sid = create(normserve.Client(channel), "1d", module, session_id="rolled-back").session_id
+    x = torch.randn(4, 3)
+    stub.Forward(bn.ForwardRequest(session_id=sid, input=wire.to_proto(x), mode=bn.MODE_TRAIN))
+    key = f"normserve:session:{sid}"
+    older = redis_command(redis_server.url, "HGETALL", key)
+    assert stub.Forward(bn.ForwardRequest(session_id=sid, input=wire.to_proto(x),
+                                          mode=bn.MODE_TRAIN)).version == 3
+    # Redis loses the last acknowledged write (a restart from an older
+    # snapshot, a failover to a replica that lagged): the hash goes back.
+    redis_command(redis_server.url, "HSET", key, *older)
+    for call in (lambda: get(stub, sid),
+                 lambda: stub.Forward(bn.ForwardRequest(session_id=sid, input=wire.to_proto(x),
+                                                        mode=bn.MODE_TRAIN))):
+        try:
+            call()
+            raise AssertionError("the older state was served")
+        except grpc.RpcError as error:
+            assert error.code() == grpc.StatusCode.DATA_LOSS, error
+            assert "went back in time" in error.details() and "version 2" in error.details()
+    assert redis_command(redis_server.url, "HGET", key, "v").endswith(b":2")  # nothing applied on it
+    channel.close()
+    assert replica.stop() == 0

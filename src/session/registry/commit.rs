@@ -86,6 +86,18 @@ impl Registry {
             self.forget(session);
             return Ok(Current::Replaced);
         }
+        // Within one incarnation versions only grow: an older one in the
+        // store means the store lost acknowledged writes. Serving it would
+        // roll the session back silently.
+        if record.version < state.layer.version {
+            return Err(self.mark_unreadable(
+                id,
+                format!(
+                    "the store holds version {} but version {} was acknowledged: it went back in time (a store restarted from an older snapshot, or failed over to a replica that lagged)",
+                    record.version, state.layer.version
+                ),
+            ));
+        }
         let (window, bytes) = (self.options.replay_window, self.options.replay_cache_bytes);
         let for_job = session.clone();
         let fresh = self

@@ -380,3 +380,42 @@ async fn a_stored_request_id_of_an_unknown_call_is_data_loss_not_a_forward() {
         "{refused:?}"
     );
 }
+
+#[tokio::test]
+async fn a_shared_store_that_went_back_in_time_is_data_loss_not_a_rollback() {
+    let store = Arc::new(MemoryStore {
+        shared: true,
+        ..Default::default()
+    });
+    let registry = new_registry(Some(store.clone()));
+    create(&registry).await;
+    registry
+        .forward(train(&[1.0, 3.0], Preconditions::default()))
+        .await
+        .unwrap();
+    let older = store.stored("bn").unwrap();
+    registry
+        .forward(train(&[5.0, 9.0], Preconditions::default()))
+        .await
+        .unwrap();
+    // The store loses the last acknowledged write (restored from an older copy).
+    store
+        .records
+        .lock()
+        .unwrap()
+        .insert("bn".into(), (older, None));
+    let refused = registry
+        .forward(train(&[1.0, 3.0], Preconditions::default()))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, SessionError::DataLoss { reason, .. } if reason.contains("went back in time")),
+        "{refused:?}"
+    );
+    // And stays refused: nothing is computed on the older state.
+    assert!(matches!(
+        registry.get(&id()).await,
+        Err(SessionError::DataLoss { .. })
+    ));
+    assert_eq!(store.stored("bn").unwrap().version, 2);
+}
