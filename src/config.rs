@@ -153,6 +153,19 @@ pub struct Config {
     /// Log filter in tracing's EnvFilter syntax, e.g. "info" or "normserve=debug".
     #[arg(long, env = "NORMSERVE_LOG", default_value = "info")]
     pub log: String,
+
+    /// Address of the Open Inference Protocol's HTTP/REST API (KServe v2:
+    /// `/v2/health/*`, `/v2/models/{session}` metadata, ready and infer, with
+    /// Triton's binary tensor data); off when unset. Plain HTTP: refused
+    /// together with --tls-cert. The gRPC form (`inference.GRPCInferenceService`)
+    /// is always served on --listen.
+    #[arg(long, env = "NORMSERVE_HTTP_ADDR", value_name = "ADDR")]
+    pub http_addr: Option<SocketAddr>,
+    /// Seconds an HTTP client has to send a request's head and body; also the
+    /// deadline after which its computation does not start.
+    #[arg(long, env = "NORMSERVE_HTTP_REQUEST_TIMEOUT_SECONDS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub http_request_timeout_seconds: u64,
 }
 
 /// Whether mutations are persisted before they are acknowledged.
