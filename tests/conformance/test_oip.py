@@ -11,6 +11,7 @@ import os
 import queue
 import socket
 import tempfile
+import time
 
 import numpy as np
 import pytest
@@ -370,3 +371,34 @@ def test_http_malformed_requests_are_400_not_crashes(tenants):
     assert raw_http(tenants, "GET", path, headers=auth)[0] == 405
     assert raw_http(tenants, "GET", "/metrics")[0] == 404
     assert session.info().version == 1
+
+
+def test_http_json_data_may_be_nested(tenants):
+    alice = tenants.normserve(ALICE)
+    session = alice.create_session("1d", num_features=2, session_id="nested", training=False)
+    module = torch.nn.BatchNorm1d(2).eval()
+    x = [[1.5, -2.0], [0.25, 4.0], [3.0, 1.0]]
+    replies = []
+    for data in (x, [v for row in x for v in row]):
+        body = json.dumps({"inputs": [{"name": "INPUT", "datatype": "FP32", "shape": [3, 2], "data": data}]})
+        status, reply = raw_http(tenants, "POST", f"/v2/models/{session.session_id}/infer", body=body.encode(),
+                                 headers=bearer(ALICE).items())
+        assert status == 200, reply
+        replies.append(json.loads(reply)["outputs"][0]["data"])
+    assert replies[0] == replies[1]
+    with torch.no_grad():
+        expected = module(torch.tensor(x)).flatten()
+    torch.testing.assert_close(torch.tensor(replies[0]), expected, rtol=0, atol=0)
+
+
+def test_http_idle_connections_are_closed_after_the_request_timeout():
+    server = Oip("--http-request-timeout-seconds", "1")
+    try:
+        server.normserve().wait_ready(timeout=30)
+        with socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as sock:
+            sock.sendall(b"GET /v2 HTTP/1.1\r\nHost: x\r\n")  # the head never ends
+            started = time.monotonic()
+            assert sock.recv(1024) is not None  # closed (b"") or answered, not left hanging
+            assert time.monotonic() - started < 5
+    finally:
+        assert server.server.stop() == 0

@@ -29,6 +29,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -429,21 +430,16 @@ fn parameter_from_json(field: &str, value: &Value) -> Result<pb::InferParameter,
 
 fn parameters_from_json(
     field: &str,
-    value: Option<&Value>,
+    parameters: Option<Map<String, Value>>,
 ) -> Result<HashMap<String, pb::InferParameter>, Failure> {
-    match value {
-        None | Some(Value::Null) => Ok(HashMap::new()),
-        Some(Value::Object(map)) => map
-            .iter()
-            .map(|(key, value)| {
-                Ok((
-                    key.clone(),
-                    parameter_from_json(&format!("{field}.{key}"), value)?,
-                ))
-            })
-            .collect(),
-        Some(_) => Err(bad_request(format!("{field}: must be an object"))),
-    }
+    parameters
+        .into_iter()
+        .flatten()
+        .map(|(key, value)| {
+            let parameter = parameter_from_json(&format!("{field}.{key}"), &value)?;
+            Ok((key, parameter))
+        })
+        .collect()
 }
 
 fn bool_parameter(parameters: &HashMap<String, pb::InferParameter>, key: &str) -> bool {
@@ -464,26 +460,86 @@ fn size_parameter(parameters: &HashMap<String, pb::InferParameter>, key: &str) -
     }
 }
 
-/// A JSON tensor's `data`, flattened (the protocol allows nested arrays),
-/// appended to `values`.
-fn flatten_numbers(field: &str, value: &Value, values: &mut Vec<f64>) -> Result<(), Failure> {
-    match value {
-        Value::Number(n) => {
-            values.push(n.as_f64().unwrap_or(f64::NAN));
-            Ok(())
-        }
-        Value::Array(items) => items
-            .iter()
-            .try_for_each(|item| flatten_numbers(field, item, values)),
-        _ => Err(bad_request(format!("{field}: values must be numbers"))),
+/// A JSON inference request (the protocol's `$inference_request`). Fields
+/// the protocol may add are skipped, as the protocol asks of servers.
+#[derive(Deserialize)]
+struct InferRequestJson {
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    parameters: Option<Map<String, Value>>,
+    inputs: Vec<InputJson>,
+    #[serde(default)]
+    outputs: Option<Vec<OutputJson>>,
+}
+
+#[derive(Deserialize)]
+struct InputJson {
+    name: String,
+    datatype: String,
+    shape: Vec<i64>,
+    #[serde(default)]
+    parameters: Option<Map<String, Value>>,
+    #[serde(default)]
+    data: Option<Numbers>,
+}
+
+#[derive(Deserialize)]
+struct OutputJson {
+    name: String,
+    #[serde(default)]
+    parameters: Option<Map<String, Value>>,
+}
+
+/// A tensor's `data`: numbers, in arrays nested to any depth (the protocol
+/// allows both the flat and the nested form), flattened row-major. Decoded
+/// straight into f64s: 8 bytes per value, whatever the body holds.
+struct Numbers(Vec<f64>);
+
+impl<'de> Deserialize<'de> for Numbers {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let mut values = Vec::new();
+        deserializer.deserialize_any(Flatten(&mut values))?;
+        Ok(Numbers(values))
     }
 }
 
-fn string_field(object: &Map<String, Value>, field: &str, key: &str) -> Result<String, Failure> {
-    match object.get(key) {
-        None | Some(Value::Null) => Ok(String::new()),
-        Some(Value::String(s)) => Ok(s.clone()),
-        Some(_) => Err(bad_request(format!("{field}.{key}: must be a string"))),
+/// Appends every number of a (nested) array to its vector.
+struct Flatten<'a>(&'a mut Vec<f64>);
+
+impl<'de> serde::de::DeserializeSeed<'de> for Flatten<'_> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Flatten<'_> {
+    type Value = ();
+
+    fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+        formatter.write_str("numbers, or arrays of numbers")
+    }
+
+    fn visit_f64<E>(self, value: f64) -> Result<(), E> {
+        self.0.push(value);
+        Ok(())
+    }
+
+    fn visit_i64<E>(self, value: i64) -> Result<(), E> {
+        self.0.push(value as f64);
+        Ok(())
+    }
+
+    fn visit_u64<E>(self, value: u64) -> Result<(), E> {
+        self.0.push(value as f64);
+        Ok(())
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element_seed(Flatten(&mut *self.0))?.is_some() {}
+        Ok(())
     }
 }
 
@@ -504,41 +560,23 @@ fn infer_request(
         )));
     }
     let mut binary = body.slice(json_length..);
-    let Value::Object(object) = serde_json::from_slice::<Value>(&body[..json_length])
-        .map_err(|error| bad_request(format!("request JSON: {error}")))?
-    else {
-        return Err(bad_request("request JSON: must be an object"));
-    };
-    let parameters = parameters_from_json("parameters", object.get("parameters"))?;
+    let json: InferRequestJson = serde_json::from_slice(&body[..json_length])
+        .map_err(|error| bad_request(format!("request JSON: {error}")))?;
+    let parameters = parameters_from_json("parameters", json.parameters)?;
     let mut request = pb::ModelInferRequest {
         model_name,
         model_version,
-        id: string_field(&object, "request", "id")?,
+        id: json.id.unwrap_or_default(),
         ..Default::default()
     };
-    let Some(Value::Array(inputs)) = object.get("inputs") else {
-        return Err(bad_request("inputs: required, an array"));
-    };
-    for (index, input) in inputs.iter().enumerate() {
+    for (index, input) in json.inputs.into_iter().enumerate() {
         let field = format!("inputs[{index}]");
-        let Value::Object(input) = input else {
-            return Err(bad_request(format!("{field}: must be an object")));
-        };
-        let datatype = string_field(input, &field, "datatype")?;
-        let Some(Value::Array(shape)) = input.get("shape") else {
-            return Err(bad_request(format!("{field}.shape: required, an array")));
-        };
-        let shape = shape
-            .iter()
-            .map(|d| d.as_i64())
-            .collect::<Option<Vec<i64>>>()
-            .ok_or_else(|| bad_request(format!("{field}.shape: must hold integers")))?;
         let tensor_parameters =
-            parameters_from_json(&format!("{field}.parameters"), input.get("parameters"))?;
+            parameters_from_json(&format!("{field}.parameters"), input.parameters)?;
         let mut tensor = pb::model_infer_request::InferInputTensor {
-            name: string_field(input, &field, "name")?,
-            datatype,
-            shape,
+            name: input.name,
+            datatype: input.datatype,
+            shape: input.shape,
             parameters: HashMap::new(),
             contents: None,
         };
@@ -552,13 +590,11 @@ fn infer_request(
             }
             request.raw_input_contents.push(binary.split_to(size));
         } else {
-            let Some(data) = input.get("data") else {
+            let Some(Numbers(values)) = input.data else {
                 return Err(bad_request(format!(
                     "{field}: no values: set data or the binary_data_size parameter"
                 )));
             };
-            let mut values = Vec::new();
-            flatten_numbers(&format!("{field}.data"), data, &mut values)?;
             let contents = if tensor.datatype == "FP64" {
                 pb::InferTensorContents {
                     fp64_contents: values,
@@ -581,29 +617,18 @@ fn infer_request(
         )));
     }
     let mut binary_output = bool_parameter(&parameters, "binary_data_output");
-    match object.get("outputs") {
-        None | Some(Value::Null) => {}
-        Some(Value::Array(outputs)) => {
-            for (index, output) in outputs.iter().enumerate() {
-                let field = format!("outputs[{index}]");
-                let Value::Object(output) = output else {
-                    return Err(bad_request(format!("{field}: must be an object")));
-                };
-                let output_parameters =
-                    parameters_from_json(&format!("{field}.parameters"), output.get("parameters"))?;
-                let name = string_field(output, &field, "name")?;
-                if name == OUTPUT {
-                    binary_output = bool_parameter(&output_parameters, "binary_data");
-                }
-                request
-                    .outputs
-                    .push(pb::model_infer_request::InferRequestedOutputTensor {
-                        name,
-                        parameters: HashMap::new(),
-                    });
-            }
+    for (index, output) in json.outputs.into_iter().flatten().enumerate() {
+        let output_parameters =
+            parameters_from_json(&format!("outputs[{index}].parameters"), output.parameters)?;
+        if output.name == OUTPUT {
+            binary_output = bool_parameter(&output_parameters, "binary_data");
         }
-        Some(_) => return Err(bad_request("outputs: must be an array")),
+        request
+            .outputs
+            .push(pb::model_infer_request::InferRequestedOutputTensor {
+                name: output.name,
+                parameters: HashMap::new(),
+            });
     }
     request.parameters = parameters;
     let form = if binary_output {
