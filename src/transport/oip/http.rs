@@ -34,6 +34,7 @@ use serde_json::{json, Map, Value};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tonic::{Code, Status};
+use tracing::Instrument;
 
 use super::convert::{OutputForm, OUTPUT};
 use super::Models;
@@ -124,6 +125,20 @@ enum Route {
     ModelMetadata { name: String, version: String },
     ModelReady { name: String, version: String },
     Infer { name: String, version: String },
+}
+
+impl Route {
+    /// Its name in logs (a fixed set).
+    fn name(&self) -> &'static str {
+        match self {
+            Route::Live => "live",
+            Route::Ready => "ready",
+            Route::ServerMetadata => "server_metadata",
+            Route::ModelMetadata { .. } => "model_metadata",
+            Route::ModelReady { .. } => "model_ready",
+            Route::Infer { .. } => "infer",
+        }
+    }
 }
 
 /// The route of `path`, or None (404). Path segments are percent-decoded.
@@ -234,7 +249,32 @@ fn bad_request(message: impl Into<String>) -> Failure {
 }
 
 impl HttpApi {
+    /// Answers `request` inside its span (route, tenant, session_id), with
+    /// one log line when it is done, as the gRPC port's telemetry layer
+    /// logs: health at DEBUG, the rest at INFO.
     async fn respond(&self, request: http::Request<Incoming>) -> Reply {
+        let started = Instant::now();
+        let route_name = route(request.uri().path()).map_or("other", |r| r.name());
+        let span = tracing::info_span!(
+            "http_request",
+            route = route_name,
+            tenant = tracing::field::Empty,
+            session_id = tracing::field::Empty,
+        );
+        let reply = self.answer(request).instrument(span.clone()).await;
+        let status = reply.status().as_u16();
+        let duration_ms = started.elapsed().as_secs_f64() * 1e3;
+        span.in_scope(|| {
+            if matches!(route_name, "live" | "ready") {
+                tracing::debug!(status, duration_ms, "OIP HTTP request finished");
+            } else {
+                tracing::info!(status, duration_ms, "OIP HTTP request finished");
+            }
+        });
+        reply
+    }
+
+    async fn answer(&self, request: http::Request<Incoming>) -> Reply {
         let Some(route) = route(request.uri().path()) else {
             return error_reply(
                 StatusCode::NOT_FOUND,
