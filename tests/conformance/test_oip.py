@@ -402,3 +402,23 @@ def test_http_idle_connections_are_closed_after_the_request_timeout():
             assert time.monotonic() - started < 5
     finally:
         assert server.server.stop() == 0
+
+
+def test_http_json_output_over_the_message_limit_is_refused_before_applying(tenants):
+    alice = tenants.normserve(ALICE)
+    session = alice.create_session("1d", num_features=2, session_id="json-limit")
+    n = 40_000  # 80 000 values: a 160 kB request, up to 1.28 MB of JSON output (limit 1 MiB)
+    body = json.dumps({"inputs": [{"name": "INPUT", "datatype": "FP32", "shape": [n, 2],
+                                   "data": [0] * (2 * n)}]}).encode()
+    status, reply = raw_http(tenants, "POST", f"/v2/models/{session.session_id}/infer", body=body,
+                             headers=bearer(ALICE).items())
+    assert status == 400
+    assert "binary_data" in json.loads(reply)["error"]
+    assert session.info().num_batches_tracked == 0
+    # The same request asking for binary output is answered.
+    request = json.loads(body)
+    request["outputs"] = [{"name": "OUTPUT", "parameters": {"binary_data": True}}]
+    status, reply = raw_http(tenants, "POST", f"/v2/models/{session.session_id}/infer",
+                             body=json.dumps(request).encode(), headers=bearer(ALICE).items())
+    assert status == 200
+    assert session.info().num_batches_tracked == 1

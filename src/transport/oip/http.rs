@@ -29,7 +29,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -376,6 +376,7 @@ impl HttpApi {
                 let header_length = header_length(request.headers())?;
                 let body = self.body(request).await?;
                 let (infer, output_form) = infer_request(name, version, &body, header_length)?;
+                check_json_output_size(&infer, output_form, self.limits.max_body_bytes)?;
                 let caller = self.models.caller(principal);
                 let response = self.models.infer(&caller, infer, Some(output_form)).await?;
                 infer_reply(response)
@@ -691,57 +692,126 @@ fn parameter_json(parameter: &pb::InferParameter) -> Value {
     }
 }
 
+/// The JSON part of an inference response (the protocol's
+/// `$inference_response`), serialized without building a `Value` per number.
+#[derive(Serialize)]
+struct InferResponseJson {
+    model_name: String,
+    model_version: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    id: String,
+    parameters: Map<String, Value>,
+    outputs: Vec<OutputTensorJson>,
+}
+
+#[derive(Serialize)]
+struct OutputTensorJson {
+    name: String,
+    datatype: String,
+    shape: Vec<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parameters: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<OutputData>,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum OutputData {
+    Float(Vec<f32>),
+    Double(Vec<f64>),
+}
+
+/// Most bytes one value takes in JSON output, with its comma: a float32 as
+/// `-1.1754944e-38,`, a float64 as `-2.2250738585072014e-308,`.
+fn json_bytes_per_value(datatype: &str) -> u64 {
+    if datatype == "FP64" {
+        26
+    } else {
+        16
+    }
+}
+
+/// Refuses, before anything is applied, a request whose JSON output could
+/// exceed `max_bytes` (binary output is the input's size, already bounded).
+fn check_json_output_size(
+    request: &pb::ModelInferRequest,
+    form: OutputForm,
+    max_bytes: usize,
+) -> Result<(), Failure> {
+    if form == OutputForm::Raw {
+        return Ok(());
+    }
+    let bound = request
+        .inputs
+        .iter()
+        .map(|input| {
+            let values = input
+                .shape
+                .iter()
+                .try_fold(1u64, |n, &d| n.checked_mul(u64::try_from(d).ok()?));
+            values.map_or(u64::MAX, |n| {
+                n.saturating_mul(json_bytes_per_value(&input.datatype))
+            })
+        })
+        .fold(1024u64, u64::saturating_add);
+    if bound > max_bytes as u64 {
+        return Err(bad_request(format!(
+            "the output as JSON could take {bound} bytes, over max_message_bytes ({max_bytes}); \
+             ask for binary output (the binary_data parameter)"
+        )));
+    }
+    Ok(())
+}
+
 /// The inference response: JSON, or JSON then the binary output
 /// (`Inference-Header-Content-Length` giving the JSON's length).
 fn infer_reply(response: pb::ModelInferResponse) -> Result<Reply, Failure> {
     let mut binary = response.raw_output_contents.into_iter();
     let mut tail: Vec<Bytes> = Vec::new();
-    let outputs: Vec<Value> = response
+    let outputs = response
         .outputs
         .into_iter()
         .map(|output| {
-            let mut tensor = json!({
-                "name": output.name,
-                "datatype": output.datatype,
-                "shape": output.shape,
-            });
+            let mut tensor = OutputTensorJson {
+                name: output.name,
+                datatype: output.datatype,
+                shape: output.shape,
+                parameters: None,
+                data: None,
+            };
             if let Some(contents) = output.contents {
-                tensor["data"] = if contents.fp64_contents.is_empty() {
-                    json!(contents.fp32_contents)
+                tensor.data = Some(if contents.fp64_contents.is_empty() {
+                    OutputData::Float(contents.fp32_contents)
                 } else {
-                    json!(contents.fp64_contents)
-                };
+                    OutputData::Double(contents.fp64_contents)
+                });
             } else if let Some(bytes) = binary.next() {
-                tensor["parameters"] = json!({ "binary_data_size": bytes.len() });
+                tensor.parameters = Some(json!({ "binary_data_size": bytes.len() }));
                 tail.push(bytes);
             }
             tensor
         })
         .collect();
-    let parameters: Map<String, Value> = response
-        .parameters
-        .iter()
-        .map(|(key, value)| (key.clone(), parameter_json(value)))
-        .collect();
-    let mut header = json!({
-        "model_name": response.model_name,
-        "model_version": response.model_version,
-        "parameters": parameters,
-        "outputs": outputs,
-    });
-    if !response.id.is_empty() {
-        header["id"] = json!(response.id);
-    }
-    let header = header.to_string().into_bytes();
+    let header = InferResponseJson {
+        model_name: response.model_name,
+        model_version: response.model_version,
+        id: response.id,
+        parameters: response
+            .parameters
+            .iter()
+            .map(|(key, value)| (key.clone(), parameter_json(value)))
+            .collect(),
+        outputs,
+    };
+    let mut body = serde_json::to_vec(&header).map_err(|error| {
+        tracing::error!(%error, "OIP HTTP: cannot encode a response");
+        Failure::Status(Status::internal("cannot encode the response"))
+    })?;
     if tail.is_empty() {
-        return Ok(reply(
-            StatusCode::OK,
-            "application/json",
-            Bytes::from(header),
-        ));
+        return Ok(reply(StatusCode::OK, "application/json", Bytes::from(body)));
     }
-    let header_length = header.len();
-    let mut body = header;
+    let header_length = body.len();
     for bytes in tail {
         body.extend_from_slice(&bytes);
     }
