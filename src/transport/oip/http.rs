@@ -344,6 +344,7 @@ impl HttpApi {
         request: http::Request<Incoming>,
     ) -> Result<Reply, Failure> {
         match route {
+            // Answered before admission by `answer`; here for completeness.
             Route::Live | Route::Ready => self
                 .health(&route)
                 .ok_or_else(|| Failure::Status(Status::internal("health route"))),
