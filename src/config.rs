@@ -177,6 +177,19 @@ pub struct Config {
     /// is disconnected, and its calls end. 0: no pings.
     #[arg(long, env = "NORMSERVE_HTTP2_KEEPALIVE_SECONDS", default_value_t = 60)]
     pub http2_keepalive_seconds: u64,
+
+    /// Address of the Open Inference Protocol's HTTP/REST API (KServe v2:
+    /// `/v2/health/*`, `/v2/models/{session}` metadata, ready and infer, with
+    /// Triton's binary tensor data); off when unset. Plain HTTP: refused
+    /// together with --tls-cert. The gRPC form (`inference.GRPCInferenceService`)
+    /// is always served on --listen.
+    #[arg(long, env = "NORMSERVE_HTTP_ADDR", value_name = "ADDR")]
+    pub http_addr: Option<SocketAddr>,
+    /// Seconds an HTTP client has to send a request's head and body; also the
+    /// deadline after which its computation does not start.
+    #[arg(long, env = "NORMSERVE_HTTP_REQUEST_TIMEOUT_SECONDS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub http_request_timeout_seconds: u64,
 }
 
 /// `--access-log-sample`: a number from 0 to 1.

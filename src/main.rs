@@ -129,6 +129,8 @@ async fn run(mut server: transport::Server, retained: bool) -> Result<(), transp
     server.open_registry().await?;
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let metrics_address = server.bind_metrics().await?;
+    // A bad --http-addr fails before the server says it is up.
+    server.bind_http().await?;
     let address = listener.local_addr()?;
     tracing::info!(
         %address,

@@ -12,7 +12,7 @@ use tracing::Instrument;
 
 /// The methods this server serves; any other path is counted as "other", so
 /// that a client cannot create series by inventing paths.
-const RPCS: [&str; 16] = [
+const RPCS: [&str; 23] = [
     "CreateSession",
     "GetSession",
     "ListSessions",
@@ -28,6 +28,14 @@ const RPCS: [&str; 16] = [
     "Check",
     "Watch",
     "ServerReflectionInfo",
+    // inference.GRPCInferenceService (the Open Inference Protocol).
+    "ServerLive",
+    "ServerReady",
+    "ModelReady",
+    "ServerMetadata",
+    "ModelMetadata",
+    "ModelInfer",
+    "ModelStreamInfer",
     "other",
 ];
 

@@ -2,14 +2,16 @@
 //! the one [`Metrics`] every part reports to, the store and the session
 //! registry (recovered from the store), the services with health and
 //! reflection, the tower layers in their order, TLS, the metrics endpoint,
-//! the idle-session sweeper, SIGHUP reloads of the tokens file and the
-//! graceful drain.
+//! the idle-session sweeper, SIGHUP reloads of the tokens file, the Open
+//! Inference Protocol (gRPC beside the normserve services, HTTP on its own
+//! listener) and the graceful drain.
 //!
 //! [`Server`] is the only way to run one: `main`, the integration tests and
 //! the benchmarks all start it here.
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use tch::Device;
@@ -19,12 +21,14 @@ use tonic_health::server::HealthReporter;
 
 use super::convert::{CompareLimits, ServerFacts};
 use super::incoming::ThrottledIncoming;
+use super::oip::{self, InferenceApi, Models};
 use super::{auth, deadline, shedding, status, Security, SecurityError, LIBTORCH_VERSION};
 use super::{AdmissionLayer, BatchNormApi, CompareApi, ServerInfoApi};
 use crate::compute::ComputePool;
 use crate::config::{Config, CpuStatsKernel};
 use crate::device::{describe_devices, DeviceError};
 use crate::numerics::stats::StatsKernel;
+use crate::proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use crate::proto::v1::batch_norm_service_server::BatchNormServiceServer;
 use crate::proto::v1::compare_service_server::CompareServiceServer;
 use crate::proto::v1::server_service_server::ServerServiceServer;
@@ -55,12 +59,28 @@ pub enum ServeError {
         address: SocketAddr,
         source: std::io::Error,
     },
+    /// The Open Inference Protocol's HTTP address cannot be bound: a
+    /// configuration error.
+    #[error("--http-addr {address}: {source}")]
+    HttpListener {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
+    /// Plain HTTP would carry bearer tokens and tensors in the clear beside a
+    /// TLS gRPC port.
+    #[error("--http-addr serves plain HTTP and cannot be combined with --tls-cert")]
+    HttpWithTls,
 }
 
 impl ServeError {
     /// Whether the configuration, not the running server, is at fault.
     pub fn is_config_error(&self) -> bool {
-        matches!(self, ServeError::MetricsListener { .. })
+        matches!(
+            self,
+            ServeError::MetricsListener { .. }
+                | ServeError::HttpListener { .. }
+                | ServeError::HttpWithTls
+        )
     }
 }
 
@@ -74,6 +94,8 @@ pub struct Server {
     /// None: loaded from the configuration when serving starts.
     security: Option<Security>,
     metrics_listener: Option<TcpListener>,
+    /// The Open Inference Protocol's HTTP listener (`--http-addr`).
+    http_listener: Option<TcpListener>,
     /// None: opened when serving starts.
     registry: Option<Arc<Registry>>,
 }
@@ -91,6 +113,7 @@ impl Server {
             metrics: Arc::new(Metrics::new()),
             security: None,
             metrics_listener: None,
+            http_listener: None,
             registry: None,
         })
     }
@@ -129,6 +152,34 @@ impl Server {
             .map_err(|source| ServeError::MetricsListener { address, source })?;
         let bound = listener.local_addr()?;
         self.metrics_listener = Some(listener);
+        Ok(Some(bound))
+    }
+
+    /// Serves the Open Inference Protocol's HTTP/REST API on `listener`.
+    pub fn with_http_listener(mut self, listener: TcpListener) -> Server {
+        self.http_listener = Some(listener);
+        self
+    }
+
+    /// Binds `--http-addr`, when set and not bound yet, for the Open
+    /// Inference Protocol's HTTP/REST API; its address. Serving binds it when
+    /// this was not called.
+    pub async fn bind_http(&mut self) -> Result<Option<SocketAddr>, ServeError> {
+        if let Some(listener) = &self.http_listener {
+            return Ok(Some(listener.local_addr()?));
+        }
+        let Some(address) = self.config.http_addr else {
+            return Ok(None);
+        };
+        if self.config.tls_cert.is_some() {
+            return Err(ServeError::HttpWithTls);
+        }
+        let listener = TcpListener::bind(address)
+            .await
+            .map_err(|source| ServeError::HttpListener { address, source })?;
+        let bound = listener.local_addr()?;
+        tracing::info!(address = %bound, "Open Inference Protocol HTTP listening (/v2)");
+        self.http_listener = Some(listener);
         Ok(Some(bound))
     }
 
@@ -188,11 +239,15 @@ impl Server {
             None => Security::load(&self.config)?,
         };
         let registry = self.open_registry().await?;
+        // Bound before the gRPC port answers: a client that got a gRPC answer
+        // can reach the HTTP API.
+        self.bind_http().await?;
         let Server {
             config,
             device,
             metrics,
             metrics_listener,
+            http_listener,
             ..
         } = self;
         let _metrics_endpoint = metrics_listener.map(|listener| {
@@ -230,6 +285,13 @@ impl Server {
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max);
 
+        // ServerReady / `/v2/health/ready` turn false when the drain starts.
+        let ready = Arc::new(AtomicBool::new(true));
+        let models = Arc::new(Models::new(registry.clone(), ready.clone()));
+        let inference = GrpcInferenceServiceServer::new(InferenceApi::new(models.clone()))
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max);
+
         let (health, health_service) = tonic_health::server::health_reporter();
         set_health(&health, tonic_health::ServingStatus::Serving).await;
 
@@ -254,15 +316,34 @@ impl Server {
             Some(tls) => tonic::transport::Server::builder().tls_config(tls)?,
             None => tonic::transport::Server::builder(),
         };
-        let gate = auth::Gate::new(
+        let gate = Arc::new(auth::Gate::new(
             security.tokens.clone(),
             config.tenant_max_concurrent_requests,
-        );
+        ));
         let _reloader = security.tokens.clone().and_then(reload_on_sighup);
         let _expirer = config
             .session_ttl()
             .map(|ttl| expire_idle_sessions(registry.clone(), ttl, config.session_ttl_action));
-        let shedder = shedding::Shedder::new(config.max_concurrent_requests, metrics.clone());
+        let shedder = Arc::new(shedding::Shedder::new(
+            config.max_concurrent_requests,
+            metrics.clone(),
+        ));
+        // The HTTP API shares the gRPC port's admission: one server-wide
+        // limit, one token table, one count per tenant.
+        let _http_endpoint = http_listener.map(|listener| {
+            let api = oip::http::HttpApi {
+                models: models.clone(),
+                shedder: shedder.clone(),
+                gate: gate.clone(),
+                limits: oip::http::HttpLimits {
+                    max_body_bytes: max,
+                    request_timeout: std::time::Duration::from_secs(
+                        config.http_request_timeout_seconds,
+                    ),
+                },
+            };
+            AbortOnDrop(tokio::spawn(oip::http::serve_http(listener, Arc::new(api))))
+        });
         let server = builder
             // One connection cannot hold an unbounded number of calls open.
             .max_concurrent_streams(Some(config.max_streams_per_connection).filter(|&max| max > 0))
@@ -280,8 +361,8 @@ impl Server {
             ))
             // Shedding before authentication: an overloaded server refuses in
             // one step, and the tenant quota counts only admitted requests.
-            .layer(AdmissionLayer::new(Arc::new(shedder)))
-            .layer(AdmissionLayer::new(Arc::new(gate)))
+            .layer(AdmissionLayer::new(shedder))
+            .layer(AdmissionLayer::new(gate))
             .layer(deadline::DeadlineLayer)
             .add_service(health_service)
             .add_service(reflection_v1)
@@ -289,6 +370,7 @@ impl Server {
             .add_service(batch_norm)
             .add_service(compare)
             .add_service(server_info)
+            .add_service(inference)
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = stopped.await;
             });
@@ -303,6 +385,7 @@ impl Server {
             "shutdown requested: health NOT_SERVING, draining"
         );
         set_health(&health, tonic_health::ServingStatus::NotServing).await;
+        ready.store(false, Ordering::Relaxed);
         let _ = stop_accepting.send(());
         match tokio::time::timeout(config.drain_timeout(), server).await {
             Ok(result) => result?,
@@ -343,6 +426,7 @@ fn reflection(own_name: &str) -> tonic_reflection::server::Builder<'static> {
         service_name::<BatchNormServiceServer<BatchNormApi>>(),
         service_name::<ServerServiceServer<ServerInfoApi>>(),
         service_name::<CompareServiceServer<CompareApi>>(),
+        service_name::<GrpcInferenceServiceServer<InferenceApi>>(),
         tonic_health::pb::health_server::SERVICE_NAME,
         own_name,
     ];
@@ -360,6 +444,7 @@ async fn set_health(health: &HealthReporter, status: tonic_health::ServingStatus
         service_name::<BatchNormServiceServer<BatchNormApi>>(),
         service_name::<CompareServiceServer<CompareApi>>(),
         service_name::<ServerServiceServer<ServerInfoApi>>(),
+        service_name::<GrpcInferenceServiceServer<InferenceApi>>(),
     ];
     for service in services {
         health.set_service_status(service, status).await;

@@ -14,8 +14,9 @@ use crate::support::requests::{bn1d, create, expect_status, get, train};
 use crate::support::tensors::batch;
 
 /// What the server serves, by full gRPC name (reflection itself aside).
-const SERVED: [&str; 4] = [
+const SERVED: [&str; 5] = [
     "grpc.health.v1.Health",
+    "inference.GRPCInferenceService",
     "normserve.v1.BatchNormService",
     "normserve.v1.CompareService",
     "normserve.v1.ServerService",
