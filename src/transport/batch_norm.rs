@@ -2,14 +2,13 @@
 
 use std::sync::Arc;
 
-use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::convert::{
     Caller, DeleteSession, ForwardCall, Mutation, ResetRunningStats, Scope, StateDict,
 };
-use super::{auth, status};
+use super::{auth, stream};
 use crate::proto::v1 as pb;
 use crate::proto::v1::batch_norm_service_server::BatchNormService;
 use crate::session::{CreateSession, ListSessions, Registry, SessionId, UpdateParameters};
@@ -132,34 +131,15 @@ impl BatchNormService for BatchNormApi {
         &self,
         request: Request<Streaming<pb::ForwardRequest>>,
     ) -> Result<Response<Self::ForwardStreamStream>, Status> {
-        let caller = self.caller(&request)?;
+        let caller = Arc::new(self.caller(&request)?);
         let credential = auth::credential(&request);
-        let mut inbound = request.into_inner();
-        let (replies, receiver) = mpsc::channel(16);
         let registry = self.registry.clone();
-        // The stream's loop stays part of this request: its span, its RPC label.
-        let rpc = crate::telemetry::current_rpc();
-        // ... and its deadline: messages computed after it are refused.
-        let deadline = crate::compute::current_deadline();
-        let stream_loop = crate::telemetry::in_request(rpc, async move {
-            let mut index: u64 = 0;
-            loop {
-                let request = match inbound.message().await {
-                    Ok(Some(request)) => request,
-                    Ok(None) => break,
-                    // A broken or oversized frame ends the stream: the bytes
-                    // that follow cannot be trusted to start a new message.
-                    Err(status) => {
-                        let _ = replies.send(Err(status::decoding_error(status))).await;
-                        break;
-                    }
-                };
-                // A token revoked since the stream opened ends it here, before
-                // the message is applied.
-                if let Err(status) = auth::check_still_authorized(credential.as_ref()) {
-                    let _ = replies.send(Err(status)).await;
-                    break;
-                }
+        let mut index: u64 = 0;
+        let replies = stream::answer_each(request.into_inner(), credential, move |request| {
+            let (registry, caller) = (registry.clone(), caller.clone());
+            let this = index;
+            index += 1;
+            async move {
                 let result = match forward(&registry, &caller, request).await {
                     Ok(response) => pb::forward_stream_response::Result::Response(response),
                     Err(status) => pb::forward_stream_response::Result::Error(pb::StreamError {
@@ -167,18 +147,13 @@ impl BatchNormService for BatchNormApi {
                         message: status.message().to_owned(),
                     }),
                 };
-                let reply = pb::ForwardStreamResponse {
-                    index,
+                pb::ForwardStreamResponse {
+                    index: this,
                     result: Some(result),
-                };
-                if replies.send(Ok(reply)).await.is_err() {
-                    break; // the client went away
                 }
-                index += 1;
             }
         });
-        tokio::spawn(crate::compute::with_deadline(deadline, stream_loop));
-        Ok(Response::new(ReceiverStream::new(receiver)))
+        Ok(Response::new(replies))
     }
 
     async fn export_state(

@@ -20,6 +20,7 @@ mod server;
 mod server_info;
 pub mod shedding;
 mod status;
+mod stream;
 
 pub use admission::AdmissionLayer;
 pub use batch_norm::BatchNormApi;

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from test_durability import flip_in_file
 from conftest import ServerProcess, free_port
 from normserve.v1 import (batch_norm_pb2 as bn, batch_norm_pb2_grpc, compare_pb2, compare_pb2_grpc,
                           server_pb2, server_pb2_grpc, tensor_pb2)
@@ -92,18 +93,6 @@ def timed(call, *args):
     return reply, (time.monotonic() - started) * 1e3
 
 
-def flip_in_file(path, needle):
-    """Flips one bit in every copy of `needle` in the file; returns how many."""
-    with open(path, "rb") as f:
-        data = bytearray(f.read())
-    count, start = 0, 0
-    while (at := data.find(needle, start)) >= 0:
-        data[at + len(needle) // 2] ^= 0x01
-        count += 1
-        start = at + 1
-    with open(path, "wb") as f:
-        f.write(data)
-    return count
 
 
 def samples(text):

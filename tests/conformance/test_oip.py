@@ -422,3 +422,50 @@ def test_http_json_output_over_the_message_limit_is_refused_before_applying(tena
                              body=json.dumps(request).encode(), headers=bearer(ALICE).items())
     assert status == 200
     assert session.info().num_batches_tracked == 1
+
+
+def test_a_revoked_token_ends_its_open_model_stream_before_the_next_request():
+    import signal
+    tokens = os.path.join(tempfile.mkdtemp(prefix="normserve-oip-"), "tokens")
+    with open(tokens, "w") as f:
+        f.write(f"{ALICE} acme user\n")
+    oip = Oip("--auth-tokens", tokens)
+    try:
+        module = torch.nn.BatchNorm1d(2)
+        session = oip.normserve(ALICE).create_session_from_module(module)
+        triton = oip.triton("grpc")
+        results = queue.Queue()
+        triton.start_stream(callback=lambda result, error: results.put((result, error)), headers=bearer(ALICE))
+        x = np.arange(8, dtype=np.float32).reshape(4, 2)
+        triton.async_stream_infer(session.session_id, [triton_input("grpc", x)], parameters={"mode": "train"})
+        result, error = results.get(timeout=30)
+        assert error is None
+        # Revoke Alice while the stream is open; the next request ends it.
+        with open(tokens, "w") as f:
+            f.write(f"{BOB} globex user\n")
+        seen = sum("tokens file reloaded" in line for line in list(oip.server.log))
+        oip.server.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while sum("tokens file reloaded" in line for line in list(oip.server.log)) <= seen:
+            assert time.monotonic() < deadline, "no reload"
+            time.sleep(0.02)
+        triton.async_stream_infer(session.session_id, [triton_input("grpc", x)], parameters={"mode": "train"})
+        result, error = results.get(timeout=30)
+        assert result is None and "revoked" in error.message()
+        triton.stop_stream()
+        # Only the request before the revocation was applied.
+        with open(tokens, "w") as f:
+            f.write(f"{ALICE} acme user\n")
+        oip.server.proc.send_signal(signal.SIGHUP)
+        client = oip.normserve(ALICE)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                info = client.get_session(session.session_id).info()
+                break
+            except normserve.Unauthenticated:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+        assert (info.version, info.num_batches_tracked) == (2, 1)
+    finally:
+        assert oip.server.stop() == 0

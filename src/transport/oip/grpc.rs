@@ -4,11 +4,10 @@
 
 use std::sync::Arc;
 
-use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::super::{auth, status};
+use super::super::{auth, stream};
 use super::Models;
 use crate::proto::inference as pb;
 use crate::proto::inference::grpc_inference_service_server::GrpcInferenceService;
@@ -95,28 +94,14 @@ impl GrpcInferenceService for InferenceApi {
         &self,
         request: Request<Streaming<pb::ModelInferRequest>>,
     ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
-        let caller = self.models.caller(auth::principal(&request)?);
-        let mut inbound = request.into_inner();
-        let (replies, receiver) = mpsc::channel(16);
+        let caller = Arc::new(self.models.caller(auth::principal(&request)?));
+        let credential = auth::credential(&request);
         let models = self.models.clone();
-        // The loop stays part of this request: its span, its RPC label, its
-        // deadline.
-        let rpc = crate::telemetry::current_rpc();
-        let deadline = crate::compute::current_deadline();
-        let stream_loop = crate::telemetry::in_request(rpc, async move {
-            loop {
-                let request = match inbound.message().await {
-                    Ok(Some(request)) => request,
-                    Ok(None) => break,
-                    // A broken or oversized frame ends the stream: the bytes
-                    // that follow cannot be trusted to start a new message.
-                    Err(status) => {
-                        let _ = replies.send(Err(status::decoding_error(status))).await;
-                        break;
-                    }
-                };
+        let replies = stream::answer_each(request.into_inner(), credential, move |request| {
+            let (models, caller) = (models.clone(), caller.clone());
+            async move {
                 let id = request.id.clone();
-                let reply = match models.infer(&caller, request, None).await {
+                match models.infer(&caller, request, None).await {
                     Ok(response) => pb::ModelStreamInferResponse {
                         error_message: String::new(),
                         infer_response: Some(response),
@@ -130,13 +115,9 @@ impl GrpcInferenceService for InferenceApi {
                             ..Default::default()
                         }),
                     },
-                };
-                if replies.send(Ok(reply)).await.is_err() {
-                    break; // the client went away
                 }
             }
         });
-        tokio::spawn(crate::compute::with_deadline(deadline, stream_loop));
-        Ok(Response::new(ReceiverStream::new(receiver)))
+        Ok(Response::new(replies))
     }
 }
