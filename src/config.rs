@@ -178,6 +178,19 @@ pub struct Config {
     #[arg(long, env = "NORMSERVE_HTTP2_KEEPALIVE_SECONDS", default_value_t = 60)]
     pub http2_keepalive_seconds: u64,
 
+    /// Largest number of elements in a Compare's input (Compare runs a dozen
+    /// implementations and simulated mistakes over it: far more work per
+    /// element than a Forward).
+    #[arg(long, env = "NORMSERVE_COMPARE_MAX_TENSOR_ELEMENTS", default_value_t = 4 * 1024 * 1024)]
+    pub compare_max_tensor_elements: u64,
+
+    /// Compare jobs that may run at once, on permits of their own: Compares
+    /// never take the permits of session calls (--compute-threads), so a
+    /// few large ones cannot make Forwards wait.
+    #[arg(long, env = "NORMSERVE_COMPARE_THREADS", default_value_t = 1,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub compare_threads: u64,
+
     /// Address of the Open Inference Protocol's HTTP/REST API (KServe v2:
     /// `/v2/health/*`, `/v2/models/{session}` metadata, ready and infer, with
     /// Triton's binary tensor data); off when unset. Plain HTTP: refused

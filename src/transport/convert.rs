@@ -16,6 +16,7 @@ use tch::Device;
 use crate::auth::Principal;
 use crate::config::{CpuStatsKernel, Durability, StoreKind};
 use crate::device::{device_name, DeviceChoice, DeviceDescription, DeviceError};
+use crate::numerics::codec::checked_numel;
 use crate::numerics::compare::{
     CompareRequest, Comparison, Diagnosis, Difference, Implementation, Part, Parts, TensorReport,
     Tolerance,
@@ -63,6 +64,8 @@ pub struct Caller {
 #[derive(Debug, Clone, Copy)]
 pub struct CompareLimits {
     pub max_tensor_elements: u64,
+    /// Largest number of elements of a Compare's input (its own limit).
+    pub max_input_elements: u64,
     /// The device `auto` (or no device) stands for.
     pub default_device: Device,
 }
@@ -918,6 +921,19 @@ impl TryFrom<Scoped<'_, CompareLimits, pb::CompareRequest>> for CompareCall {
         let device = std::mem::take(&mut request.device)
             .parse::<DeviceChoice>()?
             .resolve(Some(limits.default_device))?;
+        if let Some(input) = &request.input {
+            let elements = checked_numel("input", &input.shape, limits.max_tensor_elements)?;
+            if elements > limits.max_input_elements {
+                return Err(NumericsError::LimitExceeded {
+                    field: "input".to_owned(),
+                    what: "element count of a Compare's input",
+                    actual: elements,
+                    limit: limits.max_input_elements,
+                    limit_name: "compare_max_tensor_elements",
+                }
+                .into());
+            }
+        }
         let (request, representation) = compare_request(request, limits.max_tensor_elements)?;
         Ok(CompareCall {
             request,

@@ -271,10 +271,13 @@ impl Server {
             .max_encoding_message_size(max);
         let compare_limits = CompareLimits {
             max_tensor_elements: config.max_tensor_elements,
+            max_input_elements: config.compare_max_tensor_elements,
             default_device: device,
         };
+        // Compare's own permits: its large jobs never hold those of Forwards.
+        let compare_pool = ComputePool::new(config.compare_threads as usize, metrics.clone());
         let compare = CompareServiceServer::new(CompareApi::new(
-            registry.pool().clone(),
+            compare_pool,
             compare_limits,
             config.max_num_features,
         ))

@@ -18,6 +18,8 @@ import json
 import math
 import shutil
 import subprocess
+import threading
+import time
 import uuid
 
 import grpc
@@ -27,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from google.protobuf import json_format
 
+import normserve
 from conftest import ServerProcess
 from normserve.v1 import (
     batch_norm_pb2,
@@ -992,3 +995,53 @@ def test_server_info_and_health_list_compare(server_stub, channel):
     status = health_pb2_grpc.HealthStub(channel).Check(
         health_pb2.HealthCheckRequest(service="normserve.v1.CompareService")).status
     assert status == health_pb2.HealthCheckResponse.SERVING
+
+
+# ------------------------------------------------- Compare beside sessions
+
+
+def test_compare_has_its_own_input_limit_that_forwards_do_not_share():
+    server = ServerProcess("--durability", "none", "--compare-max-tensor-elements", "4096")
+    try:
+        client = normserve.connect(server.address, timeout=60)
+        x = torch.randn(128, 64)  # 8192 elements: over Compare's limit only
+        with pytest.raises(normserve.ResourceExhausted) as refused:
+            client.compare(x)
+        assert "compare_max_tensor_elements" in str(refused.value)
+        client.compare(x[:64])  # 4096: at the limit
+        session = client.create_session("1d", num_features=64)
+        torch.testing.assert_close(torch.as_tensor(session.forward(x)), torch.nn.BatchNorm1d(64)(x).detach())
+    finally:
+        assert server.stop() == 0
+
+
+def test_large_compares_do_not_hold_the_permits_of_forwards():
+    # One permit for session calls, one for Compares. Two large Compares are
+    # sent first; a small Forward sent after them must be answered before the
+    # first of them is (with one shared permit it waited behind both).
+    server = ServerProcess("--durability", "none", "--compute-threads", "1", "--compare-threads", "1")
+    try:
+        client = normserve.connect(server.address, timeout=120)
+        session = client.create_session("1d", num_features=4)
+        finished = []
+        lock = threading.Lock()
+        big = torch.randn(65536, 64)
+
+        def run(name, call):
+            call()
+            with lock:
+                finished.append(name)
+
+        compares = [threading.Thread(target=run, args=(f"compare-{i}", lambda: client.compare(big)))
+                    for i in range(2)]
+        for thread in compares:
+            thread.start()
+        time.sleep(0.3)  # let both Compares reach the server first
+        x = torch.randn(8, 4)
+        run("forward", lambda: session.forward(x))
+        for thread in compares:
+            thread.join(timeout=120)
+        assert finished[0] == "forward", finished
+        assert sorted(finished) == ["compare-0", "compare-1", "forward"]
+    finally:
+        assert server.stop() == 0
