@@ -89,6 +89,12 @@ pub struct Config {
     #[arg(long, env = "NORMSERVE_REPLAY_CACHE_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub replay_cache_bytes: usize,
 
+    /// Bytes of forward outputs kept for retries by all sessions together; an
+    /// output beyond it is not kept (its retry is answered without output, as
+    /// after a restart, and is still never applied twice).
+    #[arg(long, env = "NORMSERVE_REPLAY_CACHE_TOTAL_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub replay_cache_total_bytes: usize,
+
     /// Seconds in-flight requests get to finish after SIGTERM/SIGINT.
     #[arg(long, env = "NORMSERVE_DRAIN_SECONDS", default_value_t = 10)]
     pub drain_seconds: u64,

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use tch::{Device, Tensor};
 
 use super::durable::{RecentRequest, RecordError, SessionRecord};
-use super::replay::ReplayLog;
+use super::replay::{ReplayLimits, ReplayLog};
 use super::state::{from_unix_nanos, unix_nanos, LastUse, LayerState, SessionInfo, SessionState};
 use super::{Mode, SessionConfig, SessionError, SessionId};
 use crate::device::{device_name, DeviceChoice};
@@ -139,8 +139,7 @@ pub fn info_from_record(
 pub fn state_from_record(
     info: &SessionInfo,
     record: &SessionRecord,
-    replay_window: usize,
-    replay_bytes: usize,
+    replay: &ReplayLimits,
 ) -> Result<SessionState, SessionError> {
     let config = &info.config;
     let tensor = |field: &str,
@@ -195,10 +194,11 @@ pub fn state_from_record(
         },
         deleted: false,
         evicted: false,
-        replay: ReplayLog::recovered(replay_window, replay_bytes, &record.recent_requests)
-            .map_err(|e| SessionError::DataLoss {
+        replay: ReplayLog::recovered(replay, &record.recent_requests).map_err(|e| {
+            SessionError::DataLoss {
                 id: info.id.clone(),
                 reason: e.to_string(),
-            })?,
+            }
+        })?,
     })
 }

@@ -4,6 +4,8 @@
 //! survive a restart.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use super::durable::{RecentRequest, RecordError};
 use super::{ForwardOutcome, SessionSnapshot};
@@ -99,33 +101,71 @@ pub struct Replayable {
     pub replay: Replay,
 }
 
-/// At most `window` entries; forward outputs held up to `output_budget` bytes
-/// in all (older outputs are dropped first, the entries stay).
+/// How much every session's log may remember: `window` request ids and
+/// `output_bytes` of forward outputs per session, and `total_bytes` of
+/// outputs over all sessions together (counted in `held`, shared by every log).
+#[derive(Debug, Clone)]
+pub struct ReplayLimits {
+    pub window: usize,
+    pub output_bytes: usize,
+    pub total_bytes: usize,
+    held: Arc<AtomicUsize>,
+}
+
+impl ReplayLimits {
+    pub fn new(window: usize, output_bytes: usize, total_bytes: usize) -> ReplayLimits {
+        ReplayLimits {
+            window,
+            output_bytes,
+            total_bytes,
+            held: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// Takes `bytes` from the server-wide budget, if they fit.
+    fn take(&self, bytes: usize) -> bool {
+        self.held
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
+                held.checked_add(bytes)
+                    .filter(|&sum| sum <= self.total_bytes)
+            })
+            .is_ok()
+    }
+
+    fn give_back(&self, bytes: usize) {
+        self.held.fetch_sub(bytes, Ordering::Relaxed);
+    }
+}
+
+/// At most `window` entries; forward outputs held up to `output_bytes` in
+/// this log (older outputs are dropped first, the entries stay) and within
+/// the server-wide total (an output that does not fit is not held: its
+/// replay answers without it, as after a restart).
 #[derive(Debug)]
 pub struct ReplayLog {
     entries: VecDeque<(String, Replay)>,
-    window: usize,
-    output_budget: usize,
+    limits: ReplayLimits,
     output_bytes: usize,
 }
 
+impl Drop for ReplayLog {
+    fn drop(&mut self) {
+        self.limits.give_back(self.output_bytes);
+    }
+}
+
 impl ReplayLog {
-    pub fn new(window: usize, output_budget: usize) -> Self {
+    pub fn new(limits: &ReplayLimits) -> Self {
         ReplayLog {
             entries: VecDeque::new(),
-            window,
-            output_budget,
+            limits: limits.clone(),
             output_bytes: 0,
         }
     }
 
     /// A log holding the ids of a stored record.
-    pub fn recovered(
-        window: usize,
-        output_budget: usize,
-        stored: &[RecentRequest],
-    ) -> Result<Self, RecordError> {
-        let mut log = ReplayLog::new(window, output_budget);
+    pub fn recovered(limits: &ReplayLimits, stored: &[RecentRequest]) -> Result<Self, RecordError> {
+        let mut log = ReplayLog::new(limits);
         for request in stored {
             let Some(call) = Call::from_name(&request.call) else {
                 return Err(RecordError::Corrupt(format!(
@@ -162,7 +202,7 @@ impl ReplayLog {
             .map(|(id, replay)| replay.recent(id))
             .chain(next.map(|next| next.replay.recent(&next.request_id)))
             .collect();
-        let excess = out.len().saturating_sub(self.window);
+        let excess = out.len().saturating_sub(self.limits.window);
         out.drain(..excess);
         out
     }
@@ -172,31 +212,99 @@ impl ReplayLog {
             request_id,
             mut replay,
         } = entry;
-        if self.window == 0 {
+        if self.limits.window == 0 {
             return;
         }
-        if replay.output_bytes() > self.output_budget {
-            if let Replay::Forward(outcome) = &mut replay {
-                outcome.output = None;
-            }
+        if replay.output_bytes() > self.limits.output_bytes {
+            drop_output(&mut replay);
         }
-        while self.entries.len() >= self.window {
+        while self.entries.len() >= self.limits.window {
             if let Some((_, old)) = self.entries.pop_front() {
-                self.output_bytes -= old.output_bytes();
+                self.release(old.output_bytes());
             }
         }
-        self.output_bytes += replay.output_bytes();
-        self.entries.push_back((request_id, replay));
-        // Drop the oldest outputs until the budget holds again.
+        // Drop this log's oldest outputs until the new one fits in it.
+        let incoming = replay.output_bytes();
         for (_, old) in self.entries.iter_mut() {
-            if self.output_bytes <= self.output_budget {
+            if self.output_bytes + incoming <= self.limits.output_bytes {
                 break;
             }
-            if let Replay::Forward(outcome) = old {
-                if let Some(output) = outcome.output.take() {
-                    self.output_bytes -= output.bytes().len();
-                }
-            }
+            let bytes = old.output_bytes();
+            drop_output(old);
+            self.output_bytes -= bytes;
+            self.limits.give_back(bytes);
         }
+        if self.limits.take(incoming) {
+            self.output_bytes += incoming;
+        } else {
+            drop_output(&mut replay);
+        }
+        self.entries.push_back((request_id, replay));
+    }
+
+    fn release(&mut self, bytes: usize) {
+        self.output_bytes -= bytes;
+        self.limits.give_back(bytes);
+    }
+}
+
+/// Forgets a forward output (the entry stays: a replay answers without it).
+fn drop_output(replay: &mut Replay) {
+    if let Replay::Forward(outcome) = replay {
+        outcome.output = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::numerics::{DType, TensorData};
+
+    /// A forward answer whose output is `n` float32 values (4n bytes).
+    fn forward(n: usize) -> Replay {
+        let values = vec![1.0f32; n];
+        let output =
+            TensorData::from_f32("output", DType::Float32, vec![n as i64], &values, u64::MAX);
+        Replay::Forward(ForwardOutcome {
+            output: Some(output.unwrap()),
+            version: 2,
+            num_batches_tracked: 1,
+            replayed: false,
+        })
+    }
+
+    fn held_output(log: &ReplayLog, id: &str) -> bool {
+        matches!(log.find(id), Some(Replay::Forward(o)) if o.output.is_some())
+    }
+
+    fn record(log: &mut ReplayLog, id: &str, n: usize) {
+        log.record(Replayable {
+            request_id: id.into(),
+            replay: forward(n),
+        });
+    }
+
+    #[test]
+    fn outputs_are_held_within_the_server_wide_total_and_given_back_with_their_log() {
+        // 100 bytes per log, 160 in all: two logs of 25 floats (100 bytes) do
+        // not fit together.
+        let limits = ReplayLimits::new(8, 100, 160);
+        let mut a = ReplayLog::new(&limits);
+        let mut b = ReplayLog::new(&limits);
+        record(&mut a, "a1", 25);
+        record(&mut b, "b1", 25);
+        assert!(held_output(&a, "a1"));
+        // Not held, but still known: its retry is a replay without output.
+        assert!(!held_output(&b, "b1") && b.find("b1").is_some());
+        assert_eq!(limits.held.load(Ordering::Relaxed), 100);
+        drop(a);
+        assert_eq!(limits.held.load(Ordering::Relaxed), 0);
+        record(&mut b, "b2", 25);
+        assert!(held_output(&b, "b2"));
+        // Within one log the oldest output makes room for the newest.
+        record(&mut b, "b3", 20);
+        assert!(held_output(&b, "b3") && !held_output(&b, "b2"));
+        assert_eq!(limits.held.load(Ordering::Relaxed), 80);
     }
 }

@@ -208,6 +208,7 @@ impl Server {
             default_device: self.device,
             replay_window: config.replay_window,
             replay_cache_bytes: config.replay_cache_bytes,
+            replay_cache_total_bytes: config.replay_cache_total_bytes,
             stats_kernel: match config.cpu_stats_kernel {
                 CpuStatsKernel::Libtorch => StatsKernel::Libtorch,
                 CpuStatsKernel::Native => StatsKernel::Native,

@@ -11,7 +11,9 @@ import grpc
 import pytest
 import torch
 
-from normserve.v1 import batch_norm_pb2 as bn
+import normserve
+from conftest import ServerProcess
+from normserve.v1 import batch_norm_pb2 as bn, batch_norm_pb2_grpc as bn_grpc
 
 import wire
 from sessions import KINDS, TOLERANCE, assert_state_matches, create, forward, get, rpc_error, torch_error
@@ -324,3 +326,30 @@ def test_num_batches_tracked_at_its_maximum_refuses_to_overflow(client, bn_stub)
     error = rpc_error(forward, bn_stub, sid, torch.randn(3, 2), TRAIN)
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert get(bn_stub, sid) == before
+
+
+def test_replay_outputs_are_kept_within_a_server_wide_total():
+    # 64 KiB of outputs for all sessions together: two 32 KiB outputs fit, the
+    # next ones are not kept. Their retries are still replays (never applied
+    # twice), answered without the output, as after a restart.
+    server = ServerProcess("--durability", "none", "--replay-cache-total-bytes", str(64 * 1024))
+    try:
+        channel = grpc.insecure_channel(server.address)
+        stub = bn_grpc.BatchNormServiceStub(channel)
+        client = normserve.Client(channel)
+        xs = [torch.randn(2048, 4, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+        first = []
+        for i, x in enumerate(xs):
+            sid = create(client, "1d", torch.nn.BatchNorm1d(4), session_id=f"replay-{i}").session_id
+            first.append(forward(stub, sid, x, TRAIN, request_id="once"))
+        for i, x in enumerate(xs):
+            again = forward(stub, f"replay-{i}", x, TRAIN, request_id="once")
+            assert again.replayed and (again.version, again.num_batches_tracked) == (2, 1)
+            if i < 2:
+                torch.testing.assert_close(wire.from_proto(again.output), wire.from_proto(first[i].output))
+            else:
+                assert not again.HasField("output")
+            assert get(stub, f"replay-{i}").num_batches_tracked == 1
+        channel.close()
+    finally:
+        assert server.stop() == 0

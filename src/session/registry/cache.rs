@@ -155,7 +155,7 @@ impl Registry {
         record: SessionRecord,
     ) -> Result<Arc<Session>, SessionError> {
         let default_device = self.options.default_device;
-        let (window, bytes) = (self.options.replay_window, self.options.replay_cache_bytes);
+        let replay = self.replay.clone();
         let fallback_id =
             SessionId::parse_key(&record.id).unwrap_or_else(|_| SessionId::generate());
         let info =
@@ -166,7 +166,7 @@ impl Registry {
         let (info, state) = self
             .pool
             .run(move || {
-                let state = state_from_record(&info, &record, window, bytes);
+                let state = state_from_record(&info, &record, &replay);
                 (info, state)
             })
             .await?;

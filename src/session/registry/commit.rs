@@ -98,11 +98,11 @@ impl Registry {
                 ),
             ));
         }
-        let (window, bytes) = (self.options.replay_window, self.options.replay_cache_bytes);
+        let replay = self.replay.clone();
         let for_job = session.clone();
         let fresh = self
             .pool
-            .run(move || state_from_record(&for_job.info, &record, window, bytes))
+            .run(move || state_from_record(&for_job.info, &record, &replay))
             .await??;
         *state = fresh;
         Ok(Current::Same)

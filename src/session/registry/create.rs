@@ -54,7 +54,6 @@ impl Registry {
             last_used: LastUse::new(SystemTime::now()),
         };
         let with_record = self.store.is_some();
-        let (window, bytes) = (self.options.replay_window, self.options.replay_cache_bytes);
         let (info, built) = self
             .pool
             .run(move || {
@@ -97,7 +96,7 @@ impl Registry {
                 layer,
                 deleted: false,
                 evicted: false,
-                replay: ReplayLog::new(window, bytes),
+                replay: ReplayLog::new(&self.replay),
             },
         ));
         let existing = {

@@ -40,6 +40,7 @@ use bytes::Bytes;
 use tch::Device;
 
 use super::durable::{RecordError, SessionStore};
+use super::replay::ReplayLimits;
 use super::state::{snapshot, SessionInfo, SessionState};
 use super::steps::{forward_step, import_step, reset_step, update_step};
 use super::{
@@ -75,6 +76,8 @@ pub struct RegistryOptions {
     pub replay_window: usize,
     /// Bytes of forward outputs held per session for replays.
     pub replay_cache_bytes: usize,
+    /// Bytes of forward outputs held for replays by all sessions together.
+    pub replay_cache_total_bytes: usize,
     /// Who computes train-mode batch statistics on the CPU.
     pub stats_kernel: StatsKernel,
 }
@@ -108,6 +111,8 @@ pub struct Registry {
     pool: ComputePool,
     store: Option<Arc<dyn SessionStore>>,
     metrics: Arc<Metrics>,
+    /// What every session's replay log may hold (one server-wide count).
+    replay: ReplayLimits,
 }
 
 /// One session: immutable facts outside the lock, mutable state inside.
@@ -139,6 +144,11 @@ impl Registry {
             reserved: std::sync::Mutex::new(create::Reserved::default()),
             unreadable: RwLock::new(BTreeMap::new()),
             evicted: std::sync::Mutex::new(BTreeMap::new()),
+            replay: ReplayLimits::new(
+                options.replay_window,
+                options.replay_cache_bytes,
+                options.replay_cache_total_bytes,
+            ),
             options,
             pool,
             store,

@@ -137,6 +137,7 @@ fn new_registry(store: Option<Arc<MemoryStore>>) -> Registry {
             default_device: Device::Cpu,
             replay_window: 16,
             replay_cache_bytes: 1 << 20,
+            replay_cache_total_bytes: 1 << 20,
             stats_kernel: StatsKernel::Libtorch,
         },
         ComputePool::new(1, metrics.clone()),
