@@ -28,7 +28,7 @@ import grpc
 import grpc.aio
 
 from normserve import codec, errors, protocol
-from normserve.client import Stubs, TLSConfig, auth_metadata, channel_settings
+from normserve.client import ClientSettings, Stubs, TLSConfig, channel_settings
 from normserve.codec import Array
 from normserve.compare import CompareReport
 from normserve.results import (
@@ -64,27 +64,11 @@ def connect(address: str, token: str | None = None, tls: bool | TLSConfig | None
     return Client(channel, token=token, timeout=timeout, retries=retries, owns_channel=True)
 
 
-class Client:
+class Client(ClientSettings[grpc.aio.Channel]):
     """An asyncio normserve client on a grpc.aio channel: normserve.Client's
     calls, awaited. `normserve.aio.connect(...)` makes one; `Client(channel)`
     wraps a grpc.aio channel of your own (it stays yours to close). Calls
     may run concurrently (`asyncio.gather`) on the one channel."""
-
-    def __init__(self, channel: grpc.aio.Channel, *, token: str | None = None, timeout: float | None = None,
-                 retries: int = 0, retry_backoff: float = 0.05, owns_channel: bool = False) -> None:
-        if retries < 0:
-            raise ValueError("retries: must be >= 0")
-        self.channel = channel
-        self.stubs = Stubs.on(channel)
-        self._unary: dict[str, Any] = {}
-        self._forward_stream = channel.stream_stream(
-            protocol.FORWARD_STREAM.path, request_serializer=codec.serialize,
-            response_deserializer=protocol.FORWARD_STREAM.response.FromString)
-        self.metadata = auth_metadata(token)
-        self.timeout = timeout
-        self.retries = retries
-        self.retry_backoff = retry_backoff
-        self._owns_channel = owns_channel
 
     async def close(self) -> None:
         """Closes the channel if connect() made it."""

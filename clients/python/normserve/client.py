@@ -9,7 +9,7 @@ import dataclasses
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import grpc
 
@@ -23,6 +23,8 @@ from normserve.session import Session
 from normserve.v1 import batch_norm_pb2_grpc, compare_pb2_grpc, server_pb2_grpc
 
 T = TypeVar("T")
+# The channel of a client: grpc.Channel (blocking) or grpc.aio.Channel.
+ChannelT = TypeVar("ChannelT", grpc.Channel, grpc.aio.Channel)
 Metadata = tuple[tuple[str, str], ...]
 PEMSource = bytes | str | os.PathLike[str] | None
 
@@ -137,23 +139,22 @@ class Stubs:
                    server_pb2_grpc.ServerServiceStub(channel))
 
 
-class Client:
-    """A normserve client on a grpc channel. `normserve.connect(...)` makes
-    one; `Client(channel)` wraps a channel you made yourself (it stays yours
-    to close). Thread-safe, as the channel is; use it as a context manager
-    or call close()."""
+class ClientSettings(Generic[ChannelT]):
+    """What the blocking and the asyncio client hold alike: the channel, its
+    stubs and call objects, the token's metadata, the timeout and the retry
+    policy."""
 
-    def __init__(self, channel: grpc.Channel, *, token: str | None = None, timeout: float | None = None,
+    def __init__(self, channel: ChannelT, *, token: str | None = None, timeout: float | None = None,
                  retries: int = 0, retry_backoff: float = 0.05, owns_channel: bool = False) -> None:
         if retries < 0:
             raise ValueError("retries: must be >= 0")
-        self.channel = channel
+        self.channel: ChannelT = channel
         self.stubs = Stubs.on(channel)
         # Unary calls by path, made on first use; they take requests whose
         # tensor bytes are spliced in (codec.SplicedRequest) as well as plain
         # messages, so that the values skip protobuf's copies.
         self._unary: dict[str, Any] = {}
-        self._forward_stream = channel.stream_stream(
+        self._forward_stream: Any = channel.stream_stream(
             protocol.FORWARD_STREAM.path, request_serializer=codec.serialize,
             response_deserializer=protocol.FORWARD_STREAM.response.FromString)
         self.metadata = auth_metadata(token)
@@ -161,6 +162,13 @@ class Client:
         self.retries = retries
         self.retry_backoff = retry_backoff
         self._owns_channel = owns_channel
+
+
+class Client(ClientSettings[grpc.Channel]):
+    """A normserve client on a grpc channel. `normserve.connect(...)` makes
+    one; `Client(channel)` wraps a channel you made yourself (it stays yours
+    to close). Thread-safe, as the channel is; use it as a context manager
+    or call close()."""
 
     def close(self) -> None:
         """Closes the channel if connect() made it."""
