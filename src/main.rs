@@ -46,6 +46,9 @@ enum Top {
     Serve(Box<Config>),
     #[command(flatten)]
     Operator(Box<normserve_ctl::Command>),
+    /// Check or salvage the embedded store, offline (`normserve store --help`).
+    #[command(subcommand)]
+    Store(normserve::store::command::StoreCommand),
 }
 
 /// The command line, with the server's flags hidden from the top-level help
@@ -64,6 +67,7 @@ fn main() -> ExitCode {
         Some(Top::Operator(command)) => {
             return normserve_ctl::exit_code("normserve", normserve_ctl::run(*command));
         }
+        Some(Top::Store(command)) => return normserve::store::command::run(command),
         Some(Top::Serve(config)) => *config,
         None => arguments.serve,
     };
