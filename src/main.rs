@@ -1,7 +1,9 @@
 //! The `normserve` binary: without a subcommand (or with `serve`), parse the
 //! configuration, start logging, bind, serve until SIGTERM/SIGINT; with an
 //! operator command, run it against a server (the `normserve-ctl` crate's
-//! commands; that crate's binary offers the same without loading libtorch).
+//! commands; that crate's binary offers the same without loading libtorch);
+//! with `store check|salvage`, read a stopped server's embedded store
+//! offline (`normserve::store::command`, which owns that command's codes).
 //! `normserve --help` lists the commands, `normserve serve --help` the
 //! server's flags. The one place that maps the server's errors to exit codes:
 //! 0 success / clean stop, 1 runtime failure, 2 bad configuration, usage or

@@ -2,8 +2,8 @@
 //! commands on an embedded store, offline (no server running on it). They
 //! live in the server binary because they read the store with the server's
 //! own code. Exit codes: 0 the store is whole (check) / everything was
-//! salvaged as acknowledged (salvage); 1 something is unreadable, lost or
-//! older than acknowledged; 2 refused (a running server holds the store, the
+//! salvaged as acknowledged (salvage); 1 something is unreadable, lost,
+//! older than acknowledged or cannot be confirmed; 2 refused (a running server holds the store, the
 //! output directory is not empty, an I/O error).
 
 use std::io::Write;
@@ -27,7 +27,7 @@ pub enum StoreCommand {
     /// newest intact copy of each, found also in bytes redb can no longer
     /// open) and report what was lost. The damaged store is not changed.
     /// Exit 0 when every session was kept as acknowledged, 1 when some are
-    /// lost or older.
+    /// lost, older, or cannot be confirmed (redb could not open the file).
     Salvage {
         #[command(flatten)]
         store: StoreArgs,
@@ -86,12 +86,23 @@ fn execute(args: &StoreArgs, out: Option<&Path>) -> Result<ExitCode, String> {
     let _ = std::io::stdout().write_all(text.as_bytes());
     let ok = match out {
         None => inspection.is_whole(),
-        Some(_) => inspection
-            .findings
-            .iter()
-            .all(|f| matches!(f.verdict, Verdict::Whole | Verdict::Recovered)),
+        // Without a trusted index nothing salvaged is confirmed, even when
+        // no session was found at all.
+        Some(_) => {
+            let confirmed = inspection.trusted_index().is_some()
+                || (inspection.index.is_none() && inspection.mark.unwrap_or(0) == 0);
+            confirmed
+                && inspection
+                    .findings
+                    .iter()
+                    .all(|f| matches!(f.verdict, Verdict::Whole | Verdict::Recovered))
+        }
     };
-    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn redb_line(inspection: &Inspection) -> String {
@@ -106,9 +117,7 @@ fn redb_line(inspection: &Inspection) -> String {
 }
 
 fn commits_line(inspection: &Inspection) -> String {
-    let mark = inspection
-        .mark
-        .map_or("none".to_owned(), |m| m.to_string());
+    let mark = inspection.mark.map_or("none".to_owned(), |m| m.to_string());
     let stored = match &inspection.index {
         Some(Ok(index)) => index.commits.to_string(),
         _ => "unknown".to_owned(),
@@ -141,6 +150,9 @@ fn salvage_state(finding: &Finding) -> String {
     match (&finding.verdict, kept) {
         (Verdict::Whole, Some(v)) => format!("keeps version {v}"),
         (Verdict::Recovered, Some(v)) => format!("keeps version {v} (an intact copy)"),
+        (Verdict::Unconfirmed, Some(v)) => format!(
+            "keeps version {v}, the newest copy found: UNCONFIRMED, newer steps may be lost"
+        ),
         (Verdict::Older { newer }, Some(v)) => format!(
             "keeps version {v}: OLDER than version {} the store held, steps after it are lost",
             newer.version
@@ -159,9 +171,10 @@ fn table(inspection: &Inspection, out: Option<&Path>, salvaged: Option<&Salvaged
     text += &format!("commits    {}\n", commits_line(inspection));
     let count = |pick: fn(&Finding) -> bool| inspection.findings.iter().filter(|f| pick(f)).count();
     text += &format!(
-        "sessions   {} whole, {} recovered from another copy, {} older than acknowledged, {} lost; {} stale copies of deleted sessions passed over\n",
+        "sessions   {} whole, {} recovered from another copy, {} unconfirmed, {} older than acknowledged, {} lost; {} stale copies of deleted sessions passed over\n",
         count(|f| f.verdict == Verdict::Whole),
         count(|f| f.verdict == Verdict::Recovered),
+        count(|f| f.verdict == Verdict::Unconfirmed),
         count(|f| matches!(f.verdict, Verdict::Older { .. })),
         count(|f| f.verdict == Verdict::Lost),
         inspection.stale_copies,
@@ -214,6 +227,7 @@ fn json(inspection: &Inspection, out: Option<&Path>, salvaged: Option<&Salvaged>
                 "verdict": match f.verdict {
                     Verdict::Whole => "whole",
                     Verdict::Recovered => "recovered",
+                    Verdict::Unconfirmed => "unconfirmed",
                     Verdict::Older { .. } => "older",
                     Verdict::Lost => "lost",
                 },

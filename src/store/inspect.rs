@@ -92,10 +92,13 @@ impl Inspection {
 pub enum Verdict {
     /// The index's record reads: the session as acknowledged.
     Whole,
-    /// The index's record cannot be read (or the index is behind or
-    /// missing), but an intact copy at least as new as the index's stamp was
-    /// found: nothing lost that the file shows.
+    /// The index's record cannot be read, but an intact copy with the
+    /// index's stamp was found elsewhere in the file: nothing lost.
     Recovered,
+    /// No trusted index (redb cannot open the file, or it went back in
+    /// time): the newest intact copy found, but whether the session had
+    /// acknowledged newer steps (in bytes now lost) cannot be told.
+    Unconfirmed,
     /// The newest intact copy is older than what the store held: salvage
     /// keeps it, and the steps after it are lost.
     Older { newer: Stamp },
@@ -126,7 +129,9 @@ impl StoreLock {
         let path = data_dir.join(FILE_NAME);
         let file = match File::open(&path) {
             Ok(file) => file,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(StoreLock { _file: None }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(StoreLock { _file: None })
+            }
             Err(source) => {
                 return Err(InspectError::Io {
                     path: path.display().to_string(),
@@ -134,7 +139,11 @@ impl StoreLock {
                 })
             }
         };
-        match file.try_lock() {
+        // std's flock (Rust 1.89): the crate's rust-version (1.85) is below
+        // what redb 4.6 already requires (1.90), so this lowers nothing.
+        #[allow(clippy::incompatible_msrv)]
+        let locked = file.try_lock();
+        match locked {
             Ok(()) => Ok(StoreLock { _file: Some(file) }),
             Err(std::fs::TryLockError::WouldBlock) => Err(InspectError::Locked {
                 path: path.display().to_string(),
@@ -294,11 +303,9 @@ fn judge(inspection: &Inspection, copies: &[Copy]) -> (Vec<Finding>, usize) {
                 match copy {
                     Copy::Intact { record, .. } => {
                         let stamp = order(Stamp::of(record));
-                        let newer = keep
-                            .as_ref()
-                            .is_none_or(|k| stamp > order(Stamp::of(k)));
+                        let newer = keep.as_ref().is_none_or(|k| stamp > order(Stamp::of(k)));
                         if newer && bound.is_none_or(|b| stamp <= b) {
-                            keep = Some(record.clone());
+                            keep = Some(SessionRecord::clone(record));
                         }
                     }
                     Copy::Damaged {
@@ -328,7 +335,8 @@ fn judge(inspection: &Inspection, copies: &[Copy]) -> (Vec<Finding>, usize) {
                 (Some(k), Some(newer)) if order(newer) > order(Stamp::of(k)) => {
                     Verdict::Older { newer }
                 }
-                (Some(_), _) if unreadable.is_none() && trusted.is_some() => Verdict::Whole,
+                (Some(_), _) if trusted.is_none() => Verdict::Unconfirmed,
+                (Some(_), _) if unreadable.is_none() => Verdict::Whole,
                 (Some(_), _) => Verdict::Recovered,
             };
             Finding {

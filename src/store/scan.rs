@@ -28,7 +28,10 @@ const CREATED_AT_FIELD: u64 = 21;
 #[derive(Debug, Clone, PartialEq)]
 pub enum Copy {
     /// The copy checks: its CRC-32 matches and it decodes.
-    Intact { offset: usize, record: SessionRecord },
+    Intact {
+        offset: usize,
+        record: Box<SessionRecord>,
+    },
     /// A frame whose checksum never matches: what its fields said before the
     /// damage (either may be wrong if the damage is there).
     Damaged {
@@ -109,6 +112,7 @@ fn read_frame(bytes: &[u8], offset: usize) -> Option<(Copy, usize)> {
         }
         if hasher.clone().finalize() == crc {
             if let Some(record) = decode(&bytes[start..at]) {
+                let record = Box::new(record);
                 return Some((Copy::Intact { offset, record }, at));
             }
         }
@@ -216,7 +220,7 @@ mod tests {
         let intact: Vec<_> = found
             .iter()
             .map(|copy| match copy {
-                Copy::Intact { record, .. } => record.clone(),
+                Copy::Intact { record, .. } => SessionRecord::clone(record),
                 Copy::Damaged { .. } => panic!("{copy:?}"),
             })
             .collect();
@@ -229,7 +233,12 @@ mod tests {
         let mut bytes = file(&records);
         let frame = find(&bytes, 0).unwrap();
         // Inside running_mean's bytes, after the id and before the version.
-        let at = frame + bytes[frame..].windows(16).position(|w| w == [9u8; 16]).unwrap() + 3;
+        let at = frame
+            + bytes[frame..]
+                .windows(16)
+                .position(|w| w == [9u8; 16])
+                .unwrap()
+            + 3;
         bytes[at] ^= 0x10;
         let found = scan(&bytes);
         assert_eq!(found.len(), 2, "{found:?}");
@@ -240,7 +249,7 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert!(matches!(&found[1], Copy::Intact { record, .. } if record == &records[1]));
+        assert!(matches!(&found[1], Copy::Intact { record, .. } if **record == records[1]));
     }
 
     #[test]
