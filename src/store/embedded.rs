@@ -154,11 +154,15 @@ impl EmbeddedStore {
             // Not the file's fault: the directory, permissions, a lock.
             redb::DatabaseError::DatabaseAlreadyOpen => open_error(&e),
             redb::DatabaseError::Storage(redb::StorageError::Io(ref io))
-                if io.kind() != std::io::ErrorKind::UnexpectedEof =>
+                if !matches!(
+                    io.kind(),
+                    std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::InvalidData
+                ) =>
             {
                 open_error(&e)
             }
-            // The file's fault: corrupt beyond redb's repair, or cut short.
+            // The file's fault: corrupt beyond redb's repair, cut short, or
+            // its header gone.
             _ => OpenError::Damaged {
                 path: shown.clone(),
                 data_dir: data_dir.display().to_string(),
@@ -494,6 +498,34 @@ mod tests {
         // Accepted: the mark follows the store again.
         assert_eq!(CommitMark::open(dir.path()).unwrap().found, Some(1));
         drop(open(dir.path(), false).unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_store_redb_cannot_open_is_refused_naming_check_and_salvage() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), false).unwrap();
+        store.put(&record(1), None).await.unwrap();
+        drop(store);
+        let path = dir.path().join(FILE_NAME);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[..4096].fill(0);
+        std::fs::write(&path, &bytes).unwrap();
+        for accept_rollback in [false, true] {
+            match open(dir.path(), accept_rollback) {
+                Err(error @ OpenError::Damaged { .. }) => {
+                    let text = error.to_string();
+                    assert!(text.contains("normserve store check --data-dir"), "{text}");
+                    assert!(
+                        text.contains("normserve store salvage --data-dir"),
+                        "{text}"
+                    );
+                }
+                Err(other) => panic!("{other}"),
+                Ok(_) => panic!("a damaged store was opened"),
+            }
+        }
+        // Refusing changed nothing.
+        assert_eq!(std::fs::read(&path).unwrap(), bytes);
     }
 
     #[tokio::test]

@@ -280,6 +280,12 @@ fn judge(inspection: &Inspection, copies: &[Copy]) -> (Vec<Finding>, usize) {
         }
         ids.insert(id.to_owned(), ());
     }
+    let mut by_id: BTreeMap<&str, Vec<&Copy>> = BTreeMap::new();
+    for copy in copies {
+        if let Some(id) = copy.id() {
+            by_id.entry(id).or_default().push(copy);
+        }
+    }
     let findings = ids
         .into_keys()
         .map(|id| {
@@ -299,7 +305,7 @@ fn judge(inspection: &Inspection, copies: &[Copy]) -> (Vec<Finding>, usize) {
             let bound = trusted.and(index_stamp).map(order);
             let mut keep: Option<SessionRecord> = None;
             let mut newest_damaged: Option<Stamp> = None;
-            for copy in copies.iter().filter(|c| c.id() == Some(id.as_str())) {
+            for copy in by_id.get(id.as_str()).into_iter().flatten() {
                 match copy {
                     Copy::Intact { record, .. } => {
                         let stamp = order(Stamp::of(record));
