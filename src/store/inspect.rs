@@ -139,9 +139,7 @@ impl StoreLock {
                 })
             }
         };
-        // std's flock (Rust 1.89): the crate's rust-version (1.85) is below
-        // what redb 4.6 already requires (1.90), so this lowers nothing.
-        #[allow(clippy::incompatible_msrv)]
+        // std's flock (Rust 1.89).
         let locked = file.try_lock();
         match locked {
             Ok(()) => Ok(StoreLock { _file: Some(file) }),
