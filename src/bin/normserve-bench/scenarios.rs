@@ -121,8 +121,8 @@ pub fn scenarios() -> Vec<Scenario> {
         ),
         s(
             "fairness",
-            "polite eval (4,64) latency beside 32 flooding callers, train (1024,64) 256 KiB, one connection",
-            &[1024, 64],
+            "polite eval (4,64) latency beside 32 flooding callers, train (4096,64) 1 MiB, one connection",
+            &[4096, 64],
             true,
             Workload::Fairness { flood: 32 },
         ),
