@@ -113,6 +113,9 @@ pub struct OpenOptions {
     /// missing where one was) instead of refusing to start; the commit mark
     /// then starts again from what the store holds.
     pub accept_rollback: bool,
+    /// Bytes of pages redb keeps in memory (its read cache and write
+    /// buffer); None: redb's default, 1 GiB. Part of the memory budget.
+    pub cache_bytes: Option<usize>,
 }
 
 impl EmbeddedStore {
@@ -143,7 +146,11 @@ impl EmbeddedStore {
             tracing::warn!(path = %shown, acknowledged,
                 "store missing or empty where one was; starting empty (--accept-store-rollback)");
         }
-        let db = Database::create(&path).map_err(|e| open_error(&e))?;
+        let mut builder = Database::builder();
+        if let Some(bytes) = options.cache_bytes {
+            builder.set_cache_size(bytes);
+        }
+        let db = builder.create(&path).map_err(|e| open_error(&e))?;
         // Check (or stamp) the file's format before anything else touches it.
         let txn = db.begin_write().map_err(|e| open_error(&e))?;
         {
@@ -434,7 +441,13 @@ mod tests {
     }
 
     fn open(dir: &Path, accept_rollback: bool) -> Result<EmbeddedStore, OpenError> {
-        EmbeddedStore::open(dir, OpenOptions { accept_rollback })
+        EmbeddedStore::open(
+            dir,
+            OpenOptions {
+                accept_rollback,
+                ..OpenOptions::default()
+            },
+        )
     }
 
     #[tokio::test]
