@@ -24,6 +24,25 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+/// Requests and outputs up to this size are charged but never refused: they
+/// cost little, and refusing them once sessions fill the budget would stop
+/// health checks and every call on the sessions held.
+pub const ALWAYS_ADMITTED_BYTES: u64 = 64 * 1024;
+
+/// `bytes` of `kind` from `budget`: refused when over it, unless small
+/// (at most [`ALWAYS_ADMITTED_BYTES`]), which is charged anyway.
+pub fn charge_unless_large(
+    budget: &Arc<MemoryBudget>,
+    bytes: u64,
+    kind: Kind,
+) -> Result<Charge, BudgetExhausted> {
+    if bytes <= ALWAYS_ADMITTED_BYTES {
+        Ok(budget.charge_anyway(bytes, kind))
+    } else {
+        budget.try_charge(bytes, kind)
+    }
+}
+
 /// What the bytes of a charge hold (the metric label and the error text).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kind {

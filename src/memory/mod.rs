@@ -9,5 +9,8 @@ pub mod budget;
 pub mod limit;
 mod malloc;
 
-pub use budget::{format_bytes, parse_bytes, BudgetExhausted, Charge, Kind, MemoryBudget};
+pub use budget::{
+    charge_unless_large, format_bytes, parse_bytes, BudgetExhausted, Charge, Kind, MemoryBudget,
+    ALWAYS_ADMITTED_BYTES,
+};
 pub use malloc::retain_freed_buffers;

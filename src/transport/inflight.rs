@@ -37,11 +37,11 @@ use http_body::Frame;
 use tonic::body::Body;
 use tonic::Status;
 
-use crate::memory::{Charge, Kind, MemoryBudget};
+use crate::memory::{Charge, Kind, MemoryBudget, ALWAYS_ADMITTED_BYTES};
 
 /// Messages up to this size (length prefix included) are charged but never
 /// refused.
-pub const SMALL_MESSAGE_BYTES: u64 = 64 * 1024;
+pub const SMALL_MESSAGE_BYTES: u64 = ALWAYS_ADMITTED_BYTES;
 
 /// gRPC's length prefix: a compression flag and a 4-byte length.
 const PREFIX_BYTES: usize = 5;

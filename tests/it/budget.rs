@@ -291,10 +291,11 @@ async fn replay_caches_are_charged_to_the_budget_and_what_does_not_fit_is_not_he
     assert_eq!(kind("replay_caches"), Some(0.0));
     assert_eq!(kind("sessions"), Some(0.0));
 
-    // 1 MiB: the request (512 KiB) fits beside the session, the output held
-    // beside it does not. The step is applied; its retry is a replay without
-    // the output, never a second step.
-    let tight = TestServer::start_with(|c| c.memory_budget = Some(MIB)).await;
+    // 1400 KiB: the request and its output (512 KiB each, the output charged
+    // while it is computed) fit beside the session, the output held for
+    // replays beside them does not. The step is applied; its retry is a
+    // replay without the output, never a second step.
+    let tight = TestServer::start_with(|c| c.memory_budget = Some(1400 * 1024)).await;
     let mut client = tight.batch_norm().await;
     create(&mut client, named("r", bn1d(2))).await;
     let first = client.forward(with_id("step-1", train("r", input()))).await;
@@ -309,6 +310,6 @@ async fn replay_caches_are_charged_to_the_budget_and_what_does_not_fit_is_not_he
             .await
             .unwrap_err(),
         Code::ResourceExhausted,
-        "memory budget of 1 MiB exhausted",
+        "memory budget of 1.4 MiB exhausted",
     );
 }

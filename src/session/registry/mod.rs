@@ -48,7 +48,7 @@ use super::{
     SessionSnapshot, UpdateParameters,
 };
 use crate::compute::ComputePool;
-use crate::memory::{Charge, MemoryBudget};
+use crate::memory::{charge_unless_large, Charge, Kind, MemoryBudget};
 use crate::numerics::state_dict::{self, ExportTensors};
 use crate::numerics::stats::StatsKernel;
 use crate::numerics::TensorData;
@@ -235,6 +235,13 @@ impl Registry {
         let id = command.id.clone();
         let stats = self.options.stats_kernel;
         let input_bytes = command.input.bytes().len();
+        // The output is the input's size: charged before it is computed, and
+        // until it is handed to the reply (which is charged while sent).
+        let _output = charge_unless_large(
+            &self.options.memory_budget,
+            input_bytes as u64,
+            Kind::Replies,
+        )?;
         self.mutate(&id, input_bytes, move |info, state| {
             forward_step(info, state, &command, stats)
         })
