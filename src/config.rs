@@ -95,6 +95,14 @@ pub struct Config {
     #[arg(long, env = "NORMSERVE_REPLAY_CACHE_TOTAL_BYTES", default_value_t = 256 * 1024 * 1024)]
     pub replay_cache_total_bytes: usize,
 
+    /// Memory the server may hold for its clients, in bytes or with a unit
+    /// (8GiB, 512MiB): sessions' state, replay caches, request and reply
+    /// messages in flight, stream look-ahead. What would exceed it is refused
+    /// with RESOURCE_EXHAUSTED before anything is allocated. Default: half
+    /// of the cgroup's memory limit, or of physical memory without one.
+    #[arg(long, env = "NORMSERVE_MEMORY_BUDGET", value_name = "SIZE", value_parser = crate::memory::parse_bytes)]
+    pub memory_budget: Option<u64>,
+
     /// Seconds in-flight requests get to finish after SIGTERM/SIGINT.
     #[arg(long, env = "NORMSERVE_DRAIN_SECONDS", default_value_t = 10)]
     pub drain_seconds: u64,
@@ -359,6 +367,7 @@ impl Config {
             ("--max-message-bytes", self.max_message_bytes as u64),
             ("--max-tensor-elements", self.max_tensor_elements),
             ("--max-sessions", self.max_sessions),
+            ("--memory-budget", self.memory_budget.unwrap_or(1)),
         ];
         for (flag, value) in positive {
             if value == 0 {

@@ -7,6 +7,7 @@
 //! networking; tensor math is delegated to [`crate::numerics`].
 
 pub mod durable;
+mod footprint;
 mod id;
 mod record;
 mod registry;
@@ -19,12 +20,14 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 
+pub use footprint::{resident_bytes, SESSION_OVERHEAD_BYTES};
 pub use id::{is_valid_tenant, InvalidSessionId, SessionId, MAX_TENANT_LEN};
 pub use registry::{Limits, Recovery, RecoveryError, Registry, RegistryOptions};
 pub use replay::Call;
 
 use crate::compute::ComputeError;
 use crate::device::{DeviceChoice, DeviceError};
+use crate::memory::BudgetExhausted;
 use crate::numerics::{DType, LayerKind, Momentum, NumericsError, TensorData};
 
 /// Forward behaviour.
@@ -239,6 +242,10 @@ pub enum SessionError {
     },
     #[error("{0}")]
     InvalidArgument(String),
+    /// Holding the session (or its replay) would exceed the memory budget;
+    /// nothing was allocated or applied.
+    #[error(transparent)]
+    MemoryBudget(#[from] BudgetExhausted),
     #[error(transparent)]
     Numerics(#[from] NumericsError),
     #[error(transparent)]

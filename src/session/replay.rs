@@ -2,6 +2,12 @@
 //! a retried mutation is answered from memory instead of applied twice. The
 //! ids (not the outputs) are also stored with the session's record, so they
 //! survive a restart.
+//!
+//! The results held (forward outputs, and the snapshots Reset,
+//! UpdateParameters and ImportState answer with) are capped three ways: per
+//! log, by the server-wide replay total, and by the memory budget (charged
+//! as replay caches). A result that does not fit is not held: its retry is
+//! answered as after a restart, and is still never applied twice.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -9,6 +15,7 @@ use std::sync::Arc;
 
 use super::durable::{RecentRequest, RecordError};
 use super::{ForwardOutcome, SessionSnapshot};
+use crate::memory::{Charge, Kind, MemoryBudget};
 
 /// The mutating calls a request id can be applied by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,10 +93,12 @@ impl Replay {
         }
     }
 
+    /// Bytes of the result held: a forward output or a snapshot's tensors.
     fn output_bytes(&self) -> usize {
         match self {
             Replay::Forward(outcome) => outcome.output.as_ref().map_or(0, |o| o.bytes().len()),
-            Replay::Snapshot(..) | Replay::Recovered { .. } => 0,
+            Replay::Snapshot(snapshot, _) => snapshot.tensor_bytes(),
+            Replay::Recovered { .. } => 0,
         }
     }
 }
@@ -102,23 +111,31 @@ pub struct Replayable {
 }
 
 /// How much every session's log may remember: `window` request ids and
-/// `output_bytes` of forward outputs per session, and `total_bytes` of
-/// outputs over all sessions together (counted in `held`, shared by every log).
+/// `output_bytes` of results per session, and `total_bytes` of results over
+/// all sessions together (counted in `held`, shared by every log), all of it
+/// within the server's memory `budget`.
 #[derive(Debug, Clone)]
 pub struct ReplayLimits {
     pub window: usize,
     pub output_bytes: usize,
     pub total_bytes: usize,
     held: Arc<AtomicUsize>,
+    budget: Arc<MemoryBudget>,
 }
 
 impl ReplayLimits {
-    pub fn new(window: usize, output_bytes: usize, total_bytes: usize) -> ReplayLimits {
+    pub fn new(
+        window: usize,
+        output_bytes: usize,
+        total_bytes: usize,
+        budget: Arc<MemoryBudget>,
+    ) -> ReplayLimits {
         ReplayLimits {
             window,
             output_bytes,
             total_bytes,
             held: Arc::new(AtomicUsize::new(0)),
+            budget,
         }
     }
 
@@ -137,15 +154,17 @@ impl ReplayLimits {
     }
 }
 
-/// At most `window` entries; forward outputs held up to `output_bytes` in
-/// this log (older outputs are dropped first, the entries stay) and within
-/// the server-wide total (an output that does not fit is not held: its
-/// replay answers without it, as after a restart).
+/// At most `window` entries; results held up to `output_bytes` in this log
+/// (older results are dropped first, the entries stay), within the
+/// server-wide total and the memory budget (a result that does not fit is
+/// not held: its replay answers without it, as after a restart).
 #[derive(Debug)]
 pub struct ReplayLog {
     entries: VecDeque<(String, Replay)>,
     limits: ReplayLimits,
     output_bytes: usize,
+    /// `output_bytes`, charged to the memory budget (given back on drop).
+    charge: Charge,
 }
 
 impl Drop for ReplayLog {
@@ -160,6 +179,7 @@ impl ReplayLog {
             entries: VecDeque::new(),
             limits: limits.clone(),
             output_bytes: 0,
+            charge: limits.budget.empty(Kind::ReplayCaches),
         }
     }
 
@@ -233,25 +253,47 @@ impl ReplayLog {
             drop_output(old);
             self.output_bytes -= bytes;
             self.limits.give_back(bytes);
+            self.charge.shrink(bytes as u64);
         }
-        if self.limits.take(incoming) {
-            self.output_bytes += incoming;
-        } else {
+        if !self.take(incoming) {
             drop_output(&mut replay);
         }
         self.entries.push_back((request_id, replay));
     }
 
+    /// Holds `bytes` more, if the server-wide total and the budget allow.
+    fn take(&mut self, bytes: usize) -> bool {
+        if !self.limits.take(bytes) {
+            return false;
+        }
+        if self.charge.try_grow(bytes as u64).is_err() {
+            self.limits.give_back(bytes);
+            return false;
+        }
+        self.output_bytes += bytes;
+        true
+    }
+
     fn release(&mut self, bytes: usize) {
         self.output_bytes -= bytes;
         self.limits.give_back(bytes);
+        self.charge.shrink(bytes as u64);
     }
 }
 
-/// Forgets a forward output (the entry stays: a replay answers without it).
+/// Forgets a held result (the entry stays: a replay answers as after a
+/// restart, from the call and the position it produced).
 fn drop_output(replay: &mut Replay) {
-    if let Replay::Forward(outcome) = replay {
-        outcome.output = None;
+    match replay {
+        Replay::Forward(outcome) => outcome.output = None,
+        Replay::Snapshot(snapshot, call) => {
+            *replay = Replay::Recovered {
+                call: *call,
+                version: snapshot.version,
+                num_batches_tracked: snapshot.num_batches_tracked,
+            }
+        }
+        Replay::Recovered { .. } => {}
     }
 }
 
@@ -289,7 +331,7 @@ mod tests {
     fn outputs_are_held_within_the_server_wide_total_and_given_back_with_their_log() {
         // 100 bytes per log, 160 in all: two logs of 25 floats (100 bytes) do
         // not fit together.
-        let limits = ReplayLimits::new(8, 100, 160);
+        let limits = ReplayLimits::new(8, 100, 160, MemoryBudget::unlimited());
         let mut a = ReplayLog::new(&limits);
         let mut b = ReplayLog::new(&limits);
         record(&mut a, "a1", 25);
@@ -306,5 +348,25 @@ mod tests {
         record(&mut b, "b3", 20);
         assert!(held_output(&b, "b3") && !held_output(&b, "b2"));
         assert_eq!(limits.held.load(Ordering::Relaxed), 80);
+    }
+
+    #[test]
+    fn held_outputs_are_charged_to_the_memory_budget_which_caps_them_too() {
+        // The replay caps allow 100 bytes; the budget has room for 60.
+        let budget = MemoryBudget::new(160);
+        let _sessions = budget.try_charge(100, Kind::Sessions).unwrap();
+        let limits = ReplayLimits::new(8, 100, 100, budget.clone());
+        let mut log = ReplayLog::new(&limits);
+        record(&mut log, "a", 10);
+        assert!(held_output(&log, "a"));
+        assert_eq!(budget.charged_for(Kind::ReplayCaches), 40);
+        // 40 more bytes would take the budget to 180: not held, still known.
+        record(&mut log, "b", 10);
+        assert!(!held_output(&log, "b") && log.find("b").is_some());
+        assert_eq!(budget.charged_for(Kind::ReplayCaches), 40);
+        assert_eq!(limits.held.load(Ordering::Relaxed), 40);
+        drop(log);
+        assert_eq!(budget.charged_for(Kind::ReplayCaches), 0);
+        assert_eq!(limits.held.load(Ordering::Relaxed), 0);
     }
 }

@@ -120,6 +120,9 @@ pub struct OpenOptions {
     /// missing where one was) instead of refusing to start; the commit mark
     /// then starts again from what the store holds.
     pub accept_rollback: bool,
+    /// Bytes of pages redb keeps in memory (its read cache and write
+    /// buffer); None: redb's default, 1 GiB. Part of the memory budget.
+    pub cache_bytes: Option<usize>,
 }
 
 impl EmbeddedStore {
@@ -150,7 +153,11 @@ impl EmbeddedStore {
             tracing::warn!(path = %shown, acknowledged,
                 "store missing or empty where one was; starting empty (--accept-store-rollback)");
         }
-        let db = Database::create(&path).map_err(|e| match e {
+        let mut builder = Database::builder();
+        if let Some(bytes) = options.cache_bytes {
+            builder.set_cache_size(bytes);
+        }
+        let db = builder.create(&path).map_err(|e| match e {
             // Not the file's fault: the directory, permissions, a lock.
             redb::DatabaseError::DatabaseAlreadyOpen => open_error(&e),
             redb::DatabaseError::Storage(redb::StorageError::Io(ref io))
@@ -460,7 +467,13 @@ mod tests {
     }
 
     fn open(dir: &Path, accept_rollback: bool) -> Result<EmbeddedStore, OpenError> {
-        EmbeddedStore::open(dir, OpenOptions { accept_rollback })
+        EmbeddedStore::open(
+            dir,
+            OpenOptions {
+                accept_rollback,
+                ..OpenOptions::default()
+            },
+        )
     }
 
     #[tokio::test]

@@ -41,7 +41,10 @@ pub enum StoreOpenError {
 }
 
 /// The store the configuration asks for; `None` for `--durability none`.
-pub async fn open(config: &Config) -> Result<Option<Arc<dyn SessionStore>>, StoreOpenError> {
+pub async fn open(
+    config: &Config,
+    cache_bytes: Option<usize>,
+) -> Result<Option<Arc<dyn SessionStore>>, StoreOpenError> {
     let shared = config.store.starts_with("redis://") || config.store.starts_with("rediss://");
     match config.durability {
         Durability::None if shared => Err(StoreOpenError::NoneWithShared(config.store.clone())),
@@ -53,6 +56,7 @@ pub async fn open(config: &Config) -> Result<Option<Arc<dyn SessionStore>>, Stor
             &config.data_dir,
             embedded::OpenOptions {
                 accept_rollback: config.accept_store_rollback,
+                cache_bytes,
             },
         )?))),
     }

@@ -22,6 +22,7 @@ use prometheus_client::registry::Registry;
 
 use super::process::ProcessCollector;
 use crate::config::TtlAction;
+use crate::memory::{Kind, MemoryBudget};
 
 /// This build's version, as GetServerInfo reports it.
 pub const SERVER_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -30,7 +31,7 @@ pub const LIBTORCH_VERSION: &str = env!("NORMSERVE_LIBTORCH_VERSION");
 
 /// Every metric name as it appears in the exposition (counters with their
 /// `_total` suffix), in the order of `deploy/checks/metrics.txt`.
-pub const NAMES: [&str; 15] = [
+pub const NAMES: [&str; 17] = [
     "normserve_requests_total",
     "normserve_request_duration_seconds",
     "normserve_compute_duration_seconds",
@@ -45,6 +46,8 @@ pub const NAMES: [&str; 15] = [
     "normserve_store_errors_total",
     "normserve_session_evictions_total",
     "normserve_cuda_memory_bytes",
+    "normserve_memory_budget_bytes",
+    "normserve_memory_charged_bytes",
     "normserve_build_info",
 ];
 
@@ -88,6 +91,11 @@ struct Build {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DeviceLabel {
     device: String,
 }
@@ -115,6 +123,8 @@ pub struct Metrics {
     store_errors: Family<Op, Counter>,
     evictions: Family<Action, Counter>,
     cuda_memory: Family<DeviceLabel, Gauge>,
+    memory_budget: Gauge,
+    memory_charged: Family<KindLabel, Gauge>,
     build_info: Family<Build, Gauge>,
 }
 
@@ -149,6 +159,8 @@ impl Metrics {
             store_errors: Family::default(),
             evictions: Family::default(),
             cuda_memory: Family::default(),
+            memory_budget: Gauge::default(),
+            memory_charged: Family::default(),
             build_info: Family::default(),
         };
         // prometheus-client adds the prefix and, for counters, `_total`.
@@ -224,6 +236,16 @@ impl Metrics {
             metrics.cuda_memory.clone(),
         );
         r.register(
+            "memory_budget_bytes",
+            "The memory budget (--memory-budget), bytes",
+            metrics.memory_budget.clone(),
+        );
+        r.register(
+            "memory_charged_bytes",
+            "Bytes charged to the memory budget, by kind: sessions, replay_caches, requests, replies, stream_lookahead, store_cache",
+            metrics.memory_charged.clone(),
+        );
+        r.register(
             "build_info",
             "Always 1; the labels name this build: server version and the libtorch it was built against",
             metrics.build_info.clone(),
@@ -242,6 +264,13 @@ impl Metrics {
             drop(metrics.evictions.get_or_create(&Action {
                 action: action.name(),
             }));
+        }
+        for kind in Kind::ALL {
+            drop(
+                metrics
+                    .memory_charged
+                    .get_or_create(&KindLabel { kind: kind.name() }),
+            );
         }
         metrics
             .build_info
@@ -337,6 +366,17 @@ impl Metrics {
                 action: action.name(),
             })
             .inc();
+    }
+
+    /// The memory budget and what is charged to it now, by kind.
+    pub fn set_memory_budget(&self, budget: &MemoryBudget) {
+        self.memory_budget
+            .set(i64::try_from(budget.limit()).unwrap_or(i64::MAX));
+        for kind in Kind::ALL {
+            self.memory_charged
+                .get_or_create(&KindLabel { kind: kind.name() })
+                .set(i64::try_from(budget.charged_for(kind)).unwrap_or(i64::MAX));
+        }
     }
 
     /// CUDA memory in use on `device` ("cuda:N"), in bytes.

@@ -143,7 +143,7 @@ impl BatchNormService for BatchNormApi {
         let replies = stream::answer_each(
             request.into_inner(),
             credential,
-            self.look_ahead,
+            self.look_ahead.clone(),
             move |request| {
                 let (registry, caller) = (registry.clone(), caller.clone());
                 let this = index;

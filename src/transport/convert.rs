@@ -963,6 +963,7 @@ pub struct ServerFacts {
     pub max_tensor_elements: u64,
     pub max_num_features: i64,
     pub max_message_bytes: usize,
+    pub replay_cache_total_bytes: usize,
     pub store: StoreKind,
     pub durability: Durability,
     pub cpu_stats_kernel: CpuStatsKernel,
@@ -981,6 +982,10 @@ pub struct ServerInfo<'a> {
     /// Sessions the caller may know of.
     pub sessions: u64,
     pub unreadable_sessions: u64,
+    /// The memory budget, bytes.
+    pub memory_budget_bytes: u64,
+    /// Charged to it now (0 when the caller may not know).
+    pub memory_charged_bytes: u64,
 }
 
 impl From<ServerInfo<'_>> for pb::GetServerInfoResponse {
@@ -1005,6 +1010,9 @@ impl From<ServerInfo<'_>> for pb::GetServerInfoResponse {
                 max_tensor_elements: facts.max_tensor_elements,
                 max_num_features: facts.max_num_features,
                 max_message_bytes: facts.max_message_bytes as u64,
+                memory_budget_bytes: info.memory_budget_bytes,
+                memory_charged_bytes: info.memory_charged_bytes,
+                replay_cache_total_bytes: facts.replay_cache_total_bytes as u64,
             }),
             features: [
                 "sessions",

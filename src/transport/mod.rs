@@ -1,6 +1,7 @@
 //! The gRPC surface: tonic services, proto <-> domain conversions
 //! ([`convert`]), error -> status mapping ([`status`]), the tower layers
-//! (admission: [`shedding`] and [`auth`]; [`deadline`]), the Open Inference
+//! (admission: [`shedding`] and [`auth`]; [`deadline`]; messages in flight
+//! against the memory budget: [`inflight`]), the Open Inference
 //! Protocol ([`oip`]: gRPC and HTTP) and the server's
 //! assembly ([`Server`]): health, reflection, message limits, graceful
 //! shutdown.
@@ -15,6 +16,7 @@ pub mod convert;
 pub mod deadline;
 mod idle;
 mod incoming;
+pub mod inflight;
 pub mod oip;
 mod security;
 mod server;

@@ -22,11 +22,13 @@ use tonic_health::server::HealthReporter;
 use super::convert::{CompareLimits, ServerFacts};
 use super::incoming::ThrottledIncoming;
 use super::oip::{self, InferenceApi, Models};
-use super::{auth, deadline, shedding, status, Security, SecurityError, LIBTORCH_VERSION};
+use super::LIBTORCH_VERSION;
+use super::{auth, deadline, inflight, shedding, status, Security, SecurityError};
 use super::{AdmissionLayer, BatchNormApi, CompareApi, ServerInfoApi};
 use crate::compute::ComputePool;
 use crate::config::{Config, CpuStatsKernel};
 use crate::device::{describe_devices, DeviceError};
+use crate::memory::{format_bytes, Charge, Kind, MemoryBudget};
 use crate::numerics::stats::StatsKernel;
 use crate::proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use crate::proto::v1::batch_norm_service_server::BatchNormServiceServer;
@@ -98,6 +100,10 @@ pub struct Server {
     http_listener: Option<TcpListener>,
     /// None: opened when serving starts.
     registry: Option<Arc<Registry>>,
+    /// The server-wide memory budget (`--memory-budget`).
+    budget: Arc<MemoryBudget>,
+    /// The embedded store's cache, charged to the budget.
+    store_cache: Option<Charge>,
 }
 
 impl Server {
@@ -107,7 +113,11 @@ impl Server {
     pub fn new(config: Config) -> Result<Server, ServeError> {
         tch::set_num_threads(config.intra_op_threads);
         let device = config.device.resolve(None)?;
+        let (budget, source) = crate::memory::limit::resolve_budget(config.memory_budget);
+        tracing::info!(budget = %format_bytes(budget), %source, "memory budget");
         Ok(Server {
+            budget: MemoryBudget::new(budget),
+            store_cache: None,
             config,
             device,
             metrics: Arc::new(Metrics::new()),
@@ -192,7 +202,14 @@ impl Server {
         }
         let config = &self.config;
         let pool = ComputePool::new(config.resolved_compute_threads(), self.metrics.clone());
-        let store = crate::store::open(config).await?.map(|store| {
+        // The embedded store's cache is part of the budget, charged for as
+        // long as the server lives.
+        let cache_bytes = crate::memory::limit::store_cache_bytes(self.budget.limit());
+        let embedded = config.store_kind() == crate::config::StoreKind::Embedded;
+        self.store_cache =
+            embedded.then(|| self.budget.charge_anyway(cache_bytes, Kind::StoreCache));
+        let cache_bytes = usize::try_from(cache_bytes).ok();
+        let store = crate::store::open(config, cache_bytes).await?.map(|store| {
             Arc::new(MeasuredStore::new(store, self.metrics.clone())) as Arc<dyn SessionStore>
         });
         let options = RegistryOptions {
@@ -213,6 +230,7 @@ impl Server {
                 CpuStatsKernel::Libtorch => StatsKernel::Libtorch,
                 CpuStatsKernel::Native => StatsKernel::Native,
             },
+            memory_budget: self.budget.clone(),
         };
         let registry = Arc::new(Registry::new(options, pool, store, self.metrics.clone()));
         let recovery = registry.recover().await?;
@@ -249,17 +267,21 @@ impl Server {
             metrics,
             metrics_listener,
             http_listener,
+            budget,
+            store_cache: _store_cache,
             ..
         } = self;
         let _metrics_endpoint = metrics_listener.map(|listener| {
             // Live sessions (and CUDA memory) are read at each scrape rather than
             // counted at every place a session comes or goes.
             let sessions = registry.clone();
+            let budget = budget.clone();
             AbortOnDrop(tokio::spawn(crate::telemetry::exporter::serve_metrics(
                 listener,
                 metrics.clone(),
                 Arc::new(move |metrics: &Metrics| {
                     metrics.set_sessions(sessions.len());
+                    metrics.set_memory_budget(&budget);
                     for (device, bytes) in crate::device::cuda_memory_in_use() {
                         metrics.set_cuda_memory(device, bytes);
                     }
@@ -267,9 +289,10 @@ impl Server {
             )))
         });
         let max = config.max_message_bytes;
-        let look_ahead = super::stream::LookAhead::new(config.stream_look_ahead_bytes);
+        let look_ahead =
+            super::stream::LookAhead::new(config.stream_look_ahead_bytes, budget.clone());
         let batch_norm =
-            BatchNormServiceServer::new(BatchNormApi::new(registry.clone(), look_ahead))
+            BatchNormServiceServer::new(BatchNormApi::new(registry.clone(), look_ahead.clone()))
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max);
         let compare_limits = CompareLimits {
@@ -378,6 +401,9 @@ impl Server {
                 Arc::new((shedder, gate)),
                 config.request_idle_timeout(),
             ))
+            // Admitted messages charged to the memory budget as their length
+            // prefix arrives, before tonic gathers them.
+            .layer(inflight::InflightLayer::new(budget.clone(), max))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
@@ -421,6 +447,7 @@ fn facts(config: &Config, device: Device) -> ServerFacts {
         max_tensor_elements: config.max_tensor_elements,
         max_num_features: config.max_num_features,
         max_message_bytes: config.max_message_bytes,
+        replay_cache_total_bytes: config.replay_cache_total_bytes,
         store: config.store_kind(),
         durability: config.durability,
         cpu_stats_kernel: config.cpu_stats_kernel,

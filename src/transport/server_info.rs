@@ -37,11 +37,17 @@ impl ServerService for ServerInfoApi {
             None => self.registry.len(),
             Some(tenant) => self.registry.tenant_len(tenant),
         };
+        let budget = self.registry.memory_budget();
         Ok(Response::new(
             ServerInfo {
                 facts: &self.facts,
                 sessions: sessions as u64,
                 unreadable_sessions: self.registry.unreadable_count(tenant) as u64,
+                memory_budget_bytes: budget.limit(),
+                memory_charged_bytes: match tenant {
+                    None => budget.charged(),
+                    Some(_) => 0,
+                },
             }
             .into(),
         ))

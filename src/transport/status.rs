@@ -32,6 +32,7 @@ impl From<SessionError> for Status {
             SessionError::FailedPrecondition(_) => Status::failed_precondition(message),
             SessionError::LimitExceeded { .. } => Status::resource_exhausted(message),
             SessionError::InvalidArgument(_) => Status::invalid_argument(message),
+            SessionError::MemoryBudget(_) => Status::resource_exhausted(message),
             SessionError::Numerics(error) => error.into(),
             SessionError::Device(error) => error.into(),
             SessionError::Compute(error) => error.into(),

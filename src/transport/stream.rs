@@ -13,8 +13,11 @@
 //! (`--stream-look-ahead-bytes`, [`LookAhead`]): past the bound the loop
 //! reads no further message until the client reads, so a client that never
 //! reads holds at most that much (one answer always goes through, however
-//! large). What the HTTP/2 stream window lets the server send before the
-//! client reads comes on top.
+//! large). Those answers are also counted in the memory budget
+//! (`--memory-budget`, kind `stream_lookahead`) until the connection takes
+//! them; never refused there, since each output was charged (and refused
+//! when it did not fit) before it was computed. What the HTTP/2 stream window
+//! lets the server send before the client reads comes on top.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -27,27 +30,30 @@ use tonic::{Status, Streaming};
 
 use super::{auth, status};
 use crate::auth::Credential;
+use crate::memory::budget::{Charge, Kind, MemoryBudget};
 
 /// Bytes of answers a stream may have computed and not yet handed to the
 /// client's connection (`--stream-look-ahead-bytes`).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct LookAhead {
     bytes: u32,
+    budget: Arc<MemoryBudget>,
 }
 
 impl LookAhead {
     /// At most `bytes` ahead (at least 1; at most 4 GiB, the most one
-    /// semaphore counts in a single acquisition).
-    pub fn new(bytes: u64) -> LookAhead {
+    /// semaphore counts in a single acquisition), counted in `budget`.
+    pub fn new(bytes: u64, budget: Arc<MemoryBudget>) -> LookAhead {
         LookAhead {
             bytes: u32::try_from(bytes).unwrap_or(u32::MAX).max(1),
+            budget,
         }
     }
 }
 
-/// An answer and its share of the look-ahead, returned when the client's
-/// connection takes it.
-type Queued<Resp> = (Result<Resp, Status>, Option<OwnedSemaphorePermit>);
+/// An answer, its share of the look-ahead and its charge in the memory
+/// budget, both returned when the client's connection takes it.
+type Queued<Resp> = (Result<Resp, Status>, Option<(OwnedSemaphorePermit, Charge)>);
 
 /// The answers of [`answer_each`], as the response stream of its request.
 pub struct Replies<Resp> {
@@ -62,7 +68,7 @@ impl<Resp> Stream for Replies<Resp> {
         // the connection takes it to encode and send.
         self.receiver
             .poll_recv(cx)
-            .map(|queued| queued.map(|(answer, _permit)| answer))
+            .map(|queued| queued.map(|(answer, _held)| answer))
     }
 }
 
@@ -85,7 +91,7 @@ where
     // Unbounded in count, bounded in bytes by the semaphore: every answer
     // takes its encoded size from it (the bound, for larger ones) first.
     let (replies, receiver) = mpsc::unbounded_channel::<Queued<Resp>>();
-    let budget = Arc::new(Semaphore::new(look_ahead.bytes as usize));
+    let window = Arc::new(Semaphore::new(look_ahead.bytes as usize));
     let rpc = crate::telemetry::current_rpc();
     let deadline = crate::compute::current_deadline();
     let caller = crate::compute::current_caller();
@@ -109,10 +115,13 @@ where
                 .clamp(1, look_ahead.bytes);
             // Waits while the answers not yet taken fill the look-ahead;
             // the semaphore is never closed.
-            let Ok(permit) = budget.clone().acquire_many_owned(share).await else {
+            let Ok(permit) = window.clone().acquire_many_owned(share).await else {
                 break;
             };
-            if replies.send((Ok(reply), Some(permit))).is_err() {
+            let charge = look_ahead
+                .budget
+                .charge_anyway(u64::from(share), Kind::StreamLookahead);
+            if replies.send((Ok(reply), Some((permit, charge)))).is_err() {
                 break; // the client went away
             }
         }

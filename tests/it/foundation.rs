@@ -173,6 +173,8 @@ async fn server_info_reports_libtorch_the_cpu_and_the_configured_limits() {
         c.max_tensor_elements = 12_345;
         c.max_num_features = 99;
         c.max_message_bytes = 3 << 20;
+        c.memory_budget = Some(64 << 20);
+        c.replay_cache_total_bytes = 1 << 20;
     })
     .await;
     let mut client = server.server_info().await;
@@ -185,6 +187,9 @@ async fn server_info_reports_libtorch_the_cpu_and_the_configured_limits() {
     assert_eq!(info.libtorch_version, "2.11.0");
     assert_eq!(info.server_version, env!("CARGO_PKG_VERSION"));
     assert_eq!(info.devices[0].name, "cpu");
+    // Nothing but this call's own request is charged (no sessions, no store).
+    let charged = info.limits.as_ref().map_or(0, |l| l.memory_charged_bytes);
+    assert!(charged < 1024, "{charged}");
     assert_eq!(
         info.limits,
         Some(pb::Limits {
@@ -192,6 +197,9 @@ async fn server_info_reports_libtorch_the_cpu_and_the_configured_limits() {
             max_tensor_elements: 12_345,
             max_num_features: 99,
             max_message_bytes: 3 << 20,
+            memory_budget_bytes: 64 << 20,
+            memory_charged_bytes: charged,
+            replay_cache_total_bytes: 1 << 20,
         })
     );
     if tch::Cuda::is_available() {

@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod admission;
+mod budget;
 mod concurrency;
 mod expiry;
 mod foundation;

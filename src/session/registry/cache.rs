@@ -3,6 +3,12 @@
 //! recovery at start-up, and the sessions whose records cannot be read
 //! (DATA_LOSS, never replaced by a fresh session). No mutation of a session's
 //! state happens here.
+//!
+//! A session loaded is charged to the memory budget before its tensors are
+//! built: on demand, a load the budget cannot hold is RESOURCE_EXHAUSTED (the
+//! record stays in the store, nothing is lost); at start-up, recovery loads
+//! every stored session whatever the budget says (the embedded store's
+//! sessions are served from memory only), and warns when they exceed it.
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
@@ -10,9 +16,10 @@ use std::sync::{Arc, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Instant, SystemTime};
 
 use super::{Recovery, RecoveryError, Registry, Session};
+use crate::memory::{format_bytes, Charge, Kind};
 use crate::session::durable::{RecordError, SessionRecord};
 use crate::session::record::{info_from_record, state_from_record};
-use crate::session::{SessionError, SessionId, UnreadableSession};
+use crate::session::{resident_bytes, SessionConfig, SessionError, SessionId, UnreadableSession};
 
 impl Registry {
     pub(super) fn read_map(&self) -> RwLockReadGuard<'_, BTreeMap<SessionId, Arc<Session>>> {
@@ -130,7 +137,11 @@ impl Registry {
                     continue;
                 }
             };
-            match self.session_from_record(record).await {
+            let budget = self.options.memory_budget.clone();
+            let charge = |config: &SessionConfig| {
+                Ok(budget.charge_anyway(resident_bytes(config), Kind::Sessions))
+            };
+            match self.session_from_record(record, charge).await {
                 Ok(session) => {
                     self.write_map().insert(session.info.id.clone(), session);
                     loaded += 1;
@@ -142,6 +153,15 @@ impl Registry {
                 Err(other) => return Err(other.into()),
             }
         }
+        let budget = &self.options.memory_budget;
+        if budget.charged() > budget.limit() {
+            tracing::warn!(
+                charged = %format_bytes(budget.charged()),
+                budget = %format_bytes(budget.limit()),
+                sessions = loaded,
+                "the recovered sessions exceed the memory budget (--memory-budget): they are all served, and new sessions are refused until some are deleted"
+            );
+        }
         Ok(Recovery {
             loaded,
             unreadable,
@@ -149,10 +169,12 @@ impl Registry {
         })
     }
 
-    /// A session built from its record, tensors placed on its device.
+    /// A session built from its record, tensors placed on its device, after
+    /// `charge` charged its configuration to the memory budget.
     async fn session_from_record(
         &self,
         record: SessionRecord,
+        charge: impl FnOnce(&SessionConfig) -> Result<Charge, SessionError>,
     ) -> Result<Arc<Session>, SessionError> {
         let default_device = self.options.default_device;
         let replay = self.replay.clone();
@@ -163,6 +185,7 @@ impl Registry {
                 id: fallback_id,
                 reason: e.to_string(),
             })?;
+        let charge = charge(&info.config)?;
         let (info, state) = self
             .pool
             .run(move || {
@@ -170,7 +193,7 @@ impl Registry {
                 (info, state)
             })
             .await?;
-        Ok(Arc::new(Session::new(info, state?)))
+        Ok(Arc::new(Session::new(info, state?, charge)))
     }
 
     /// The cached session, or the stored one loaded into the cache.
@@ -215,7 +238,13 @@ impl Registry {
             Some(Err(error)) => return Err(self.mark_unreadable(id, error.to_string())),
             Some(Ok(record)) => record,
         };
-        let session = match self.session_from_record(record).await {
+        let budget = self.options.memory_budget.clone();
+        let charge = |config: &SessionConfig| {
+            budget
+                .try_charge(resident_bytes(config), Kind::Sessions)
+                .map_err(SessionError::from)
+        };
+        let session = match self.session_from_record(record, charge).await {
             Ok(session) => session,
             Err(SessionError::DataLoss { reason, .. }) => {
                 return Err(self.mark_unreadable(id, reason))

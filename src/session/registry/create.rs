@@ -2,7 +2,8 @@
 //! against the session limits (in all and per tenant) while it is under way,
 //! storing the new session's first record, and answering a create of an
 //! existing session (the same configuration: its state; another one:
-//! ALREADY_EXISTS naming the fields that differ).
+//! ALREADY_EXISTS naming the fields that differ). A new session is charged
+//! to the memory budget before its tensors are allocated.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -11,6 +12,7 @@ use std::time::SystemTime;
 use tch::Device;
 
 use super::{Limits, Registry, Session};
+use crate::memory::Kind;
 use crate::numerics::batch_norm::{check_eps, check_momentum};
 use crate::numerics::Momentum;
 use crate::session::durable::Written;
@@ -19,7 +21,7 @@ use crate::session::replay::ReplayLog;
 use crate::session::state::{snapshot, LastUse, SessionInfo, SessionState};
 use crate::session::steps::{check_num_batches_tracked, initial_layer};
 use crate::session::{
-    check_labels, CreateSession, Created, SessionConfig, SessionError, SessionId,
+    check_labels, resident_bytes, CreateSession, Created, SessionConfig, SessionError, SessionId,
 };
 
 impl Registry {
@@ -46,6 +48,12 @@ impl Registry {
             .clone()
             .unwrap_or_else(|| SessionId::generate_in(&command.tenant));
         let _slot = self.reserve_slot(id.tenant())?;
+        // Charged before the tensors exist: a creation the budget cannot
+        // hold allocates nothing.
+        let charge = self
+            .options
+            .memory_budget
+            .try_charge(resident_bytes(&command.config), Kind::Sessions)?;
         let info = SessionInfo {
             id,
             config: command.config.clone(),
@@ -98,6 +106,7 @@ impl Registry {
                 evicted: false,
                 replay: ReplayLog::new(&self.replay),
             },
+            charge,
         ));
         let existing = {
             let mut map = self.write_map();

@@ -48,6 +48,7 @@ use super::{
     SessionSnapshot, UpdateParameters,
 };
 use crate::compute::ComputePool;
+use crate::memory::{charge_unless_large, Charge, Kind, MemoryBudget};
 use crate::numerics::state_dict::{self, ExportTensors};
 use crate::numerics::stats::StatsKernel;
 use crate::numerics::TensorData;
@@ -80,6 +81,10 @@ pub struct RegistryOptions {
     pub replay_cache_total_bytes: usize,
     /// Who computes train-mode batch statistics on the CPU.
     pub stats_kernel: StatsKernel,
+    /// The server-wide memory budget: sessions are charged their
+    /// [`resident_bytes`](crate::session::resident_bytes) while in memory,
+    /// replay logs what they hold.
+    pub memory_budget: Arc<MemoryBudget>,
 }
 
 /// What start-up recovery found.
@@ -115,17 +120,21 @@ pub struct Registry {
     replay: ReplayLimits,
 }
 
-/// One session: immutable facts outside the lock, mutable state inside.
+/// One session: immutable facts outside the lock, mutable state inside, and
+/// its charge on the memory budget, given back when the last reference goes
+/// (deleted, evicted, or replaced by another incarnation).
 struct Session {
     info: SessionInfo,
     state: Arc<tokio::sync::Mutex<SessionState>>,
+    _charge: Charge,
 }
 
 impl Session {
-    fn new(info: SessionInfo, state: SessionState) -> Session {
+    fn new(info: SessionInfo, state: SessionState, charge: Charge) -> Session {
         Session {
             info,
             state: Arc::new(tokio::sync::Mutex::new(state)),
+            _charge: charge,
         }
     }
 }
@@ -148,6 +157,7 @@ impl Registry {
                 options.replay_window,
                 options.replay_cache_bytes,
                 options.replay_cache_total_bytes,
+                options.memory_budget.clone(),
             ),
             options,
             pool,
@@ -158,6 +168,11 @@ impl Registry {
 
     pub fn options(&self) -> &RegistryOptions {
         &self.options
+    }
+
+    /// The memory budget sessions and replay logs are charged to.
+    pub fn memory_budget(&self) -> &Arc<MemoryBudget> {
+        &self.options.memory_budget
     }
 
     /// The compute pool, shared with the stateless services.
@@ -220,6 +235,13 @@ impl Registry {
         let id = command.id.clone();
         let stats = self.options.stats_kernel;
         let input_bytes = command.input.bytes().len();
+        // The output is the input's size: charged before it is computed, and
+        // until it is handed to the reply (which is charged while sent).
+        let _output = charge_unless_large(
+            &self.options.memory_budget,
+            input_bytes as u64,
+            Kind::Replies,
+        )?;
         self.mutate(&id, input_bytes, move |info, state| {
             forward_step(info, state, &command, stats)
         })

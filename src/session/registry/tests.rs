@@ -139,6 +139,7 @@ fn new_registry(store: Option<Arc<MemoryStore>>) -> Registry {
             replay_cache_bytes: 1 << 20,
             replay_cache_total_bytes: 1 << 20,
             stats_kernel: StatsKernel::Libtorch,
+            memory_budget: crate::memory::MemoryBudget::unlimited(),
         },
         ComputePool::new(1, metrics.clone()),
         store.map(|s| s as Arc<dyn SessionStore>),

@@ -102,7 +102,7 @@ impl GrpcInferenceService for InferenceApi {
         let replies = stream::answer_each(
             request.into_inner(),
             credential,
-            self.look_ahead,
+            self.look_ahead.clone(),
             move |request| {
                 let (models, caller) = (models.clone(), caller.clone());
                 async move {

@@ -21,16 +21,22 @@ class DeviceInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., total_memory_bytes: _Optional[int] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_sessions", "max_tensor_elements", "max_num_features", "max_message_bytes")
+    __slots__ = ("max_sessions", "max_tensor_elements", "max_num_features", "max_message_bytes", "memory_budget_bytes", "memory_charged_bytes", "replay_cache_total_bytes")
     MAX_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     MAX_TENSOR_ELEMENTS_FIELD_NUMBER: _ClassVar[int]
     MAX_NUM_FEATURES_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_CHARGED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REPLAY_CACHE_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     max_sessions: int
     max_tensor_elements: int
     max_num_features: int
     max_message_bytes: int
-    def __init__(self, max_sessions: _Optional[int] = ..., max_tensor_elements: _Optional[int] = ..., max_num_features: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
+    memory_budget_bytes: int
+    memory_charged_bytes: int
+    replay_cache_total_bytes: int
+    def __init__(self, max_sessions: _Optional[int] = ..., max_tensor_elements: _Optional[int] = ..., max_num_features: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ..., memory_charged_bytes: _Optional[int] = ..., replay_cache_total_bytes: _Optional[int] = ...) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
     __slots__ = ("server_version", "libtorch_version", "default_device", "devices", "cuda_device_count", "limits", "features", "intra_op_threads", "compute_threads", "sessions", "unreadable_sessions", "store")
