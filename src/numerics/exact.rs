@@ -417,8 +417,8 @@ fn accumulate_f64(data: &[f64], layout: &Layout, sums: &mut [ChannelSums]) -> bo
                     let index = (bits >> 52) as usize;
                     let exponent = index & 0x7ff;
                     special |= exponent == 0x7ff;
-                    let significand = u128::from(bits & 0xf_ffff_ffff_ffff)
-                        | (u128::from(exponent != 0) << 52);
+                    let significand =
+                        u128::from(bits & 0xf_ffff_ffff_ffff) | (u128::from(exponent != 0) << 52);
                     if buckets.squares[index] == 0 && significand != 0 {
                         buckets.touched.push(index);
                     }
@@ -625,6 +625,121 @@ impl ExactSums {
     }
 }
 
+/// The state-dict keys of the exact sums, beside PyTorch's own (which a
+/// plain `load_state_dict(strict=False)` then ignores as unexpected):
+/// `exact.count` (int64, 0-d: values seen per channel), and per channel
+/// (rows of int64 (C, W) tensors: little-endian base-2^32 digits, each in
+/// [0, 2^32)) `exact.sum_x.positive` and `exact.sum_x.negative` (the sums of
+/// the positive values and of |x| over the negative ones, in units of
+/// 2^-1074) and `exact.sum_x2` (the sum of x², in units of 2^-2148).
+pub const COUNT_KEY: &str = "exact.count";
+pub const SUM_POSITIVE_KEY: &str = "exact.sum_x.positive";
+pub const SUM_NEGATIVE_KEY: &str = "exact.sum_x.negative";
+pub const SUM_SQUARES_KEY: &str = "exact.sum_x2";
+pub const KEYS: [&str; 4] = [
+    COUNT_KEY,
+    SUM_POSITIVE_KEY,
+    SUM_NEGATIVE_KEY,
+    SUM_SQUARES_KEY,
+];
+
+/// Most digits a sum can need: |x| < 2^1024 and at most 2^64 values, so
+/// sum_x < 2^(1074 + 1088) and sum_x2 < 2^(2148 + 2112).
+const MAX_SUM_X_DIGITS: usize = 68;
+const MAX_SUM_X2_DIGITS: usize = 134;
+
+/// One exported sum: (C, W) digits as int64 little-endian bytes.
+pub struct DigitTable {
+    pub shape: [usize; 2],
+    pub bytes: Vec<u8>,
+}
+
+impl ExactSums {
+    /// The (C, W) digit table of one sum of every channel (W the widest
+    /// channel's digits, at least 1).
+    pub fn digit_table(&self, sum: impl Fn(&ChannelSums) -> &Magnitude) -> DigitTable {
+        let width = self
+            .channels
+            .iter()
+            .map(|c| sum(c).digits32_len())
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let mut bytes = Vec::with_capacity(self.channels.len() * width * 8);
+        for channel in &self.channels {
+            // `width` is the largest digit count, so every channel fits.
+            let digits = sum(channel).digits32(width).unwrap_or_default();
+            for digit in digits {
+                bytes.extend_from_slice(&i64::from(digit).to_le_bytes());
+            }
+        }
+        DigitTable {
+            shape: [self.channels.len(), width],
+            bytes,
+        }
+    }
+
+    /// Sums from an imported state dict's `exact.*` tensors: `count`, and
+    /// the three digit tables as (C, W) int64 values (row-major), checked:
+    /// digits in [0, 2^32), widths within what a sum can need, no sums
+    /// without a count, and n·Σx² ≥ (Σx)² (what any real values give).
+    pub fn from_digit_tables(
+        count: i64,
+        channels: usize,
+        tables: [(&str, &[i64], usize); 3],
+    ) -> Result<ExactSums, String> {
+        let count =
+            u64::try_from(count).map_err(|_| format!("{COUNT_KEY} must be >= 0, got {count}"))?;
+        let mut sums = ExactSums::new(channels);
+        sums.count = count;
+        for (index, (key, values, width)) in tables.into_iter().enumerate() {
+            let limit = if index == 2 {
+                MAX_SUM_X2_DIGITS
+            } else {
+                MAX_SUM_X_DIGITS
+            };
+            if width == 0 || width > limit || values.len() != channels * width {
+                return Err(format!(
+                    "{key}: expected shape [{channels}, W] with 1 <= W <= {limit}"
+                ));
+            }
+            for (channel, row) in sums.channels.iter_mut().zip(values.chunks(width)) {
+                let mut digits = Vec::with_capacity(width);
+                for &value in row {
+                    let digit = u32::try_from(value)
+                        .map_err(|_| format!("{key}: digits must be in [0, 2^32), got {value}"))?;
+                    digits.push(digit);
+                }
+                let magnitude = Magnitude::from_digits32(&digits);
+                match index {
+                    0 => channel.positive = magnitude,
+                    1 => channel.negative = magnitude,
+                    _ => channel.squares = magnitude,
+                }
+            }
+        }
+        for (c, channel) in sums.channels.iter().enumerate() {
+            let empty = channel.positive.is_zero()
+                && channel.negative.is_zero()
+                && channel.squares.is_zero();
+            if count == 0 && !empty {
+                return Err(format!("channel {c} has sums but {COUNT_KEY} is 0"));
+            }
+            let a = BigInt::from_biguint(Sign::Plus, channel.positive.to_biguint())
+                - BigInt::from_biguint(Sign::Plus, channel.negative.to_biguint());
+            let spread = BigInt::from(count)
+                * BigInt::from_biguint(Sign::Plus, channel.squares.to_biguint())
+                - &a * &a;
+            if spread.sign() == Sign::Minus {
+                return Err(format!(
+                    "channel {c}: the sums are not those of any values (count * sum_x2 < sum_x^2)"
+                ));
+            }
+        }
+        Ok(sums)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -709,8 +824,12 @@ mod tests {
         let mut reversed: Vec<f64> = values.clone();
         reversed.reverse();
         let mut merged = sums_of(&reversed[..333], Kind::Double);
-        merged.merge(&sums_of(&reversed[333..334], Kind::Double)).unwrap();
-        merged.merge(&sums_of(&reversed[334..], Kind::Double)).unwrap();
+        merged
+            .merge(&sums_of(&reversed[333..334], Kind::Double))
+            .unwrap();
+        merged
+            .merge(&sums_of(&reversed[334..], Kind::Double))
+            .unwrap();
         assert_eq!(merged, whole);
     }
 
@@ -744,7 +863,9 @@ mod tests {
     fn non_finite_values_are_refused() {
         for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
             for kind in [Kind::Double, Kind::Float, Kind::Half] {
-                let t = Tensor::from_slice(&[1.0, bad]).to_kind(kind).reshape([2, 1]);
+                let t = Tensor::from_slice(&[1.0, bad])
+                    .to_kind(kind)
+                    .reshape([2, 1]);
                 assert_eq!(ExactSums::of_batch(&t), Err(ExactError::NonFinite));
             }
         }
@@ -782,7 +903,10 @@ mod tests {
         assert_eq!(round_ratio(&tiny, &big, Format::FLOAT64), 1e-323);
         // 2^-1076: below half the smallest subnormal, rounds to zero.
         let quarter = BigUint::from(1u32) << 1076usize;
-        assert_eq!(round_ratio(&BigInt::from(1), &quarter, Format::FLOAT64), 0.0);
+        assert_eq!(
+            round_ratio(&BigInt::from(1), &quarter, Format::FLOAT64),
+            0.0
+        );
         // float32's smallest subnormal, 2^-149, from 1 / 2^149.
         let f32_tiny = BigUint::from(1u32) << 149usize;
         assert_eq!(
@@ -791,7 +915,10 @@ mod tests {
         );
         // float64's largest, and just past the rounding boundary above it.
         let largest = (BigInt::from((1u64 << 53) - 1)) << 971usize;
-        assert_eq!(round_ratio(&largest, &BigUint::from(1u32), Format::FLOAT64), f64::MAX);
+        assert_eq!(
+            round_ratio(&largest, &BigUint::from(1u32), Format::FLOAT64),
+            f64::MAX
+        );
         let overflow = (BigInt::from((1u64 << 54) - 1)) << 970usize;
         assert_eq!(
             round_ratio(&overflow, &BigUint::from(1u32), Format::FLOAT64),
