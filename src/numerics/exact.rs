@@ -277,7 +277,22 @@ impl ExactSums {
         if count == 0 || channels == 0 {
             return Ok(sums);
         }
-        let on_cpu = input.f_to_device(Device::Cpu)?;
+        let mut on_cpu = input.f_to_device(Device::Cpu)?;
+        let mut layout = layout;
+        // Short runs per sample (an (N, C) table, small images): each
+        // channel's values would be gathered from all over the buffer, once
+        // per channel. Channel-major first (one copy), then one long run each.
+        if inner < 64 && batch > 1 {
+            on_cpu = on_cpu
+                .f_reshape([batch as i64, channels as i64, inner as i64])?
+                .f_transpose(0, 1)?
+                .f_contiguous()?;
+            layout = Layout {
+                batch: 1,
+                channels,
+                inner: batch * inner,
+            };
+        }
         if on_cpu.f_kind()? == Kind::Double {
             let values = on_cpu.f_contiguous()?;
             let finite = host::with_f64_values(&values, |data| {
@@ -340,61 +355,95 @@ impl<T: Copy + Default + PartialEq> Buckets<T> {
     }
 }
 
+/// Independent bucket sets the float32 loop rotates through, so that
+/// consecutive values with the same exponent (the common case) do not wait
+/// on each other's read-modify-write of one bucket.
+const F32_LANES: usize = 4;
+
 /// Float32 values into `sums`; false when a value is NaN or infinite.
 fn accumulate_f32(data: &[f32], layout: &Layout, sums: &mut [ChannelSums]) -> bool {
-    let mut buckets = Buckets::<u64>::new(512);
+    // [lane][sign and exponent bits]: integer sums of significands and of
+    // their squares. No bookkeeping of which buckets are used beyond the
+    // range of exponents seen (two register min/max per value).
+    let mut sum = vec![[0u64; 512]; F32_LANES];
+    let mut squares = vec![[0u64; 512]; F32_LANES];
     let mut finite = true;
     for (c, channel) in sums.iter_mut().enumerate() {
         let mut pending = 0usize;
+        let (mut low, mut high) = (usize::MAX, 0usize);
         for run in layout.runs(data, c) {
             for chunk in run.chunks(F32_FLUSH_EVERY) {
                 if pending + chunk.len() > F32_FLUSH_EVERY {
-                    flush_f32(&mut buckets, channel);
-                    pending = 0;
+                    flush_f32(&mut sum, &mut squares, low, high, channel);
+                    (pending, low, high) = (0, usize::MAX, 0);
                 }
                 pending += chunk.len();
                 let mut special = false;
-                for &x in chunk {
+                let mut add = |lane: usize, x: f32| {
                     let bits = x.to_bits();
-                    // Sign and exponent: the bucket.
-                    let index = (bits >> 23) as usize;
+                    // Sign and exponent: the bucket (< 512: no bounds check).
+                    let index = (bits >> 23) as usize & 511;
                     let exponent = index & 0xff;
                     special |= exponent == 0xff;
+                    low = low.min(exponent);
+                    high = high.max(exponent);
                     let significand =
                         u64::from(bits & 0x7f_ffff) | (u64::from(exponent != 0) << 23);
-                    if buckets.squares[index] == 0 && significand != 0 {
-                        buckets.touched.push(index);
-                    }
-                    buckets.sum[index] += significand;
-                    buckets.squares[index] += significand * significand;
+                    sum[lane][index] += significand;
+                    squares[lane][index] += significand * significand;
+                };
+                let mut quads = chunk.chunks_exact(F32_LANES);
+                for quad in &mut quads {
+                    add(0, quad[0]);
+                    add(1, quad[1]);
+                    add(2, quad[2]);
+                    add(3, quad[3]);
+                }
+                for &x in quads.remainder() {
+                    add(0, x);
                 }
                 finite &= !special;
             }
         }
-        flush_f32(&mut buckets, channel);
+        flush_f32(&mut sum, &mut squares, low, high, channel);
     }
     finite
 }
 
-/// Float32 buckets shifted into a channel's wide sums, and emptied.
-fn flush_f32(buckets: &mut Buckets<u64>, channel: &mut ChannelSums) {
-    for index in buckets.touched.drain(..) {
-        let (sum, squares) = (buckets.sum[index], buckets.squares[index]);
-        buckets.sum[index] = 0;
-        buckets.squares[index] = 0;
-        // x = m · 2^(max(e, 1) − 150): subnormals share exponent 1's scale.
-        let exponent = (index & 0xff).max(1) as u32;
-        let target = if index & 0x100 != 0 {
-            &mut channel.negative
-        } else {
-            &mut channel.positive
-        };
-        // Units of 2^-1074: shift by max(e, 1) − 150 + 1074.
-        target.add_shifted(u128::from(sum), exponent + 924);
-        // x² = m² · 2^(2·max(e, 1) − 300), units of 2^-2148.
-        channel
-            .squares
-            .add_shifted(u128::from(squares), 2 * exponent + 1848);
+/// Float32 buckets of exponents `low..=high` shifted into a channel's wide
+/// sums, and emptied.
+fn flush_f32(
+    sum: &mut [[u64; 512]],
+    squares: &mut [[u64; 512]],
+    low: usize,
+    high: usize,
+    channel: &mut ChannelSums,
+) {
+    for exponent_bits in low..=high.min(0xff) {
+        for sign in [0, 0x100] {
+            let index = sign | exponent_bits;
+            let (mut total, mut total_squares) = (0u128, 0u128);
+            for (lane_sum, lane_squares) in sum.iter_mut().zip(squares.iter_mut()) {
+                total += u128::from(std::mem::take(&mut lane_sum[index]));
+                total_squares += u128::from(std::mem::take(&mut lane_squares[index]));
+            }
+            if total_squares == 0 {
+                continue;
+            }
+            // x = m · 2^(max(e, 1) − 150): subnormals share exponent 1's scale.
+            let exponent = exponent_bits.max(1) as u32;
+            let target = if sign != 0 {
+                &mut channel.negative
+            } else {
+                &mut channel.positive
+            };
+            // Units of 2^-1074: shift by max(e, 1) − 150 + 1074.
+            target.add_shifted(total, exponent + 924);
+            // x² = m² · 2^(2·max(e, 1) − 300), units of 2^-2148.
+            channel
+                .squares
+                .add_shifted(total_squares, 2 * exponent + 1848);
+        }
     }
 }
 
