@@ -225,8 +225,9 @@ class BatchNormServiceServicer:
 
     def MergeSession(self, request, context):
         """Adds the exact accumulators of `source_session_id` into `session_id`
-        (both `exact_statistics` sessions of the caller's tenant, with the same
-        num_features and param_dtype): the target's statistics become, bitwise,
+        (both `exact_statistics` sessions of the caller's tenant with the same
+        num_features; kind and param_dtype may differ, the sums being of the
+        values per channel): the target's statistics become, bitwise,
         those it would have after seeing every train batch the source saw, in
         any order. The source is unchanged. One mutation of the target (its
         version + 1; num_batches_tracked adds the source's); `request_id` makes a
