@@ -16,6 +16,7 @@ from fractions import Fraction
 import grpc
 import numpy as np
 import pytest
+import sklearn.preprocessing
 import torch
 
 import normserve
@@ -23,12 +24,6 @@ import normserve.aio
 from normserve.v1 import batch_norm_pb2 as bn
 
 from conftest import CLIENT_DIR, ServerProcess
-
-try:
-    import sklearn.preprocessing
-except ImportError:  # reported by the test that needs it
-    sklearn = None
-
 
 # ----------------------------------------------------------------- oracle
 
@@ -403,9 +398,6 @@ def test_imports_that_would_break_the_sums_are_refused(client):
 
 
 def test_standard_scaler_transforms_as_the_eval_forward(client):
-    if sklearn is None:
-        print("SKIPPED: scikit-learn is not installed in this environment")
-        pytest.skip("scikit-learn is not installed")
     batches = wide_batches(10, 4, 25, 5)
     session = new_exact(client, 5, "float64")
     for batch in batches:
