@@ -17,7 +17,7 @@ use normserve::numerics::batch_norm::Layer;
 use normserve::numerics::exact::{ExactSums, Format};
 use normserve::numerics::stats::StatsKernel;
 use normserve::numerics::{DType, LayerKind};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 const ROUNDS: usize = 5;
 const ROUND_TIME: Duration = Duration::from_millis(300);
