@@ -160,15 +160,20 @@ pub struct SessionSnapshot {
 }
 
 impl SessionSnapshot {
-    /// Bytes of tensor data the snapshot carries (0 without tensors).
+    /// Bytes of tensor data the snapshot carries (0 without tensors), the
+    /// StandardScaler attributes of an exact session included.
     pub fn tensor_bytes(&self) -> usize {
-        self.tensors.as_ref().map_or(0, |t| {
+        let tensors = self.tensors.as_ref().map_or(0, |t| {
             [&t.weight, &t.bias, &t.running_mean, &t.running_var]
                 .into_iter()
                 .flatten()
                 .map(|data| data.bytes().len())
                 .sum()
-        })
+        });
+        let scaler = self.standard_scaler.as_ref().map_or(0, |s| {
+            (s.mean.len() + s.var.len() + s.scale.len()) * std::mem::size_of::<f64>()
+        });
+        tensors + scaler
     }
 }
 
