@@ -1,6 +1,8 @@
 //! The compute pool: tensor work runs here, at most `threads` jobs at once.
-//! Callers wait for a permit (in arrival order) instead of piling threads onto
-//! the cores. Large jobs run on blocking threads, off the async runtime; tiny
+//! Callers wait for a permit instead of piling threads onto the cores; the
+//! permits go round-robin across tenants and, within a tenant, across
+//! connections ([`crate::scheduler`]), so that one caller's flood of jobs
+//! delays another's by a bounded number of jobs. Large jobs run on blocking threads, off the async runtime; tiny
 //! ones (see [`INLINE_BYTES`]) run where they are awaited.
 //!
 //! A job started for a request whose client deadline has already passed is
@@ -11,8 +13,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-
+pub use crate::scheduler::Caller;
+use crate::scheduler::{FairPermit, FairPermits};
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::rpc::current_rpc;
 
@@ -30,6 +32,19 @@ pub enum ComputeError {
 
 tokio::task_local! {
     static DEADLINE: Instant;
+    static CALLER: Caller;
+}
+
+/// Runs `future` (a request's handling) as `caller`: its jobs wait for
+/// their permits in that caller's queue.
+pub async fn as_caller<F: Future>(caller: Caller, future: F) -> F::Output {
+    CALLER.scope(caller, future).await
+}
+
+/// The caller the current task serves (the default, shared caller for work
+/// done for no request).
+pub fn current_caller() -> Caller {
+    CALLER.try_with(Caller::clone).unwrap_or_default()
 }
 
 /// Runs `future` (a request's handling) with `deadline`: jobs it starts on
@@ -64,7 +79,7 @@ pub const INLINE_BYTES: usize = 64 * 1024;
 
 #[derive(Clone)]
 pub struct ComputePool {
-    permits: Arc<Semaphore>,
+    permits: Arc<FairPermits>,
     metrics: Arc<Metrics>,
 }
 
@@ -75,7 +90,7 @@ impl ComputePool {
     /// wait only).
     pub fn new(threads: usize, metrics: Arc<Metrics>) -> Self {
         ComputePool {
-            permits: Arc::new(Semaphore::new(threads.max(1))),
+            permits: FairPermits::new(threads),
             metrics,
         }
     }
@@ -129,16 +144,11 @@ impl ComputePool {
     }
 
     /// What every job goes through before it runs: a permit, waited for in
-    /// arrival order (the wait measured), and the request's deadline, checked
-    /// once the permit comes.
-    async fn start(&self) -> Result<OwnedSemaphorePermit, ComputeError> {
+    /// its caller's turn (the wait measured), and the request's deadline,
+    /// checked once the permit comes.
+    async fn start(&self) -> Result<FairPermit, ComputeError> {
         let queued = Instant::now();
-        let permit = self
-            .permits
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| ComputeError::Closed)?;
+        let permit = self.permits.acquire(&current_caller()).await;
         self.metrics.queue_wait(queued.elapsed());
         check_deadline()?;
         Ok(permit)
@@ -170,7 +180,7 @@ mod tests {
             let pool = pool.clone();
             async move { pool.run(move || released.recv().is_ok()).await }
         });
-        while pool.permits.available_permits() > 0 {
+        while pool.permits.available() > 0 {
             tokio::task::yield_now().await;
         }
         let ran = Arc::new(AtomicBool::new(false));

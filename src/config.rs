@@ -184,6 +184,32 @@ pub struct Config {
     #[arg(long, env = "NORMSERVE_HTTP2_KEEPALIVE_SECONDS", default_value_t = 60)]
     pub http2_keepalive_seconds: u64,
 
+    /// Seconds a call may send nothing while the server waits for its
+    /// message (a request's message, a stream's next one); the call then
+    /// ends with DEADLINE_EXCEEDED and frees everything it held. A call takes
+    /// its place among the requests in progress only once its first message
+    /// has arrived. 0: wait for ever.
+    #[arg(
+        long,
+        env = "NORMSERVE_REQUEST_IDLE_TIMEOUT_SECONDS",
+        default_value_t = 60
+    )]
+    pub request_idle_timeout_seconds: u64,
+
+    /// Seconds a new connection has to complete its TLS handshake (with TLS)
+    /// and send the HTTP/2 connection preface; it is closed otherwise.
+    #[arg(long, env = "NORMSERVE_HANDSHAKE_TIMEOUT_SECONDS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub handshake_timeout_seconds: u64,
+
+    /// Bytes of ForwardStream (and ModelStreamInfer) answers the server
+    /// computes ahead of what the client has read; past it, the stream reads
+    /// no further message until the client reads. One answer is always let
+    /// through, however large.
+    #[arg(long, env = "NORMSERVE_STREAM_LOOK_AHEAD_BYTES", default_value_t = 64 * 1024 * 1024,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub stream_look_ahead_bytes: u64,
+
     /// Largest number of elements in a Compare's input (Compare runs a dozen
     /// implementations and simulated mistakes over it: far more work per
     /// element than a Forward).
@@ -433,6 +459,17 @@ impl Config {
     pub fn http2_keepalive(&self) -> Option<Duration> {
         (self.http2_keepalive_seconds > 0)
             .then(|| Duration::from_secs(self.http2_keepalive_seconds))
+    }
+
+    /// How long a call may send nothing while awaited; None: for ever.
+    pub fn request_idle_timeout(&self) -> Option<Duration> {
+        (self.request_idle_timeout_seconds > 0)
+            .then(|| Duration::from_secs(self.request_idle_timeout_seconds))
+    }
+
+    /// How long a connection has for its TLS handshake and HTTP/2 preface.
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_secs(self.handshake_timeout_seconds)
     }
 
     /// A configuration with every default, listening on `listen`, except that

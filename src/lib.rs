@@ -21,6 +21,7 @@ pub mod config;
 pub mod device;
 pub mod fd_limit;
 pub mod memory;
+pub mod scheduler;
 pub mod telemetry;
 
 // Generated gRPC code, confined to one module.

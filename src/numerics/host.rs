@@ -83,7 +83,7 @@ pub(super) fn borrow(
     if bytes.is_empty()
         || itemsize == 0
         || numel.and_then(|n| n.checked_mul(itemsize)) != Some(bytes.len())
-        || (bytes.as_ptr() as usize) % itemsize != 0
+        || !(bytes.as_ptr() as usize).is_multiple_of(itemsize)
     {
         return Ok(None);
     }
@@ -112,7 +112,7 @@ pub(super) fn with_f32_values<R>(
         || !tensor.is_contiguous()
         || numel == 0
         || data.is_null()
-        || (data as usize) % std::mem::align_of::<f32>() != 0
+        || !(data as usize).is_multiple_of(std::mem::align_of::<f32>())
     {
         return Ok(None);
     }
@@ -158,7 +158,7 @@ pub(super) fn new_f32_tensor(
     let numel = tensor.numel();
     let data = tensor.data_ptr() as *mut f32;
     if numel > 0 {
-        if data.is_null() || (data as usize) % std::mem::align_of::<f32>() != 0 {
+        if data.is_null() || !(data as usize).is_multiple_of(std::mem::align_of::<f32>()) {
             return Err(NumericsError::Torch(
                 "internal: unaligned float32 allocation".to_owned(),
             ));

@@ -88,23 +88,39 @@ impl Gate {
 impl Admit for Gate {
     type Place = InFlight;
 
-    fn admit(
+    /// The caller, from the token in the headers: its [`Principal`] (and
+    /// [`Credential`]) into the request's extensions, or UNAUTHENTICATED.
+    fn identify(
         &self,
         headers: &http::HeaderMap,
         extensions: &mut http::Extensions,
-    ) -> Result<Option<InFlight>, Status> {
+    ) -> Result<(), Status> {
         let credential = self.credential(headers)?;
         let principal = credential
             .as_ref()
             .map_or_else(Principal::anonymous, |c| c.principal().clone());
-        let in_flight = self.place(&principal.tenant)?;
         // Into the request's span (the telemetry layer's), for its log line.
         tracing::Span::current().record("tenant", principal.tenant.as_str());
         extensions.insert(principal);
         if let Some(credential) = credential {
             extensions.insert(credential);
         }
-        Ok(in_flight)
+        Ok(())
+    }
+
+    /// A place among the tenant's requests in progress, for a request
+    /// [`Self::identify`] let through.
+    fn admit(
+        &self,
+        _headers: &http::HeaderMap,
+        extensions: &mut http::Extensions,
+    ) -> Result<Option<InFlight>, Status> {
+        // Absent only if identify was not asked first: refuse rather than
+        // admit an unauthenticated request.
+        let Some(principal) = extensions.get::<Principal>() else {
+            return Err(Status::unauthenticated("request was not authenticated"));
+        };
+        self.place(&principal.tenant)
     }
 }
 

@@ -2,7 +2,6 @@
 
 use std::sync::Arc;
 
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::convert::{
@@ -15,11 +14,17 @@ use crate::session::{CreateSession, ListSessions, Registry, SessionId, UpdatePar
 
 pub struct BatchNormApi {
     registry: Arc<Registry>,
+    look_ahead: stream::LookAhead,
 }
 
 impl BatchNormApi {
-    pub fn new(registry: Arc<Registry>) -> Self {
-        BatchNormApi { registry }
+    /// The service over `registry`, ForwardStream answering at most
+    /// `look_ahead` ahead of its client.
+    pub fn new(registry: Arc<Registry>, look_ahead: stream::LookAhead) -> Self {
+        BatchNormApi {
+            registry,
+            look_ahead,
+        }
     }
 
     /// Who sent `request`, and the limits its message is decoded under.
@@ -125,7 +130,7 @@ impl BatchNormService for BatchNormApi {
         ))
     }
 
-    type ForwardStreamStream = ReceiverStream<Result<pb::ForwardStreamResponse, Status>>;
+    type ForwardStreamStream = stream::Replies<pb::ForwardStreamResponse>;
 
     async fn forward_stream(
         &self,
@@ -135,24 +140,31 @@ impl BatchNormService for BatchNormApi {
         let credential = auth::credential(&request);
         let registry = self.registry.clone();
         let mut index: u64 = 0;
-        let replies = stream::answer_each(request.into_inner(), credential, move |request| {
-            let (registry, caller) = (registry.clone(), caller.clone());
-            let this = index;
-            index += 1;
-            async move {
-                let result = match forward(&registry, &caller, request).await {
-                    Ok(response) => pb::forward_stream_response::Result::Response(response),
-                    Err(status) => pb::forward_stream_response::Result::Error(pb::StreamError {
-                        code: status.code() as i32,
-                        message: status.message().to_owned(),
-                    }),
-                };
-                pb::ForwardStreamResponse {
-                    index: this,
-                    result: Some(result),
+        let replies = stream::answer_each(
+            request.into_inner(),
+            credential,
+            self.look_ahead,
+            move |request| {
+                let (registry, caller) = (registry.clone(), caller.clone());
+                let this = index;
+                index += 1;
+                async move {
+                    let result = match forward(&registry, &caller, request).await {
+                        Ok(response) => pb::forward_stream_response::Result::Response(response),
+                        Err(status) => {
+                            pb::forward_stream_response::Result::Error(pb::StreamError {
+                                code: status.code() as i32,
+                                message: status.message().to_owned(),
+                            })
+                        }
+                    };
+                    pb::ForwardStreamResponse {
+                        index: this,
+                        result: Some(result),
+                    }
                 }
-            }
-        });
+            },
+        );
         Ok(Response::new(replies))
     }
 

@@ -6,6 +6,12 @@
 //! whole core and starves the connections being served. Here each such
 //! failure is logged (at most once a second) and counted, and accepting
 //! pauses, from 5 ms doubling to 1 s, until a connection is accepted again.
+//!
+//! Each connection then has `--handshake-timeout-seconds` from its accept to
+//! send the HTTP/2 connection preface ([`PrefaceDeadline`]); with TLS, the
+//! handshake must complete within the same time (tonic's TLS acceptor is
+//! given it). A connection that sends nothing, or half a handshake, is
+//! closed instead of holding a descriptor for ever.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -13,10 +19,11 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Sleep;
 use tokio_stream::Stream;
-use tonic::transport::server::TcpIncoming;
+use tonic::transport::server::{Connected, TcpConnectInfo, TcpIncoming};
 
 use crate::telemetry::Metrics;
 
@@ -39,16 +46,20 @@ pub struct ThrottledIncoming {
     next_pause: Duration,
     last_logged: Option<Instant>,
     metrics: Arc<Metrics>,
+    handshake_timeout: Duration,
 }
 
 impl ThrottledIncoming {
-    pub fn new(inner: TcpIncoming, metrics: Arc<Metrics>) -> Self {
+    /// The connections of `inner`, each with `handshake_timeout` to send
+    /// its HTTP/2 preface.
+    pub fn new(inner: TcpIncoming, metrics: Arc<Metrics>, handshake_timeout: Duration) -> Self {
         ThrottledIncoming {
             inner,
             pause: None,
             next_pause: FIRST_PAUSE,
             last_logged: None,
             metrics,
+            handshake_timeout,
         }
     }
 
@@ -68,7 +79,7 @@ impl ThrottledIncoming {
 }
 
 impl Stream for ThrottledIncoming {
-    type Item = std::io::Result<TcpStream>;
+    type Item = std::io::Result<PrefaceDeadline<TcpStream>>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         if let Some(pause) = self.pause.as_mut() {
@@ -85,6 +96,101 @@ impl Stream for ThrottledIncoming {
             }
             _ => {}
         }
-        next
+        let timeout = self.handshake_timeout;
+        next.map(|accepted| accepted.map(|io| io.map(|io| PrefaceDeadline::new(io, timeout))))
+    }
+}
+
+/// The HTTP/2 client connection preface, `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`.
+const PREFACE_BYTES: usize = 24;
+
+/// A connection that must deliver its first [`PREFACE_BYTES`] bytes before
+/// a deadline: reading fails with `TimedOut` past it (and the server closes
+/// the connection). Under TLS the bytes counted are the encrypted ones, so
+/// there it bounds the start of the handshake, and the TLS acceptor's own
+/// timeout the rest of it.
+pub struct PrefaceDeadline<IO> {
+    io: IO,
+    /// None once the preface's bytes arrived.
+    deadline: Option<Pin<Box<Sleep>>>,
+    awaited: usize,
+}
+
+impl<IO> PrefaceDeadline<IO> {
+    fn new(io: IO, timeout: Duration) -> Self {
+        PrefaceDeadline {
+            io,
+            deadline: Some(Box::pin(tokio::time::sleep(timeout))),
+            awaited: PREFACE_BYTES,
+        }
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for PrefaceDeadline<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
+        if let Some(deadline) = this.deadline.as_mut() {
+            match &polled {
+                Poll::Ready(Ok(())) => {
+                    let read = buf.filled().len() - before;
+                    this.awaited = this.awaited.saturating_sub(read);
+                    if this.awaited == 0 {
+                        this.deadline = None;
+                    }
+                }
+                Poll::Pending if deadline.as_mut().poll(cx).is_ready() => {
+                    return Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "no HTTP/2 connection preface within the handshake timeout",
+                    )));
+                }
+                _ => {}
+            }
+        }
+        polled
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for PrefaceDeadline<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+impl Connected for PrefaceDeadline<TcpStream> {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> TcpConnectInfo {
+        self.io.connect_info()
     }
 }

@@ -13,6 +13,7 @@ mod batch_norm;
 mod compare;
 pub mod convert;
 pub mod deadline;
+mod idle;
 mod incoming;
 pub mod oip;
 mod security;
@@ -20,7 +21,7 @@ mod server;
 mod server_info;
 pub mod shedding;
 mod status;
-mod stream;
+pub mod stream;
 
 pub use admission::AdmissionLayer;
 pub use batch_norm::BatchNormApi;

@@ -267,9 +267,11 @@ impl Server {
             )))
         });
         let max = config.max_message_bytes;
-        let batch_norm = BatchNormServiceServer::new(BatchNormApi::new(registry.clone()))
-            .max_decoding_message_size(max)
-            .max_encoding_message_size(max);
+        let look_ahead = super::stream::LookAhead::new(config.stream_look_ahead_bytes);
+        let batch_norm =
+            BatchNormServiceServer::new(BatchNormApi::new(registry.clone(), look_ahead))
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max);
         let compare_limits = CompareLimits {
             max_tensor_elements: config.max_tensor_elements,
             max_input_elements: config.compare_max_tensor_elements,
@@ -292,9 +294,10 @@ impl Server {
         // ServerReady / `/v2/health/ready` turn false when the drain starts.
         let ready = Arc::new(AtomicBool::new(true));
         let models = Arc::new(Models::new(registry.clone(), ready.clone()));
-        let inference = GrpcInferenceServiceServer::new(InferenceApi::new(models.clone()))
-            .max_decoding_message_size(max)
-            .max_encoding_message_size(max);
+        let inference =
+            GrpcInferenceServiceServer::new(InferenceApi::new(models.clone(), look_ahead))
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max);
 
         let (health, health_service) = tonic_health::server::health_reporter();
         set_health(&health, tonic_health::ServingStatus::Serving).await;
@@ -315,9 +318,11 @@ impl Server {
         let incoming = ThrottledIncoming::new(
             TcpIncoming::from(listener).with_nodelay(Some(true)),
             metrics.clone(),
+            config.handshake_timeout(),
         );
         let builder = match security.tls.clone() {
-            Some(tls) => tonic::transport::Server::builder().tls_config(tls)?,
+            Some(tls) => tonic::transport::Server::builder()
+                .tls_config(tls.timeout(config.handshake_timeout()))?,
             None => tonic::transport::Server::builder(),
         };
         let gate = Arc::new(auth::Gate::new(
@@ -363,11 +368,16 @@ impl Server {
             .layer(tower::util::MapResponseLayer::new(
                 status::decoding_error_response,
             ))
-            // Shedding before authentication: an overloaded server refuses in
-            // one step, and the tenant quota counts only admitted requests.
-            .layer(AdmissionLayer::new(shedder))
-            .layer(AdmissionLayer::new(gate))
+            // The client's deadline covers the wait for its first message.
             .layer(deadline::DeadlineLayer)
+            // The token on the headers; then, once the first message has
+            // arrived, the server-wide place before the tenant's (an
+            // overloaded server refuses in one step, and the tenant quota
+            // counts only admitted requests).
+            .layer(AdmissionLayer::new(
+                Arc::new((shedder, gate)),
+                config.request_idle_timeout(),
+            ))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

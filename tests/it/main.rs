@@ -6,6 +6,7 @@
 // Tests fail by panicking; the crate-wide denials are for server paths.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod admission;
 mod concurrency;
 mod expiry;
 mod foundation;

@@ -62,14 +62,14 @@ impl Ca {
 }
 
 /// A CA, a server certificate it signed, written to files for the server.
-struct Pki {
+pub(crate) struct Pki {
     dir: tempfile::TempDir,
     ca: Ca,
     other_ca: Ca,
 }
 
 impl Pki {
-    fn new() -> Pki {
+    pub(crate) fn new() -> Pki {
         let pki = Pki {
             dir: tempfile::tempdir().unwrap(),
             ca: Ca::new("normserve test CA"),
@@ -95,7 +95,7 @@ impl Pki {
         path
     }
 
-    fn serve_tls(&self, config: &mut normserve::config::Config) {
+    pub(crate) fn serve_tls(&self, config: &mut normserve::config::Config) {
         config.tls_cert = Some(self.path("server.crt"));
         config.tls_key = Some(self.path("server.key"));
     }

@@ -68,6 +68,9 @@ pub async fn service_rounds(
             Workload::Compare => {
                 compare_round(&prepared, scenario, device, round_time, server_pid).await
             }
+            Workload::Fairness { .. } => {
+                fairness_round(&prepared, scenario, round_time, server_pid).await
+            }
         };
         if i > 0 {
             measured.push(round);
@@ -199,6 +202,69 @@ async fn unary_round(
         let _ = total.add(&h);
         calls += c;
         errors += e;
+    }
+    finish(&total, calls, errors, start, &cpu)
+}
+
+/// The polite caller's round while the others flood (see
+/// [`Workload::Fairness`]): its calls and latencies; the flood's errors
+/// count as errors.
+async fn fairness_round(
+    prepared: &Prepared,
+    scenario: &Scenario,
+    duration: Duration,
+    cpu_pid: Option<&str>,
+) -> Round {
+    let Some((polite_session, flood_sessions)) = prepared.sessions.split_last() else {
+        fatal("fairness: no sessions")
+    };
+    let (flood_channel, polite_channel) = match &prepared.channels[..] {
+        [flood, polite, ..] => (flood.clone(), polite.clone()),
+        _ => fatal("fairness: needs two connections"),
+    };
+    let cpu = CpuMeter::start(cpu_pid);
+    let start = Instant::now();
+    let deadline = start + duration;
+    let mut flood = Vec::new();
+    for session_id in flood_sessions {
+        let mut client = batch_norm_client(flood_channel.clone());
+        let request = scenario.forward_request(session_id.clone(), &prepared.raw);
+        flood.push(tokio::spawn(async move {
+            let mut errors = 0u64;
+            while Instant::now() < deadline {
+                if client.forward(request.clone()).await.is_err() {
+                    errors += 1;
+                }
+            }
+            errors
+        }));
+    }
+    // The polite caller: (4, C), eval, one call at a time.
+    let small = raw_bytes(&random_input(&[4, scenario.shape[1]], Device::Cpu));
+    let mut request = scenario.forward_request(polite_session.clone(), &small);
+    request.mode = pb::Mode::Eval as i32;
+    if let Some(input) = request.input.as_mut() {
+        input.shape = vec![4, scenario.shape[1]];
+    }
+    let mut client = batch_norm_client(polite_channel);
+    let mut total = histogram();
+    let (mut calls, mut errors) = (0u64, 0u64);
+    while Instant::now() < deadline {
+        let sent = Instant::now();
+        match client.forward(request.clone()).await {
+            Ok(reply) => {
+                std::hint::black_box(reply.into_inner());
+                calls += 1;
+                total.saturating_record(sent.elapsed().as_nanos() as u64);
+            }
+            Err(status) => {
+                errors += 1;
+                eprintln!("normserve-bench: {}: polite call: {status}", scenario.name);
+            }
+        }
+    }
+    for task in flood {
+        errors += task.await.unwrap_or(1);
     }
     finish(&total, calls, errors, start, &cpu)
 }

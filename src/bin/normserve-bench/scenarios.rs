@@ -16,6 +16,11 @@ pub enum Workload {
     Stream { window: usize },
     /// The Compare RPC, sequential.
     Compare,
+    /// `flood` callers on one connection, each on its own session, send the
+    /// scenario's input without pause, while one polite caller on another
+    /// connection sends a (4, C) eval at a time; only the polite caller's
+    /// latencies are recorded (how much the flood delays it).
+    Fairness { flood: usize },
 }
 
 #[derive(Clone, Debug)]
@@ -115,6 +120,13 @@ pub fn scenarios() -> Vec<Scenario> {
             Workload::Stream { window: 32 },
         ),
         s(
+            "fairness",
+            "polite eval (4,64) latency beside 32 flooding callers, train (4096,64) 1 MiB, one connection",
+            &[4096, 64],
+            true,
+            Workload::Fairness { flood: 32 },
+        ),
+        s(
             "compare_small",
             "Compare train (4,64), all implementations",
             &[4, 64],
@@ -145,6 +157,8 @@ impl Scenario {
     pub fn callers(&self) -> usize {
         match self.workload {
             Workload::Unary { callers } => callers,
+            // The flood's sessions, then the polite caller's.
+            Workload::Fairness { flood } => flood + 1,
             _ => 1,
         }
     }

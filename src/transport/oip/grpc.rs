@@ -4,7 +4,6 @@
 
 use std::sync::Arc;
 
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::super::{auth, stream};
@@ -14,11 +13,14 @@ use crate::proto::inference::grpc_inference_service_server::GrpcInferenceService
 
 pub struct InferenceApi {
     models: Arc<Models>,
+    look_ahead: stream::LookAhead,
 }
 
 impl InferenceApi {
-    pub fn new(models: Arc<Models>) -> Self {
-        InferenceApi { models }
+    /// The service over `models`, ModelStreamInfer answering at most
+    /// `look_ahead` ahead of its client.
+    pub fn new(models: Arc<Models>, look_ahead: stream::LookAhead) -> Self {
+        InferenceApi { models, look_ahead }
     }
 }
 
@@ -85,7 +87,7 @@ impl GrpcInferenceService for InferenceApi {
         ))
     }
 
-    type ModelStreamInferStream = ReceiverStream<Result<pb::ModelStreamInferResponse, Status>>;
+    type ModelStreamInferStream = stream::Replies<pb::ModelStreamInferResponse>;
 
     /// Requests answered one at a time, in order; a failed request is
     /// answered in-band (`error_message`) and the stream goes on, as Triton
@@ -97,27 +99,32 @@ impl GrpcInferenceService for InferenceApi {
         let caller = Arc::new(self.models.caller(auth::principal(&request)?));
         let credential = auth::credential(&request);
         let models = self.models.clone();
-        let replies = stream::answer_each(request.into_inner(), credential, move |request| {
-            let (models, caller) = (models.clone(), caller.clone());
-            async move {
-                let id = request.id.clone();
-                match models.infer(&caller, request, None).await {
-                    Ok(response) => pb::ModelStreamInferResponse {
-                        error_message: String::new(),
-                        infer_response: Some(response),
-                    },
-                    // The request's id goes with its error, so a client
-                    // matching replies by id can tell which one failed.
-                    Err(status) => pb::ModelStreamInferResponse {
-                        error_message: status.message().to_owned(),
-                        infer_response: Some(pb::ModelInferResponse {
-                            id,
-                            ..Default::default()
-                        }),
-                    },
+        let replies = stream::answer_each(
+            request.into_inner(),
+            credential,
+            self.look_ahead,
+            move |request| {
+                let (models, caller) = (models.clone(), caller.clone());
+                async move {
+                    let id = request.id.clone();
+                    match models.infer(&caller, request, None).await {
+                        Ok(response) => pb::ModelStreamInferResponse {
+                            error_message: String::new(),
+                            infer_response: Some(response),
+                        },
+                        // The request's id goes with its error, so a client
+                        // matching replies by id can tell which one failed.
+                        Err(status) => pb::ModelStreamInferResponse {
+                            error_message: status.message().to_owned(),
+                            infer_response: Some(pb::ModelInferResponse {
+                                id,
+                                ..Default::default()
+                            }),
+                        },
+                    }
                 }
-            }
-        });
+            },
+        );
         Ok(Response::new(replies))
     }
 }

@@ -300,6 +300,9 @@ impl HttpApi {
             return reply;
         }
         let mut extensions = http::Extensions::new();
+        if let Err(status) = self.gate.identify(request.headers(), &mut extensions) {
+            return status_reply(&status);
+        }
         let _shed_place = match self.shedder.admit(request.headers(), &mut extensions) {
             Ok(place) => place,
             Err(status) => return status_reply(&status),
