@@ -7,6 +7,7 @@
 //! networking; tensor math is delegated to [`crate::numerics`].
 
 pub mod durable;
+mod exact;
 mod footprint;
 mod id;
 mod record;
@@ -20,6 +21,7 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 
+pub use exact::StandardScaler;
 pub use footprint::{resident_bytes, SESSION_OVERHEAD_BYTES};
 pub use id::{is_valid_tenant, InvalidSessionId, SessionId, MAX_TENANT_LEN};
 pub use registry::{Limits, Recovery, RecoveryError, Registry, RegistryOptions};
@@ -52,6 +54,9 @@ pub struct SessionConfig {
     pub default_mode: Mode,
     pub reject_non_finite: bool,
     pub labels: BTreeMap<String, String>,
+    /// Running statistics from exact sums of every value seen (see
+    /// `session::exact`) instead of moving averages.
+    pub exact_statistics: bool,
 }
 
 pub const MAX_LABELS: usize = 64;
@@ -152,18 +157,26 @@ pub struct SessionSnapshot {
     pub last_used_at: SystemTime,
     /// Absent when the caller asked for no tensors.
     pub tensors: Option<StateTensors>,
+    /// An exact session's statistics as scikit-learn StandardScaler
+    /// attributes (with the tensors only).
+    pub standard_scaler: Option<StandardScaler>,
 }
 
 impl SessionSnapshot {
-    /// Bytes of tensor data the snapshot carries (0 without tensors).
+    /// Bytes of tensor data the snapshot carries (0 without tensors), the
+    /// StandardScaler attributes of an exact session included.
     pub fn tensor_bytes(&self) -> usize {
-        self.tensors.as_ref().map_or(0, |t| {
+        let tensors = self.tensors.as_ref().map_or(0, |t| {
             [&t.weight, &t.bias, &t.running_mean, &t.running_var]
                 .into_iter()
                 .flatten()
                 .map(|data| data.bytes().len())
                 .sum()
-        })
+        });
+        let scaler = self.standard_scaler.as_ref().map_or(0, |s| {
+            (s.mean.len() + s.var.len() + s.scale.len()) * std::mem::size_of::<f64>()
+        });
+        tensors + scaler
     }
 }
 

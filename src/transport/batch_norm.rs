@@ -5,7 +5,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::convert::{
-    Caller, DeleteSession, ForwardCall, Mutation, ResetRunningStats, Scope, StateDict,
+    Caller, DeleteSession, ForwardCall, MergeSession, Mutation, ResetRunningStats, Scope, StateDict,
 };
 use super::{auth, stream};
 use crate::proto::v1 as pb;
@@ -192,6 +192,19 @@ impl BatchNormService for BatchNormApi {
                 import.change.strict,
                 import.preconditions,
             )
+            .await?;
+        Ok(Response::new(caller.encode(applied)))
+    }
+
+    async fn merge_session(
+        &self,
+        request: Request<pb::MergeSessionRequest>,
+    ) -> Result<Response<pb::MergeSessionResponse>, Status> {
+        let caller = self.caller(&request)?;
+        let merge: MergeSession = caller.decode(request.into_inner())?;
+        let applied = self
+            .registry
+            .merge(&merge.id, &merge.change, merge.preconditions)
             .await?;
         Ok(Response::new(caller.encode(applied)))
     }
