@@ -62,3 +62,4 @@ include mk/others.mk
 include mk/soak.mk
 include mk/fuzz.mk
 include mk/python-client.mk
+include mk/beam.mk
