@@ -12,7 +12,7 @@ use tracing::Instrument;
 
 /// The methods this server serves; any other path is counted as "other", so
 /// that a client cannot create series by inventing paths.
-const RPCS: [&str; 23] = [
+const RPCS: [&str; 24] = [
     "CreateSession",
     "GetSession",
     "ListSessions",
@@ -23,6 +23,7 @@ const RPCS: [&str; 23] = [
     "ForwardStream",
     "ExportState",
     "ImportState",
+    "MergeSession",
     "Compare",
     "GetServerInfo",
     "Check",

@@ -183,4 +183,13 @@ impl BatchNormService for BatchNormApi {
             .await?;
         Ok(Response::new(caller.encode(applied)))
     }
+
+    async fn merge_session(
+        &self,
+        _request: Request<pb::MergeSessionRequest>,
+    ) -> Result<Response<pb::MergeSessionResponse>, Status> {
+        // The API is published first so that clients can build on it; the
+        // exact accumulators it merges come with the next commits.
+        Err(Status::unimplemented("MergeSession is not implemented yet"))
+    }
 }

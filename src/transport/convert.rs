@@ -381,6 +381,7 @@ pub fn session_to_proto(principal: &Principal, snapshot: SessionSnapshot) -> pb:
         param_dtype: dtype_to_proto(config.param_dtype) as i32,
         default_mode: mode_to_proto(config.default_mode) as i32,
         reject_non_finite: config.reject_non_finite,
+        exact_statistics: false,
         labels: config
             .labels
             .iter()
@@ -402,6 +403,7 @@ pub fn session_to_proto(principal: &Principal, snapshot: SessionSnapshot) -> pb:
         created_at: Some(snapshot.created_at.into()),
         updated_at: Some(snapshot.updated_at.into()),
         last_used_at: Some(snapshot.last_used_at.into()),
+        standard_scaler: None,
     }
 }
 

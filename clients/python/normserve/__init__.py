@@ -36,7 +36,15 @@ from normserve.errors import (
     Unauthenticated,
     Unavailable,
 )
-from normserve.results import DeviceInfo, ForwardResult, Limits, ServerInfo, SessionInfo, StateExport
+from normserve.results import (
+    DeviceInfo,
+    ForwardResult,
+    Limits,
+    ServerInfo,
+    SessionInfo,
+    StandardScalerStatistics,
+    StateExport,
+)
 from normserve.session import Session
 
 __version__ = "0.1.0"
@@ -46,5 +54,5 @@ __all__ = [
     "DeviceInfo", "Diagnosis", "Difference", "FailedPrecondition", "ForwardResult", "Hypothesis",
     "ImplementationReport", "Internal", "InvalidArgument", "Limits", "NormserveError", "NotFound",
     "PermissionDenied", "ReplayWithoutOutput", "ResourceExhausted", "ServerInfo", "Session", "SessionInfo",
-    "StateExport", "Stubs", "TLSConfig", "TensorReport", "Unauthenticated", "Unavailable", "connect",
+    "StandardScalerStatistics", "StateExport", "Stubs", "TLSConfig", "TensorReport", "Unauthenticated", "Unavailable", "connect",
 ]

@@ -36,6 +36,7 @@ from normserve.results import (
     ForwardResult,
     ServerInfo,
     SessionInfo,
+    StandardScalerStatistics,
     StateExport,
     _Unset,
     safetensors_from_state_dict,
@@ -113,18 +114,21 @@ class Client(ClientSettings[grpc.aio.Channel]):
     # ---------------------------------------------------------- sessions
 
     async def create_session(self, kind: str | int, num_features: int, *, eps: float = 1e-5,
-                             momentum: float | None = 0.1, affine: bool = True, track_running_stats: bool = True,
+                             momentum: float | None | _Unset = UNSET, affine: bool = True,
+                             track_running_stats: bool = True,
                              dtype: Any = "float32", device: str | None = "", session_id: str | None = None,
                              labels: Mapping[str, str] | None = None, training: bool = True,
                              reject_non_finite: bool = False, weight: Array | None = None,
                              bias: Array | None = None, running_mean: Array | None = None,
-                             running_var: Array | None = None, num_batches_tracked: int | None = None) -> Session:
+                             running_var: Array | None = None, num_batches_tracked: int | None = None,
+                             exact_statistics: bool = False) -> Session:
         """A new session; the arguments are normserve.Client.create_session's."""
         created = await self._run(protocol.create_session(
             kind, num_features, eps=eps, momentum=momentum, affine=affine,
             track_running_stats=track_running_stats, dtype=dtype, device=device, session_id=session_id,
             labels=labels, training=training, reject_non_finite=reject_non_finite, weight=weight, bias=bias,
-            running_mean=running_mean, running_var=running_var, num_batches_tracked=num_batches_tracked))
+            running_mean=running_mean, running_var=running_var, num_batches_tracked=num_batches_tracked,
+            exact_statistics=exact_statistics))
         return Session(self, created.info.session_id, training=created.info.training,
                        already_existed=created.already_existed, initial_info=created.info)
 
@@ -316,6 +320,23 @@ class Session(SessionHandle[Client]):
         anything is invalid."""
         return await self.import_state(safetensors_from_state_dict(state_dict), strict=strict,
                                        expected_version=expected_version, request_id=request_id)
+
+    async def merge(self, source: SessionHandle[Any] | str, *, expected_version: int | None = None,
+                    request_id: str | None = None) -> SessionInfo:
+        """Adds the exact accumulators of `source` into this session (as
+        normserve.Session.merge)."""
+        return await self.client._run(protocol.merge_session(
+            self.session_id, protocol.session_id_of(source), expected_version=expected_version,
+            request_id=self._request_id(request_id)))
+
+    async def standard_scaler_statistics(self) -> StandardScalerStatistics:
+        """The exact statistics as StandardScaler attributes (as
+        normserve.Session.standard_scaler_statistics)."""
+        return protocol.standard_scaler_statistics(await self.info())
+
+    async def standard_scaler(self) -> Any:
+        """A fitted sklearn StandardScaler (as normserve.Session.standard_scaler)."""
+        return (await self.standard_scaler_statistics()).to_sklearn()
 
     async def delete(self, *, expected_version: int | None = None) -> None:
         """Deletes the session and its state."""

@@ -213,16 +213,18 @@ class Client(ClientSettings[grpc.Channel]):
     # ---------------------------------------------------------- sessions
 
     def create_session(self, kind: str | int, num_features: int, *, eps: float = 1e-5,
-                       momentum: float | None = 0.1, affine: bool = True, track_running_stats: bool = True,
+                       momentum: float | None | _Unset = UNSET, affine: bool = True,
+                       track_running_stats: bool = True,
                        dtype: Any = "float32", device: str | None = "", session_id: str | None = None,
                        labels: Mapping[str, str] | None = None, training: bool = True,
                        reject_non_finite: bool = False, weight: Array | None = None, bias: Array | None = None,
                        running_mean: Array | None = None, running_var: Array | None = None,
-                       num_batches_tracked: int | None = None) -> Session:
+                       num_batches_tracked: int | None = None, exact_statistics: bool = False) -> Session:
         """A new session: `torch.nn.BatchNorm{kind}(num_features, eps, momentum,
         affine, track_running_stats, dtype=dtype)` living in the server.
 
-        kind: "1d", "2d" or "3d". momentum None: the cumulative average.
+        kind: "1d", "2d" or "3d". momentum None: the cumulative average;
+            not given: 0.1 (none for exact statistics).
         dtype: of the parameters and running statistics (float32, float64,
             float16, bfloat16; a name, numpy or torch dtype).
         device: "" or "auto" (the server's default), "cpu", "cuda", "cuda:N".
@@ -234,12 +236,19 @@ class Client(ClientSettings[grpc.Channel]):
         reject_non_finite: refuse NaN/Inf input instead of propagating it.
         weight, bias, running_mean, running_var (shape (C,)) and
             num_batches_tracked: the initial state (PyTorch's defaults otherwise).
+        exact_statistics: running_mean/running_var are the exact mean and
+            unbiased variance of every value train forwards have seen,
+            correctly rounded, whatever the batches, their order, the workers
+            or the replica (see Session.merge and Session.standard_scaler).
+            Needs track_running_stats; momentum must not be given; the
+            initial running statistics must not be given.
         """
         created = self._run(protocol.create_session(
             kind, num_features, eps=eps, momentum=momentum, affine=affine,
             track_running_stats=track_running_stats, dtype=dtype, device=device, session_id=session_id,
             labels=labels, training=training, reject_non_finite=reject_non_finite, weight=weight, bias=bias,
-            running_mean=running_mean, running_var=running_var, num_batches_tracked=num_batches_tracked))
+            running_mean=running_mean, running_var=running_var, num_batches_tracked=num_batches_tracked,
+            exact_statistics=exact_statistics))
         return Session(self, created.info.session_id, training=created.info.training,
                        already_existed=created.already_existed, initial_info=created.info)
 

@@ -26,6 +26,7 @@ from normserve.results import (
     ForwardResult,
     ServerInfo,
     SessionInfo,
+    StandardScalerStatistics,
     StateExport,
     _Unset,
     kind_value,
@@ -73,6 +74,7 @@ RESET_RUNNING_STATS = Method.of(bn, "BatchNormService", "ResetRunningStats")
 UPDATE_PARAMETERS = Method.of(bn, "BatchNormService", "UpdateParameters")
 EXPORT_STATE = Method.of(bn, "BatchNormService", "ExportState")
 IMPORT_STATE = Method.of(bn, "BatchNormService", "ImportState")
+MERGE_SESSION = Method.of(bn, "BatchNormService", "MergeSession")
 GET_SERVER_INFO = Method.of(server_pb2, "ServerService", "GetServerInfo")
 COMPARE = Method.of(compare_pb2, "CompareService", "Compare")
 
@@ -147,12 +149,14 @@ class Created:
     already_existed: bool
 
 
-def create_session(kind: str | int, num_features: int, *, eps: float = 1e-5, momentum: float | None = 0.1,
-                   affine: bool = True, track_running_stats: bool = True, dtype: Any = "float32",
-                   device: str | None = "", session_id: str | None = None, labels: Mapping[str, str] | None = None,
-                   training: bool = True, reject_non_finite: bool = False, weight: Array | None = None,
-                   bias: Array | None = None, running_mean: Array | None = None,
-                   running_var: Array | None = None, num_batches_tracked: int | None = None) -> Call[Created]:
+def create_session(kind: str | int, num_features: int, *, eps: float = 1e-5,
+                   momentum: float | None | _Unset = UNSET, affine: bool = True, track_running_stats: bool = True,
+                   dtype: Any = "float32", device: str | None = "", session_id: str | None = None,
+                   labels: Mapping[str, str] | None = None, training: bool = True,
+                   reject_non_finite: bool = False, weight: Array | None = None, bias: Array | None = None,
+                   running_mean: Array | None = None, running_var: Array | None = None,
+                   num_batches_tracked: int | None = None, exact_statistics: bool = False) -> Call[Created]:
+    """momentum UNSET: the server's default (0.1), or none for exact_statistics."""
     request = bn.CreateSessionRequest(
         session_id=session_id or "",
         kind=kind_value(kind),  # type: ignore[arg-type]  # a checked BatchNormKind value
@@ -165,6 +169,7 @@ def create_session(kind: str | int, num_features: int, *, eps: float = 1e-5, mom
         default_mode=mode_value(training),  # type: ignore[arg-type]
         reject_non_finite=reject_non_finite,
         labels=dict(labels or {}),
+        exact_statistics=exact_statistics,
     )
     _set_momentum(request, momentum)
     for field, value in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
@@ -324,6 +329,38 @@ def import_state(session_id: str, safetensors: bytes, *, strict: bool, expected_
     if expected_version is not None:
         request.expected_version = expected_version
     return Call(IMPORT_STATE, request, bool(request_id), _session_info)
+
+
+def merge_session(session_id: str, source_session_id: str, *, expected_version: int | None,
+                  request_id: str) -> Call[SessionInfo]:
+    """MergeSession: the source's exact accumulators added into the target."""
+    request = bn.MergeSessionRequest(session_id=session_id, source_session_id=source_session_id,
+                                     request_id=request_id)
+    if expected_version is not None:
+        request.expected_version = expected_version
+    return Call(MERGE_SESSION, request, bool(request_id), _session_info)
+
+
+def session_id_of(session: Any) -> str:
+    """The id of a session handle (blocking or asyncio) or an id string."""
+    if isinstance(session, str):
+        return session
+    session_id = getattr(session, "session_id", None)
+    if not isinstance(session_id, str):
+        raise TypeError(f"expected a Session or a session id, got {type(session).__name__}")
+    return session_id
+
+
+def standard_scaler_statistics(info: SessionInfo) -> StandardScalerStatistics:
+    """The StandardScaler attributes of a session snapshot; FailedPrecondition
+    for a session without exact statistics."""
+    statistics = info.standard_scaler
+    if statistics is None:
+        raise errors.FailedPrecondition(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"session {info.session_id!r} does not keep exact statistics (create it with "
+            f"exact_statistics=True): it has no StandardScaler attributes")
+    return statistics
 
 
 # ---------------------------------------------------------------- the others

@@ -10,6 +10,7 @@ import collections
 import dataclasses
 import datetime
 import functools
+import importlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -58,6 +59,56 @@ def _optional_tensor(message: bn.Session, field: str) -> Array | None:
     return codec.decode(getattr(message, field)) if message.HasField(field) else None
 
 
+@dataclasses.dataclass(frozen=True)
+class StandardScalerStatistics:
+    """An exact session's statistics as scikit-learn `StandardScaler`
+    attributes (float64 arrays of shape (C,)):
+
+    mean: `mean_`, the session's running_mean.
+    var: `var_`, the population variance (ddof = 0) of every value seen,
+        correctly rounded from the exact sums.
+    scale: `scale_`, what the session's eval forward divides by:
+        sqrt(running_var + eps), with the session's unbiased running_var.
+        So `(x - mean) / scale` is the eval forward of an affine = false
+        session (up to rounding), and scale is not sqrt(var).
+    n_samples_seen: `n_samples_seen_`, values seen per channel.
+    """
+
+    mean: np.ndarray
+    var: np.ndarray
+    scale: np.ndarray
+    n_samples_seen: int
+
+    @classmethod
+    def from_proto(cls, message: bn.StandardScalerStatistics) -> StandardScalerStatistics:
+        def array(values: Any) -> np.ndarray:
+            out = np.array(values, dtype=np.float64)
+            out.flags.writeable = False
+            return out
+
+        return cls(array(message.mean), array(message.var), array(message.scale), int(message.n_samples_seen))
+
+    def to_sklearn(self) -> Any:
+        """A fitted `sklearn.preprocessing.StandardScaler` with these
+        attributes (with_mean and with_std true): its `transform(X)` of an
+        (N, C) array is the session's eval forward with affine = false.
+        ImportError without scikit-learn."""
+        try:
+            # Imported by name: scikit-learn is optional and ships no type stubs.
+            preprocessing = importlib.import_module("sklearn.preprocessing")
+        except ImportError as error:
+            raise ImportError("standard_scaler() needs scikit-learn (pip install scikit-learn); "
+                              "standard_scaler_statistics() gives the same attributes as numpy "
+                              "arrays without it") from error
+        scaler = preprocessing.StandardScaler()
+        scaler.mean_ = np.array(self.mean)
+        scaler.var_ = np.array(self.var)
+        scaler.scale_ = np.array(self.scale)
+        scaler.n_samples_seen_ = np.int64(self.n_samples_seen)
+        scaler.n_features_in_ = len(self.mean)
+        return scaler
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class SessionInfo:
     """A session's configuration and state, as one reply carried it.
@@ -83,6 +134,9 @@ class SessionInfo:
     # The mode forwards use when they do not choose one (`module.training`).
     training: bool
     reject_non_finite: bool
+    # Exact statistics (running_mean/running_var of every value seen, from
+    # exact sums; see Client.create_session).
+    exact_statistics: bool
     labels: dict[str, str]
     # "cpu" or "cuda:N".
     device: str
@@ -112,6 +166,7 @@ class SessionInfo:
             dtype=codec.DTYPE_NAMES.get(config.param_dtype, str(config.param_dtype)),
             training=config.default_mode != bn.MODE_EVAL,
             reject_non_finite=config.reject_non_finite,
+            exact_statistics=config.exact_statistics,
             labels=dict(config.labels),
             device=session.device,
             version=session.version,
@@ -139,6 +194,14 @@ class SessionInfo:
     @functools.cached_property
     def running_var(self) -> Array | None:
         return _optional_tensor(self.proto, "running_var")
+
+    @functools.cached_property
+    def standard_scaler(self) -> StandardScalerStatistics | None:
+        """An exact session's statistics as StandardScaler attributes; None
+        for other sessions, or when the reply carried no tensors."""
+        if not self.proto.HasField("standard_scaler"):
+            return None
+        return StandardScalerStatistics.from_proto(self.proto.standard_scaler)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, SessionInfo):

@@ -25,6 +25,7 @@ from normserve.results import (  # noqa: F401  (re-exported: normserve.session.S
     UNSET,
     ForwardResult,
     SessionInfo,
+    StandardScalerStatistics,
     StateExport,
     _Unset,
     kind_value,
@@ -211,6 +212,34 @@ class Session(SessionHandle["Client"]):
         Unlike PyTorch, nothing is loaded when anything is invalid."""
         return self.import_state(safetensors_from_state_dict(state_dict), strict=strict,
                                  expected_version=expected_version, request_id=request_id)
+
+    # ------------------------------------------------- exact statistics
+
+    def merge(self, source: SessionHandle[Any] | str, *, expected_version: int | None = None,
+              request_id: str | None = None) -> SessionInfo:
+        """Adds the exact accumulators of `source` (a session handle or an id;
+        both sessions with exact_statistics, same num_features and dtype)
+        into this session: afterwards its statistics are, bitwise, those it
+        would have had after seeing every train batch `source` saw. `source`
+        is unchanged. One mutation of this session; a retry with the same
+        `request_id` is a replay, never a second merge."""
+        return self.client._run(protocol.merge_session(
+            self.session_id, protocol.session_id_of(source), expected_version=expected_version,
+            request_id=self._request_id(request_id)))
+
+    def standard_scaler_statistics(self) -> StandardScalerStatistics:
+        """The exact statistics as scikit-learn StandardScaler attributes
+        (mean_, var_ with ddof 0, scale_, n_samples_seen_), without needing
+        scikit-learn; FailedPrecondition for a session without exact
+        statistics."""
+        return protocol.standard_scaler_statistics(self.info())
+
+    def standard_scaler(self) -> Any:
+        """A fitted `sklearn.preprocessing.StandardScaler` whose `transform`
+        of an (N, C) array is this session's eval forward with affine =
+        false (scale_ = sqrt(running_var + eps); see
+        StandardScalerStatistics). ImportError without scikit-learn."""
+        return self.standard_scaler_statistics().to_sklearn()
 
     def delete(self, *, expected_version: int | None = None) -> None:
         """Deletes the session and its state."""

@@ -32,7 +32,7 @@ MODE_TRAIN: Mode
 MODE_EVAL: Mode
 
 class SessionConfig(_message.Message):
-    __slots__ = ("kind", "num_features", "eps", "momentum", "cumulative_average", "affine", "track_running_stats", "param_dtype", "default_mode", "reject_non_finite", "labels")
+    __slots__ = ("kind", "num_features", "eps", "momentum", "cumulative_average", "affine", "track_running_stats", "param_dtype", "default_mode", "reject_non_finite", "labels", "exact_statistics")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +51,7 @@ class SessionConfig(_message.Message):
     DEFAULT_MODE_FIELD_NUMBER: _ClassVar[int]
     REJECT_NON_FINITE_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    EXACT_STATISTICS_FIELD_NUMBER: _ClassVar[int]
     kind: BatchNormKind
     num_features: int
     eps: float
@@ -62,10 +63,11 @@ class SessionConfig(_message.Message):
     default_mode: Mode
     reject_non_finite: bool
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, kind: _Optional[_Union[BatchNormKind, str]] = ..., num_features: _Optional[int] = ..., eps: _Optional[float] = ..., momentum: _Optional[float] = ..., cumulative_average: _Optional[bool] = ..., affine: _Optional[bool] = ..., track_running_stats: _Optional[bool] = ..., param_dtype: _Optional[_Union[_tensor_pb2.DataType, str]] = ..., default_mode: _Optional[_Union[Mode, str]] = ..., reject_non_finite: _Optional[bool] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    exact_statistics: bool
+    def __init__(self, kind: _Optional[_Union[BatchNormKind, str]] = ..., num_features: _Optional[int] = ..., eps: _Optional[float] = ..., momentum: _Optional[float] = ..., cumulative_average: _Optional[bool] = ..., affine: _Optional[bool] = ..., track_running_stats: _Optional[bool] = ..., param_dtype: _Optional[_Union[_tensor_pb2.DataType, str]] = ..., default_mode: _Optional[_Union[Mode, str]] = ..., reject_non_finite: _Optional[bool] = ..., labels: _Optional[_Mapping[str, str]] = ..., exact_statistics: _Optional[bool] = ...) -> None: ...
 
 class Session(_message.Message):
-    __slots__ = ("session_id", "config", "device", "version", "num_batches_tracked", "weight", "bias", "running_mean", "running_var", "created_at", "updated_at", "last_used_at")
+    __slots__ = ("session_id", "config", "device", "version", "num_batches_tracked", "weight", "bias", "running_mean", "running_var", "created_at", "updated_at", "last_used_at", "standard_scaler")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +80,7 @@ class Session(_message.Message):
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
     LAST_USED_AT_FIELD_NUMBER: _ClassVar[int]
+    STANDARD_SCALER_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     config: SessionConfig
     device: str
@@ -90,10 +93,23 @@ class Session(_message.Message):
     created_at: _timestamp_pb2.Timestamp
     updated_at: _timestamp_pb2.Timestamp
     last_used_at: _timestamp_pb2.Timestamp
-    def __init__(self, session_id: _Optional[str] = ..., config: _Optional[_Union[SessionConfig, _Mapping]] = ..., device: _Optional[str] = ..., version: _Optional[int] = ..., num_batches_tracked: _Optional[int] = ..., weight: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., bias: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., running_mean: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., running_var: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_used_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    standard_scaler: StandardScalerStatistics
+    def __init__(self, session_id: _Optional[str] = ..., config: _Optional[_Union[SessionConfig, _Mapping]] = ..., device: _Optional[str] = ..., version: _Optional[int] = ..., num_batches_tracked: _Optional[int] = ..., weight: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., bias: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., running_mean: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., running_var: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_used_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., standard_scaler: _Optional[_Union[StandardScalerStatistics, _Mapping]] = ...) -> None: ...
+
+class StandardScalerStatistics(_message.Message):
+    __slots__ = ("mean", "var", "scale", "n_samples_seen")
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    VAR_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    N_SAMPLES_SEEN_FIELD_NUMBER: _ClassVar[int]
+    mean: _containers.RepeatedScalarFieldContainer[float]
+    var: _containers.RepeatedScalarFieldContainer[float]
+    scale: _containers.RepeatedScalarFieldContainer[float]
+    n_samples_seen: int
+    def __init__(self, mean: _Optional[_Iterable[float]] = ..., var: _Optional[_Iterable[float]] = ..., scale: _Optional[_Iterable[float]] = ..., n_samples_seen: _Optional[int] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
-    __slots__ = ("session_id", "kind", "num_features", "eps", "momentum", "cumulative_average", "affine", "track_running_stats", "param_dtype", "device", "default_mode", "reject_non_finite", "labels", "weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    __slots__ = ("session_id", "kind", "num_features", "eps", "momentum", "cumulative_average", "affine", "track_running_stats", "param_dtype", "device", "default_mode", "reject_non_finite", "labels", "weight", "bias", "running_mean", "running_var", "num_batches_tracked", "exact_statistics")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -119,6 +135,7 @@ class CreateSessionRequest(_message.Message):
     RUNNING_MEAN_FIELD_NUMBER: _ClassVar[int]
     RUNNING_VAR_FIELD_NUMBER: _ClassVar[int]
     NUM_BATCHES_TRACKED_FIELD_NUMBER: _ClassVar[int]
+    EXACT_STATISTICS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     kind: BatchNormKind
     num_features: int
@@ -137,7 +154,8 @@ class CreateSessionRequest(_message.Message):
     running_mean: _tensor_pb2.Tensor
     running_var: _tensor_pb2.Tensor
     num_batches_tracked: int
-    def __init__(self, session_id: _Optional[str] = ..., kind: _Optional[_Union[BatchNormKind, str]] = ..., num_features: _Optional[int] = ..., eps: _Optional[float] = ..., momentum: _Optional[float] = ..., cumulative_average: _Optional[bool] = ..., affine: _Optional[bool] = ..., track_running_stats: _Optional[bool] = ..., param_dtype: _Optional[_Union[_tensor_pb2.DataType, str]] = ..., device: _Optional[str] = ..., default_mode: _Optional[_Union[Mode, str]] = ..., reject_non_finite: _Optional[bool] = ..., labels: _Optional[_Mapping[str, str]] = ..., weight: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., bias: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., running_mean: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., running_var: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., num_batches_tracked: _Optional[int] = ...) -> None: ...
+    exact_statistics: bool
+    def __init__(self, session_id: _Optional[str] = ..., kind: _Optional[_Union[BatchNormKind, str]] = ..., num_features: _Optional[int] = ..., eps: _Optional[float] = ..., momentum: _Optional[float] = ..., cumulative_average: _Optional[bool] = ..., affine: _Optional[bool] = ..., track_running_stats: _Optional[bool] = ..., param_dtype: _Optional[_Union[_tensor_pb2.DataType, str]] = ..., device: _Optional[str] = ..., default_mode: _Optional[_Union[Mode, str]] = ..., reject_non_finite: _Optional[bool] = ..., labels: _Optional[_Mapping[str, str]] = ..., weight: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., bias: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., running_mean: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., running_var: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., num_batches_tracked: _Optional[int] = ..., exact_statistics: _Optional[bool] = ...) -> None: ...
 
 class CreateSessionResponse(_message.Message):
     __slots__ = ("session", "already_existed")
@@ -333,6 +351,26 @@ class ImportStateRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., safetensors: _Optional[bytes] = ..., strict: _Optional[bool] = ..., expected_version: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class ImportStateResponse(_message.Message):
+    __slots__ = ("session", "replayed")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    session: Session
+    replayed: bool
+    def __init__(self, session: _Optional[_Union[Session, _Mapping]] = ..., replayed: _Optional[bool] = ...) -> None: ...
+
+class MergeSessionRequest(_message.Message):
+    __slots__ = ("session_id", "source_session_id", "expected_version", "request_id")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    source_session_id: str
+    expected_version: int
+    request_id: str
+    def __init__(self, session_id: _Optional[str] = ..., source_session_id: _Optional[str] = ..., expected_version: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class MergeSessionResponse(_message.Message):
     __slots__ = ("session", "replayed")
     SESSION_FIELD_NUMBER: _ClassVar[int]
     REPLAYED_FIELD_NUMBER: _ClassVar[int]

@@ -95,6 +95,10 @@ class BatchNormServiceStub:
                 '/normserve.v1.BatchNormService/ImportState',
                 request_serializer=normserve_dot_v1_dot_batch__norm__pb2.ImportStateRequest.SerializeToString,
                 response_deserializer=normserve_dot_v1_dot_batch__norm__pb2.ImportStateResponse.FromString)
+        self.MergeSession = channel.unary_unary(
+                '/normserve.v1.BatchNormService/MergeSession',
+                request_serializer=normserve_dot_v1_dot_batch__norm__pb2.MergeSessionRequest.SerializeToString,
+                response_deserializer=normserve_dot_v1_dot_batch__norm__pb2.MergeSessionResponse.FromString)
 
 
 class BatchNormServiceServicer:
@@ -219,6 +223,21 @@ class BatchNormServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MergeSession(self, request, context):
+        """Adds the exact accumulators of `source_session_id` into `session_id`
+        (both `exact_statistics` sessions of the caller's tenant, with the same
+        num_features and param_dtype): the target's statistics become, bitwise,
+        those it would have after seeing every train batch the source saw, in
+        any order. The source is unchanged. One mutation of the target (its
+        version + 1; num_batches_tracked adds the source's); `request_id` makes a
+        retry a replay. FAILED_PRECONDITION when either session is not exact;
+        INVALID_ARGUMENT when merging a session into itself or when the
+        configurations differ (the message names the difference).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BatchNormServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -271,6 +290,11 @@ def add_BatchNormServiceServicer_to_server(servicer, server):
                     servicer.ImportState,
                     request_deserializer=normserve_dot_v1_dot_batch__norm__pb2.ImportStateRequest.FromString,
                     response_serializer=normserve_dot_v1_dot_batch__norm__pb2.ImportStateResponse.SerializeToString,
+            ),
+            'MergeSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.MergeSession,
+                    request_deserializer=normserve_dot_v1_dot_batch__norm__pb2.MergeSessionRequest.FromString,
+                    response_serializer=normserve_dot_v1_dot_batch__norm__pb2.MergeSessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -570,6 +594,32 @@ class BatchNormService:
             '/normserve.v1.BatchNormService/ImportState',
             normserve_dot_v1_dot_batch__norm__pb2.ImportStateRequest.SerializeToString,
             normserve_dot_v1_dot_batch__norm__pb2.ImportStateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata)
+
+    @staticmethod
+    def MergeSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/normserve.v1.BatchNormService/MergeSession',
+            normserve_dot_v1_dot_batch__norm__pb2.MergeSessionRequest.SerializeToString,
+            normserve_dot_v1_dot_batch__norm__pb2.MergeSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,
