@@ -36,7 +36,7 @@ def normalize_features(keyed_rows: Any, session: str, server: nsbeam.Server, *, 
     """The train pass over a PCollection of (key, row) pairs into the exact
     session `session` (created if needed), then the eval pass: returns the
     PCollection of its one `Statistics` and the (key, normalized row) pairs."""
-    rows = keyed_rows | "Rows" >> beam.Values()
+    rows = keyed_rows | "Values" >> beam.Values()
     statistics = rows | "ComputeStatistics" >> nsbeam.ComputeStatistics(
         session, server, num_features=num_features, dtype=dtype, eps=eps, batch_size=batch_size)
     normalized = keyed_rows | "Normalize" >> nsbeam.Normalize(

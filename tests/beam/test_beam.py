@@ -174,7 +174,7 @@ def run_pipeline(address, session, rows, out, *, workers, batch_size, fail_befor
     the same, once the statistics are merged into the session."""
     server = nsbeam.Server(address)
     with beam.Pipeline(options=options(workers)) as p:
-        keyed = p | "Rows" >> beam.Create(list(enumerate(rows)))
+        keyed = p | "Create" >> beam.Create(list(enumerate(rows)))
         if fail_before is not None:
             keyed = keyed | "FailWhileSending" >> beam.ParDo(FailOnce(fail_before, after=len(rows) // 4))
         stats, normalized = normalize_features(keyed, session, server, num_features=C, dtype="float64",
