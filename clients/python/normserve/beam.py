@@ -468,13 +468,21 @@ class _NormalizeBundles(_Connected):
 
     def setup(self) -> None:
         super().setup()
-        self.session = self.connected().get_session(self.session_id).eval()
-        info = self.session.initial_info
-        assert info is not None, "get_session reads the session"
-        if info.dtype not in ("float16", "float32", "float64"):
-            raise ValueError(f"normserve.beam: Normalize works on float16, float32 and float64 sessions; "
-                             f"{self.session_id!r} is {info.dtype}")
-        self.dtype = np.dtype(info.dtype)
+        self.session: normserve.Session | None = None
+
+    def _session(self) -> normserve.Session:
+        """The session and its dtype, read at first use: on a runner that
+        sets DoFns up early, the train pass may not have created it yet."""
+        if self.session is None:
+            session = self.connected().get_session(self.session_id).eval()
+            info = session.initial_info
+            assert info is not None, "get_session reads the session"
+            if info.dtype not in ("float16", "float32", "float64"):
+                raise ValueError(f"normserve.beam: Normalize works on float16, float32 and float64 sessions; "
+                                 f"{self.session_id!r} is {info.dtype}")
+            self.dtype = np.dtype(info.dtype)
+            self.session = session
+        return self.session
 
     def start_bundle(self) -> None:
         self.keys: list[Any] = []
@@ -483,6 +491,7 @@ class _NormalizeBundles(_Connected):
 
     def process(self, element: Any, statistics: Statistics | None = None) -> Iterator[Any]:
         self.version = None if statistics is None else statistics.version
+        self._session()
         key, value = element if self.keyed else (None, element)
         self.keys.append(key)
         self.values.append(np.asarray(value, dtype=self.dtype))
@@ -494,7 +503,7 @@ class _NormalizeBundles(_Connected):
             return
         batch = _stack(self.values)
         # A copy: the reply's buffer is read-only, and the rows outlive it.
-        output = np.array(self.session.forward(batch, train=False, expected_version=self.version))
+        output = np.array(self._session().forward(batch, train=False, expected_version=self.version))
         keys = self.keys
         self.keys, self.values = [], []
         for key, row in zip(keys, output):
