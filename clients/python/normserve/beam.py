@@ -7,23 +7,23 @@ pass normalizes with them.
     import apache_beam as beam
     from normserve import beam as nsbeam
 
-    server = nsbeam.Server("normserve.internal:50051")
+    server = nsbeam.Server("normserve.internal:50051")      # token=, tls= as normserve.connect
     with beam.Pipeline() as p:
-        rows = p | beam.Create([...])                     # numpy arrays (C,), lists of C numbers
-        stats = rows | nsbeam.ComputeStatistics(session="features-2026-11", server=server,
-                                                num_features=C, dtype="float64")
-        keyed = rows | beam.Map(lambda r: (r_id(r), r))  # any keys
-        normalized = keyed | nsbeam.Normalize(session="features-2026-11", server=server,
-                                              statistics=stats, keyed=True)
+        keyed = p | beam.Create(list(enumerate(rows)))       # (key, row): arrays or lists of C numbers
+        stats = (keyed | beam.Values()
+                 | nsbeam.ComputeStatistics("features-v1", server, num_features=C, dtype="float64"))
+        normalized = keyed | nsbeam.Normalize("features-v1", server, statistics=stats, keyed=True)
 
-How the train pass counts every element once (docs/api.md, "Pipelines"):
+`stats` holds one `Statistics` (mean, variances, n_samples_seen, the
+session's version). How the train pass counts every element once:
 
 1. Each bundle creates its own exact session (a shard, random id, labelled
    `normserve-beam: shard`) and sends its elements to it as train batches.
    At the end of the bundle it emits the shard's id. A bundle that fails and
    is retried leaves its shard behind unreferenced: the runner discards the
-   failed attempt's outputs, so the orphaned shard is never merged (the
-   server's idle TTL, or `delete_shards`, removes it).
+   failed attempt's outputs, so the orphaned shard is never merged
+   (`delete_shards` removes such shards, as does a server whose idle TTL
+   deletes: --session-ttl-action delete, with a TTL longer than a pipeline).
 2. One step gathers the committed shard ids, merges them into a fresh
    session of its own, and merges that one into the target session with a
    single MergeSession whose request_id is a hash of the whole PCollection's
@@ -548,8 +548,7 @@ class Normalize(beam.PTransform):  # type: ignore[misc]
 
 def delete_shards(client: Client, session: str) -> list[str]:
     """Deletes the shard sessions the transforms left beside `session` (those
-    of failed bundles and attempts; the server's idle TTL, when it deletes,
-    removes them too) and returns their ids. Not while a pipeline on
+    of failed bundles and attempts) and returns their ids. Not while a pipeline on
     `session` runs: its shards would go too."""
     deleted = []
     for info in list(client.list_sessions(_shard_labels(session))):
