@@ -124,6 +124,31 @@ pub(super) fn with_f32_values<R>(
     Ok(Some(f(values)))
 }
 
+/// Runs `f` over a contiguous float64 CPU tensor's values in place, or
+/// returns `None` for any other tensor.
+pub(super) fn with_f64_values<R>(
+    tensor: &Tensor,
+    f: impl FnOnce(&[f64]) -> R,
+) -> Result<Option<R>, NumericsError> {
+    let numel = tensor.numel();
+    let data = tensor.data_ptr() as *const f64;
+    if tensor.device() != Device::Cpu
+        || tensor.f_kind()? != tch::Kind::Double
+        || !tensor.is_contiguous()
+        || numel == 0
+        || data.is_null()
+        || (data as usize) % std::mem::align_of::<f64>() != 0
+    {
+        return Ok(None);
+    }
+    // SAFETY: as in `with_f32_values`: a contiguous float64 CPU tensor of
+    // `numel` elements starts at `data` (non-null, aligned, checked above),
+    // `tensor` is borrowed for the whole call, and `f` only reads.
+    #[allow(unsafe_code)]
+    let values = unsafe { std::slice::from_raw_parts(data, numel) };
+    Ok(Some(f(values)))
+}
+
 /// A new contiguous float32 CPU tensor of `shape` whose values `fill` writes.
 pub(super) fn new_f32_tensor(
     shape: &[i64],

@@ -9,6 +9,7 @@
 pub mod batch_norm;
 pub mod codec;
 pub mod compare;
+pub mod exact;
 pub mod host;
 pub mod state_dict;
 pub mod stats;

@@ -3,13 +3,15 @@
 //!
 //! Keys: `weight`, `bias` (affine layers), `running_mean`, `running_var`
 //! (param dtype, shape (C,)) and `num_batches_tracked` (int64, 0-d) when the
-//! layer tracks running statistics.
+//! layer tracks running statistics; for an exact-statistics layer also the
+//! exact sums (`exact.*`, see [`super::exact::KEYS`]).
 
 use std::collections::BTreeMap;
 
 use safetensors::tensor::{Dtype as StDtype, SafeTensors, TensorView};
 use tch::{Kind, Tensor};
 
+use super::exact::{self, ExactSums};
 use super::{torch_size, LayerKind, NumericsError, TensorData};
 
 pub const WEIGHT: &str = "weight";
@@ -24,16 +26,21 @@ pub struct Layout {
     pub num_features: i64,
     pub affine: bool,
     pub track_running_stats: bool,
+    /// The exact sums' keys too.
+    pub exact_statistics: bool,
 }
 
 impl Layout {
     fn keys(&self) -> Vec<&'static str> {
-        let mut keys = Vec::with_capacity(5);
+        let mut keys = Vec::with_capacity(9);
         if self.affine {
             keys.extend([WEIGHT, BIAS]);
         }
         if self.track_running_stats {
             keys.extend([RUNNING_MEAN, RUNNING_VAR, NUM_BATCHES_TRACKED]);
+        }
+        if self.exact_statistics {
+            keys.extend(exact::KEYS);
         }
         keys
     }
@@ -55,6 +62,8 @@ pub struct ExportTensors<'a> {
     pub running_var: Option<&'a TensorData>,
     /// Present exactly when statistics are tracked.
     pub num_batches_tracked: Option<i64>,
+    /// An exact-statistics layer's sums.
+    pub exact: Option<&'a ExactSums>,
 }
 
 /// Serializes a state dict to safetensors bytes.
@@ -82,6 +91,27 @@ pub fn export(tensors: &ExportTensors<'_>) -> Result<Vec<u8>, NumericsError> {
             TensorView::new(StDtype::I64, Vec::new(), bytes).map_err(safetensors_error)?,
         ));
     }
+    let count_bytes = tensors.exact.map(|sums| (sums.count as i64).to_le_bytes());
+    let tables = tensors.exact.map(|sums| {
+        [
+            (exact::SUM_POSITIVE_KEY, sums.digit_table(|c| &c.positive)),
+            (exact::SUM_NEGATIVE_KEY, sums.digit_table(|c| &c.negative)),
+            (exact::SUM_SQUARES_KEY, sums.digit_table(|c| &c.squares)),
+        ]
+    });
+    if let Some(bytes) = count_bytes.as_ref() {
+        views.push((
+            exact::COUNT_KEY,
+            TensorView::new(StDtype::I64, Vec::new(), bytes).map_err(safetensors_error)?,
+        ));
+    }
+    for (key, table) in tables.iter().flatten() {
+        views.push((
+            key,
+            TensorView::new(StDtype::I64, table.shape.to_vec(), &table.bytes)
+                .map_err(safetensors_error)?,
+        ));
+    }
     safetensors::serialize(views, None).map_err(safetensors_error)
 }
 
@@ -99,6 +129,8 @@ pub struct Imported {
     pub running_var: Option<Tensor>,
     /// None keeps the current count (a plain dict without the key).
     pub num_batches_tracked: Option<i64>,
+    /// The exact sums, when the layout has them and the file all their keys.
+    pub exact: Option<ExactSums>,
 }
 
 /// `module.load_state_dict(state, strict)` validation: parses `bytes`, checks
@@ -146,7 +178,16 @@ pub fn import(
         ));
     }
     let mut imported = Imported::default();
+    if layout.exact_statistics {
+        match import_exact(layout, &entries, max_elements) {
+            Ok(sums) => imported.exact = sums,
+            Err(message) => errors.push(message),
+        }
+    }
     for key in expected {
+        if exact::KEYS.contains(&key) {
+            continue;
+        }
         let Some(view) = entries.get(key) else {
             continue;
         };
@@ -197,6 +238,77 @@ pub fn import(
             ),
         ))
     }
+}
+
+/// The exact sums of a state dict: None without any `exact.*` key; an
+/// error text when some are missing or any is malformed.
+fn import_exact(
+    layout: &Layout,
+    entries: &BTreeMap<String, TensorView<'_>>,
+    max_elements: u64,
+) -> Result<Option<ExactSums>, String> {
+    let present: Vec<&str> = exact::KEYS
+        .iter()
+        .copied()
+        .filter(|k| entries.contains_key(*k))
+        .collect();
+    if present.is_empty() {
+        return Ok(None);
+    }
+    if present.len() < exact::KEYS.len() {
+        return Err(format!(
+            "the exact sums need all of {} (got only {})",
+            quoted(&exact::KEYS),
+            quoted(&present)
+        ));
+    }
+    let int64_values = |key: &str, want_rank: usize| -> Result<(Vec<i64>, Vec<usize>), String> {
+        let Some(view) = entries.get(key) else {
+            return Err(format!("{key} is missing"));
+        };
+        if view.dtype() != StDtype::I64 || view.shape().len() != want_rank {
+            return Err(format!(
+                "{key}: expected an int64 tensor of {want_rank} dimensions, got {:?} {:?}",
+                view.dtype(),
+                view.shape()
+            ));
+        }
+        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        super::codec::checked_numel(key, &shape, max_elements).map_err(|e| e.to_string())?;
+        let values = view
+            .data()
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
+            .collect();
+        Ok((values, view.shape().to_vec()))
+    };
+    let (count, _) = int64_values(exact::COUNT_KEY, 0)?;
+    let channels = layout.num_features.max(0) as usize;
+    let (positive, positive_shape) = int64_values(exact::SUM_POSITIVE_KEY, 2)?;
+    let (negative, negative_shape) = int64_values(exact::SUM_NEGATIVE_KEY, 2)?;
+    let (squares, squares_shape) = int64_values(exact::SUM_SQUARES_KEY, 2)?;
+    for (key, shape) in [
+        (exact::SUM_POSITIVE_KEY, &positive_shape),
+        (exact::SUM_NEGATIVE_KEY, &negative_shape),
+        (exact::SUM_SQUARES_KEY, &squares_shape),
+    ] {
+        if shape[0] != channels {
+            return Err(format!(
+                "size mismatch for {key}: {} channels in the checkpoint, {channels} in the current model",
+                shape[0]
+            ));
+        }
+    }
+    ExactSums::from_digit_tables(
+        count.first().copied().unwrap_or(0),
+        channels,
+        [
+            (exact::SUM_POSITIVE_KEY, &positive, positive_shape[1]),
+            (exact::SUM_NEGATIVE_KEY, &negative, negative_shape[1]),
+            (exact::SUM_SQUARES_KEY, &squares, squares_shape[1]),
+        ],
+    )
+    .map(Some)
 }
 
 fn quoted(keys: &[&str]) -> String {

@@ -13,8 +13,13 @@ use prost::Message;
 
 use super::SessionId;
 
-/// The record format this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The newest record format this build writes and reads. Format 2 is
+/// written only for exact-statistics sessions (their sums are fields that
+/// format 1 readers would drop, serving wrong statistics): a build that
+/// reads only format 1 refuses those records instead; every other record is
+/// still written as format 1.
+pub const FORMAT_VERSION: u32 = 2;
+const FORMAT_WITHOUT_EXACT: u32 = 1;
 const MAGIC: &[u8; 4] = b"NSRC";
 const HEADER_LEN: usize = 12;
 
@@ -85,6 +90,37 @@ pub struct SessionRecord {
     /// starts with `tenant/` for any other tenant.
     #[prost(string, tag = "25")]
     pub tenant: String,
+    /// Created with exact statistics (format 2).
+    #[prost(bool, tag = "40")]
+    pub exact_statistics: bool,
+    /// The exact sums of an exact-statistics session (format 2).
+    #[prost(message, optional, tag = "41")]
+    pub exact: Option<ExactSumsRecord>,
+}
+
+/// An exact session's sums (see `numerics::exact`).
+#[derive(Clone, PartialEq, Message)]
+pub struct ExactSumsRecord {
+    /// Values seen per channel.
+    #[prost(uint64, tag = "1")]
+    pub count: u64,
+    /// One per channel, in channel order.
+    #[prost(message, repeated, tag = "2")]
+    pub channels: Vec<ChannelSumsRecord>,
+}
+
+/// One channel's sums as little-endian 64-bit limbs, no high zero limb.
+#[derive(Clone, PartialEq, Message)]
+pub struct ChannelSumsRecord {
+    /// Sum of the positive values, units of 2^-1074.
+    #[prost(fixed64, repeated, tag = "1")]
+    pub positive: Vec<u64>,
+    /// Sum of |x| over the negative values, units of 2^-1074.
+    #[prost(fixed64, repeated, tag = "2")]
+    pub negative: Vec<u64>,
+    /// Sum of x², units of 2^-2148.
+    #[prost(fixed64, repeated, tag = "3")]
+    pub squares: Vec<u64>,
 }
 
 /// A request id applied to the session, stored with the state it produced so
@@ -116,7 +152,12 @@ impl SessionRecord {
         let payload = self.encode_to_vec();
         let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
         out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        let format = if self.exact_statistics {
+            FORMAT_VERSION
+        } else {
+            FORMAT_WITHOUT_EXACT
+        };
+        out.extend_from_slice(&format.to_le_bytes());
         out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
         out.extend_from_slice(&payload);
         out
@@ -267,6 +308,27 @@ mod tests {
             SessionRecord::decode_record(b"NS"),
             Err(RecordError::Corrupt(_))
         ));
+    }
+
+    #[test]
+    fn records_without_exact_sums_keep_format_1_and_exact_ones_round_trip() {
+        let plain = record().encode_record();
+        assert_eq!(plain[4..8], 1u32.to_le_bytes());
+        let exact = SessionRecord {
+            exact_statistics: true,
+            exact: Some(ExactSumsRecord {
+                count: 4,
+                channels: vec![ChannelSumsRecord {
+                    positive: vec![1, u64::MAX],
+                    negative: vec![],
+                    squares: vec![0, 0, 7],
+                }],
+            }),
+            ..record()
+        };
+        let bytes = exact.encode_record();
+        assert_eq!(bytes[4..8], 2u32.to_le_bytes());
+        assert_eq!(SessionRecord::decode_record(&bytes), Ok(exact));
     }
 
     #[test]

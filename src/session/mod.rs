@@ -7,6 +7,7 @@
 //! networking; tensor math is delegated to [`crate::numerics`].
 
 pub mod durable;
+mod exact;
 mod id;
 mod record;
 mod registry;
@@ -19,6 +20,7 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 
+pub use exact::StandardScaler;
 pub use id::{is_valid_tenant, InvalidSessionId, SessionId, MAX_TENANT_LEN};
 pub use registry::{Limits, Recovery, RecoveryError, Registry, RegistryOptions};
 pub use replay::Call;
@@ -49,6 +51,9 @@ pub struct SessionConfig {
     pub default_mode: Mode,
     pub reject_non_finite: bool,
     pub labels: BTreeMap<String, String>,
+    /// Running statistics from exact sums of every value seen (see
+    /// `session::exact`) instead of moving averages.
+    pub exact_statistics: bool,
 }
 
 pub const MAX_LABELS: usize = 64;
@@ -149,6 +154,9 @@ pub struct SessionSnapshot {
     pub last_used_at: SystemTime,
     /// Absent when the caller asked for no tensors.
     pub tensors: Option<StateTensors>,
+    /// An exact session's statistics as scikit-learn StandardScaler
+    /// attributes (with the tensors only).
+    pub standard_scaler: Option<StandardScaler>,
 }
 
 impl SessionSnapshot {

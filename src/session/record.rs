@@ -8,11 +8,15 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use tch::{Device, Tensor};
 
-use super::durable::{RecentRequest, RecordError, SessionRecord};
+use super::durable::{
+    ChannelSumsRecord, ExactSumsRecord, RecentRequest, RecordError, SessionRecord,
+};
+use super::exact::{set_exact, ExactState};
 use super::replay::{ReplayLimits, ReplayLog};
 use super::state::{from_unix_nanos, unix_nanos, LastUse, LayerState, SessionInfo, SessionState};
 use super::{Mode, SessionConfig, SessionError, SessionId};
 use crate::device::{device_name, DeviceChoice};
+use crate::numerics::exact::{ChannelSums, ExactSums, Magnitude};
 use crate::numerics::{DType, LayerKind, Momentum, TensorData};
 
 fn momentum_value(momentum: Momentum) -> Option<f64> {
@@ -65,7 +69,61 @@ pub fn record(
         created_at_unix_nanos: unix_nanos(info.created_at),
         updated_at_unix_nanos: unix_nanos(layer.updated_at),
         recent_requests: recent,
+        exact_statistics: config.exact_statistics,
+        exact: layer.exact.as_ref().map(|exact| exact_record(&exact.sums)),
     })
+}
+
+fn exact_record(sums: &ExactSums) -> ExactSumsRecord {
+    ExactSumsRecord {
+        count: sums.count,
+        channels: sums
+            .channels
+            .iter()
+            .map(|c| ChannelSumsRecord {
+                positive: c.positive.limbs().to_vec(),
+                negative: c.negative.limbs().to_vec(),
+                squares: c.squares.limbs().to_vec(),
+            })
+            .collect(),
+    }
+}
+
+/// The exact state of an exact session's record (DATA_LOSS when missing or
+/// not of the session's channels).
+fn exact_from_record(
+    info: &SessionInfo,
+    record: &SessionRecord,
+) -> Result<Option<ExactState>, SessionError> {
+    let config = &info.config;
+    let data_loss = |reason: &str| SessionError::DataLoss {
+        id: info.id.clone(),
+        reason: format!("record is corrupt: {reason}"),
+    };
+    match (&record.exact, config.exact_statistics) {
+        (None, false) => Ok(None),
+        (Some(stored), true) => {
+            if stored.channels.len() as i64 != config.num_features {
+                return Err(data_loss("exact sums of another number of channels"));
+            }
+            let sums = ExactSums {
+                count: stored.count,
+                channels: stored
+                    .channels
+                    .iter()
+                    .map(|c| ChannelSums {
+                        positive: Magnitude::from_limbs(c.positive.clone()),
+                        negative: Magnitude::from_limbs(c.negative.clone()),
+                        squares: Magnitude::from_limbs(c.squares.clone()),
+                    })
+                    .collect(),
+            };
+            Ok(Some(ExactState::new(sums, config.param_dtype)))
+        }
+        _ => Err(data_loss(
+            "exact sums do not match the session's exact_statistics option",
+        )),
+    }
 }
 
 fn corrupt(message: impl Into<String>) -> RecordError {
@@ -128,6 +186,7 @@ pub fn info_from_record(
             },
             reject_non_finite: record.reject_non_finite,
             labels: record.labels.clone(),
+            exact_statistics: record.exact_statistics,
         },
         device,
         created_at: from_unix_nanos(record.created_at_unix_nanos),
@@ -172,26 +231,32 @@ pub fn state_from_record(
         Some(m) => Momentum::Exponential(m),
         None => Momentum::CumulativeAverage,
     };
+    let mut layer = LayerState {
+        eps: record.eps,
+        momentum,
+        weight: tensor("weight", &record.weight, config.affine)?,
+        bias: tensor("bias", &record.bias, config.affine)?,
+        running_mean: tensor(
+            "running_mean",
+            &record.running_mean,
+            config.track_running_stats,
+        )?,
+        running_var: tensor(
+            "running_var",
+            &record.running_var,
+            config.track_running_stats,
+        )?,
+        num_batches_tracked: record.num_batches_tracked,
+        version: record.version,
+        updated_at: from_unix_nanos(record.updated_at_unix_nanos),
+        exact: None,
+    };
+    if let Some(exact) = exact_from_record(info, record)? {
+        // The running statistics are the ones the sums give.
+        set_exact(&mut layer, exact, config.param_dtype, info.device)?;
+    }
     Ok(SessionState {
-        layer: LayerState {
-            eps: record.eps,
-            momentum,
-            weight: tensor("weight", &record.weight, config.affine)?,
-            bias: tensor("bias", &record.bias, config.affine)?,
-            running_mean: tensor(
-                "running_mean",
-                &record.running_mean,
-                config.track_running_stats,
-            )?,
-            running_var: tensor(
-                "running_var",
-                &record.running_var,
-                config.track_running_stats,
-            )?,
-            num_batches_tracked: record.num_batches_tracked,
-            version: record.version,
-            updated_at: from_unix_nanos(record.updated_at_unix_nanos),
-        },
+        layer,
         deleted: false,
         evicted: false,
         replay: ReplayLog::recovered(replay, &record.recent_requests).map_err(|e| {

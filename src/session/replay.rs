@@ -17,14 +17,16 @@ pub enum Call {
     ResetRunningStats,
     UpdateParameters,
     ImportState,
+    MergeSession,
 }
 
 impl Call {
-    const ALL: [Call; 4] = [
+    const ALL: [Call; 5] = [
         Call::Forward,
         Call::ResetRunningStats,
         Call::UpdateParameters,
         Call::ImportState,
+        Call::MergeSession,
     ];
 
     /// The RPC's name: in error texts and in stored records.
@@ -34,6 +36,7 @@ impl Call {
             Call::ResetRunningStats => "ResetRunningStats",
             Call::UpdateParameters => "UpdateParameters",
             Call::ImportState => "ImportState",
+            Call::MergeSession => "MergeSession",
         }
     }
 

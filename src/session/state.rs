@@ -4,10 +4,12 @@
 //! readers ([`snapshot`]). No locking, no I/O, no steps: the steps that compute
 //! a new state live in `steps`, the stored form in `record`.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tch::{Device, Tensor};
 
+use super::exact::ExactState;
 use super::replay::ReplayLog;
 use super::{SessionConfig, SessionError, SessionId, SessionSnapshot, StateTensors};
 use crate::numerics::{Momentum, TensorData};
@@ -67,6 +69,10 @@ pub struct LayerState {
     pub num_batches_tracked: i64,
     pub version: u64,
     pub updated_at: SystemTime,
+    /// The exact sums of an `exact_statistics` session (running_mean and
+    /// running_var are rounded from them); None for the others. Shared
+    /// between versions: replaced, never changed in place.
+    pub exact: Option<Arc<ExactState>>,
 }
 
 /// A session's state behind its lock.
@@ -97,6 +103,7 @@ impl LayerState {
             num_batches_tracked: self.num_batches_tracked,
             version: self.version + 1,
             updated_at: SystemTime::now(),
+            exact: self.exact.clone(),
         }
     }
 }
@@ -154,6 +161,10 @@ pub fn snapshot(
         created_at: info.created_at,
         updated_at: layer.updated_at,
         last_used_at: info.last_used.get(),
+        standard_scaler: match (&layer.exact, &tensors) {
+            (Some(exact), Some(_)) => Some(exact.standard_scaler(layer.eps)),
+            _ => None,
+        },
         tensors,
     })
 }

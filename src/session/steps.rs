@@ -11,6 +11,7 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use tch::{Device, Tensor};
 
+use super::exact::{self, ExactState};
 use super::replay::{Call, Replay, Replayable};
 use super::state::{snapshot, LayerState, Replaced, SessionInfo, SessionState};
 use super::{
@@ -36,7 +37,7 @@ pub struct Next<T> {
 }
 
 impl<T> Step<T> {
-    fn next(layer: LayerState, replay: Option<Replayable>, value: T) -> Step<T> {
+    pub(super) fn next(layer: LayerState, replay: Option<Replayable>, value: T) -> Step<T> {
         Step::Next(Box::new(Next {
             layer,
             replay,
@@ -158,6 +159,22 @@ fn replayed_forward(
     }
 }
 
+/// The shared preconditions of a snapshot-answering mutation (`call`): the
+/// earlier answer of an applied request id, or None after the version check.
+pub(super) fn replay_or_check(
+    info: &SessionInfo,
+    state: &SessionState,
+    given: &Preconditions,
+    call: Call,
+) -> Result<Option<Applied<SessionSnapshot>>, SessionError> {
+    match preconditions(info, state, given)? {
+        Some((request_id, replay)) => Ok(Some(replayed_snapshot(
+            info, state, request_id, replay, call,
+        )?)),
+        None => Ok(None),
+    }
+}
+
 /// Runs a snapshot-answering mutation after the shared preconditions.
 fn snapshot_mutation(
     info: &SessionInfo,
@@ -247,6 +264,7 @@ pub fn initial_layer(
     initial: &StateTensors,
     num_batches_tracked: Option<i64>,
 ) -> Result<LayerState, SessionError> {
+    exact::check_create(config, initial, num_batches_tracked)?;
     let options = (config.param_dtype.kind(), device);
     let c = [config.num_features];
     let filled = |field: &str,
@@ -267,7 +285,7 @@ pub fn initial_layer(
             )),
         }
     };
-    Ok(LayerState {
+    let mut layer = LayerState {
         eps: config.eps,
         momentum: config.momentum,
         weight: filled("weight", initial.weight.as_ref(), true)?,
@@ -277,7 +295,13 @@ pub fn initial_layer(
         num_batches_tracked: num_batches_tracked.unwrap_or(0),
         version: 1,
         updated_at: SystemTime::now(),
-    })
+        exact: None,
+    };
+    if config.exact_statistics {
+        let empty = ExactState::empty(config);
+        exact::set_exact(&mut layer, empty, config.param_dtype, device)?;
+    }
+    Ok(layer)
 }
 
 pub fn reset_step(
@@ -296,6 +320,10 @@ pub fn reset_step(
         layer.running_mean = Some(Tensor::f_zeros(c, options).map_err(NumericsError::from)?);
         layer.running_var = Some(Tensor::f_ones(c, options).map_err(NumericsError::from)?);
         layer.num_batches_tracked = 0;
+        if info.config.exact_statistics {
+            let empty = ExactState::empty(&info.config);
+            exact::set_exact(&mut layer, empty, info.config.param_dtype, info.device)?;
+        }
         Ok(Some(layer))
     })
 }
@@ -314,6 +342,7 @@ pub fn update_step(
             check_momentum("momentum", m)?;
         }
         check_num_batches_tracked(&info.config, update.num_batches_tracked)?;
+        exact::check_update(&info.config, update)?;
         let (config, device, tensors) = (&info.config, info.device, &update.tensors);
         let weight = param_tensor(config, device, "weight", tensors.weight.as_ref())?;
         let bias = param_tensor(config, device, "bias", tensors.bias.as_ref())?;
@@ -352,8 +381,22 @@ pub fn import_step(
             num_features: config.num_features,
             affine: config.affine,
             track_running_stats: config.track_running_stats,
+            exact_statistics: config.exact_statistics,
         };
-        let imported = state_dict::import(&layout, safetensors, strict, max_elements)?;
+        let mut imported = state_dict::import(&layout, safetensors, strict, max_elements)?;
+        let exact_state = if config.exact_statistics {
+            let exact_state = exact::imported(
+                info,
+                imported.exact.take(),
+                imported.running_mean.as_ref(),
+                imported.running_var.as_ref(),
+            )?;
+            // The running statistics are the ones the sums give (checked equal).
+            (imported.running_mean, imported.running_var) = (None, None);
+            exact_state
+        } else {
+            None
+        };
         let convert = |t: Option<Tensor>| -> Result<Option<Tensor>, SessionError> {
             let Some(t) = t else { return Ok(None) };
             let t = t
@@ -366,13 +409,16 @@ pub fn import_step(
         let bias = convert(imported.bias)?;
         let mean = convert(imported.running_mean)?;
         let var = convert(imported.running_var)?;
-        let layer = state.layer.next_with(Replaced {
+        let mut layer = state.layer.next_with(Replaced {
             weight,
             bias,
             running_mean: mean,
             running_var: var,
             num_batches_tracked: imported.num_batches_tracked,
         });
+        if let Some(exact_state) = exact_state {
+            exact::set_exact(&mut layer, exact_state, config.param_dtype, info.device)?;
+        }
         Ok(Some(layer))
     })
 }
@@ -439,10 +485,16 @@ pub fn forward_step(
         )));
     };
     let step = layer.forward_train(&input, current.momentum.factor(counted))?;
-    let output = TensorData::from_result(step.output)?;
     let mut next = current.next_version();
-    next.running_mean = step.running_mean;
-    next.running_var = step.running_var;
+    if config.exact_statistics {
+        // Refuses NaN/Inf (whatever reject_non_finite says): exact sums
+        // cannot hold them.
+        exact::accumulate(info, &mut next, &input)?;
+    } else {
+        next.running_mean = step.running_mean;
+        next.running_var = step.running_var;
+    }
+    let output = TensorData::from_result(step.output)?;
     next.num_batches_tracked = counted;
     let outcome = ForwardOutcome {
         output: Some(output),

@@ -6,7 +6,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::convert::{
-    Caller, DeleteSession, ForwardCall, Mutation, ResetRunningStats, Scope, StateDict,
+    Caller, DeleteSession, ForwardCall, MergeSession, Mutation, ResetRunningStats, Scope, StateDict,
 };
 use super::{auth, stream};
 use crate::proto::v1 as pb;
@@ -186,10 +186,14 @@ impl BatchNormService for BatchNormApi {
 
     async fn merge_session(
         &self,
-        _request: Request<pb::MergeSessionRequest>,
+        request: Request<pb::MergeSessionRequest>,
     ) -> Result<Response<pb::MergeSessionResponse>, Status> {
-        // The API is published first so that clients can build on it; the
-        // exact accumulators it merges come with the next commits.
-        Err(Status::unimplemented("MergeSession is not implemented yet"))
+        let caller = self.caller(&request)?;
+        let merge: MergeSession = caller.decode(request.into_inner())?;
+        let applied = self
+            .registry
+            .merge(&merge.id, &merge.change, merge.preconditions)
+            .await?;
+        Ok(Response::new(caller.encode(applied)))
     }
 }

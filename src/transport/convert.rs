@@ -140,6 +140,21 @@ pub fn session_id(principal: &Principal, text: &str) -> Result<SessionId, Conver
     Ok(parsed?)
 }
 
+/// Another session named by a request (`field`), scoped as [`session_id`]
+/// scopes, without becoming the request's logged session.
+fn session_id_field(
+    principal: &Principal,
+    field: &str,
+    text: &str,
+) -> Result<SessionId, ConvertError> {
+    let parsed = if principal.is_admin() {
+        SessionId::parse_key(text)
+    } else {
+        SessionId::parse(text).map(|name| SessionId::in_tenant(&principal.tenant, &name))
+    };
+    parsed.map_err(|e| invalid(format!("{field}: {e}")))
+}
+
 pub fn optional_session_id(
     principal: &Principal,
     text: &str,
@@ -349,6 +364,17 @@ pub fn session_config(request: &pb::CreateSessionRequest) -> Result<SessionConfi
         .iter()
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
+    if request.exact_statistics {
+        if request.momentum.is_some() || request.cumulative_average {
+            return Err(invalid(
+                "exact_statistics: momentum must be unset and cumulative_average false (exact \
+                 statistics are not moving averages)",
+            ));
+        }
+        if request.track_running_stats == Some(false) {
+            return Err(invalid("exact_statistics needs track_running_stats=true"));
+        }
+    }
     Ok(SessionConfig {
         kind: layer_kind(request.kind)?,
         num_features: request.num_features,
@@ -361,12 +387,15 @@ pub fn session_config(request: &pb::CreateSessionRequest) -> Result<SessionConfi
         default_mode: mode(request.default_mode)?.unwrap_or(Mode::Train),
         reject_non_finite: request.reject_non_finite,
         labels,
+        exact_statistics: request.exact_statistics,
     })
 }
 
 pub fn session_to_proto(principal: &Principal, snapshot: SessionSnapshot) -> pb::Session {
     let config = &snapshot.config;
     let (momentum, cumulative_average) = match config.momentum {
+        // Exact statistics are not moving averages: no momentum.
+        _ if config.exact_statistics => (None, false),
         Momentum::Exponential(m) => (Some(m), false),
         Momentum::CumulativeAverage => (None, true),
     };
@@ -381,7 +410,7 @@ pub fn session_to_proto(principal: &Principal, snapshot: SessionSnapshot) -> pb:
         param_dtype: dtype_to_proto(config.param_dtype) as i32,
         default_mode: mode_to_proto(config.default_mode) as i32,
         reject_non_finite: config.reject_non_finite,
-        exact_statistics: false,
+        exact_statistics: config.exact_statistics,
         labels: config
             .labels
             .iter()
@@ -403,7 +432,14 @@ pub fn session_to_proto(principal: &Principal, snapshot: SessionSnapshot) -> pb:
         created_at: Some(snapshot.created_at.into()),
         updated_at: Some(snapshot.updated_at.into()),
         last_used_at: Some(snapshot.last_used_at.into()),
-        standard_scaler: None,
+        standard_scaler: snapshot
+            .standard_scaler
+            .map(|s| pb::StandardScalerStatistics {
+                mean: s.mean,
+                var: s.var,
+                scale: s.scale,
+                n_samples_seen: i64::try_from(s.n_samples_seen).unwrap_or(i64::MAX),
+            }),
     }
 }
 
@@ -768,6 +804,26 @@ impl TryFrom<Scoped<'_, Caller, pb::ImportStateRequest>> for Mutation<StateDict>
     }
 }
 
+/// A MergeSession: the target (`id`), its preconditions, and the source.
+pub type MergeSession = Mutation<SessionId>;
+
+impl TryFrom<Scoped<'_, Caller, pb::MergeSessionRequest>> for MergeSession {
+    type Error = ConvertError;
+
+    fn try_from(scoped: Scoped<'_, Caller, pb::MergeSessionRequest>) -> Result<Self, Self::Error> {
+        let (caller, request) = (scoped.scope, scoped.value);
+        Ok(Mutation {
+            id: session_id(&caller.principal, &request.session_id)?,
+            preconditions: preconditions(request.expected_version, &request.request_id)?,
+            change: session_id_field(
+                &caller.principal,
+                "source_session_id",
+                &request.source_session_id,
+            )?,
+        })
+    }
+}
+
 /// A Forward, and the form its output travels back in.
 #[derive(Debug, Clone)]
 pub struct ForwardCall {
@@ -874,6 +930,13 @@ impl From<Scoped<'_, Caller, Applied<SessionSnapshot>>> for pb::ImportStateRespo
     fn from(scoped: Scoped<'_, Caller, Applied<SessionSnapshot>>) -> Self {
         let (session, replayed) = applied(&scoped.scope.principal, scoped.value);
         pb::ImportStateResponse { session, replayed }
+    }
+}
+
+impl From<Scoped<'_, Caller, Applied<SessionSnapshot>>> for pb::MergeSessionResponse {
+    fn from(scoped: Scoped<'_, Caller, Applied<SessionSnapshot>>) -> Self {
+        let (session, replayed) = applied(&scoped.scope.principal, scoped.value);
+        pb::MergeSessionResponse { session, replayed }
     }
 }
 

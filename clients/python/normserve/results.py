@@ -126,7 +126,8 @@ class SessionInfo:
     kind: str
     num_features: int
     eps: float
-    # None: PyTorch's momentum=None, the cumulative moving average.
+    # None: PyTorch's momentum=None, the cumulative moving average (or, with
+    # exact_statistics, no moving average at all).
     momentum: float | None
     affine: bool
     track_running_stats: bool
@@ -160,7 +161,7 @@ class SessionInfo:
             kind=KIND_NAMES.get(config.kind, str(config.kind)),
             num_features=config.num_features,
             eps=config.eps,
-            momentum=None if config.cumulative_average else config.momentum,
+            momentum=config.momentum if config.HasField("momentum") else None,
             affine=config.affine,
             track_running_stats=config.track_running_stats,
             dtype=codec.DTYPE_NAMES.get(config.param_dtype, str(config.param_dtype)),

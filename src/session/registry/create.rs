@@ -271,6 +271,7 @@ fn config_difference(
         a.reject_non_finite == b.reject_non_finite,
     );
     differs("labels", a.labels == b.labels);
+    differs("exact_statistics", a.exact_statistics == b.exact_statistics);
     differs("device", a_device == b_device);
     fields
 }

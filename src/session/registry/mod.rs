@@ -29,6 +29,7 @@ mod commit;
 mod create;
 mod expiry;
 mod listing;
+mod merge;
 #[cfg(test)]
 mod tests;
 
@@ -243,6 +244,7 @@ impl Registry {
                     .config
                     .track_running_stats
                     .then_some(layer.num_batches_tracked),
+                exact: layer.exact.as_ref().map(|e| &e.sums),
             })?;
             Ok(ExportedState {
                 safetensors: Bytes::from(bytes),

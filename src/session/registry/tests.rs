@@ -169,6 +169,7 @@ async fn create(registry: &Registry) {
                 default_mode: Mode::Train,
                 reject_non_finite: false,
                 labels: BTreeMap::new(),
+                exact_statistics: false,
             },
             device: DeviceChoice::Cpu,
             initial: StateTensors::default(),
