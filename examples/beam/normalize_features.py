@@ -9,8 +9,8 @@ the DirectRunner with several worker processes.
         --direct_num_workers 4 --direct_running_mode multi_processing
 
 rows.csv: one row of numbers per line (comma-separated). Writes
-`normalized-*` (the row's line number, then its normalized values) and
-prints the statistics. Any Beam pipeline option (--runner, ...) is passed on.
+`normalized-*` (each input line, then its normalized values) and prints
+the statistics. Any Beam pipeline option (--runner, ...) is passed on.
 """
 
 from __future__ import annotations
@@ -27,7 +27,10 @@ from apache_beam.options.pipeline_options import PipelineOptions
 try:
     from normserve import beam as nsbeam
 except ImportError:  # run from a checkout without installing the client
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "clients", "python"))
+    CLIENT_DIR = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "clients", "python"))
+    sys.path.insert(0, CLIENT_DIR)
+    # Local worker processes (the DirectRunner's multi_processing mode) too.
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [CLIENT_DIR, os.environ.get("PYTHONPATH")]))
     from normserve import beam as nsbeam
 
 
