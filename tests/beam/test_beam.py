@@ -277,3 +277,30 @@ def test_a_failed_and_rerun_pipeline_counts_every_element_once(server, client, t
     check_normalized(normalized, rows, statistics)
     assert nsbeam.delete_shards(client, target)  # the orphans of step 1
     assert list(client.list_sessions(nsbeam._shard_labels(target))) == []
+
+
+def test_image_elements_with_many_values_per_channel(server, tmp_path):
+    # (C, H, W) elements for a BatchNorm2d session: every value of a channel
+    # over all images and positions counts; even a bundle of one image is a
+    # valid train batch, so nothing is held back.
+    rng = np.random.default_rng(5)
+    images = (rng.standard_normal((60, 3, 2, 5)) * [[[1e-3]], [[1.0]], [[1e6]]] + [[[7.0]], [[0.0]], [[-3e9]]])
+    target = session_id("images")
+    out = str(tmp_path)
+    with beam.Pipeline(options=options(2)) as p:
+        stats = (p | beam.Create(list(images))
+                 | nsbeam.ComputeStatistics(target, nsbeam.Server(server.address), num_features=3, kind="2d",
+                                            dtype="float64", batch_size=4))
+        _ = stats | beam.ParDo(Collect(out))
+    _, (statistics,) = collected(out)
+    values = images.transpose(1, 0, 2, 3).reshape(3, -1).T  # (values per channel, C)
+    check_statistics(statistics, values)
+
+
+def test_elements_of_the_wrong_shape_fail_the_pipeline_with_the_shape_expected(server):
+    with pytest.raises(Exception, match=r"expected elements of shape \(C,\) or \(C, L\) with C = num_features = 4"):
+        with beam.Pipeline(options=PipelineOptions(flags=[], runner="DirectRunner")) as p:
+            _ = (p | beam.Create([np.zeros(3), np.ones(3)])
+                 | nsbeam.ComputeStatistics(session_id("bad"), server.address, num_features=4))
+    with pytest.raises(ValueError, match="batch_size must be at least 2"):
+        nsbeam.ComputeStatistics("s", server.address, num_features=4, batch_size=1)
