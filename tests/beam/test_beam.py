@@ -279,18 +279,19 @@ def test_a_failed_and_rerun_pipeline_counts_every_element_once(server, client, t
     assert list(client.list_sessions(nsbeam._shard_labels(target))) == []
 
 
-def test_image_elements_with_many_values_per_channel(server, tmp_path):
+def test_image_elements_with_many_values_per_channel(server, client, tmp_path):
     # (C, H, W) elements for a BatchNorm2d session: every value of a channel
     # over all images and positions counts; even a bundle of one image is a
     # valid train batch, so nothing is held back.
     rng = np.random.default_rng(5)
     images = (rng.standard_normal((60, 3, 2, 5)) * [[[1e-3]], [[1.0]], [[1e6]]] + [[[7.0]], [[0.0]], [[-3e9]]])
-    target = session_id("images")
+    # A session created beforehand: the transform takes its configuration.
+    target = client.create_session("2d", 3, dtype="float64", exact_statistics=True, affine=False,
+                                   session_id=session_id("images"), labels={"data": "images"}).session_id
     out = str(tmp_path)
     with beam.Pipeline(options=options(2)) as p:
         stats = (p | beam.Create(list(images))
-                 | nsbeam.ComputeStatistics(target, nsbeam.Server(server.address), num_features=3, kind="2d",
-                                            dtype="float64", batch_size=4))
+                 | nsbeam.ComputeStatistics(target, nsbeam.Server(server.address), batch_size=4))
         _ = stats | beam.ParDo(Collect(out))
     _, (statistics,) = collected(out)
     values = images.transpose(1, 0, 2, 3).reshape(3, -1).T  # (values per channel, C)
@@ -304,3 +305,5 @@ def test_elements_of_the_wrong_shape_fail_the_pipeline_with_the_shape_expected(s
                  | nsbeam.ComputeStatistics(session_id("bad"), server.address, num_features=4))
     with pytest.raises(ValueError, match="batch_size must be at least 2"):
         nsbeam.ComputeStatistics("s", server.address, num_features=4, batch_size=1)
+    with pytest.raises(ValueError, match="kind must be '1d', '2d' or '3d'"):
+        nsbeam.ComputeStatistics("s", server.address, num_features=4, kind="4d")

@@ -74,6 +74,8 @@ SHARD_LABEL = "normserve-beam"
 TARGET_LABEL = "normserve-beam-target"
 # The request_id of the merge into the target: this prefix and the data's hash.
 REQUEST_ID_PREFIX = "beam-"
+# The ranks of one element (a sample without the batch dimension) by kind.
+_RANKS = {"1d": (1, 2), "2d": (3,), "3d": (4,)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +119,11 @@ class SessionSpec:
     # False: the eval pass is exactly (x - mean) / sqrt(var + eps).
     affine: bool = False
 
+    def __post_init__(self) -> None:
+        if self.kind not in _RANKS:
+            raise ValueError(f"normserve.beam: kind must be '1d', '2d' or '3d', got {self.kind!r}")
+        _numpy_dtype(self)
+
     @classmethod
     def of(cls, info: SessionInfo) -> SessionSpec:
         """The configuration of an existing session (which must be exact)."""
@@ -135,8 +142,7 @@ class SessionSpec:
 
     def sample_shape_error(self, shape: tuple[int, ...]) -> str | None:
         """Why an element of `shape` cannot be sent, or None."""
-        rank = {"1d": (1, 2), "2d": (3,), "3d": (4,)}[self.kind]
-        if len(shape) not in rank or shape[0] != self.num_features:
+        if len(shape) not in _RANKS[self.kind] or shape[0] != self.num_features:
             wanted = {"1d": "(C,) or (C, L)", "2d": "(C, H, W)", "3d": "(C, D, H, W)"}[self.kind]
             return (f"expected elements of shape {wanted} with C = num_features = {self.num_features} "
                     f"(BatchNorm{self.kind}), got shape {shape}")
@@ -431,8 +437,6 @@ class ComputeStatistics(beam.PTransform):  # type: ignore[misc]
         super().__init__()
         if spec is None and num_features is not None:
             spec = SessionSpec(num_features, kind=kind, dtype=dtype, eps=eps, device=device)
-        if spec is not None:
-            _numpy_dtype(spec)
         if batch_size < 2:
             raise ValueError("ComputeStatistics: batch_size must be at least 2 (batch norm needs two values)")
         self.session = session
