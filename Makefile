@@ -63,3 +63,4 @@ include mk/soak.mk
 include mk/chaos.mk
 include mk/fuzz.mk
 include mk/python-client.mk
+include mk/beam.mk

@@ -1,6 +1,7 @@
 """The Python client installs next to the frameworks pipelines run it in:
 pip's resolver finds versions of everything for the client together with
-the current release of apache-beam, and separately with tensorflow's
+the current release of apache-beam (with the client's `beam` extra, which
+normserve.beam needs), and separately with tensorflow's
 (`pip install --dry-run`, nothing installed; needs PyPI). The current
 release is asked of the index, and the resolution must pick it: a conflict
 would otherwise hide behind an older release."""
@@ -17,6 +18,8 @@ import pytest
 from conftest import CLIENT_DIR
 
 FRAMEWORKS = ["apache-beam", "tensorflow"]
+# The client's extra for a framework, if it has one.
+EXTRAS = {"apache-beam": "beam"}
 # pip's own cache (~/.cache/pip) keeps index pages and metadata between runs.
 PIP = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
 
@@ -30,9 +33,10 @@ def latest_release(name):
 
 def resolve(name, report):
     """What `pip install --dry-run` would install for the client and `name`."""
+    client = f"{CLIENT_DIR}[{EXTRAS[name]}]" if name in EXTRAS else CLIENT_DIR
     done = subprocess.run(
         [*PIP, "install", "--dry-run", "--ignore-installed", "--quiet", "--no-build-isolation",
-         "--report", str(report), CLIENT_DIR, name],
+         "--report", str(report), client, name],
         capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"the client and {name} do not resolve together:\n{done.stderr[-4000:]}"
     with open(report) as f:
