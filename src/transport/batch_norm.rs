@@ -183,4 +183,11 @@ impl BatchNormService for BatchNormApi {
             .await?;
         Ok(Response::new(caller.encode(applied)))
     }
+
+    async fn reduce_statistics(
+        &self,
+        _request: Request<pb::ReduceStatisticsRequest>,
+    ) -> Result<Response<pb::ReduceStatisticsResponse>, Status> {
+        Err(Status::unimplemented("ReduceStatistics is not served yet"))
+    }
 }

@@ -386,6 +386,7 @@ pub fn session_to_proto(principal: &Principal, snapshot: SessionSnapshot) -> pb:
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
+        ..Default::default()
     };
     let tensors = snapshot.tensors.unwrap_or_default();
     let raw = |t: Option<TensorData>| t.map(|t| tensor_to_proto(t, Representation::Raw));
@@ -885,6 +886,7 @@ impl From<Represented<ForwardOutcome>> for pb::ForwardResponse {
             version: outcome.version,
             num_batches_tracked: outcome.num_batches_tracked,
             replayed: outcome.replayed,
+            ..Default::default()
         }
     }
 }
