@@ -74,6 +74,19 @@ enum Checked<T> {
         fingerprint: u64,
         timeout: std::time::Duration,
     },
+    /// A Forward's shard passed the session's checks; its statistics are
+    /// computed next, outside the session's lock.
+    Shard {
+        reject_non_finite: bool,
+        timeout: std::time::Duration,
+    },
+}
+
+/// A shard that skipped its statistics (cannot happen: they follow its checks).
+fn not_checked() -> SessionError {
+    SessionError::Compute(ComputeError::JobFailed(
+        "a shard's statistics were not computed".into(),
+    ))
 }
 
 fn key(id: &SessionId, step: u64, phase: Phase) -> Key {
@@ -313,7 +326,10 @@ impl Registry {
         let id = forward.id.clone();
         let step_key = key(&id, spec.step, Phase::Forward);
         let for_check = forward.clone();
-        let checked = self
+        // Checked against the session under its lock; the shard's statistics
+        // are computed after, without holding the lock (the ranks of a step
+        // compute them in parallel).
+        let checked = match self
             .read(&id, move |info, state| {
                 let training = for_check.mode.unwrap_or(info.config.default_mode) == Mode::Train;
                 if !training {
@@ -323,28 +339,47 @@ impl Registry {
                     return Ok(Checked::Answered(Some(done)));
                 }
                 check_order(info, state, spec.step)?;
-                let input = &for_check.input;
-                check_shard(info, state, input)?;
-                let tensor = input.input_tensor(info.device)?;
-                if info.config.reject_non_finite && !all_finite(&tensor)? {
-                    return Err(NumericsError::invalid(
-                        "input",
-                        "contains NaN or infinite values (the session has reject_non_finite=true)",
-                    )
-                    .into());
-                }
-                let stats = ShardStats::of(&tensor)?;
-                Ok(Checked::Arrive {
-                    contribution: Contribution::Forward {
-                        stats,
-                        shape: Some(input.shape().to_vec()),
-                        update_running_stats: true,
-                    },
-                    fingerprint: shard_fingerprint(input),
+                check_shard(info, state, &for_check.input)?;
+                Ok(Checked::Shard {
+                    reject_non_finite: info.config.reject_non_finite,
                     timeout: info.config.step_timeout,
                 })
             })
-            .await;
+            .await
+        {
+            Ok(Checked::Shard {
+                reject_non_finite,
+                timeout,
+            }) => {
+                let input = forward.input.clone();
+                let (device, _) = self.device_and_kind(&id).await?;
+                self.pool
+                    .run_sized(input.bytes().len(), move || {
+                        let tensor = input.input_tensor(device)?;
+                        if reject_non_finite && !all_finite(&tensor)? {
+                            return Err(NumericsError::invalid(
+                                "input",
+                                "contains NaN or infinite values (the session has reject_non_finite=true)",
+                            )
+                            .into());
+                        }
+                        let stats = ShardStats::of(&tensor)?;
+                        Ok(Checked::Arrive {
+                            contribution: Contribution::Forward {
+                                stats,
+                                shape: Some(input.shape().to_vec()),
+                                update_running_stats: true,
+                            },
+                            fingerprint: shard_fingerprint(&input),
+                            timeout,
+                        })
+                    })
+                    .await
+                    .map_err(SessionError::from)
+                    .and_then(|r| r)
+            }
+            other => other,
+        };
         let checked = match checked {
             Ok(checked) => checked,
             Err(error) => {
@@ -355,6 +390,7 @@ impl Registry {
             }
         };
         let (applied, replayed) = match checked {
+            Checked::Shard { .. } => return Err(not_checked()),
             Checked::Answered(None) => {
                 let forward = self.forward(forward).await?;
                 return Ok(StepForwardOutcome {
@@ -453,6 +489,7 @@ impl Registry {
             }
         };
         match checked {
+            Checked::Shard { .. } => Err(not_checked()),
             Checked::Answered(done) => Ok(reduce_outcome(&done, true)),
             Checked::Arrive {
                 contribution,
