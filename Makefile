@@ -60,5 +60,6 @@ clean: ## remove build outputs (the cached Python environment stays)
 include mk/deploy.mk
 include mk/others.mk
 include mk/soak.mk
+include mk/chaos.mk
 include mk/fuzz.mk
 include mk/python-client.mk

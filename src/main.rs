@@ -1,7 +1,9 @@
 //! The `normserve` binary: without a subcommand (or with `serve`), parse the
 //! configuration, start logging, bind, serve until SIGTERM/SIGINT; with an
 //! operator command, run it against a server (the `normserve-ctl` crate's
-//! commands; that crate's binary offers the same without loading libtorch).
+//! commands; that crate's binary offers the same without loading libtorch);
+//! with `store check|salvage`, read a stopped server's embedded store
+//! offline (`normserve::store::command`, which owns that command's codes).
 //! `normserve --help` lists the commands, `normserve serve --help` the
 //! server's flags. The one place that maps the server's errors to exit codes:
 //! 0 success / clean stop, 1 runtime failure, 2 bad configuration, usage or
@@ -46,6 +48,9 @@ enum Top {
     Serve(Box<Config>),
     #[command(flatten)]
     Operator(Box<normserve_ctl::Command>),
+    /// Check or salvage the embedded store, offline (`normserve store --help`).
+    #[command(subcommand)]
+    Store(normserve::store::command::StoreCommand),
 }
 
 /// The command line, with the server's flags hidden from the top-level help
@@ -64,6 +69,7 @@ fn main() -> ExitCode {
         Some(Top::Operator(command)) => {
             return normserve_ctl::exit_code("normserve", normserve_ctl::run(*command));
         }
+        Some(Top::Store(command)) => return normserve::store::command::run(command),
         Some(Top::Serve(config)) => *config,
         None => arguments.serve,
     };

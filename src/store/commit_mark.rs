@@ -61,23 +61,22 @@ impl CommitMark {
             .map_err(io)?;
         let mut text = String::new();
         file.read_to_string(&mut text).map_err(io)?;
-        let found = if text.is_empty() {
-            None
-        } else {
-            let count = text
-                .trim_end()
-                .strip_prefix(PREFIX)
-                .and_then(|digits| digits.parse::<u64>().ok());
-            match count {
-                Some(count) => Some(count),
-                None => {
-                    return Err(MarkError::Unreadable {
-                        path: path.display().to_string(),
-                    })
-                }
-            }
-        };
+        let found = parse(&text, &path)?;
         Ok(CommitMark { file, path, found })
+    }
+
+    /// The count in `data_dir`'s mark, without creating or changing
+    /// anything (None: no mark).
+    pub fn read(data_dir: &Path) -> Result<Option<u64>, MarkError> {
+        let path = data_dir.join(FILE_NAME);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => parse(&text, &path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(MarkError::Io {
+                path: path.display().to_string(),
+                source,
+            }),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -102,6 +101,20 @@ impl CommitMark {
             source,
         })
     }
+}
+
+/// The count in a mark's text (None: an empty file, no mark yet).
+fn parse(text: &str, path: &Path) -> Result<Option<u64>, MarkError> {
+    if text.is_empty() {
+        return Ok(None);
+    }
+    text.trim_end()
+        .strip_prefix(PREFIX)
+        .and_then(|digits| digits.parse::<u64>().ok())
+        .map(Some)
+        .ok_or_else(|| MarkError::Unreadable {
+            path: path.display().to_string(),
+        })
 }
 
 #[cfg(test)]

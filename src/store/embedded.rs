@@ -25,14 +25,14 @@ use crate::session::durable::{
 use crate::session::SessionId;
 
 /// Session id -> encoded record.
-const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("records");
+pub(super) const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("records");
 /// Session id -> (incarnation, version), beside the record for cheap checks.
-const VERSIONS: TableDefinition<&str, (i64, u64)> = TableDefinition::new("stamps");
+pub(super) const VERSIONS: TableDefinition<&str, (i64, u64)> = TableDefinition::new("stamps");
 /// "format" -> the record format of the file.
 const META: TableDefinition<&str, u32> = TableDefinition::new("meta");
 /// "count" -> how many write transactions were committed.
-const COMMITS: TableDefinition<&str, u64> = TableDefinition::new("commits");
-const COMMIT_COUNT: &str = "count";
+pub(super) const COMMITS: TableDefinition<&str, u64> = TableDefinition::new("commits");
+pub(super) const COMMIT_COUNT: &str = "count";
 
 const NAME: &str = "embedded";
 
@@ -87,11 +87,18 @@ fn error(context: &str, e: impl std::fmt::Display) -> StoreError {
 pub enum OpenError {
     #[error("cannot open {path}: {message}")]
     Open { path: String, message: String },
+    #[error("{path} is damaged beyond what redb can repair ({message}). Refusing to start rather than serve it without its sessions; the file is left as it is. `normserve store check --data-dir {data_dir}` lists what is readable, and `normserve store salvage --data-dir {data_dir} --out NEW_DIR` exports every readable session into a fresh store to start from (--data-dir NEW_DIR)")]
+    Damaged {
+        path: String,
+        data_dir: String,
+        message: String,
+    },
     #[error("{path} was written by a newer normserve (format {found}, this build reads up to {FORMAT_VERSION}); refusing to start")]
     NewerFormat { path: String, found: u32 },
-    #[error("{path} holds {stored} commits, but {acknowledged} were acknowledged (recorded in {mark}): the store has gone back in time (redb repaired a corrupt newest commit by falling back to an older one, or an older copy of the file was restored), and sessions would silently lose acknowledged steps. Refusing to start; to serve the store as it is, start once with --accept-store-rollback")]
+    #[error("{path} holds {stored} commits, but {acknowledged} were acknowledged (recorded in {mark}): the store has gone back in time (redb repaired a corrupt newest commit by falling back to an older one, or an older copy of the file was restored), and sessions would silently lose acknowledged steps. Refusing to start; `normserve store salvage --data-dir {data_dir} --out NEW_DIR` recovers the newest intact copy of each session (and names the ones that are older), or start once with --accept-store-rollback to serve the store as it is")]
     RolledBack {
         path: String,
+        data_dir: String,
         mark: String,
         stored: u64,
         acknowledged: u64,
@@ -143,7 +150,25 @@ impl EmbeddedStore {
             tracing::warn!(path = %shown, acknowledged,
                 "store missing or empty where one was; starting empty (--accept-store-rollback)");
         }
-        let db = Database::create(&path).map_err(|e| open_error(&e))?;
+        let db = Database::create(&path).map_err(|e| match e {
+            // Not the file's fault: the directory, permissions, a lock.
+            redb::DatabaseError::DatabaseAlreadyOpen => open_error(&e),
+            redb::DatabaseError::Storage(redb::StorageError::Io(ref io))
+                if !matches!(
+                    io.kind(),
+                    std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::InvalidData
+                ) =>
+            {
+                open_error(&e)
+            }
+            // The file's fault: corrupt beyond redb's repair, cut short, or
+            // its header gone.
+            _ => OpenError::Damaged {
+                path: shown.clone(),
+                data_dir: data_dir.display().to_string(),
+                message: e.to_string(),
+            },
+        })?;
         // Check (or stamp) the file's format before anything else touches it.
         let txn = db.begin_write().map_err(|e| open_error(&e))?;
         {
@@ -177,6 +202,7 @@ impl EmbeddedStore {
             if !options.accept_rollback {
                 return Err(OpenError::RolledBack {
                     path: shown,
+                    data_dir: data_dir.display().to_string(),
                     mark: shown_mark,
                     stored,
                     acknowledged,
@@ -472,6 +498,34 @@ mod tests {
         // Accepted: the mark follows the store again.
         assert_eq!(CommitMark::open(dir.path()).unwrap().found, Some(1));
         drop(open(dir.path(), false).unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_store_redb_cannot_open_is_refused_naming_check_and_salvage() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), false).unwrap();
+        store.put(&record(1), None).await.unwrap();
+        drop(store);
+        let path = dir.path().join(FILE_NAME);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[..4096].fill(0);
+        std::fs::write(&path, &bytes).unwrap();
+        for accept_rollback in [false, true] {
+            match open(dir.path(), accept_rollback) {
+                Err(error @ OpenError::Damaged { .. }) => {
+                    let text = error.to_string();
+                    assert!(text.contains("normserve store check --data-dir"), "{text}");
+                    assert!(
+                        text.contains("normserve store salvage --data-dir"),
+                        "{text}"
+                    );
+                }
+                Err(other) => panic!("{other}"),
+                Ok(_) => panic!("a damaged store was opened"),
+            }
+        }
+        // Refusing changed nothing.
+        assert_eq!(std::fs::read(&path).unwrap(), bytes);
     }
 
     #[tokio::test]

@@ -8,11 +8,20 @@
 //!
 //! Chosen by `--store` and `--durability` (see [`open`]). Either is wrapped
 //! in [`measured::MeasuredStore`] for the metrics.
+//!
+//! Offline, for the operator: [`command`] (`normserve store check|salvage`)
+//! reads an embedded store through [`inspect`] (redb's view, the commit
+//! mark, the [`scan`] of the file's raw bytes) and [`salvage`] writes what
+//! is readable into a fresh store.
 
+pub mod command;
 pub mod commit_mark;
 pub mod embedded;
+pub mod inspect;
 pub mod measured;
 pub mod redis;
+pub mod salvage;
+pub mod scan;
 
 use std::sync::Arc;
 
