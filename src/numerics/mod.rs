@@ -11,6 +11,7 @@ pub mod codec;
 pub mod compare;
 pub mod exact;
 pub mod host;
+pub mod merge_stats;
 pub mod state_dict;
 pub mod stats;
 

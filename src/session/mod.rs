@@ -15,6 +15,7 @@ mod registry;
 mod replay;
 mod state;
 mod steps;
+pub mod synced;
 
 use std::collections::BTreeMap;
 use std::time::SystemTime;
@@ -24,7 +25,7 @@ use bytes::Bytes;
 pub use exact::StandardScaler;
 pub use footprint::{resident_bytes, SESSION_OVERHEAD_BYTES};
 pub use id::{is_valid_tenant, InvalidSessionId, SessionId, MAX_TENANT_LEN};
-pub use registry::{Limits, Recovery, RecoveryError, Registry, RegistryOptions};
+pub use registry::{Limits, Recovery, RecoveryError, Registry, RegistryOptions, StepLimits};
 pub use replay::Call;
 
 use crate::compute::ComputeError;
@@ -57,7 +58,12 @@ pub struct SessionConfig {
     /// Running statistics from exact sums of every value seen (see
     /// `session::exact`) instead of moving averages.
     pub exact_statistics: bool,
+    /// How long a synchronized step waits for all its ranks.
+    pub step_timeout: std::time::Duration,
 }
+
+/// The step timeout of sessions created without one.
+pub const DEFAULT_STEP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 pub const MAX_LABELS: usize = 64;
 pub const MAX_LABEL_KEY_BYTES: usize = 128;
@@ -270,6 +276,10 @@ pub enum SessionError {
     DataLoss { id: SessionId, reason: String },
     #[error(transparent)]
     Store(#[from] durable::StoreError),
+    /// A synchronized step failed (a rank missing at its deadline, or another
+    /// rank's invalid request); nothing was applied.
+    #[error("{0}")]
+    StepAborted(String),
     /// Other replicas kept changing the session; the mutation was not applied.
     #[error("session {0} is contended by other replicas; nothing was applied, retry")]
     Contended(SessionId),

@@ -281,6 +281,7 @@ fn config_difference(
     );
     differs("labels", a.labels == b.labels);
     differs("exact_statistics", a.exact_statistics == b.exact_statistics);
+    differs("step_timeout_seconds", a.step_timeout == b.step_timeout);
     differs("device", a_device == b_device);
     fields
 }

@@ -24,12 +24,15 @@
 //! reloads when another replica moved on; a write that loses the
 //! compare-and-set reloads and recomputes.
 
+mod barrier;
 mod cache;
 mod commit;
 mod create;
 mod expiry;
 mod listing;
 mod merge;
+mod rendezvous;
+mod synced;
 #[cfg(test)]
 mod tests;
 
@@ -54,6 +57,8 @@ use crate::numerics::state_dict::{self, ExportTensors};
 use crate::numerics::stats::StatsKernel;
 use crate::numerics::TensorData;
 use crate::telemetry::Metrics;
+
+pub use barrier::StepLimits;
 
 /// Limits enforced by the registry (RESOURCE_EXHAUSTED beyond them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,6 +91,8 @@ pub struct RegistryOptions {
     /// [`resident_bytes`](crate::session::resident_bytes) while in memory,
     /// replay logs what they hold.
     pub memory_budget: Arc<MemoryBudget>,
+    /// Bounds on synchronized steps waiting for their ranks.
+    pub steps: StepLimits,
 }
 
 /// What start-up recovery found.
@@ -119,6 +126,10 @@ pub struct Registry {
     metrics: Arc<Metrics>,
     /// What every session's replay log may hold (one server-wide count).
     replay: ReplayLimits,
+    /// Synchronized steps waiting for their ranks.
+    barriers: barrier::Barriers<synced::StepDone>,
+    /// Each session's last backward reduction, for its retries.
+    backward_done: synced::BackwardDone,
 }
 
 /// One session: immutable facts outside the lock, mutable state inside, and
@@ -160,6 +171,8 @@ impl Registry {
                 options.replay_cache_total_bytes,
                 options.memory_budget.clone(),
             ),
+            barriers: barrier::Barriers::new(options.steps),
+            backward_done: synced::BackwardDone::default(),
             options,
             pool,
             store,

@@ -23,6 +23,12 @@ class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MODE_UNSPECIFIED: _ClassVar[Mode]
     MODE_TRAIN: _ClassVar[Mode]
     MODE_EVAL: _ClassVar[Mode]
+
+class ReducePhase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REDUCE_PHASE_UNSPECIFIED: _ClassVar[ReducePhase]
+    REDUCE_PHASE_FORWARD: _ClassVar[ReducePhase]
+    REDUCE_PHASE_BACKWARD: _ClassVar[ReducePhase]
 BATCH_NORM_KIND_UNSPECIFIED: BatchNormKind
 BATCH_NORM_1D: BatchNormKind
 BATCH_NORM_2D: BatchNormKind
@@ -30,9 +36,12 @@ BATCH_NORM_3D: BatchNormKind
 MODE_UNSPECIFIED: Mode
 MODE_TRAIN: Mode
 MODE_EVAL: Mode
+REDUCE_PHASE_UNSPECIFIED: ReducePhase
+REDUCE_PHASE_FORWARD: ReducePhase
+REDUCE_PHASE_BACKWARD: ReducePhase
 
 class SessionConfig(_message.Message):
-    __slots__ = ("kind", "num_features", "eps", "momentum", "cumulative_average", "affine", "track_running_stats", "param_dtype", "default_mode", "reject_non_finite", "labels", "exact_statistics")
+    __slots__ = ("kind", "num_features", "eps", "momentum", "cumulative_average", "affine", "track_running_stats", "param_dtype", "default_mode", "reject_non_finite", "labels", "exact_statistics", "step_timeout_seconds")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +61,7 @@ class SessionConfig(_message.Message):
     REJECT_NON_FINITE_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     EXACT_STATISTICS_FIELD_NUMBER: _ClassVar[int]
+    STEP_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     kind: BatchNormKind
     num_features: int
     eps: float
@@ -64,7 +74,8 @@ class SessionConfig(_message.Message):
     reject_non_finite: bool
     labels: _containers.ScalarMap[str, str]
     exact_statistics: bool
-    def __init__(self, kind: _Optional[_Union[BatchNormKind, str]] = ..., num_features: _Optional[int] = ..., eps: _Optional[float] = ..., momentum: _Optional[float] = ..., cumulative_average: _Optional[bool] = ..., affine: _Optional[bool] = ..., track_running_stats: _Optional[bool] = ..., param_dtype: _Optional[_Union[_tensor_pb2.DataType, str]] = ..., default_mode: _Optional[_Union[Mode, str]] = ..., reject_non_finite: _Optional[bool] = ..., labels: _Optional[_Mapping[str, str]] = ..., exact_statistics: _Optional[bool] = ...) -> None: ...
+    step_timeout_seconds: float
+    def __init__(self, kind: _Optional[_Union[BatchNormKind, str]] = ..., num_features: _Optional[int] = ..., eps: _Optional[float] = ..., momentum: _Optional[float] = ..., cumulative_average: _Optional[bool] = ..., affine: _Optional[bool] = ..., track_running_stats: _Optional[bool] = ..., param_dtype: _Optional[_Union[_tensor_pb2.DataType, str]] = ..., default_mode: _Optional[_Union[Mode, str]] = ..., reject_non_finite: _Optional[bool] = ..., labels: _Optional[_Mapping[str, str]] = ..., exact_statistics: _Optional[bool] = ..., step_timeout_seconds: _Optional[float] = ...) -> None: ...
 
 class Session(_message.Message):
     __slots__ = ("session_id", "config", "device", "version", "num_batches_tracked", "weight", "bias", "running_mean", "running_var", "created_at", "updated_at", "last_used_at", "standard_scaler")
@@ -109,7 +120,7 @@ class StandardScalerStatistics(_message.Message):
     def __init__(self, mean: _Optional[_Iterable[float]] = ..., var: _Optional[_Iterable[float]] = ..., scale: _Optional[_Iterable[float]] = ..., n_samples_seen: _Optional[int] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
-    __slots__ = ("session_id", "kind", "num_features", "eps", "momentum", "cumulative_average", "affine", "track_running_stats", "param_dtype", "device", "default_mode", "reject_non_finite", "labels", "weight", "bias", "running_mean", "running_var", "num_batches_tracked", "exact_statistics")
+    __slots__ = ("session_id", "kind", "num_features", "eps", "momentum", "cumulative_average", "affine", "track_running_stats", "param_dtype", "device", "default_mode", "reject_non_finite", "labels", "weight", "bias", "running_mean", "running_var", "num_batches_tracked", "exact_statistics", "step_timeout_seconds")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -136,6 +147,7 @@ class CreateSessionRequest(_message.Message):
     RUNNING_VAR_FIELD_NUMBER: _ClassVar[int]
     NUM_BATCHES_TRACKED_FIELD_NUMBER: _ClassVar[int]
     EXACT_STATISTICS_FIELD_NUMBER: _ClassVar[int]
+    STEP_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     kind: BatchNormKind
     num_features: int
@@ -155,7 +167,8 @@ class CreateSessionRequest(_message.Message):
     running_var: _tensor_pb2.Tensor
     num_batches_tracked: int
     exact_statistics: bool
-    def __init__(self, session_id: _Optional[str] = ..., kind: _Optional[_Union[BatchNormKind, str]] = ..., num_features: _Optional[int] = ..., eps: _Optional[float] = ..., momentum: _Optional[float] = ..., cumulative_average: _Optional[bool] = ..., affine: _Optional[bool] = ..., track_running_stats: _Optional[bool] = ..., param_dtype: _Optional[_Union[_tensor_pb2.DataType, str]] = ..., device: _Optional[str] = ..., default_mode: _Optional[_Union[Mode, str]] = ..., reject_non_finite: _Optional[bool] = ..., labels: _Optional[_Mapping[str, str]] = ..., weight: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., bias: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., running_mean: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., running_var: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., num_batches_tracked: _Optional[int] = ..., exact_statistics: _Optional[bool] = ...) -> None: ...
+    step_timeout_seconds: float
+    def __init__(self, session_id: _Optional[str] = ..., kind: _Optional[_Union[BatchNormKind, str]] = ..., num_features: _Optional[int] = ..., eps: _Optional[float] = ..., momentum: _Optional[float] = ..., cumulative_average: _Optional[bool] = ..., affine: _Optional[bool] = ..., track_running_stats: _Optional[bool] = ..., param_dtype: _Optional[_Union[_tensor_pb2.DataType, str]] = ..., device: _Optional[str] = ..., default_mode: _Optional[_Union[Mode, str]] = ..., reject_non_finite: _Optional[bool] = ..., labels: _Optional[_Mapping[str, str]] = ..., weight: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., bias: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., running_mean: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., running_var: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., num_batches_tracked: _Optional[int] = ..., exact_statistics: _Optional[bool] = ..., step_timeout_seconds: _Optional[float] = ...) -> None: ...
 
 class CreateSessionResponse(_message.Message):
     __slots__ = ("session", "already_existed")
@@ -279,30 +292,34 @@ class UpdateParametersResponse(_message.Message):
     def __init__(self, session: _Optional[_Union[Session, _Mapping]] = ..., replayed: _Optional[bool] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("session_id", "input", "mode", "expected_version", "request_id")
+    __slots__ = ("session_id", "input", "mode", "expected_version", "request_id", "step")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     INPUT_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     input: _tensor_pb2.Tensor
     mode: Mode
     expected_version: int
     request_id: str
-    def __init__(self, session_id: _Optional[str] = ..., input: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., mode: _Optional[_Union[Mode, str]] = ..., expected_version: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+    step: StepSpec
+    def __init__(self, session_id: _Optional[str] = ..., input: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., mode: _Optional[_Union[Mode, str]] = ..., expected_version: _Optional[int] = ..., request_id: _Optional[str] = ..., step: _Optional[_Union[StepSpec, _Mapping]] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
-    __slots__ = ("output", "version", "num_batches_tracked", "replayed")
+    __slots__ = ("output", "version", "num_batches_tracked", "replayed", "step_statistics")
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NUM_BATCHES_TRACKED_FIELD_NUMBER: _ClassVar[int]
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    STEP_STATISTICS_FIELD_NUMBER: _ClassVar[int]
     output: _tensor_pb2.Tensor
     version: int
     num_batches_tracked: int
     replayed: bool
-    def __init__(self, output: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., version: _Optional[int] = ..., num_batches_tracked: _Optional[int] = ..., replayed: _Optional[bool] = ...) -> None: ...
+    step_statistics: StepStatistics
+    def __init__(self, output: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., version: _Optional[int] = ..., num_batches_tracked: _Optional[int] = ..., replayed: _Optional[bool] = ..., step_statistics: _Optional[_Union[StepStatistics, _Mapping]] = ...) -> None: ...
 
 class StreamError(_message.Message):
     __slots__ = ("code", "message")
@@ -377,3 +394,67 @@ class MergeSessionResponse(_message.Message):
     session: Session
     replayed: bool
     def __init__(self, session: _Optional[_Union[Session, _Mapping]] = ..., replayed: _Optional[bool] = ...) -> None: ...
+
+class StepSpec(_message.Message):
+    __slots__ = ("step", "world_size", "rank")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    world_size: int
+    rank: int
+    def __init__(self, step: _Optional[int] = ..., world_size: _Optional[int] = ..., rank: _Optional[int] = ...) -> None: ...
+
+class StepStatistics(_message.Message):
+    __slots__ = ("step", "count", "mean", "var", "unbiased_var")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    VAR_FIELD_NUMBER: _ClassVar[int]
+    UNBIASED_VAR_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    count: int
+    mean: _containers.RepeatedScalarFieldContainer[float]
+    var: _containers.RepeatedScalarFieldContainer[float]
+    unbiased_var: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, step: _Optional[int] = ..., count: _Optional[int] = ..., mean: _Optional[_Iterable[float]] = ..., var: _Optional[_Iterable[float]] = ..., unbiased_var: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class ReduceStatisticsRequest(_message.Message):
+    __slots__ = ("session_id", "step", "phase", "count", "mean", "m2", "sum_grad_output", "sum_grad_output_centered", "update_running_stats", "request_id")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    M2_FIELD_NUMBER: _ClassVar[int]
+    SUM_GRAD_OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    SUM_GRAD_OUTPUT_CENTERED_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_RUNNING_STATS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    step: StepSpec
+    phase: ReducePhase
+    count: int
+    mean: _containers.RepeatedScalarFieldContainer[float]
+    m2: _containers.RepeatedScalarFieldContainer[float]
+    sum_grad_output: _containers.RepeatedScalarFieldContainer[float]
+    sum_grad_output_centered: _containers.RepeatedScalarFieldContainer[float]
+    update_running_stats: bool
+    request_id: str
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[_Union[StepSpec, _Mapping]] = ..., phase: _Optional[_Union[ReducePhase, str]] = ..., count: _Optional[int] = ..., mean: _Optional[_Iterable[float]] = ..., m2: _Optional[_Iterable[float]] = ..., sum_grad_output: _Optional[_Iterable[float]] = ..., sum_grad_output_centered: _Optional[_Iterable[float]] = ..., update_running_stats: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class ReduceStatisticsResponse(_message.Message):
+    __slots__ = ("statistics", "sum_grad_output", "sum_grad_output_centered", "version", "num_batches_tracked", "replayed")
+    STATISTICS_FIELD_NUMBER: _ClassVar[int]
+    SUM_GRAD_OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    SUM_GRAD_OUTPUT_CENTERED_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    NUM_BATCHES_TRACKED_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    statistics: StepStatistics
+    sum_grad_output: _containers.RepeatedScalarFieldContainer[float]
+    sum_grad_output_centered: _containers.RepeatedScalarFieldContainer[float]
+    version: int
+    num_batches_tracked: int
+    replayed: bool
+    def __init__(self, statistics: _Optional[_Union[StepStatistics, _Mapping]] = ..., sum_grad_output: _Optional[_Iterable[float]] = ..., sum_grad_output_centered: _Optional[_Iterable[float]] = ..., version: _Optional[int] = ..., num_batches_tracked: _Optional[int] = ..., replayed: _Optional[bool] = ...) -> None: ...

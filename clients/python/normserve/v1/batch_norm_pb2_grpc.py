@@ -99,6 +99,10 @@ class BatchNormServiceStub:
                 '/normserve.v1.BatchNormService/MergeSession',
                 request_serializer=normserve_dot_v1_dot_batch__norm__pb2.MergeSessionRequest.SerializeToString,
                 response_deserializer=normserve_dot_v1_dot_batch__norm__pb2.MergeSessionResponse.FromString)
+        self.ReduceStatistics = channel.unary_unary(
+                '/normserve.v1.BatchNormService/ReduceStatistics',
+                request_serializer=normserve_dot_v1_dot_batch__norm__pb2.ReduceStatisticsRequest.SerializeToString,
+                response_deserializer=normserve_dot_v1_dot_batch__norm__pb2.ReduceStatisticsResponse.FromString)
 
 
 class BatchNormServiceServicer:
@@ -239,6 +243,21 @@ class BatchNormServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReduceStatistics(self, request, context):
+        """Statistics only, for jobs that normalize locally (the way nn.SyncBatchNorm
+        works): each rank of a step sends per-channel partial statistics and gets
+        the global ones once all `world_size` ranks have arrived (the same barrier,
+        atomicity, timeout and replay rules as a Forward with a step). Errors:
+        ABORTED when the step fails (a rank missing at the timeout, naming the
+        missing ranks, or another rank's invalid request, naming that rank), nothing
+        applied; INVALID_ARGUMENT for this rank's own invalid request;
+        FAILED_PRECONDITION for a step below the last applied one that is not a
+        retry; RESOURCE_EXHAUSTED beyond the server's open-step limits.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BatchNormServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -296,6 +315,11 @@ def add_BatchNormServiceServicer_to_server(servicer, server):
                     servicer.MergeSession,
                     request_deserializer=normserve_dot_v1_dot_batch__norm__pb2.MergeSessionRequest.FromString,
                     response_serializer=normserve_dot_v1_dot_batch__norm__pb2.MergeSessionResponse.SerializeToString,
+            ),
+            'ReduceStatistics': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReduceStatistics,
+                    request_deserializer=normserve_dot_v1_dot_batch__norm__pb2.ReduceStatisticsRequest.FromString,
+                    response_serializer=normserve_dot_v1_dot_batch__norm__pb2.ReduceStatisticsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -621,6 +645,32 @@ class BatchNormService:
             '/normserve.v1.BatchNormService/MergeSession',
             normserve_dot_v1_dot_batch__norm__pb2.MergeSessionRequest.SerializeToString,
             normserve_dot_v1_dot_batch__norm__pb2.MergeSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata)
+
+    @staticmethod
+    def ReduceStatistics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/normserve.v1.BatchNormService/ReduceStatistics',
+            normserve_dot_v1_dot_batch__norm__pb2.ReduceStatisticsRequest.SerializeToString,
+            normserve_dot_v1_dot_batch__norm__pb2.ReduceStatisticsResponse.FromString,
             options,
             channel_credentials,
             insecure,
