@@ -27,10 +27,12 @@ from torch import nn
 from normserve.client import Client
 from normserve.results import SessionInfo, state_dict_from_safetensors
 from normserve.session import Session
+from normserve.sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm
 
 R = TypeVar("R", bound="_RemoteBatchNorm")
 
-__all__ = ["RemoteBatchNorm1d", "RemoteBatchNorm2d", "RemoteBatchNorm3d", "convert_batch_norms"]
+__all__ = ["RemoteBatchNorm1d", "RemoteBatchNorm2d", "RemoteBatchNorm3d", "SyncBatchNorm", "convert_batch_norms",
+           "convert_sync_batchnorm"]
 
 
 class _RemoteBatchNorm(nn.Module):
