@@ -83,12 +83,16 @@ class SyncBatchNorm(nn.Module):
         server's default, "cpu", "cuda", ...).
     labels: extra labels of the session.
 
-    `step` is the number of the last step this rank took part in (0 before
-    the first); the next train forward is step + 1. A failed step leaves it
-    unchanged, so the forward that is tried again sends the same step (the
-    server answers a step already applied from its record, never twice). A
+    `step` is the number of the last step this rank completed (0 before the
+    first); the next train forward is step + 1. A step is done once its
+    forward reduction and, when the input needs a gradient, its backward
+    reduction have succeeded; a failed one (ABORTED: a rank missed the
+    barrier) leaves `step` where it was, so the iteration tried again, with
+    the same batch, sends the same step: the server answers a forward it
+    already applied from its record (the running statistics move once). A
     worker that restarts in the middle of a job sets `step` to the last step
-    it completed.
+    it completed; a new job on an existing session continues its numbering
+    (or uses a new session id).
 
     Eval mode normalizes with the session's running statistics, fetched once
     per session version: the version this module saw last (its own steps,
@@ -438,9 +442,17 @@ class SyncBatchNorm(nn.Module):
                          sum_dy_xmu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         session = self._session
         assert session is not None  # a backward follows a forward, which made it
-        sums = self._reduce(steps.reduce_backward(
-            session.session_id, place, sum_grad_output=sum_dy.cpu().numpy(),
-            sum_grad_output_centered=sum_dy_xmu.cpu().numpy()))
+        try:
+            sums = self._reduce(steps.reduce_backward(
+                session.session_id, place, sum_grad_output=sum_dy.cpu().numpy(),
+                sum_grad_output_centered=sum_dy_xmu.cpu().numpy()))
+        except errors.NormserveError:
+            # The step is not done: the iteration tried again (with the same
+            # batch) sends the same step, whose forward the server answers
+            # from its record, and then this backward.
+            if self.step == place.step:
+                self.step = place.step - 1
+            raise
         return (torch.as_tensor(sums.sum_grad_output, dtype=torch.float64).to(sum_dy.device),
                 torch.as_tensor(sums.sum_grad_output_centered, dtype=torch.float64).to(sum_dy.device))
 
