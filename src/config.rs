@@ -95,6 +95,22 @@ pub struct Config {
     #[arg(long, env = "NORMSERVE_REPLAY_CACHE_TOTAL_BYTES", default_value_t = 256 * 1024 * 1024)]
     pub replay_cache_total_bytes: usize,
 
+    /// Largest world_size of a synchronized step (a Forward with a step, or
+    /// ReduceStatistics); a larger one is INVALID_ARGUMENT.
+    #[arg(long, env = "NORMSERVE_MAX_WORLD_SIZE", default_value_t = 1024)]
+    pub max_world_size: u32,
+
+    /// Synchronized steps waiting for their ranks at once, all sessions
+    /// together; a rank that would open one more is RESOURCE_EXHAUSTED.
+    #[arg(long, env = "NORMSERVE_MAX_OPEN_STEPS", default_value_t = 1024)]
+    pub max_open_steps: usize,
+
+    /// Bytes of shards held by Forward ranks waiting in synchronized steps,
+    /// all steps together; a rank beyond it is RESOURCE_EXHAUSTED (the step
+    /// goes on waiting for it).
+    #[arg(long, env = "NORMSERVE_MAX_STEP_WAITING_BYTES", default_value_t = 1024 * 1024 * 1024)]
+    pub max_step_waiting_bytes: u64,
+
     /// Seconds in-flight requests get to finish after SIGTERM/SIGINT.
     #[arg(long, env = "NORMSERVE_DRAIN_SECONDS", default_value_t = 10)]
     pub drain_seconds: u64,
@@ -333,6 +349,8 @@ impl Config {
             ("--max-message-bytes", self.max_message_bytes as u64),
             ("--max-tensor-elements", self.max_tensor_elements),
             ("--max-sessions", self.max_sessions),
+            ("--max-world-size", u64::from(self.max_world_size)),
+            ("--max-open-steps", self.max_open_steps as u64),
         ];
         for (flag, value) in positive {
             if value == 0 {

@@ -85,6 +85,11 @@ pub struct SessionRecord {
     /// starts with `tenant/` for any other tenant.
     #[prost(string, tag = "25")]
     pub tenant: String,
+    /// The session's synchronized-step timeout in seconds (absent in records
+    /// written before steps existed: the default). A high tag, clear of the
+    /// ones other features take in order.
+    #[prost(double, optional, tag = "40")]
+    pub step_timeout_seconds: Option<f64>,
 }
 
 /// A request id applied to the session, stored with the state it produced so

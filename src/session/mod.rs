@@ -13,6 +13,7 @@ mod registry;
 mod replay;
 mod state;
 mod steps;
+pub mod synced;
 
 use std::collections::BTreeMap;
 use std::time::SystemTime;
@@ -20,7 +21,7 @@ use std::time::SystemTime;
 use bytes::Bytes;
 
 pub use id::{is_valid_tenant, InvalidSessionId, SessionId, MAX_TENANT_LEN};
-pub use registry::{Limits, Recovery, RecoveryError, Registry, RegistryOptions};
+pub use registry::{Limits, Recovery, RecoveryError, Registry, RegistryOptions, StepLimits};
 pub use replay::Call;
 
 use crate::compute::ComputeError;
@@ -49,7 +50,12 @@ pub struct SessionConfig {
     pub default_mode: Mode,
     pub reject_non_finite: bool,
     pub labels: BTreeMap<String, String>,
+    /// How long a synchronized step waits for all its ranks.
+    pub step_timeout: std::time::Duration,
 }
+
+/// The step timeout of sessions created without one.
+pub const DEFAULT_STEP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 pub const MAX_LABELS: usize = 64;
 pub const MAX_LABEL_KEY_BYTES: usize = 128;
@@ -250,6 +256,10 @@ pub enum SessionError {
     DataLoss { id: SessionId, reason: String },
     #[error(transparent)]
     Store(#[from] durable::StoreError),
+    /// A synchronized step failed (a rank missing at its deadline, or another
+    /// rank's invalid request); nothing was applied.
+    #[error("{0}")]
+    StepAborted(String),
     /// Other replicas kept changing the session; the mutation was not applied.
     #[error("session {0} is contended by other replicas; nothing was applied, retry")]
     Contended(SessionId),

@@ -53,6 +53,7 @@ pub fn record(
         },
         reject_non_finite: config.reject_non_finite,
         labels: config.labels.clone(),
+        step_timeout_seconds: Some(config.step_timeout.as_secs_f64()),
         device: device_name(info.device),
         eps: layer.eps,
         momentum: momentum_value(layer.momentum),
@@ -128,6 +129,10 @@ pub fn info_from_record(
             },
             reject_non_finite: record.reject_non_finite,
             labels: record.labels.clone(),
+            step_timeout: record
+                .step_timeout_seconds
+                .and_then(|s| std::time::Duration::try_from_secs_f64(s).ok())
+                .unwrap_or(super::DEFAULT_STEP_TIMEOUT),
         },
         device,
         created_at: from_unix_nanos(record.created_at_unix_nanos),

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use super::durable::{RecentRequest, RecordError};
+use super::synced::StepApplied;
 use super::{ForwardOutcome, SessionSnapshot};
 
 /// The mutating calls a request id can be applied by.
@@ -17,14 +18,18 @@ pub enum Call {
     ResetRunningStats,
     UpdateParameters,
     ImportState,
+    /// A synchronized step (Forward with a step, or ReduceStatistics): one
+    /// entry per step, under the key [`step_key`].
+    Step,
 }
 
 impl Call {
-    const ALL: [Call; 4] = [
+    const ALL: [Call; 5] = [
         Call::Forward,
         Call::ResetRunningStats,
         Call::UpdateParameters,
         Call::ImportState,
+        Call::Step,
     ];
 
     /// The RPC's name: in error texts and in stored records.
@@ -34,6 +39,7 @@ impl Call {
             Call::ResetRunningStats => "ResetRunningStats",
             Call::UpdateParameters => "UpdateParameters",
             Call::ImportState => "ImportState",
+            Call::Step => "Step",
         }
     }
 
@@ -44,10 +50,23 @@ impl Call {
     }
 }
 
+/// The replay key of synchronized step `step`: a text no client's request id
+/// is expected to be (it starts with a control character).
+pub fn step_key(step: u64) -> String {
+    format!("\u{1}step:{step}")
+}
+
+/// The step number of a [`step_key`].
+fn step_of_key(key: &str) -> Option<u64> {
+    key.strip_prefix("\u{1}step:")?.parse().ok()
+}
+
 /// The remembered result of one applied mutation.
 #[derive(Debug, Clone)]
 pub enum Replay {
     Forward(ForwardOutcome),
+    /// A synchronized step, with what answers each of its ranks again.
+    Step(Arc<StepApplied>),
     /// Reset, UpdateParameters and ImportState answer with the session.
     Snapshot(Box<SessionSnapshot>, Call),
     /// Known from the stored record only (the process restarted or another
@@ -63,6 +82,7 @@ impl Replay {
     pub fn call(&self) -> Call {
         match self {
             Replay::Forward(_) => Call::Forward,
+            Replay::Step(_) => Call::Step,
             Replay::Snapshot(_, call) | Replay::Recovered { call, .. } => *call,
         }
     }
@@ -71,6 +91,7 @@ impl Replay {
     pub fn recent(&self, request_id: &str) -> RecentRequest {
         let (version, num_batches_tracked) = match self {
             Replay::Forward(o) => (o.version, o.num_batches_tracked),
+            Replay::Step(s) => (s.version, s.num_batches_tracked),
             Replay::Snapshot(s, _) => (s.version, s.num_batches_tracked),
             Replay::Recovered {
                 version,
@@ -89,7 +110,7 @@ impl Replay {
     fn output_bytes(&self) -> usize {
         match self {
             Replay::Forward(outcome) => outcome.output.as_ref().map_or(0, |o| o.bytes().len()),
-            Replay::Snapshot(..) | Replay::Recovered { .. } => 0,
+            Replay::Snapshot(..) | Replay::Recovered { .. } | Replay::Step(_) => 0,
         }
     }
 }
@@ -144,6 +165,9 @@ impl ReplayLimits {
 #[derive(Debug)]
 pub struct ReplayLog {
     entries: VecDeque<(String, Replay)>,
+    /// The last applied synchronized step, kept (and stored) beyond the
+    /// window: older steps are refused by it.
+    last_step: Option<(u64, String, Replay)>,
     limits: ReplayLimits,
     output_bytes: usize,
 }
@@ -158,6 +182,7 @@ impl ReplayLog {
     pub fn new(limits: &ReplayLimits) -> Self {
         ReplayLog {
             entries: VecDeque::new(),
+            last_step: None,
             limits: limits.clone(),
             output_bytes: 0,
         }
@@ -191,6 +216,17 @@ impl ReplayLog {
             .rev()
             .find(|(id, _)| id == request_id)
             .map(|(_, r)| r)
+            .or_else(|| {
+                self.last_step
+                    .as_ref()
+                    .filter(|(_, id, _)| id == request_id)
+                    .map(|(_, _, r)| r)
+            })
+    }
+
+    /// The last applied synchronized step, if any.
+    pub fn last_step(&self) -> Option<u64> {
+        self.last_step.as_ref().map(|(step, _, _)| *step)
     }
 
     /// The ids to store, oldest first, with `next` appended (the mutation
@@ -204,6 +240,17 @@ impl ReplayLog {
             .collect();
         let excess = out.len().saturating_sub(self.limits.window);
         out.drain(..excess);
+        // The last step outlives the window: it is what refuses older steps
+        // after a restart.
+        let last_step = next
+            .filter(|next| step_of_key(&next.request_id).is_some())
+            .map(|next| next.replay.recent(&next.request_id))
+            .or_else(|| self.last_step.as_ref().map(|(_, id, r)| r.recent(id)));
+        if let Some(last) = last_step {
+            if !out.iter().any(|r| r.request_id == last.request_id) {
+                out.insert(0, last);
+            }
+        }
         out
     }
 
@@ -212,6 +259,13 @@ impl ReplayLog {
             request_id,
             mut replay,
         } = entry;
+        if replay.call() == Call::Step {
+            if let Some(step) = step_of_key(&request_id) {
+                if self.last_step().is_none_or(|last| step > last) {
+                    self.last_step = Some((step, request_id.clone(), replay.clone()));
+                }
+            }
+        }
         if self.limits.window == 0 {
             return;
         }

@@ -11,6 +11,7 @@ use super::convert::{
 use super::{auth, stream};
 use crate::proto::v1 as pb;
 use crate::proto::v1::batch_norm_service_server::BatchNormService;
+use crate::session::synced::{ReduceStatistics, StepForward};
 use crate::session::{CreateSession, ListSessions, Registry, SessionId, UpdateParameters};
 
 pub struct BatchNormApi {
@@ -33,14 +34,24 @@ impl BatchNormApi {
 
 /// One Forward, shared by the unary and the streaming RPC.
 async fn forward(
-    registry: &Registry,
+    registry: &Arc<Registry>,
     caller: &Caller,
     request: pb::ForwardRequest,
 ) -> Result<pb::ForwardResponse, Status> {
     let ForwardCall {
         command,
         representation,
+        step,
     } = caller.decode(request)?;
+    if let Some(spec) = step {
+        let outcome = registry
+            .step_forward(StepForward {
+                forward: command,
+                spec,
+            })
+            .await?;
+        return Ok(representation.of(outcome).into());
+    }
     let outcome = registry.forward(command).await?;
     Ok(representation.of(outcome).into())
 }
@@ -186,8 +197,11 @@ impl BatchNormService for BatchNormApi {
 
     async fn reduce_statistics(
         &self,
-        _request: Request<pb::ReduceStatisticsRequest>,
+        request: Request<pb::ReduceStatisticsRequest>,
     ) -> Result<Response<pb::ReduceStatisticsResponse>, Status> {
-        Err(Status::unimplemented("ReduceStatistics is not served yet"))
+        let caller = self.caller(&request)?;
+        let command: ReduceStatistics = caller.decode(request.into_inner())?;
+        let outcome = self.registry.reduce_statistics(command).await?;
+        Ok(Response::new(outcome.into()))
     }
 }

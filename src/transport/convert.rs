@@ -21,8 +21,12 @@ use crate::numerics::compare::{
     CompareRequest, Comparison, Diagnosis, Difference, Implementation, Part, Parts, TensorReport,
     Tolerance,
 };
+use crate::numerics::merge_stats::ShardStats;
 use crate::numerics::{DType, LayerKind, Momentum, NumericsError, TensorData};
 use crate::proto::v1 as pb;
+use crate::session::synced::{
+    ReduceOutcome, ReduceStatistics, Reduction, StepForwardOutcome, StepSpec, StepStatistics,
+};
 use crate::session::{
     parse_request_id, Applied, CreateSession, Created, ExportedState, Forward, ForwardOutcome,
     InvalidSessionId, ListSessions, Mode, Preconditions, SessionConfig, SessionError, SessionId,
@@ -361,7 +365,22 @@ pub fn session_config(request: &pb::CreateSessionRequest) -> Result<SessionConfi
         default_mode: mode(request.default_mode)?.unwrap_or(Mode::Train),
         reject_non_finite: request.reject_non_finite,
         labels,
+        step_timeout: step_timeout(request.step_timeout_seconds)?,
     })
+}
+
+/// A step timeout in seconds: finite and > 0; unset: the default (60 s).
+fn step_timeout(seconds: Option<f64>) -> Result<std::time::Duration, ConvertError> {
+    let Some(seconds) = seconds else {
+        return Ok(crate::session::DEFAULT_STEP_TIMEOUT);
+    };
+    if !(seconds.is_finite() && seconds > 0.0) {
+        return Err(invalid(format!(
+            "step_timeout_seconds must be finite and > 0, got {seconds}"
+        )));
+    }
+    std::time::Duration::try_from_secs_f64(seconds)
+        .map_err(|e| invalid(format!("step_timeout_seconds {seconds}: {e}")))
 }
 
 pub fn session_to_proto(principal: &Principal, snapshot: SessionSnapshot) -> pb::Session {
@@ -386,7 +405,7 @@ pub fn session_to_proto(principal: &Principal, snapshot: SessionSnapshot) -> pb:
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
-        ..Default::default()
+        step_timeout_seconds: config.step_timeout.as_secs_f64(),
     };
     let tensors = snapshot.tensors.unwrap_or_default();
     let raw = |t: Option<TensorData>| t.map(|t| tensor_to_proto(t, Representation::Raw));
@@ -772,6 +791,16 @@ impl TryFrom<Scoped<'_, Caller, pb::ImportStateRequest>> for Mutation<StateDict>
 pub struct ForwardCall {
     pub command: Forward,
     pub representation: Representation,
+    /// The synchronized step the forward takes part in, if any.
+    pub step: Option<StepSpec>,
+}
+
+fn step_spec(step: Option<pb::StepSpec>) -> Option<StepSpec> {
+    step.map(|s| StepSpec {
+        step: s.step,
+        world_size: s.world_size,
+        rank: s.rank,
+    })
 }
 
 impl TryFrom<Scoped<'_, Caller, pb::ForwardRequest>> for ForwardCall {
@@ -791,7 +820,105 @@ impl TryFrom<Scoped<'_, Caller, pb::ForwardRequest>> for ForwardCall {
         Ok(ForwardCall {
             command,
             representation,
+            step: step_spec(request.step),
         })
+    }
+}
+
+impl TryFrom<Scoped<'_, Caller, pb::ReduceStatisticsRequest>> for ReduceStatistics {
+    type Error = ConvertError;
+
+    fn try_from(
+        scoped: Scoped<'_, Caller, pb::ReduceStatisticsRequest>,
+    ) -> Result<Self, Self::Error> {
+        let (caller, request) = (scoped.scope, scoped.value);
+        let id = session_id(&caller.principal, &request.session_id)?;
+        // The (step, rank, phase) is the idempotency key; a request id is
+        // checked for its length only.
+        parse_request_id(&request.request_id)?;
+        let spec = step_spec(request.step).ok_or_else(|| invalid("step is required"))?;
+        let reduction = match pb::ReducePhase::try_from(request.phase) {
+            Ok(pb::ReducePhase::Forward) => {
+                if !request.sum_grad_output.is_empty()
+                    || !request.sum_grad_output_centered.is_empty()
+                {
+                    return Err(invalid(
+                        "phase FORWARD takes count, mean and m2, not the backward sums",
+                    ));
+                }
+                Reduction::Forward {
+                    stats: ShardStats {
+                        count: request.count,
+                        mean: request.mean,
+                        m2: request.m2,
+                    },
+                    update_running_stats: request.update_running_stats,
+                }
+            }
+            Ok(pb::ReducePhase::Backward) => {
+                if request.count != 0 || !request.mean.is_empty() || !request.m2.is_empty() {
+                    return Err(invalid(
+                        "phase BACKWARD takes the backward sums, not count, mean and m2",
+                    ));
+                }
+                Reduction::Backward {
+                    sum_grad_output: request.sum_grad_output,
+                    sum_grad_output_centered: request.sum_grad_output_centered,
+                }
+            }
+            _ => {
+                return Err(invalid(format!(
+                    "phase must be REDUCE_PHASE_FORWARD or REDUCE_PHASE_BACKWARD, got {}",
+                    request.phase
+                )))
+            }
+        };
+        Ok(ReduceStatistics {
+            id,
+            spec,
+            reduction,
+        })
+    }
+}
+
+fn step_statistics_to_proto(statistics: &StepStatistics) -> pb::StepStatistics {
+    pb::StepStatistics {
+        step: statistics.step,
+        count: statistics.global.count,
+        mean: statistics.global.mean.clone(),
+        var: statistics.global.var.clone(),
+        unbiased_var: statistics.global.unbiased_var.clone(),
+    }
+}
+
+impl From<ReduceOutcome> for pb::ReduceStatisticsResponse {
+    fn from(outcome: ReduceOutcome) -> Self {
+        let (sum_grad_output, sum_grad_output_centered) = match &outcome.sums {
+            Some(sums) => (
+                sums.sum_grad_output.clone(),
+                sums.sum_grad_output_centered.clone(),
+            ),
+            None => (Vec::new(), Vec::new()),
+        };
+        pb::ReduceStatisticsResponse {
+            statistics: outcome.statistics.as_deref().map(step_statistics_to_proto),
+            sum_grad_output,
+            sum_grad_output_centered,
+            version: outcome.version,
+            num_batches_tracked: outcome.num_batches_tracked,
+            replayed: outcome.replayed,
+        }
+    }
+}
+
+impl From<Represented<StepForwardOutcome>> for pb::ForwardResponse {
+    fn from(represented: Represented<StepForwardOutcome>) -> Self {
+        let outcome = represented.value;
+        let statistics = outcome.statistics.as_deref().map(step_statistics_to_proto);
+        pb::ForwardResponse {
+            step_statistics: statistics,
+            ..represented.representation.of(outcome.forward).into()
+        }
     }
 }
 
@@ -886,7 +1013,7 @@ impl From<Represented<ForwardOutcome>> for pb::ForwardResponse {
             version: outcome.version,
             num_batches_tracked: outcome.num_batches_tracked,
             replayed: outcome.replayed,
-            ..Default::default()
+            step_statistics: None,
         }
     }
 }

@@ -33,7 +33,7 @@ use crate::proto::v1::batch_norm_service_server::BatchNormServiceServer;
 use crate::proto::v1::compare_service_server::CompareServiceServer;
 use crate::proto::v1::server_service_server::ServerServiceServer;
 use crate::session::durable::SessionStore;
-use crate::session::{Limits, Registry, RegistryOptions};
+use crate::session::{Limits, Registry, RegistryOptions, StepLimits};
 use crate::store::measured::MeasuredStore;
 use crate::telemetry::{Metrics, RequestLayer};
 
@@ -209,6 +209,11 @@ impl Server {
             replay_window: config.replay_window,
             replay_cache_bytes: config.replay_cache_bytes,
             replay_cache_total_bytes: config.replay_cache_total_bytes,
+            steps: StepLimits {
+                max_world_size: config.max_world_size,
+                max_open_steps: config.max_open_steps,
+                max_waiting_bytes: config.max_step_waiting_bytes,
+            },
             stats_kernel: match config.cpu_stats_kernel {
                 CpuStatsKernel::Libtorch => StatsKernel::Libtorch,
                 CpuStatsKernel::Native => StatsKernel::Native,

@@ -271,6 +271,7 @@ fn config_difference(
         a.reject_non_finite == b.reject_non_finite,
     );
     differs("labels", a.labels == b.labels);
+    differs("step_timeout_seconds", a.step_timeout == b.step_timeout);
     differs("device", a_device == b_device);
     fields
 }

@@ -24,11 +24,13 @@
 //! reloads when another replica moved on; a write that loses the
 //! compare-and-set reloads and recomputes.
 
+mod barrier;
 mod cache;
 mod commit;
 mod create;
 mod expiry;
 mod listing;
+mod synced;
 #[cfg(test)]
 mod tests;
 
@@ -52,6 +54,8 @@ use crate::numerics::state_dict::{self, ExportTensors};
 use crate::numerics::stats::StatsKernel;
 use crate::numerics::TensorData;
 use crate::telemetry::Metrics;
+
+pub use barrier::StepLimits;
 
 /// Limits enforced by the registry (RESOURCE_EXHAUSTED beyond them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +84,8 @@ pub struct RegistryOptions {
     pub replay_cache_total_bytes: usize,
     /// Who computes train-mode batch statistics on the CPU.
     pub stats_kernel: StatsKernel,
+    /// Bounds on synchronized steps waiting for their ranks.
+    pub steps: StepLimits,
 }
 
 /// What start-up recovery found.
@@ -113,6 +119,10 @@ pub struct Registry {
     metrics: Arc<Metrics>,
     /// What every session's replay log may hold (one server-wide count).
     replay: ReplayLimits,
+    /// Synchronized steps waiting for their ranks.
+    barriers: barrier::Barriers<synced::StepDone>,
+    /// Each session's last backward reduction, for its retries.
+    backward_done: synced::BackwardDone,
 }
 
 /// One session: immutable facts outside the lock, mutable state inside.
@@ -149,6 +159,8 @@ impl Registry {
                 options.replay_cache_bytes,
                 options.replay_cache_total_bytes,
             ),
+            barriers: barrier::Barriers::new(options.steps),
+            backward_done: synced::BackwardDone::default(),
             options,
             pool,
             store,

@@ -1,0 +1,719 @@
+//! Synchronized steps, the registry's operations: a train Forward with a
+//! step and ReduceStatistics. Each rank first checks its request against the
+//! session (a retry of an applied step is answered again; an older step is
+//! refused; an invalid shard fails the step for the others), computes its
+//! shard's statistics, and waits in the `barrier`. The rank that completes
+//! the step commits it as ONE mutation through `commit` (the one swap path:
+//! compare-and-set with the store, durable before any rank is answered), in
+//! a task of its own so that no departing client can interrupt it; then each
+//! rank normalizes its own shard with the global statistics.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use super::barrier::{
+    Arrive, Completion, Contribution, Failure, Key, Outcome, Phase, Refused, Ticket,
+};
+use super::Registry;
+use crate::compute::ComputeError;
+use crate::numerics::batch_norm::{all_finite, Layer};
+use crate::numerics::merge_stats::{
+    check_global_count, merge, updated_running_stats, ChannelTransform, GlobalStats, ShardStats,
+};
+use crate::numerics::{NumericsError, TensorData};
+use crate::session::replay::{step_key, Call, Replay, Replayable};
+use crate::session::state::{SessionInfo, SessionState};
+use crate::session::steps::{Next, Step};
+use crate::session::synced::{
+    BackwardSums, ReduceOutcome, ReduceStatistics, Reduction, StepApplied, StepForward,
+    StepForwardOutcome, StepSpec, StepStatistics,
+};
+use crate::session::{ForwardOutcome, Mode, SessionError, SessionId};
+
+/// What a completed step gives its ranks.
+pub enum StepDone {
+    Applied(Arc<StepApplied>),
+    Backward {
+        sums: Arc<BackwardSums>,
+        version: u64,
+        num_batches_tracked: i64,
+    },
+}
+
+/// The last completed backward reduction of each session (it commits
+/// nothing, so its retries are answered from here; not kept over restarts).
+#[derive(Default)]
+pub struct BackwardDone(Mutex<HashMap<SessionId, (u64, Arc<StepDone>)>>);
+
+impl BackwardDone {
+    fn get(&self, id: &SessionId, step: u64) -> Option<Arc<StepDone>> {
+        let map = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.get(id)
+            .filter(|(s, _)| *s == step)
+            .map(|(_, d)| d.clone())
+    }
+
+    fn put(&self, id: &SessionId, step: u64, done: Arc<StepDone>) {
+        let mut map = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.insert(id.clone(), (step, done));
+    }
+}
+
+/// A rank's own request, checked against the session.
+enum Checked<T> {
+    /// Answered without the barrier (a replay, or an eval Forward).
+    Answered(T),
+    Arrive {
+        contribution: Contribution,
+        fingerprint: u64,
+        timeout: std::time::Duration,
+    },
+}
+
+fn key(id: &SessionId, step: u64, phase: Phase) -> Key {
+    Key {
+        session: id.clone(),
+        step,
+        phase,
+    }
+}
+
+/// The step below or at the last applied one that is not a retry.
+fn check_order(info: &SessionInfo, state: &SessionState, step: u64) -> Result<(), SessionError> {
+    match state.replay.last_step() {
+        Some(last) if step <= last => Err(SessionError::FailedPrecondition(format!(
+            "session {}: step {step} is not after the last applied step {last} (steps are strictly increasing; a retry of a step is answered again only while it is among the recent ones)",
+            info.id
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// The applied step `step`, if the session remembers it.
+fn applied(
+    info: &SessionInfo,
+    state: &SessionState,
+    step: u64,
+) -> Result<Option<StepApplied>, SessionError> {
+    let request_id = step_key(step);
+    match state.replay.find(&request_id) {
+        None => Ok(None),
+        Some(Replay::Step(applied)) => Ok(Some((**applied).clone())),
+        Some(Replay::Recovered {
+            call: Call::Step,
+            version,
+            num_batches_tracked,
+        }) => Ok(Some(StepApplied {
+            step,
+            version: *version,
+            num_batches_tracked: *num_batches_tracked,
+            statistics: None,
+            transform: None,
+        })),
+        Some(other) => Err(SessionError::RequestIdReused {
+            id: info.id.clone(),
+            request_id,
+            used_by: other.call().name(),
+        }),
+    }
+}
+
+fn fingerprint_of(parts: &[&[u8]]) -> u64 {
+    let mut hasher = crc32fast::Hasher::new();
+    let mut total = 0u64;
+    for part in parts {
+        hasher.update(part);
+        total += part.len() as u64;
+    }
+    (u64::from(hasher.finalize()) << 32) ^ total
+}
+
+fn f64_bytes(values: &[f64]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+fn shard_fingerprint(input: &TensorData) -> u64 {
+    let shape: Vec<u8> = input.shape().iter().flat_map(|d| d.to_le_bytes()).collect();
+    fingerprint_of(&[&shape, &[input.dtype().code() as u8], input.bytes()])
+}
+
+/// A rank's refusal as its error.
+fn refused(refused: Refused) -> SessionError {
+    match refused {
+        Refused::Invalid(reason) => SessionError::InvalidArgument(reason),
+        Refused::Failed(failure) => failed(failure),
+        Refused::Limit {
+            what,
+            actual,
+            limit,
+            limit_name,
+        } => SessionError::LimitExceeded {
+            what,
+            actual,
+            limit,
+            limit_name,
+        },
+    }
+}
+
+/// A failed step as each rank's error.
+fn failed(failure: Failure) -> SessionError {
+    match failure {
+        Failure::Aborted(message) => SessionError::StepAborted(message),
+        Failure::Invalid(message) => SessionError::InvalidArgument(message),
+        Failure::Precondition(message) => SessionError::FailedPrecondition(message),
+        Failure::Server(message) => SessionError::Compute(ComputeError::JobFailed(message)),
+    }
+}
+
+/// A commit's error as the failure every rank of the step is told.
+fn failure_of(error: &SessionError) -> Failure {
+    match error {
+        SessionError::FailedPrecondition(m) => Failure::Precondition(m.clone()),
+        SessionError::InvalidArgument(m) => Failure::Invalid(m.clone()),
+        SessionError::Numerics(e @ NumericsError::Invalid { .. }) => {
+            Failure::Invalid(e.to_string())
+        }
+        SessionError::StepAborted(m) => Failure::Aborted(m.clone()),
+        SessionError::Contended(_) | SessionError::VersionMismatch { .. } => {
+            Failure::Aborted(format!("{error}; nothing was applied"))
+        }
+        other => Failure::Server(other.to_string()),
+    }
+}
+
+/// (C,) values of an optional state tensor as float64.
+fn values(tensor: Option<&tch::Tensor>) -> Result<Option<Vec<f64>>, NumericsError> {
+    let Some(tensor) = tensor else {
+        return Ok(None);
+    };
+    let host = tensor
+        .f_to_kind(tch::Kind::Double)?
+        .f_to_device(tch::Device::Cpu)?;
+    Ok(Some(Vec::<f64>::try_from(&host)?))
+}
+
+fn per_channel(values: &[f64], info: &SessionInfo) -> Result<tch::Tensor, NumericsError> {
+    Ok(tch::Tensor::f_from_slice(values)?
+        .f_to_kind(info.config.param_dtype.kind())?
+        .f_to_device(info.device)?)
+}
+
+/// The step's one mutation: version + 1, the step remembered, and with
+/// `update` the running statistics and num_batches_tracked as one train
+/// forward on the global batch would leave them.
+fn commit_step(
+    info: &SessionInfo,
+    state: &SessionState,
+    step: u64,
+    global: &GlobalStats,
+    update: bool,
+) -> Result<Step<Arc<StepApplied>>, SessionError> {
+    let statistics = Arc::new(StepStatistics {
+        step,
+        global: global.clone(),
+    });
+    let transform_of = |layer: &crate::session::state::LayerState| -> Result<_, SessionError> {
+        let weight = values(layer.weight.as_ref())?;
+        let bias = values(layer.bias.as_ref())?;
+        Ok(Arc::new(ChannelTransform::new(
+            global,
+            layer.eps,
+            weight.as_deref(),
+            bias.as_deref(),
+        )))
+    };
+    if let Some(done) = applied(info, state, step)? {
+        // Committed meanwhile (by another replica, or before a restart).
+        return Ok(Step::Done(Arc::new(StepApplied {
+            statistics: Some(statistics),
+            transform: Some(transform_of(&state.layer)?),
+            ..done
+        })));
+    }
+    check_order(info, state, step)?;
+    let current = &state.layer;
+    let mut next = current.next_version();
+    if update && info.config.track_running_stats {
+        let Some(counted) = current.num_batches_tracked.checked_add(1) else {
+            return Err(SessionError::FailedPrecondition(format!(
+                "session {}: num_batches_tracked is at its maximum ({}); reset it first",
+                info.id,
+                i64::MAX
+            )));
+        };
+        if let (Some(old_mean), Some(old_var)) = (
+            values(current.running_mean.as_ref())?,
+            values(current.running_var.as_ref())?,
+        ) {
+            let factor = current.momentum.factor(counted);
+            let (mean, var) = updated_running_stats(&old_mean, &old_var, global, factor);
+            next.running_mean = Some(per_channel(&mean, info)?);
+            next.running_var = Some(per_channel(&var, info)?);
+        }
+        next.num_batches_tracked = counted;
+    }
+    let applied = Arc::new(StepApplied {
+        step,
+        version: next.version,
+        num_batches_tracked: next.num_batches_tracked,
+        statistics: Some(statistics),
+        transform: Some(transform_of(&next)?),
+    });
+    let replay = Replayable {
+        request_id: step_key(step),
+        replay: Replay::Step(applied.clone()),
+    };
+    Ok(Step::Next(Box::new(Next {
+        layer: next,
+        replay: Some(replay),
+        value: applied,
+    })))
+}
+
+/// The shard's checks, as a train forward of the session makes them, except
+/// the one-value-per-channel check (it applies to the global batch).
+fn check_shard(
+    info: &SessionInfo,
+    state: &SessionState,
+    input: &TensorData,
+) -> Result<(), SessionError> {
+    let layer = &state.layer;
+    let config = &info.config;
+    let layer = Layer {
+        kind: config.kind,
+        num_features: config.num_features,
+        eps: layer.eps,
+        param_dtype: config.param_dtype,
+        weight: layer.weight.as_ref(),
+        bias: layer.bias.as_ref(),
+        running_mean: layer.running_mean.as_ref(),
+        running_var: layer.running_var.as_ref(),
+        stats: crate::numerics::stats::StatsKernel::Libtorch,
+    };
+    layer.check_input(input.shape(), input.dtype(), false)?;
+    Ok(())
+}
+
+impl Registry {
+    /// A Forward that names a step: a train forward waits for the step's
+    /// other ranks and is normalized with the global batch's statistics; an
+    /// eval forward is a plain Forward.
+    pub async fn step_forward(
+        self: &Arc<Self>,
+        command: StepForward,
+    ) -> Result<StepForwardOutcome, SessionError> {
+        let StepForward { forward, spec } = command;
+        let id = forward.id.clone();
+        let step_key = key(&id, spec.step, Phase::Forward);
+        let for_check = forward.clone();
+        let checked = self
+            .read(&id, move |info, state| {
+                let training = for_check.mode.unwrap_or(info.config.default_mode) == Mode::Train;
+                if !training {
+                    return Ok(Checked::Answered(None));
+                }
+                if let Some(done) = applied(info, state, spec.step)? {
+                    return Ok(Checked::Answered(Some(done)));
+                }
+                check_order(info, state, spec.step)?;
+                let input = &for_check.input;
+                check_shard(info, state, input)?;
+                let tensor = input.input_tensor(info.device)?;
+                if info.config.reject_non_finite && !all_finite(&tensor)? {
+                    return Err(NumericsError::invalid(
+                        "input",
+                        "contains NaN or infinite values (the session has reject_non_finite=true)",
+                    )
+                    .into());
+                }
+                let stats = ShardStats::of(&tensor)?;
+                Ok(Checked::Arrive {
+                    contribution: Contribution::Forward {
+                        stats,
+                        shape: Some(input.shape().to_vec()),
+                        update_running_stats: true,
+                    },
+                    fingerprint: shard_fingerprint(input),
+                    timeout: info.config.step_timeout,
+                })
+            })
+            .await;
+        let checked = match checked {
+            Ok(checked) => checked,
+            Err(error) => {
+                if matches!(failure_of(&error), Failure::Invalid(_)) {
+                    self.barriers.fail_invalid(
+                        &step_key,
+                        spec.rank,
+                        spec.world_size,
+                        &error.to_string(),
+                        crate::session::DEFAULT_STEP_TIMEOUT,
+                    );
+                }
+                return Err(error);
+            }
+        };
+        let (applied, replayed) = match checked {
+            Checked::Answered(None) => {
+                let forward = self.forward(forward).await?;
+                return Ok(StepForwardOutcome {
+                    forward,
+                    statistics: None,
+                });
+            }
+            Checked::Answered(Some(done)) => (Arc::new(done), true),
+            Checked::Arrive {
+                contribution,
+                fingerprint,
+                timeout,
+            } => {
+                let bytes = forward.input.bytes().len() as u64;
+                let done = self
+                    .rendezvous(spec, step_key, contribution, fingerprint, bytes, timeout)
+                    .await?;
+                match &*done {
+                    StepDone::Applied(applied) => (applied.clone(), false),
+                    StepDone::Backward { .. } => {
+                        return Err(SessionError::Compute(ComputeError::JobFailed(
+                            "a forward step completed as a backward one".into(),
+                        )))
+                    }
+                }
+            }
+        };
+        let output = match applied.transform.clone() {
+            Some(transform) => {
+                let input = forward.input.clone();
+                let (device, kind) = self.device_and_kind(&id).await?;
+                let output = self
+                    .pool
+                    .run_sized(input.bytes().len(), move || {
+                        let tensor = input.input_tensor(device)?;
+                        let output = transform.apply(&tensor, kind)?;
+                        TensorData::from_result(output)
+                    })
+                    .await??;
+                Some(output)
+            }
+            None => None,
+        };
+        Ok(StepForwardOutcome {
+            forward: ForwardOutcome {
+                output,
+                version: applied.version,
+                num_batches_tracked: applied.num_batches_tracked,
+                replayed,
+            },
+            statistics: applied.statistics.clone(),
+        })
+    }
+
+    /// The session's device and parameter dtype (immutable facts).
+    async fn device_and_kind(
+        &self,
+        id: &SessionId,
+    ) -> Result<(tch::Device, tch::Kind), SessionError> {
+        let session = self.lookup(id).await?;
+        Ok((session.info.device, session.info.config.param_dtype.kind()))
+    }
+
+    /// ReduceStatistics: the statistics of a step's ranks, merged.
+    pub async fn reduce_statistics(
+        self: &Arc<Self>,
+        command: ReduceStatistics,
+    ) -> Result<ReduceOutcome, SessionError> {
+        let ReduceStatistics {
+            id,
+            spec,
+            reduction,
+        } = command;
+        let phase = match reduction {
+            Reduction::Forward { .. } => Phase::Forward,
+            Reduction::Backward { .. } => Phase::Backward,
+        };
+        let step_key = key(&id, spec.step, phase);
+        if phase == Phase::Backward {
+            if let Some(done) = self.backward_done.get(&id, spec.step) {
+                return Ok(reduce_outcome(&done, true));
+            }
+        }
+        let checked = self
+            .read(&id, move |info, state| {
+                check_reduction(info, state, spec, reduction)
+            })
+            .await;
+        let checked = match checked {
+            Ok(checked) => checked,
+            Err(error) => {
+                if matches!(failure_of(&error), Failure::Invalid(_)) {
+                    self.barriers.fail_invalid(
+                        &step_key,
+                        spec.rank,
+                        spec.world_size,
+                        &error.to_string(),
+                        crate::session::DEFAULT_STEP_TIMEOUT,
+                    );
+                }
+                return Err(error);
+            }
+        };
+        match checked {
+            Checked::Answered(done) => Ok(reduce_outcome(&done, true)),
+            Checked::Arrive {
+                contribution,
+                fingerprint,
+                timeout,
+            } => {
+                let done = self
+                    .rendezvous(spec, step_key, contribution, fingerprint, 0, timeout)
+                    .await?;
+                Ok(reduce_outcome(&done, false))
+            }
+        }
+    }
+
+    /// Waits in the barrier; the rank that completes the step commits it.
+    async fn rendezvous(
+        self: &Arc<Self>,
+        spec: StepSpec,
+        key: Key,
+        contribution: Contribution,
+        fingerprint: u64,
+        bytes: u64,
+        timeout: std::time::Duration,
+    ) -> Result<Arc<StepDone>, SessionError> {
+        let ticket = self
+            .barriers
+            .arrive(Arrive {
+                key,
+                world_size: spec.world_size,
+                rank: spec.rank,
+                contribution,
+                fingerprint,
+                bytes,
+                timeout,
+                caller_deadline: crate::compute::current_deadline(),
+            })
+            .map_err(refused)?;
+        let waiter = match ticket {
+            Ticket::Wait(waiter) => waiter,
+            Ticket::Complete(completion, waiter) => {
+                // The commit runs in its own task: the step is committed (or
+                // not) as a whole, whoever goes away meanwhile.
+                let registry = self.clone();
+                tokio::spawn(async move { registry.complete(completion).await });
+                waiter
+            }
+        };
+        waiter.outcome().await.map_err(failed)
+    }
+
+    async fn complete(self: Arc<Self>, completion: Completion<StepDone>) {
+        let outcome = self.commit(&completion).await;
+        if let Ok(done) = &outcome {
+            if let StepDone::Backward { .. } = **done {
+                let key = completion.key();
+                self.backward_done.put(&key.session, key.step, done.clone());
+            }
+        }
+        completion.publish(outcome);
+    }
+
+    async fn commit(&self, completion: &Completion<StepDone>) -> Outcome<StepDone> {
+        let key = completion.key().clone();
+        let contributions = &completion.contributions;
+        if key.phase == Phase::Backward {
+            return self.commit_backward(&key, contributions).await;
+        }
+        let mut shards = Vec::with_capacity(contributions.len());
+        let mut global_shape: Option<Vec<i64>> = None;
+        let mut update = true;
+        for contribution in contributions {
+            if let Contribution::Forward {
+                stats,
+                shape,
+                update_running_stats,
+            } = contribution
+            {
+                shards.push(stats);
+                update = *update_running_stats;
+                if let Some(shape) = shape {
+                    match &mut global_shape {
+                        Some(global) => global[0] += shape[0],
+                        None => global_shape = Some(shape.clone()),
+                    }
+                }
+            }
+        }
+        let channels = shards.first().map_or(0, |s| s.mean.len());
+        let global = merge(channels, shards.iter().copied());
+        let shape = global_shape.unwrap_or_else(|| vec![global.count, channels as i64]);
+        if let Err(error) = check_global_count(global.count, &shape) {
+            return Err(Failure::Invalid(error.to_string()));
+        }
+        let step = key.step;
+        let applied = self
+            .mutate(&key.session, 0, move |info, state| {
+                commit_step(info, state, step, &global, update)
+            })
+            .await
+            .map_err(|e| failure_of(&e))?;
+        Ok(Arc::new(StepDone::Applied(applied)))
+    }
+
+    async fn commit_backward(
+        &self,
+        key: &Key,
+        contributions: &[Contribution],
+    ) -> Outcome<StepDone> {
+        let mut sum_grad_output: Vec<f64> = Vec::new();
+        let mut sum_grad_output_centered: Vec<f64> = Vec::new();
+        for contribution in contributions {
+            if let Contribution::Backward {
+                sum_grad_output: a,
+                sum_grad_output_centered: b,
+            } = contribution
+            {
+                if sum_grad_output.is_empty() {
+                    sum_grad_output = vec![0.0; a.len()];
+                    sum_grad_output_centered = vec![0.0; b.len()];
+                }
+                sum_grad_output.iter_mut().zip(a).for_each(|(s, v)| *s += v);
+                sum_grad_output_centered
+                    .iter_mut()
+                    .zip(b)
+                    .for_each(|(s, v)| *s += v);
+            }
+        }
+        let (version, num_batches_tracked) = self
+            .read(&key.session, |_, state| {
+                Ok((state.layer.version, state.layer.num_batches_tracked))
+            })
+            .await
+            .map_err(|e| failure_of(&e))?;
+        Ok(Arc::new(StepDone::Backward {
+            sums: Arc::new(BackwardSums {
+                sum_grad_output,
+                sum_grad_output_centered,
+            }),
+            version,
+            num_batches_tracked,
+        }))
+    }
+}
+
+fn reduce_outcome(done: &StepDone, replayed: bool) -> ReduceOutcome {
+    match done {
+        StepDone::Applied(applied) => ReduceOutcome {
+            statistics: applied.statistics.clone(),
+            sums: None,
+            version: applied.version,
+            num_batches_tracked: applied.num_batches_tracked,
+            replayed,
+        },
+        StepDone::Backward {
+            sums,
+            version,
+            num_batches_tracked,
+        } => ReduceOutcome {
+            statistics: None,
+            sums: Some(sums.clone()),
+            version: *version,
+            num_batches_tracked: *num_batches_tracked,
+            replayed,
+        },
+    }
+}
+
+fn invalid(message: String) -> SessionError {
+    SessionError::InvalidArgument(message)
+}
+
+/// A ReduceStatistics request checked against the session.
+fn check_reduction(
+    info: &SessionInfo,
+    state: &SessionState,
+    spec: StepSpec,
+    reduction: Reduction,
+) -> Result<Checked<StepDone>, SessionError> {
+    let channels = info.config.num_features as usize;
+    let check_len = |field: &str, values: &[f64]| {
+        if values.len() != channels {
+            return Err(invalid(format!(
+                "{field}: expected num_features = {channels} values, got {}",
+                values.len()
+            )));
+        }
+        if values.iter().any(|v| !v.is_finite()) {
+            return Err(invalid(format!("{field}: values must be finite")));
+        }
+        Ok(())
+    };
+    let timeout = info.config.step_timeout;
+    match reduction {
+        Reduction::Forward {
+            stats,
+            update_running_stats,
+        } => {
+            if let Some(done) = applied(info, state, spec.step)? {
+                return Ok(Checked::Answered(StepDone::Applied(Arc::new(done))));
+            }
+            check_order(info, state, spec.step)?;
+            if stats.count < 0 {
+                return Err(invalid(format!("count must be >= 0, got {}", stats.count)));
+            }
+            check_len("mean", &stats.mean)?;
+            check_len("m2", &stats.m2)?;
+            if stats.m2.iter().any(|m2| *m2 < 0.0) {
+                return Err(invalid("m2: values must be >= 0".into()));
+            }
+            let fingerprint = fingerprint_of(&[
+                &stats.count.to_le_bytes(),
+                &f64_bytes(&stats.mean),
+                &f64_bytes(&stats.m2),
+                &[u8::from(update_running_stats)],
+            ]);
+            Ok(Checked::Arrive {
+                contribution: Contribution::Forward {
+                    stats,
+                    shape: None,
+                    update_running_stats,
+                },
+                fingerprint,
+                timeout,
+            })
+        }
+        Reduction::Backward {
+            sum_grad_output,
+            sum_grad_output_centered,
+        } => {
+            if applied(info, state, spec.step)?.is_none() {
+                return Err(SessionError::FailedPrecondition(format!(
+                    "session {}: the FORWARD reduction of step {} has not completed (or is no longer among the recent steps); a BACKWARD reduction follows it",
+                    info.id, spec.step
+                )));
+            }
+            check_len("sum_grad_output", &sum_grad_output)?;
+            check_len("sum_grad_output_centered", &sum_grad_output_centered)?;
+            let fingerprint = fingerprint_of(&[
+                &f64_bytes(&sum_grad_output),
+                &f64_bytes(&sum_grad_output_centered),
+            ]);
+            Ok(Checked::Arrive {
+                contribution: Contribution::Backward {
+                    sum_grad_output,
+                    sum_grad_output_centered,
+                },
+                fingerprint,
+                timeout,
+            })
+        }
+    }
+}
