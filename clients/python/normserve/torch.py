@@ -13,6 +13,11 @@ local parameters or buffers, `weight`, `running_mean`, ... are read-only
 snapshots fetched on access, `.to()` / `.half()` change nothing remote, and
 the forward is not differentiable (an input that requires grad is refused
 while autograd is recording; call it under `torch.no_grad()`).
+
+`SyncBatchNorm` and `convert_sync_batchnorm` (from normserve.sync_batchnorm)
+are nn.SyncBatchNorm with a session in place of a process group: each rank
+normalizes locally with the global batch's statistics, and the backward is
+differentiable.
 """
 
 from __future__ import annotations
