@@ -42,6 +42,15 @@ def conv_net(seed, dtype=torch.float64):
     return model.to(dtype)
 
 
+def sgd_step(model, grads, lr=0.05):
+    """Plain SGD with the given gradients (torch.optim's first use costs
+    seconds of imports in every fresh process); clears .grad."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            parameter -= lr * grads[name]
+            parameter.grad = None
+
+
 def shard_size(step, rank):
     # Ranks hold batches of different sizes.
     return 2 + (rank + step) % 3
@@ -72,7 +81,6 @@ def train_conv_net(conn, address, prefix, world_size, rank, steps, seed):
         torch.set_num_threads(1)
         client = normserve.connect(address, timeout=120)
         model = convert_sync_batchnorm(conv_net(seed), client, prefix, world_size, rank)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
         for step in range(1, steps + 1):
             x, target = conv_batch(seed, step, rank)
             x.requires_grad_(True)
@@ -81,10 +89,7 @@ def train_conv_net(conn, address, prefix, world_size, rank, steps, seed):
             grads = {name: p.grad.clone() for name, p in model.named_parameters()}
             conn.send(("step", pack((output.detach(), x.grad, grads))))
             summed = unpack(conn.recv())
-            for name, p in model.named_parameters():
-                p.grad = summed[name]
-            optimizer.step()
-            optimizer.zero_grad()
+            sgd_step(model, summed)
         model.eval()
         with torch.no_grad():
             probe_output = model(conv_probe(seed))

@@ -231,7 +231,6 @@ def test_a_conv_net_trained_by_worker_processes_matches_one_process_on_the_conca
         server, world_size):
     seed, steps, prefix = 11, 3, unique("convnet")
     oracle = sync_workers.conv_net(seed)
-    optimizer = torch.optim.SGD(oracle.parameters(), lr=0.05)
     workers = Workers(sync_workers.train_conv_net,
                       [(server.address, prefix, world_size, rank, steps, seed) for rank in range(world_size)])
     try:
@@ -253,8 +252,7 @@ def test_a_conv_net_trained_by_worker_processes_matches_one_process_on_the_conca
                 torch.testing.assert_close(summed[name], parameter.grad, **FLOAT64, msg=name)
             for rank in range(world_size):
                 workers.send(rank, sync_workers.pack(summed))
-            optimizer.step()
-            optimizer.zero_grad()
+            sync_workers.sgd_step(oracle, {name: p.grad for name, p in oracle.named_parameters()})
         oracle.eval()
         with torch.no_grad():
             expected_probe = oracle(sync_workers.conv_probe(seed))
