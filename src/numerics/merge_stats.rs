@@ -60,6 +60,14 @@ impl ShardStats {
         if count == 0 {
             return Ok(ShardStats::empty(channels_usize));
         }
+        let inner = usize::try_from(size[2..].iter().product::<i64>()).unwrap_or(0);
+        // Contiguous float32 on the CPU (the common case): two passes over
+        // the values in place, with no float64 copy of the shard.
+        if let Some((mean, m2)) = super::host::with_f32_values(input, |values| {
+            native_two_pass(values, channels_usize, inner)
+        })? {
+            return Ok(ShardStats { count, mean, m2 });
+        }
         // (C, count): channel-major, so both passes reduce along dim 1.
         let by_channel = input
             .f_to_kind(Kind::Double)?
@@ -96,6 +104,49 @@ impl ShardStats {
         }
         self.count += other.count;
     }
+}
+
+/// Per-channel mean and M2 of a contiguous (N, C, inner) float32 buffer,
+/// accumulated in float64: the mean first, then the squared deviations.
+fn native_two_pass(values: &[f32], channels: usize, inner: usize) -> (Vec<f64>, Vec<f64>) {
+    let mut mean = vec![0f64; channels];
+    let mut m2 = vec![0f64; channels];
+    if channels == 0 || inner == 0 {
+        return (mean, m2);
+    }
+    let count = (values.len() / channels) as f64;
+    if inner == 1 {
+        for row in values.chunks_exact(channels) {
+            for (sum, &x) in mean.iter_mut().zip(row) {
+                *sum += f64::from(x);
+            }
+        }
+    } else {
+        for (i, plane) in values.chunks_exact(inner).enumerate() {
+            mean[i % channels] += plane.iter().map(|&x| f64::from(x)).sum::<f64>();
+        }
+    }
+    mean.iter_mut().for_each(|m| *m /= count);
+    if inner == 1 {
+        for row in values.chunks_exact(channels) {
+            for ((sum, &x), m) in m2.iter_mut().zip(row).zip(&mean) {
+                let d = f64::from(x) - m;
+                *sum += d * d;
+            }
+        }
+    } else {
+        for (i, plane) in values.chunks_exact(inner).enumerate() {
+            let m = mean[i % channels];
+            m2[i % channels] += plane
+                .iter()
+                .map(|&x| {
+                    let d = f64::from(x) - m;
+                    d * d
+                })
+                .sum::<f64>();
+        }
+    }
+    (mean, m2)
 }
 
 /// The shards' statistics merged in the order given (rank order), for
@@ -295,6 +346,40 @@ mod tests {
             let (mean, m2) = two_pass(&channel);
             assert!((stats.mean[c] - mean).abs() < 1e-12);
             assert!((stats.m2[c] - m2).abs() < 1e-10);
+        }
+    }
+
+    #[test]
+    fn float32_shards_match_a_two_pass_of_their_values_in_float64() {
+        // (N, C) and (N, C, L) float32 inputs take the in-place path.
+        for shape in [vec![6i64, 3], vec![2, 3, 5]] {
+            let n: i64 = shape.iter().product();
+            let data: Vec<f32> = values(11, n as usize, 50.0, 20.0)
+                .iter()
+                .map(|&v| v as f32)
+                .collect();
+            let input = Tensor::f_from_slice(&data)
+                .unwrap()
+                .reshape(shape.as_slice());
+            let stats = ShardStats::of(&input).unwrap();
+            let inner: usize = shape[2..].iter().product::<i64>() as usize;
+            for c in 0..3 {
+                let channel: Vec<f64> = (0..shape[0] as usize)
+                    .flat_map(|i| {
+                        let at = (i * 3 + c) * inner;
+                        data[at..at + inner]
+                            .iter()
+                            .map(|&v| f64::from(v))
+                            .collect::<Vec<_>>()
+                    })
+                    .collect();
+                let (mean, m2) = two_pass(&channel);
+                assert!(
+                    (stats.mean[c] - mean).abs() < 1e-12 * mean.abs(),
+                    "{shape:?}"
+                );
+                assert!((stats.m2[c] - m2).abs() < 1e-9 * m2, "{shape:?}");
+            }
         }
     }
 

@@ -236,6 +236,66 @@ pub trait SessionStore: Send + Sync {
         after: Option<&SessionId>,
         limit: usize,
     ) -> Result<Vec<SessionId>, StoreError>;
+
+    // ---- the rendezvous of synchronized steps, for shared stores --------
+    // A store that is not shared leaves them as they are: its replica is the
+    // only one, and the registry's in-process barrier is its rendezvous.
+
+    /// Places `rank`'s `share` (its per-channel statistics, a few bytes per
+    /// channel, never a tensor) in the meeting `key` of `world_size` ranks,
+    /// which fails at `deadline_unix_ms` unless complete. A rank told of a
+    /// failed attempt that arrives again starts a new attempt.
+    async fn meet(
+        &self,
+        key: &str,
+        world_size: u32,
+        rank: u32,
+        share: &[u8],
+        deadline_unix_ms: u64,
+    ) -> Result<Meeting, StoreError> {
+        let _ = (key, world_size, rank, share, deadline_unix_ms);
+        Err(no_meetings(self.name()))
+    }
+
+    /// The meeting as `rank` sees it now (past its deadline: failed, naming
+    /// the missing ranks).
+    async fn meeting(&self, key: &str, rank: u32, now_unix_ms: u64) -> Result<Meeting, StoreError> {
+        let _ = (key, rank, now_unix_ms);
+        Err(no_meetings(self.name()))
+    }
+
+    /// Withdraws `rank` from an incomplete meeting (its caller went away).
+    async fn leave(&self, key: &str, rank: u32) -> Result<(), StoreError> {
+        let _ = (key, rank);
+        Err(no_meetings(self.name()))
+    }
+
+    /// Fails an incomplete meeting with `reason` (an invalid rank's).
+    async fn fail_meeting(&self, key: &str, rank: u32, reason: &str) -> Result<(), StoreError> {
+        let _ = (key, rank, reason);
+        Err(no_meetings(self.name()))
+    }
+}
+
+fn no_meetings(backend: &'static str) -> StoreError {
+    StoreError {
+        backend,
+        message: "this store holds no step meetings (its replica's own barrier is the rendezvous)"
+            .into(),
+    }
+}
+
+/// A shared rendezvous as one rank sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Meeting {
+    /// Not all ranks have arrived.
+    Waiting,
+    /// Every rank arrived: their shares in rank order.
+    Complete(Vec<Vec<u8>>),
+    /// The attempt failed; every rank is told this reason.
+    Failed(String),
+    /// This rank's own arrival is invalid (the others are told).
+    Invalid(String),
 }
 
 #[cfg(test)]

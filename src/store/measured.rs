@@ -8,7 +8,9 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::session::durable::{SessionRecord, SessionStore, Stamp, StoreError, Stored, Written};
+use crate::session::durable::{
+    Meeting, SessionRecord, SessionStore, Stamp, StoreError, Stored, Written,
+};
 use crate::session::SessionId;
 use crate::telemetry::Metrics;
 
@@ -76,5 +78,34 @@ impl SessionStore for MeasuredStore {
     ) -> Result<Vec<SessionId>, StoreError> {
         self.measure("ids_after", self.inner.ids_after(after, limit))
             .await
+    }
+
+    // Step meetings are passed through unmeasured: a waiting rank polls its
+    // meeting every millisecond or so, which would swamp the store's
+    // latency histogram with calls that are waiting, not storing.
+
+    async fn meet(
+        &self,
+        key: &str,
+        world_size: u32,
+        rank: u32,
+        share: &[u8],
+        deadline_unix_ms: u64,
+    ) -> Result<Meeting, StoreError> {
+        self.inner
+            .meet(key, world_size, rank, share, deadline_unix_ms)
+            .await
+    }
+
+    async fn meeting(&self, key: &str, rank: u32, now_unix_ms: u64) -> Result<Meeting, StoreError> {
+        self.inner.meeting(key, rank, now_unix_ms).await
+    }
+
+    async fn leave(&self, key: &str, rank: u32) -> Result<(), StoreError> {
+        self.inner.leave(key, rank).await
+    }
+
+    async fn fail_meeting(&self, key: &str, rank: u32, reason: &str) -> Result<(), StoreError> {
+        self.inner.fail_meeting(key, rank, reason).await
     }
 }

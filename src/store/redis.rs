@@ -16,7 +16,7 @@ use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 
 use crate::session::durable::{
-    SessionRecord, SessionStore, Stamp, StoreError, Stored, Written, FORMAT_VERSION,
+    Meeting, SessionRecord, SessionStore, Stamp, StoreError, Stored, Written, FORMAT_VERSION,
 };
 use crate::session::SessionId;
 
@@ -43,10 +43,150 @@ redis.call('ZREM', KEYS[2], ARGV[2])
 return 1
 ";
 
+/// A rank arrives at a step meeting (`KEYS[1]`, a hash: `ws` world size,
+/// `deadline` unix ms, `n` ranks arrived, `r<rank>` each rank's share,
+/// `complete`, `failed` the reason, `told<rank>` ranks told of it).
+/// ARGV: world_size, rank, share, deadline_unix_ms, ttl_ms.
+const MEET: &str = r"
+local h = KEYS[1]
+local rank = ARGV[2]
+local failed = redis.call('HGET', h, 'failed')
+if failed then
+  if redis.call('HEXISTS', h, 'told' .. rank) == 1 then
+    redis.call('DEL', h)
+  else
+    redis.call('HSET', h, 'told' .. rank, '1')
+    return {'failed', failed}
+  end
+end
+local ws = redis.call('HGET', h, 'ws')
+local field = 'r' .. rank
+local existing = redis.call('HGET', h, field)
+local reason = nil
+if ws and ws ~= ARGV[1] then
+  reason = 'world_size ' .. ARGV[1] .. ' differs from the step' .. string.char(39) .. 's ' .. ws .. ' (sent by the ranks before it)'
+elseif existing and existing ~= ARGV[3] then
+  reason = 'rank ' .. rank .. ' already arrived at this step with different data'
+end
+if reason then
+  if redis.call('HEXISTS', h, 'complete') == 0 then
+    redis.call('HSET', h, 'failed', 'step failed: rank ' .. rank .. ' sent an invalid request (' .. reason .. '); nothing was applied', 'told' .. rank, '1')
+  end
+  return {'invalid', reason}
+end
+if redis.call('HEXISTS', h, 'complete') == 1 and not existing then
+  return {'failed', 'the step is being committed without rank ' .. rank}
+end
+if not ws then
+  redis.call('HSET', h, 'ws', ARGV[1], 'deadline', ARGV[4], 'n', 0)
+  redis.call('PEXPIRE', h, ARGV[5])
+end
+if not existing then
+  redis.call('HSET', h, field, ARGV[3])
+  local n = redis.call('HINCRBY', h, 'n', 1)
+  if n == tonumber(ARGV[1]) then redis.call('HSET', h, 'complete', '1') end
+end
+return {'ok'}
+";
+
+/// A meeting as rank ARGV[1] sees it at ARGV[2] (unix ms): complete (the
+/// shares in rank order), failed (past the deadline: naming the missing
+/// ranks), or waiting.
+const MEETING: &str = r"
+local h = KEYS[1]
+local rank = ARGV[1]
+local failed = redis.call('HGET', h, 'failed')
+if failed then
+  redis.call('HSET', h, 'told' .. rank, '1')
+  return {'failed', failed}
+end
+local ws = tonumber(redis.call('HGET', h, 'ws'))
+if not ws then return {'failed', 'the step was withdrawn by its ranks'} end
+if redis.call('HEXISTS', h, 'complete') == 1 then
+  local out = {'complete'}
+  for r = 0, ws - 1 do table.insert(out, redis.call('HGET', h, 'r' .. r)) end
+  return out
+end
+if tonumber(ARGV[2]) >= tonumber(redis.call('HGET', h, 'deadline')) then
+  local missing = {}
+  for r = 0, ws - 1 do
+    if redis.call('HEXISTS', h, 'r' .. r) == 0 then table.insert(missing, tostring(r)) end
+  end
+  local shown = missing
+  local more = ''
+  if #missing > 16 then
+    shown = {unpack(missing, 1, 16)}
+    more = ' and ' .. (#missing - 16) .. ' more'
+  end
+  local noun = 'ranks '
+  if #missing == 1 then noun = 'rank ' end
+  local reason = 'step timed out waiting for ' .. noun .. table.concat(shown, ', ') .. more .. ' of world_size ' .. ws .. ' (the step timeout, or a caller' .. string.char(39) .. 's deadline); nothing was applied'
+  redis.call('HSET', h, 'failed', reason, 'told' .. rank, '1')
+  return {'failed', reason}
+end
+return {'waiting'}
+";
+
+/// Withdraws rank ARGV[1] from an incomplete meeting.
+const LEAVE: &str = r"
+local h = KEYS[1]
+if redis.call('HEXISTS', h, 'complete') == 1 or redis.call('HEXISTS', h, 'failed') == 1 then return 0 end
+if redis.call('HDEL', h, 'r' .. ARGV[1]) == 1 then
+  if redis.call('HINCRBY', h, 'n', -1) <= 0 then redis.call('DEL', h) end
+end
+return 1
+";
+
+/// Fails an incomplete meeting because rank ARGV[1] is invalid (ARGV[2]).
+const FAIL: &str = r"
+local h = KEYS[1]
+if redis.call('HEXISTS', h, 'complete') == 1 or redis.call('HEXISTS', h, 'failed') == 1 then return 0 end
+redis.call('HSET', h, 'failed', ARGV[2], 'told' .. ARGV[1], '1')
+redis.call('PEXPIRE', h, ARGV[3])
+return 1
+";
+
+/// How long a meeting's hash outlives its deadline (for late ranks to be
+/// told of a failure).
+const MEETING_LINGER_MS: u64 = 60_000;
+
 pub struct RedisStore {
     connection: ConnectionManager,
     put: Script,
     delete: Script,
+    meet: Script,
+    meeting: Script,
+    leave: Script,
+    fail: Script,
+}
+
+fn meeting_key(key: &str) -> String {
+    format!("{PREFIX}step:{key}")
+}
+
+fn unix_ms_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A script's reply `[kind, ...]` as a meeting.
+fn meeting_of(reply: Vec<Vec<u8>>) -> Result<Meeting, StoreError> {
+    let mut parts = reply.into_iter();
+    let kind = parts.next().unwrap_or_default();
+    let text = |parts: &mut std::vec::IntoIter<Vec<u8>>| {
+        String::from_utf8_lossy(&parts.next().unwrap_or_default()).into_owned()
+    };
+    match kind.as_slice() {
+        b"ok" | b"waiting" => Ok(Meeting::Waiting),
+        b"complete" => Ok(Meeting::Complete(parts.collect())),
+        b"failed" => Ok(Meeting::Failed(text(&mut parts))),
+        b"invalid" => Ok(Meeting::Invalid(text(&mut parts))),
+        other => Err(error(
+            "meeting script",
+            format!("unexpected reply {:?}", String::from_utf8_lossy(other)),
+        )),
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +241,10 @@ impl RedisStore {
             connection,
             put: Script::new(PUT),
             delete: Script::new(DELETE),
+            meet: Script::new(MEET),
+            meeting: Script::new(MEETING),
+            leave: Script::new(LEAVE),
+            fail: Script::new(FAIL),
         })
     }
 }
@@ -202,5 +346,70 @@ impl SessionStore for RedisStore {
             .iter()
             .filter_map(|id| SessionId::parse_key(id).ok())
             .collect())
+    }
+
+    async fn meet(
+        &self,
+        key: &str,
+        world_size: u32,
+        rank: u32,
+        share: &[u8],
+        deadline_unix_ms: u64,
+    ) -> Result<Meeting, StoreError> {
+        let mut connection = self.connection.clone();
+        let ttl = deadline_unix_ms
+            .saturating_sub(unix_ms_now())
+            .saturating_add(MEETING_LINGER_MS);
+        let reply: Vec<Vec<u8>> = self
+            .meet
+            .key(meeting_key(key))
+            .arg(world_size)
+            .arg(rank)
+            .arg(share)
+            .arg(deadline_unix_ms)
+            .arg(ttl)
+            .invoke_async(&mut connection)
+            .await
+            .map_err(|e| error("meet script", e))?;
+        meeting_of(reply)
+    }
+
+    async fn meeting(&self, key: &str, rank: u32, now_unix_ms: u64) -> Result<Meeting, StoreError> {
+        let mut connection = self.connection.clone();
+        let reply: Vec<Vec<u8>> = self
+            .meeting
+            .key(meeting_key(key))
+            .arg(rank)
+            .arg(now_unix_ms)
+            .invoke_async(&mut connection)
+            .await
+            .map_err(|e| error("meeting script", e))?;
+        meeting_of(reply)
+    }
+
+    async fn leave(&self, key: &str, rank: u32) -> Result<(), StoreError> {
+        let mut connection = self.connection.clone();
+        let _: i64 = self
+            .leave
+            .key(meeting_key(key))
+            .arg(rank)
+            .invoke_async(&mut connection)
+            .await
+            .map_err(|e| error("leave script", e))?;
+        Ok(())
+    }
+
+    async fn fail_meeting(&self, key: &str, rank: u32, reason: &str) -> Result<(), StoreError> {
+        let mut connection = self.connection.clone();
+        let _: i64 = self
+            .fail
+            .key(meeting_key(key))
+            .arg(rank)
+            .arg(reason)
+            .arg(MEETING_LINGER_MS)
+            .invoke_async(&mut connection)
+            .await
+            .map_err(|e| error("fail script", e))?;
+        Ok(())
     }
 }

@@ -413,3 +413,47 @@ def test_kill_9_during_a_barrier_applies_nothing_and_the_retried_step_completes(
         again.stop()
     finally:
         restarted.stop()
+
+
+def test_ranks_split_between_two_redis_replicas_make_one_step(redis_server):
+    replicas = [ServerProcess("--store", redis_server.url) for _ in range(2)]
+    channels = [grpc.insecure_channel(r.address) for r in replicas]
+    try:
+        stubs = [batch_norm_pb2_grpc.BatchNormServiceStub(c) for c in channels]
+        module = torch.nn.BatchNorm2d(3, momentum=0.25).train()
+        session = create(stubs[0], "2d", module, step_timeout=30)
+        for step in (1, 2, 3):
+            shards = [torch.randn(n, 3, 2, 2) for n in (2, 1, 0, 3)]
+            requests = [step_request(session.session_id, s, step, 4, r) for r, s in enumerate(shards)]
+
+            # Ranks 0 and 2 through replica 0, ranks 1 and 3 through replica 1.
+            def send(rank):
+                try:
+                    return stubs[rank % 2].Forward(requests[rank], timeout=60)
+                except grpc.RpcError as error:
+                    return error
+
+            with ThreadPoolExecutor(max_workers=4) as pool:
+                replies = list(pool.map(send, range(4)))
+            assert_step_matches(replies, shards, module, step)
+            assert {r.version for r in replies} == {session.version + step}
+            for stub in stubs:
+                assert_state(stub, session.session_id, module, session.version + step)
+        # A retry through the other replica is answered again, not applied.
+        again = stubs[1].Forward(requests[0], timeout=10)
+        assert again.replayed and again.version == session.version + 3
+        # A rank missing: the ranks on both replicas are ABORTED naming it.
+        quick = create(stubs[0], "1d", torch.nn.BatchNorm1d(2), step_timeout=0.5)
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            replies = list(pool.map(
+                lambda rank: run_ranks(stubs[rank], [step_request(quick.session_id, torch.randn(2, 2), 1, 3, rank)])[0],
+                range(2)))
+        for reply in replies:
+            assert reply.code() == grpc.StatusCode.ABORTED, reply
+            assert "rank 2 of world_size 3" in reply.details()
+        assert get(stubs[1], quick.session_id).version == quick.version
+    finally:
+        for c in channels:
+            c.close()
+        for r in replicas:
+            r.stop()

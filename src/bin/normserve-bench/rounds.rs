@@ -68,6 +68,9 @@ pub async fn service_rounds(
             Workload::Compare => {
                 compare_round(&prepared, scenario, device, round_time, server_pid).await
             }
+            Workload::Steps { ranks } | Workload::ReduceSteps { ranks } => {
+                steps_round(&prepared, scenario, ranks, round_time, server_pid).await
+            }
         };
         if i > 0 {
             measured.push(round);
@@ -108,6 +111,8 @@ struct Prepared {
     channels: Vec<Channel>,
     sessions: Vec<String>,
     raw: Bytes,
+    /// The next synchronized step (steps only grow, across rounds too).
+    next_step: std::sync::atomic::AtomicU64,
 }
 
 async fn prepare(target: &Target, scenario: &Scenario, device: &str) -> Prepared {
@@ -118,16 +123,15 @@ async fn prepare(target: &Target, scenario: &Scenario, device: &str) -> Prepared
         channels.push(connect(&target.address).await);
     }
     let mut sessions = Vec::new();
-    if scenario.workload != Workload::Compare {
-        for i in 0..callers {
-            sessions.push(create_session(&channels[i % channels.len()], scenario, device).await);
-        }
+    for i in 0..scenario.sessions() {
+        sessions.push(create_session(&channels[i % channels.len()], scenario, device).await);
     }
     let raw = raw_bytes(&random_input(&scenario.shape, Device::Cpu));
     Prepared {
         channels,
         sessions,
         raw,
+        next_step: std::sync::atomic::AtomicU64::new(1),
     }
 }
 
@@ -201,6 +205,72 @@ async fn unary_round(
         errors += e;
     }
     finish(&total, calls, errors, start, &cpu)
+}
+
+/// Synchronized steps, one after another: each step's `ranks` calls sent at
+/// once; a step's latency is from its first send to its last answer.
+async fn steps_round(
+    prepared: &Prepared,
+    scenario: &Scenario,
+    ranks: usize,
+    duration: Duration,
+    cpu_pid: Option<&str>,
+) -> Round {
+    let session_id = prepared.sessions[0].clone();
+    let clients: Vec<_> = (0..ranks)
+        .map(|rank| batch_norm_client(prepared.channels[rank % prepared.channels.len()].clone()))
+        .collect();
+    let cpu = CpuMeter::start(cpu_pid);
+    let mut histogram = histogram();
+    let (mut calls, mut errors) = (0u64, 0u64);
+    let start = Instant::now();
+    let deadline = start + duration;
+    while Instant::now() < deadline {
+        let step = prepared
+            .next_step
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let sent = Instant::now();
+        let mut tasks = Vec::with_capacity(ranks);
+        for (rank, client) in clients.iter().enumerate() {
+            let mut client = client.clone();
+            let session_id = session_id.clone();
+            let (scenario, raw) = (scenario.clone(), prepared.raw.clone());
+            tasks.push(tokio::spawn(async move {
+                if let Workload::ReduceSteps { .. } = scenario.workload {
+                    let request = scenario.reduce_request(session_id, step, ranks, rank);
+                    client.reduce_statistics(request).await.map(|r| {
+                        std::hint::black_box(r.into_inner());
+                    })
+                } else {
+                    let request = scenario.step_request(session_id, &raw, step, ranks, rank);
+                    client.forward(request).await.map(|r| {
+                        std::hint::black_box(r.into_inner());
+                    })
+                }
+            }));
+        }
+        let mut failed = None;
+        for task in tasks {
+            match task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(status)) => failed = Some(status.to_string()),
+                Err(e) => failed = Some(e.to_string()),
+            }
+        }
+        match failed {
+            None => {
+                calls += 1;
+                histogram.saturating_record(sent.elapsed().as_nanos() as u64);
+            }
+            Some(error) => {
+                if errors == 0 {
+                    eprintln!("normserve-bench: {}: step {step}: {error}", scenario.name);
+                }
+                errors += 1;
+            }
+        }
+    }
+    finish(&histogram, calls, errors, start, &cpu)
 }
 
 async fn stream_round(

@@ -16,6 +16,12 @@ pub enum Workload {
     Stream { window: usize },
     /// The Compare RPC, sequential.
     Compare,
+    /// Synchronized steps on one session: `ranks` concurrent train Forwards
+    /// of one step each (one shard each), the next step once all answered.
+    Steps { ranks: usize },
+    /// ReduceStatistics FORWARD (with the running-statistics update) from
+    /// `ranks` concurrent callers per step, `shape[1]` channels.
+    ReduceSteps { ranks: usize },
 }
 
 #[derive(Clone, Debug)]
@@ -121,6 +127,27 @@ pub fn scenarios() -> Vec<Scenario> {
             true,
             Workload::Compare,
         ),
+        s(
+            "step_shard_1024x64",
+            "unary train (1024,64) f32: one shard of steps_8x1024x64, alone",
+            &[1024, 64],
+            true,
+            unary,
+        ),
+        s(
+            "steps_8x1024x64",
+            "synchronized steps, 8 ranks x train (1024,64) f32",
+            &[1024, 64],
+            true,
+            Workload::Steps { ranks: 8 },
+        ),
+        s(
+            "reduce_steps_8x1024",
+            "ReduceStatistics steps, 8 ranks x 1024 channels",
+            &[1, 1024],
+            true,
+            Workload::ReduceSteps { ranks: 8 },
+        ),
     ]
 }
 
@@ -145,7 +172,54 @@ impl Scenario {
     pub fn callers(&self) -> usize {
         match self.workload {
             Workload::Unary { callers } => callers,
+            Workload::Steps { ranks } | Workload::ReduceSteps { ranks } => ranks,
             _ => 1,
+        }
+    }
+
+    /// How many sessions the scenario uses (the ranks of a step share one).
+    pub fn sessions(&self) -> usize {
+        match self.workload {
+            Workload::Compare => 0,
+            Workload::Steps { .. } | Workload::ReduceSteps { .. } => 1,
+            _ => self.callers(),
+        }
+    }
+
+    /// Rank `rank`'s Forward of step `step` of `world_size` ranks.
+    pub fn step_request(
+        &self,
+        session_id: String,
+        raw: &Bytes,
+        step: u64,
+        world_size: usize,
+        rank: usize,
+    ) -> pb::ForwardRequest {
+        pb::ForwardRequest {
+            step: Some(step_spec(step, world_size, rank)),
+            ..self.forward_request(session_id, raw)
+        }
+    }
+
+    /// Rank `rank`'s ReduceStatistics FORWARD of step `step`: a shard of 64
+    /// values per channel with made-up statistics.
+    pub fn reduce_request(
+        &self,
+        session_id: String,
+        step: u64,
+        world_size: usize,
+        rank: usize,
+    ) -> pb::ReduceStatisticsRequest {
+        let channels = self.shape[1] as usize;
+        pb::ReduceStatisticsRequest {
+            session_id,
+            step: Some(step_spec(step, world_size, rank)),
+            phase: pb::ReducePhase::Forward as i32,
+            count: 64,
+            mean: (0..channels).map(|c| (c + rank) as f64 * 1e-3).collect(),
+            m2: (0..channels).map(|c| 63.0 + c as f64 * 1e-3).collect(),
+            update_running_stats: true,
+            ..Default::default()
         }
     }
 
@@ -196,6 +270,14 @@ impl Scenario {
             device: device.to_owned(),
             ..Default::default()
         }
+    }
+}
+
+fn step_spec(step: u64, world_size: usize, rank: usize) -> pb::StepSpec {
+    pb::StepSpec {
+        step,
+        world_size: world_size as u32,
+        rank: rank as u32,
     }
 }
 

@@ -30,6 +30,7 @@ mod commit;
 mod create;
 mod expiry;
 mod listing;
+mod rendezvous;
 mod synced;
 #[cfg(test)]
 mod tests;

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use super::barrier::{
     Arrive, Completion, Contribution, Failure, Key, Outcome, Phase, Refused, Ticket,
 };
-use super::Registry;
+use super::{rendezvous, Registry};
 use crate::compute::ComputeError;
 use crate::numerics::batch_norm::{all_finite, Layer};
 use crate::numerics::merge_stats::{
@@ -163,7 +163,7 @@ fn refused(refused: Refused) -> SessionError {
 }
 
 /// A failed step as each rank's error.
-fn failed(failure: Failure) -> SessionError {
+pub(super) fn failed(failure: Failure) -> SessionError {
     match failure {
         Failure::Aborted(message) => SessionError::StepAborted(message),
         Failure::Invalid(message) => SessionError::InvalidArgument(message),
@@ -349,13 +349,7 @@ impl Registry {
             Ok(checked) => checked,
             Err(error) => {
                 if matches!(failure_of(&error), Failure::Invalid(_)) {
-                    self.barriers.fail_invalid(
-                        &step_key,
-                        spec.rank,
-                        spec.world_size,
-                        &error.to_string(),
-                        crate::session::DEFAULT_STEP_TIMEOUT,
-                    );
+                    self.fail_invalid(&step_key, spec, &error.to_string()).await;
                 }
                 return Err(error);
             }
@@ -453,13 +447,7 @@ impl Registry {
             Ok(checked) => checked,
             Err(error) => {
                 if matches!(failure_of(&error), Failure::Invalid(_)) {
-                    self.barriers.fail_invalid(
-                        &step_key,
-                        spec.rank,
-                        spec.world_size,
-                        &error.to_string(),
-                        crate::session::DEFAULT_STEP_TIMEOUT,
-                    );
+                    self.fail_invalid(&step_key, spec, &error.to_string()).await;
                 }
                 return Err(error);
             }
@@ -479,7 +467,23 @@ impl Registry {
         }
     }
 
+    /// Tells the step's other ranks that `spec.rank` sent an invalid request.
+    async fn fail_invalid(&self, key: &Key, spec: StepSpec, reason: &str) {
+        match self.store.as_ref().filter(|s| s.is_shared()) {
+            Some(store) => rendezvous::fail(store, key, spec.rank, reason).await,
+            None => self.barriers.fail_invalid(
+                key,
+                spec.rank,
+                spec.world_size,
+                reason,
+                crate::session::DEFAULT_STEP_TIMEOUT,
+            ),
+        }
+    }
+
     /// Waits in the barrier; the rank that completes the step commits it.
+    /// With a shared store the ranks meet in the store and every replica
+    /// commits (the compare-and-set lets exactly one commit happen).
     async fn rendezvous(
         self: &Arc<Self>,
         spec: StepSpec,
@@ -489,6 +493,30 @@ impl Registry {
         bytes: u64,
         timeout: std::time::Duration,
     ) -> Result<Arc<StepDone>, SessionError> {
+        if let Some(store) = self.store.clone().filter(|s| s.is_shared()) {
+            let contributions = rendezvous::meet(
+                &store,
+                &key,
+                spec.world_size,
+                spec.rank,
+                self.options.steps.max_world_size,
+                &contribution,
+                fingerprint,
+                timeout,
+                crate::compute::current_deadline(),
+            )
+            .await?;
+            let registry = self.clone();
+            // As with the local barrier, the commit runs in its own task.
+            let done = tokio::spawn(async move {
+                let outcome = registry.commit(&key, &contributions).await;
+                registry.remember_backward(&key, &outcome);
+                outcome
+            })
+            .await
+            .map_err(|e| SessionError::Compute(ComputeError::JobFailed(e.to_string())))?;
+            return done.map_err(failed);
+        }
         let ticket = self
             .barriers
             .arrive(Arrive {
@@ -516,19 +544,22 @@ impl Registry {
     }
 
     async fn complete(self: Arc<Self>, completion: Completion<StepDone>) {
-        let outcome = self.commit(&completion).await;
-        if let Ok(done) = &outcome {
-            if let StepDone::Backward { .. } = **done {
-                let key = completion.key();
-                self.backward_done.put(&key.session, key.step, done.clone());
-            }
-        }
+        let key = completion.key().clone();
+        let outcome = self.commit(&key, &completion.contributions).await;
+        self.remember_backward(&key, &outcome);
         completion.publish(outcome);
     }
 
-    async fn commit(&self, completion: &Completion<StepDone>) -> Outcome<StepDone> {
-        let key = completion.key().clone();
-        let contributions = &completion.contributions;
+    fn remember_backward(&self, key: &Key, outcome: &Outcome<StepDone>) {
+        if let Ok(done) = outcome {
+            if let StepDone::Backward { .. } = **done {
+                self.backward_done.put(&key.session, key.step, done.clone());
+            }
+        }
+    }
+
+    async fn commit(&self, key: &Key, contributions: &[Contribution]) -> Outcome<StepDone> {
+        let key = key.clone();
         if key.phase == Phase::Backward {
             return self.commit_backward(&key, contributions).await;
         }
