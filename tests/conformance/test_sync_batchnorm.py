@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 import sync_workers
+from conftest import ServerProcess
 from normserve.torch import SyncBatchNorm, convert_sync_batchnorm
 
 FLOAT64 = {"rtol": 1e-10, "atol": 1e-10}
@@ -355,6 +356,53 @@ def test_a_worker_killed_mid_step_aborts_the_others_and_the_retried_step_complet
         for workers in (first, second, third):
             if workers is not None:
                 workers.close()
+
+
+def test_ranks_split_across_two_redis_replicas_share_one_step(redis_server):
+    replicas = [ServerProcess("--store", redis_server.url) for _ in range(2)]
+    clients = [normserve.connect(replica.address, timeout=60) for replica in replicas]
+    try:
+        world_size, session_id = 4, unique("replicas")
+        generator = torch.Generator().manual_seed(3)
+        local = nn.BatchNorm2d(3, momentum=0.5, dtype=torch.float64)
+        with torch.no_grad():
+            local.weight.copy_(torch.rand(3, generator=generator, dtype=torch.float64) + 0.5)
+        modules = [SyncBatchNorm(clients[rank % 2], session_id, 3, world_size, rank, momentum=0.5,
+                                 dtype=torch.float64, step_timeout=20.0) for rank in range(world_size)]
+        for module in modules:
+            with torch.no_grad():
+                module.weight.copy_(local.weight)
+        for step in (1, 2):
+            sizes = [2, 1, 3, 2]
+            xs = [torch.randn(size, 3, 4, 5, generator=generator, dtype=torch.float64) * 3 for size in sizes]
+            grad_outputs = [torch.randn_like(x) for x in xs]
+
+            def rank_step(rank):
+                x = xs[rank].clone().requires_grad_(True)
+                modules[rank].zero_grad()
+                output = modules[rank](x)
+                output.backward(grad_outputs[rank])
+                return output.detach(), x.grad, modules[rank].weight.grad.clone(), modules[rank].bias.grad.clone()
+
+            results = run_ranks([lambda rank=rank: rank_step(rank) for rank in range(world_size)])
+            output, grad_input, grads = oracle_layer_step(local, xs, grad_outputs)
+            for rank, result in enumerate(results):
+                torch.testing.assert_close(result[0], output[rows(sizes, rank)], **FLOAT64)
+                torch.testing.assert_close(result[1], grad_input[rows(sizes, rank)], **FLOAT64)
+                torch.testing.assert_close(result[2], grads[rank][0], **FLOAT64)
+                torch.testing.assert_close(result[3], grads[rank][1], **FLOAT64)
+        # One update per step, whichever replica the ranks reached.
+        for replica_client in clients:
+            info = replica_client.get_session(session_id).info()
+            assert info.num_batches_tracked == 2
+            state = info.state_dict()
+            torch.testing.assert_close(state["running_mean"], local.running_mean, **FLOAT64)
+            torch.testing.assert_close(state["running_var"], local.running_var, **FLOAT64)
+    finally:
+        for replica_client in clients:
+            replica_client.close()
+        for replica in replicas:
+            replica.stop()
 
 
 def model_with_batch_norms(sync):
