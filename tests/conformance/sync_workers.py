@@ -22,7 +22,7 @@ if CLIENT_DIR not in sys.path:
 
 def pack(value):
     """Tensors (in any structure) as bytes for a pipe: torch's own pickling
-    would share their memory through a helper that dies with the process."""
+    would share their memory through a socket that closes with the sender."""
     buffer = io.BytesIO()
     torch.save(value, buffer)
     return buffer.getvalue()
