@@ -13,6 +13,11 @@ local parameters or buffers, `weight`, `running_mean`, ... are read-only
 snapshots fetched on access, `.to()` / `.half()` change nothing remote, and
 the forward is not differentiable (an input that requires grad is refused
 while autograd is recording; call it under `torch.no_grad()`).
+
+`SyncBatchNorm` and `convert_sync_batchnorm` (from normserve.sync_batchnorm)
+are nn.SyncBatchNorm with a session in place of a process group: each rank
+normalizes locally with the global batch's statistics, and the backward is
+differentiable.
 """
 
 from __future__ import annotations
@@ -27,10 +32,12 @@ from torch import nn
 from normserve.client import Client
 from normserve.results import SessionInfo, state_dict_from_safetensors
 from normserve.session import Session
+from normserve.sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm
 
 R = TypeVar("R", bound="_RemoteBatchNorm")
 
-__all__ = ["RemoteBatchNorm1d", "RemoteBatchNorm2d", "RemoteBatchNorm3d", "convert_batch_norms"]
+__all__ = ["RemoteBatchNorm1d", "RemoteBatchNorm2d", "RemoteBatchNorm3d", "SyncBatchNorm", "convert_batch_norms",
+           "convert_sync_batchnorm"]
 
 
 class _RemoteBatchNorm(nn.Module):
