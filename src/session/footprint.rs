@@ -64,6 +64,7 @@ mod tests {
             reject_non_finite: false,
             labels: [("team".to_owned(), "vision".to_owned())].into(),
             exact_statistics: false,
+            step_timeout: crate::session::DEFAULT_STEP_TIMEOUT,
         }
     }
 
