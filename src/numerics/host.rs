@@ -137,7 +137,7 @@ pub(super) fn with_f64_values<R>(
         || !tensor.is_contiguous()
         || numel == 0
         || data.is_null()
-        || (data as usize) % std::mem::align_of::<f64>() != 0
+        || !(data as usize).is_multiple_of(std::mem::align_of::<f64>())
     {
         return Ok(None);
     }
