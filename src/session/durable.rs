@@ -13,13 +13,14 @@ use prost::Message;
 
 use super::SessionId;
 
-/// The newest record format this build writes and reads. Format 2 is
-/// written only for exact-statistics sessions (their sums are fields that
-/// format 1 readers would drop, serving wrong statistics): a build that
-/// reads only format 1 refuses those records instead; every other record is
-/// still written as format 1.
-pub const FORMAT_VERSION: u32 = 2;
-const FORMAT_WITHOUT_EXACT: u32 = 1;
+/// The format of the stores (their `format` mark) and of every record but
+/// an exact-statistics session's.
+pub const FORMAT_VERSION: u32 = 1;
+/// The newest record format this build reads: format 2 is written only for
+/// exact-statistics sessions (their sums are fields that a format 1 reader
+/// would drop, serving wrong statistics), so a build that reads only format
+/// 1 refuses those records instead. Stores and other records keep format 1.
+pub const RECORD_FORMAT_MAX: u32 = 2;
 const MAGIC: &[u8; 4] = b"NSRC";
 const HEADER_LEN: usize = 12;
 
@@ -147,7 +148,7 @@ pub struct RecentRequest {
 pub enum RecordError {
     #[error("record is corrupt: {0}")]
     Corrupt(String),
-    #[error("record was written by a newer normserve (format {found}, this build reads up to {FORMAT_VERSION})")]
+    #[error("record was written by a newer normserve (format {found}, this build reads up to {RECORD_FORMAT_MAX})")]
     NewerFormat { found: u32 },
 }
 
@@ -157,9 +158,9 @@ impl SessionRecord {
         let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
         out.extend_from_slice(MAGIC);
         let format = if self.exact_statistics {
-            FORMAT_VERSION
+            RECORD_FORMAT_MAX
         } else {
-            FORMAT_WITHOUT_EXACT
+            FORMAT_VERSION
         };
         out.extend_from_slice(&format.to_le_bytes());
         out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
@@ -175,7 +176,7 @@ impl SessionRecord {
             u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
         };
         let format = word(4);
-        if format > FORMAT_VERSION {
+        if format > RECORD_FORMAT_MAX {
             return Err(RecordError::NewerFormat { found: format });
         }
         let payload = &bytes[HEADER_LEN..];

@@ -14,7 +14,7 @@
 //! chooses (the newest). Only `store check` and `store salvage` use this;
 //! the server never serves from a scan.
 
-use crate::session::durable::{SessionRecord, Stamp, FORMAT_VERSION};
+use crate::session::durable::{SessionRecord, Stamp, RECORD_FORMAT_MAX};
 use crate::session::SessionId;
 
 const MAGIC: &[u8; 4] = b"NSRC";
@@ -85,7 +85,7 @@ fn word(bytes: &[u8], at: usize) -> Option<u32> {
 /// not one (a format this build never wrote: `NSRC` by coincidence).
 fn read_frame(bytes: &[u8], offset: usize) -> Option<(Copy, usize)> {
     let format = word(bytes, offset + 4)?;
-    if format == 0 || format > FORMAT_VERSION {
+    if format == 0 || format > RECORD_FORMAT_MAX {
         return None;
     }
     let crc = word(bytes, offset + 8)?;
