@@ -12,7 +12,7 @@ use tracing::Instrument;
 
 /// The methods this server serves; any other path is counted as "other", so
 /// that a client cannot create series by inventing paths.
-const RPCS: [&str; 24] = [
+const RPCS: [&str; 25] = [
     "CreateSession",
     "GetSession",
     "ListSessions",
@@ -24,6 +24,7 @@ const RPCS: [&str; 24] = [
     "ExportState",
     "ImportState",
     "MergeSession",
+    "ReduceStatistics",
     "Compare",
     "GetServerInfo",
     "Check",
