@@ -399,6 +399,12 @@ impl Server {
             ))
             // The client's deadline covers the wait for its first message.
             .layer(deadline::DeadlineLayer)
+            // Messages charged to the memory budget as their length prefix
+            // arrives, before anything gathers them: its body wrapper is the
+            // one nearest the connection, so the bytes admission holds while
+            // it waits for a first message are counted too. A call refused
+            // on its headers is never read, so never charged.
+            .layer(inflight::InflightLayer::new(budget.clone(), max))
             // The token on the headers; then, once the first message has
             // arrived, the server-wide place before the tenant's (an
             // overloaded server refuses in one step, and the tenant quota
@@ -407,9 +413,6 @@ impl Server {
                 Arc::new((shedder, gate)),
                 config.request_idle_timeout(),
             ))
-            // Admitted messages charged to the memory budget as their length
-            // prefix arrives, before tonic gathers them.
-            .layer(inflight::InflightLayer::new(budget.clone(), max))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
