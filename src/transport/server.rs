@@ -377,6 +377,7 @@ impl Server {
                         config.http_request_timeout_seconds,
                     ),
                 },
+                budget: budget.clone(),
             };
             AbortOnDrop(tokio::spawn(oip::http::serve_http(listener, Arc::new(api))))
         });

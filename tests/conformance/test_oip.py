@@ -469,3 +469,37 @@ def test_a_revoked_token_ends_its_open_model_stream_before_the_next_request():
         assert (info.version, info.num_batches_tracked) == (2, 1)
     finally:
         assert oip.server.stop() == 0
+
+
+def test_http_bodies_are_charged_to_the_memory_budget():
+    """The HTTP port's request bodies count in --memory-budget as gRPC
+    messages do: a declared length that does not fit is refused before the
+    body is read, a chunked body as soon as it outgrows the budget; both
+    429 naming the budget, and a small call is served afterwards."""
+    server = Oip("--memory-budget", "8MiB", "--max-message-bytes", str(32 << 20))
+    try:
+        client = server.normserve()
+        session = client.create_session("1d", num_features=4, session_id="budgeted")
+        path = f"/v2/models/{session.session_id}/infer"
+        head = (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {16 << 20}\r\n\r\n").encode()
+        status, body = raw_exchange(server, head)
+        assert status == 429, body
+        assert "--memory-budget" in json.loads(body)["error"]
+        head = (f"POST {path} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n").encode()
+        chunk = b"100000\r\n" + b"x" * 0x100000 + b"\r\n"
+        status, body = raw_exchange(server, head, [chunk] * 16)
+        assert status == 429, body
+        assert "--memory-budget" in json.loads(body)["error"]
+        # Nothing stays charged: a small inference is served, as PyTorch computes it.
+        x = torch.randn(8, 4)
+        request = {"inputs": [{"name": "INPUT", "datatype": "FP32", "shape": [8, 4],
+                               "data": x.flatten().tolist()}]}
+        status, body = raw_http(server, "POST", path, json.dumps(request).encode(),
+                                [("Content-Type", "application/json")])
+        assert status == 200, body
+        output = json.loads(body)["outputs"][0]
+        expected = torch.nn.BatchNorm1d(4)(x).detach()
+        got = torch.tensor(output["data"], dtype=torch.float32).reshape(8, 4)
+        torch.testing.assert_close(got, expected)
+    finally:
+        assert server.server.stop() == 0

@@ -39,6 +39,8 @@ use tracing::Instrument;
 use super::convert::{OutputForm, OUTPUT};
 use super::Models;
 use crate::auth::Principal;
+use crate::memory::budget::ALWAYS_ADMITTED_BYTES;
+use crate::memory::{charge_unless_large, Charge, Kind, MemoryBudget};
 use crate::proto::inference as pb;
 use crate::transport::admission::Admit;
 use crate::transport::auth::Gate;
@@ -69,6 +71,9 @@ pub struct HttpApi {
     pub shedder: Arc<Shedder>,
     pub gate: Arc<Gate>,
     pub limits: HttpLimits,
+    /// The server-wide memory budget: request bodies are charged to it as
+    /// they arrive (their declared length first), as gRPC messages are.
+    pub budget: Arc<MemoryBudget>,
 }
 
 /// Serves `api` on `listener` until the returned future is dropped.
@@ -378,7 +383,8 @@ impl HttpApi {
             }
             Route::Infer { name, version } => {
                 let header_length = header_length(request.headers())?;
-                let body = self.body(request).await?;
+                // The body's charge is held until the answer is built.
+                let (body, _charge) = self.body(request).await?;
                 let (infer, output_form) = infer_request(name, version, &body, header_length)?;
                 check_json_output_size(&infer, output_form, self.limits.max_body_bytes)?;
                 let caller = self.models.caller(principal);
@@ -389,8 +395,12 @@ impl HttpApi {
     }
 
     /// The request's body: at most `max_body_bytes`, sent within the request
-    /// timeout. A declared length over the limit is refused before reading.
-    async fn body(&self, request: http::Request<Incoming>) -> Result<Bytes, Failure> {
+    /// timeout, and charged to the memory budget (a declared length before
+    /// reading, then what arrives beyond it, chunk by chunk; at most
+    /// [`ALWAYS_ADMITTED_BYTES`](crate::memory::budget::ALWAYS_ADMITTED_BYTES)
+    /// never refused). A declared length over the limit, or a body that
+    /// does not fit in the budget, is refused before it is read further.
+    async fn body(&self, request: http::Request<Incoming>) -> Result<(Bytes, Charge), Failure> {
         let max = self.limits.max_body_bytes;
         let too_large = || {
             Failure::Http(
@@ -406,13 +416,36 @@ impl HttpApi {
         if declared.is_some_and(|length| length > max as u64) {
             return Err(too_large());
         }
-        let collect = Limited::new(request.into_body(), max).collect();
+        let mut charge = charge_unless_large(&self.budget, declared.unwrap_or(0), Kind::Requests)
+            .map_err(|refused| Status::resource_exhausted(refused.to_string()))?;
+        let charging = &mut charge;
+        let collect = async move {
+            let mut body = Limited::new(request.into_body(), max);
+            let mut chunks = bytes::BytesMut::new();
+            while let Some(frame) = body.frame().await {
+                let Ok(data) = frame?.into_data() else {
+                    continue; // trailers
+                };
+                let beyond = (chunks.len() + data.len()) as u64;
+                if beyond > charging.bytes() {
+                    let more = beyond - charging.bytes();
+                    if beyond <= ALWAYS_ADMITTED_BYTES {
+                        charging.grow_anyway(more);
+                    } else if let Err(refused) = charging.try_grow(more) {
+                        return Ok(Err(refused));
+                    }
+                }
+                chunks.extend_from_slice(&data);
+            }
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Ok(chunks.freeze()))
+        };
         match tokio::time::timeout(self.limits.request_timeout, collect).await {
             Err(_) => Err(Failure::Http(
                 StatusCode::REQUEST_TIMEOUT,
                 "request body not received within the request timeout".to_owned(),
             )),
-            Ok(Ok(collected)) => Ok(collected.to_bytes()),
+            Ok(Ok(Ok(bytes))) => Ok((bytes, charge)),
+            Ok(Ok(Err(refused))) => Err(Status::resource_exhausted(refused.to_string()).into()),
             Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => Err(too_large()),
             Ok(Err(error)) => Err(bad_request(format!("request body: {error}"))),
         }
