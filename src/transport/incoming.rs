@@ -8,10 +8,12 @@
 //! pauses, from 5 ms doubling to 1 s, until a connection is accepted again.
 //!
 //! Each connection then has `--handshake-timeout-seconds` from its accept to
-//! send the HTTP/2 connection preface ([`PrefaceDeadline`]); with TLS, the
-//! handshake must complete within the same time (tonic's TLS acceptor is
-//! given it). A connection that sends nothing, or half a handshake, is
-//! closed instead of holding a descriptor for ever.
+//! send the HTTP/2 connection preface ([`PrefaceDeadline`]). With TLS the
+//! server does the handshake itself ([`TlsIncoming`]), each connection in a
+//! task of its own so that a slow one never holds up the others, and the
+//! same deadline covers the handshake and the preface read through it. A
+//! connection that sends nothing, half a handshake, or a handshake and then
+//! nothing, is closed instead of holding a descriptor for ever.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -21,9 +23,13 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::task::JoinSet;
 use tokio::time::Sleep;
+use tokio_rustls::rustls::ServerConfig;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
 use tokio_stream::Stream;
-use tonic::transport::server::{Connected, TcpConnectInfo, TcpIncoming};
+use tonic::transport::server::{Connected, TcpIncoming};
 
 use crate::telemetry::Metrics;
 
@@ -97,7 +103,11 @@ impl Stream for ThrottledIncoming {
             _ => {}
         }
         let timeout = self.handshake_timeout;
-        next.map(|accepted| accepted.map(|io| io.map(|io| PrefaceDeadline::new(io, timeout))))
+        next.map(|accepted| {
+            accepted.map(|io| {
+                io.map(|io| PrefaceDeadline::new(io, tokio::time::Instant::now() + timeout))
+            })
+        })
     }
 }
 
@@ -106,9 +116,8 @@ const PREFACE_BYTES: usize = 24;
 
 /// A connection that must deliver its first [`PREFACE_BYTES`] bytes before
 /// a deadline: reading fails with `TimedOut` past it (and the server closes
-/// the connection). Under TLS the bytes counted are the encrypted ones, so
-/// there it bounds the start of the handshake, and the TLS acceptor's own
-/// timeout the rest of it.
+/// the connection). Under TLS it wraps the decrypted stream, so the bytes
+/// counted are the preface's own.
 pub struct PrefaceDeadline<IO> {
     io: IO,
     /// None once the preface's bytes arrived.
@@ -117,12 +126,17 @@ pub struct PrefaceDeadline<IO> {
 }
 
 impl<IO> PrefaceDeadline<IO> {
-    fn new(io: IO, timeout: Duration) -> Self {
+    fn new(io: IO, deadline: tokio::time::Instant) -> Self {
         PrefaceDeadline {
             io,
-            deadline: Some(Box::pin(tokio::time::sleep(timeout))),
+            deadline: Some(Box::pin(tokio::time::sleep_until(deadline))),
             awaited: PREFACE_BYTES,
         }
+    }
+
+    /// The connection and when its deadline is (None: already lifted).
+    fn into_parts(self) -> (IO, Option<tokio::time::Instant>) {
+        (self.io, self.deadline.map(|sleep| sleep.deadline()))
     }
 }
 
@@ -187,10 +201,82 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for PrefaceDeadline<IO> {
     }
 }
 
-impl Connected for PrefaceDeadline<TcpStream> {
-    type ConnectInfo = TcpConnectInfo;
+/// `TcpConnectInfo` for a plain connection; `TlsConnectInfo` (the peer's
+/// certificates, for mutual TLS) for a TLS one.
+impl<IO: Connected> Connected for PrefaceDeadline<IO> {
+    type ConnectInfo = IO::ConnectInfo;
 
-    fn connect_info(&self) -> TcpConnectInfo {
+    fn connect_info(&self) -> IO::ConnectInfo {
         self.io.connect_info()
+    }
+}
+
+/// The connections of a [`ThrottledIncoming`] after their TLS handshake,
+/// each handshake in its own task, all bounded by the connection's
+/// deadline; the decrypted stream keeps that deadline for its preface.
+/// Connections whose handshake fails or times out are closed and logged
+/// (debug), never handed on. Dropping it (the server stops accepting)
+/// closes the listener and ends the handshakes under way.
+pub struct TlsIncoming {
+    inner: Option<ThrottledIncoming>,
+    acceptor: TlsAcceptor,
+    handshakes: JoinSet<std::io::Result<PrefaceDeadline<TlsStream<TcpStream>>>>,
+}
+
+impl TlsIncoming {
+    pub fn new(inner: ThrottledIncoming, config: Arc<ServerConfig>) -> Self {
+        TlsIncoming {
+            inner: Some(inner),
+            acceptor: TlsAcceptor::from(config),
+            handshakes: JoinSet::new(),
+        }
+    }
+
+    fn start(&mut self, connection: PrefaceDeadline<TcpStream>) {
+        let acceptor = self.acceptor.clone();
+        let (io, deadline) = connection.into_parts();
+        // A fresh PrefaceDeadline always has its deadline; the fallback only
+        // keeps the type total.
+        let deadline = deadline.unwrap_or_else(tokio::time::Instant::now);
+        self.handshakes.spawn(async move {
+            match tokio::time::timeout_at(deadline, acceptor.accept(io)).await {
+                Ok(Ok(tls)) => Ok(PrefaceDeadline::new(tls, deadline)),
+                Ok(Err(error)) => Err(error),
+                Err(_) => Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no TLS handshake within the handshake timeout",
+                )),
+            }
+        });
+    }
+}
+
+impl Stream for TlsIncoming {
+    type Item = std::io::Result<PrefaceDeadline<TlsStream<TcpStream>>>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        loop {
+            // Start the handshake of every connection accepted so far.
+            while let Some(inner) = this.inner.as_mut() {
+                match Pin::new(inner).poll_next(cx) {
+                    Poll::Ready(Some(Ok(connection))) => this.start(connection),
+                    Poll::Ready(Some(Err(error))) => return Poll::Ready(Some(Err(error))),
+                    Poll::Ready(None) => this.inner = None,
+                    Poll::Pending => break,
+                }
+            }
+            match this.handshakes.poll_join_next(cx) {
+                Poll::Ready(Some(Ok(Ok(tls)))) => return Poll::Ready(Some(Ok(tls))),
+                Poll::Ready(Some(Ok(Err(error)))) => {
+                    tracing::debug!(%error, "TLS handshake failed; connection closed");
+                }
+                Poll::Ready(Some(Err(error))) => {
+                    tracing::warn!(%error, "TLS handshake task ended abnormally");
+                }
+                Poll::Ready(None) if this.inner.is_none() => return Poll::Ready(None),
+                Poll::Ready(None) | Poll::Pending => return Poll::Pending,
+            }
+        }
     }
 }

@@ -5,7 +5,10 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::rustls::server::WebPkiClientVerifier;
+use tokio_rustls::rustls::{RootCertStore, ServerConfig};
 
 use crate::auth::{Tokens, TokensError};
 use crate::config::Config;
@@ -33,7 +36,9 @@ pub enum SecurityError {
 /// TLS settings and tokens, loaded and checked.
 #[derive(Clone, Default)]
 pub struct Security {
-    pub tls: Option<ServerTlsConfig>,
+    /// The TLS acceptor's settings: the identity, the client CA's verifier
+    /// with `--tls-client-ca`, ALPN `h2`.
+    pub tls: Option<Arc<ServerConfig>>,
     /// None: authentication is off.
     pub tokens: Option<Arc<Tokens>>,
 }
@@ -87,7 +92,7 @@ fn tls_config(
     cert: &Path,
     key: &Path,
     client_ca: Option<&Path>,
-) -> Result<ServerTlsConfig, SecurityError> {
+) -> Result<Arc<ServerConfig>, SecurityError> {
     const CERT: &str = "-----BEGIN CERTIFICATE-----";
     let cert = read_pem("--tls-cert", cert, CERT, "no PEM certificate in the file")?;
     let key = read_pem(
@@ -96,22 +101,41 @@ fn tls_config(
         "PRIVATE KEY-----",
         "no PEM private key in the file",
     )?;
-    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
-    if let Some(ca) = client_ca {
-        let ca = read_pem(
-            "--tls-client-ca",
-            ca,
-            CERT,
-            "no PEM certificate in the file",
-        )?;
-        tls = tls.client_ca_root(Certificate::from_pem(ca));
-    }
-    // Building the acceptor parses the certificates and checks that the key
-    // matches: a bad file fails here rather than at the first handshake.
-    Server::builder()
-        .tls_config(tls.clone())
+    let certs = CertificateDer::pem_slice_iter(&cert)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| SecurityError::Tls(format!("--tls-cert: {e}")))?;
+    let key = PrivateKeyDer::from_pem_slice(&key)
+        .map_err(|e| SecurityError::Tls(format!("--tls-key: {e}")))?;
+    let builder = ServerConfig::builder();
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let ca = read_pem(
+                "--tls-client-ca",
+                ca,
+                CERT,
+                "no PEM certificate in the file",
+            )?;
+            let mut roots = RootCertStore::empty();
+            for cert in CertificateDer::pem_slice_iter(&ca) {
+                let cert = cert.map_err(|e| SecurityError::Tls(format!("--tls-client-ca: {e}")))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| SecurityError::Tls(format!("--tls-client-ca: {e}")))?;
+            }
+            let verifier = WebPkiClientVerifier::builder(Arc::new(roots))
+                .build()
+                .map_err(|e| SecurityError::Tls(format!("--tls-client-ca: {}", error_chain(&e))))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    // Parses the certificate and checks that the key matches it: a bad file
+    // fails here rather than at the first handshake.
+    let mut tls = builder
+        .with_single_cert(certs, key)
         .map_err(|e| SecurityError::Tls(error_chain(&e)))?;
-    Ok(tls)
+    tls.alpn_protocols.push(b"h2".to_vec());
+    Ok(Arc::new(tls))
 }
 
 /// An error and its sources, "outer: inner: ...".

@@ -11,6 +11,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -20,7 +21,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic_health::server::HealthReporter;
 
 use super::convert::{CompareLimits, ServerFacts};
-use super::incoming::ThrottledIncoming;
+use super::incoming::{ThrottledIncoming, TlsIncoming};
 use super::oip::{self, InferenceApi, Models};
 use super::LIBTORCH_VERSION;
 use super::{auth, deadline, inflight, shedding, status, Security, SecurityError};
@@ -348,11 +349,9 @@ impl Server {
             metrics.clone(),
             config.handshake_timeout(),
         );
-        let builder = match security.tls.clone() {
-            Some(tls) => tonic::transport::Server::builder()
-                .tls_config(tls.timeout(config.handshake_timeout()))?,
-            None => tonic::transport::Server::builder(),
-        };
+        // No tls_config here: with TLS, TlsIncoming does the handshake, under
+        // the same deadline as the HTTP/2 preface.
+        let builder = tonic::transport::Server::builder();
         let gate = Arc::new(auth::Gate::new(
             security.tokens.clone(),
             config.tenant_max_concurrent_requests,
@@ -419,10 +418,17 @@ impl Server {
             .add_service(batch_norm)
             .add_service(compare)
             .add_service(server_info)
-            .add_service(inference)
-            .serve_with_incoming_shutdown(incoming, async {
-                let _ = stopped.await;
-            });
+            .add_service(inference);
+        let stopped = async {
+            let _ = stopped.await;
+        };
+        let server: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
+            match security.tls.clone() {
+                Some(tls) => Box::pin(
+                    server.serve_with_incoming_shutdown(TlsIncoming::new(incoming, tls), stopped),
+                ),
+                None => Box::pin(server.serve_with_incoming_shutdown(incoming, stopped)),
+            };
         tokio::pin!(server);
 
         tokio::select! {

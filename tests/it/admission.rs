@@ -191,7 +191,7 @@ async fn a_call_that_sends_nothing_ends_after_the_idle_timeout_and_frees_its_pla
 }
 
 /// Reads `stream` until the server closes it; whether it did within the guard.
-async fn closed_by_server(stream: &mut tokio::net::TcpStream) -> bool {
+async fn closed_by_server(stream: &mut (impl tokio::io::AsyncRead + Unpin)) -> bool {
     let mut buffer = [0u8; 4096];
     tokio::time::timeout(GUARD, async {
         loop {
@@ -250,6 +250,63 @@ async fn half_tls_handshakes_are_closed() {
             sent.len()
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_connections_that_never_send_the_preface_are_closed() {
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
+    use tokio_rustls::rustls::{ClientConfig, RootCertStore};
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+
+    let pki = Pki::new();
+    let server = TestServer::start_with(|c| {
+        pki.serve_tls(c);
+        c.handshake_timeout_seconds = 1;
+    })
+    .await;
+    // A TLS gRPC connection opened first, idle while the others time out.
+    let channel = Endpoint::from_shared(format!("https://{}", server.address))
+        .unwrap()
+        .tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(pki.ca_pem()))
+                .domain_name("localhost"),
+        )
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut kept = pb::batch_norm_service_client::BatchNormServiceClient::new(channel);
+
+    let mut roots = RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(pki.ca_pem().as_bytes()).unwrap())
+        .unwrap();
+    let mut client = ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    client.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+    // A complete handshake, then nothing; or then half the HTTP/2 preface.
+    for sent in [&b""[..], &b"PRI * HTTP/2.0\r\n"[..]] {
+        let tcp = tokio::net::TcpStream::connect(server.address)
+            .await
+            .unwrap();
+        let name = ServerName::try_from("localhost").unwrap();
+        let mut tls = connector.connect(name, tcp).await.unwrap();
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+        tls.write_all(sent).await.unwrap();
+        tls.flush().await.unwrap();
+        assert!(
+            closed_by_server(&mut tls).await,
+            "a TLS connection that sent {} bytes of the preface is still open",
+            sent.len()
+        );
+    }
+    // The TLS connection opened before both, idle since, still serves calls.
+    let created = kept.create_session(bn1d(2)).await;
+    assert!(created.is_ok(), "{created:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

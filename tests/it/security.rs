@@ -95,6 +95,11 @@ impl Pki {
         path
     }
 
+    /// The PEM of the CA that signed the server's certificate.
+    pub(crate) fn ca_pem(&self) -> String {
+        self.ca.pem()
+    }
+
     pub(crate) fn serve_tls(&self, config: &mut normserve::config::Config) {
         config.tls_cert = Some(self.path("server.crt"));
         config.tls_key = Some(self.path("server.key"));
