@@ -421,7 +421,10 @@ impl HttpApi {
         let charging = &mut charge;
         let collect = async move {
             let mut body = Limited::new(request.into_body(), max);
-            let mut chunks = bytes::BytesMut::new();
+            // The declared length (at most `max`, and charged) sized at once,
+            // so a large body is not copied again as the buffer grows.
+            let capacity = declared.map_or(0, |length| length as usize);
+            let mut chunks = bytes::BytesMut::with_capacity(capacity);
             while let Some(frame) = body.frame().await {
                 let Ok(data) = frame?.into_data() else {
                     continue; // trailers
