@@ -13,6 +13,12 @@
 //! new attempt (its retry). A waiting request that goes away (client disconnect, deadline)
 //! withdraws its arrival: it counts as missing.
 //!
+//! While the commit is being made durable, the completing rank may publish
+//! a preview (`P`: what the ranks can compute from before the commit is
+//! acknowledged, e.g. the step's per-channel transform), so that the ranks'
+//! own work overlaps the store's write instead of following it. A preview is
+//! never an answer: only the outcome is.
+//!
 //! No session state, no I/O: the registry commits (`synced`).
 
 use std::collections::HashMap;
@@ -95,7 +101,7 @@ struct Arrival {
     holder: u64,
 }
 
-struct Open<T> {
+struct Open<T, P> {
     attempt: u64,
     world_size: u32,
     arrivals: Vec<Option<Arrival>>,
@@ -103,6 +109,8 @@ struct Open<T> {
     deadline: Instant,
     timeout: Duration,
     outcome: watch::Sender<Option<Outcome<T>>>,
+    /// The completing rank's preview, once the commit computed it.
+    preview: watch::Sender<Option<Arc<P>>>,
     /// Set once every rank arrived: the commit is running, arrivals are closed.
     committing: bool,
 }
@@ -114,16 +122,16 @@ struct Tombstone {
     until: Instant,
 }
 
-struct Inner<T> {
-    open: HashMap<Key, Open<T>>,
+struct Inner<T, P> {
+    open: HashMap<Key, Open<T, P>>,
     failed: HashMap<Key, Tombstone>,
     waiting_bytes: u64,
     next_id: u64,
 }
 
-pub struct Barriers<T> {
+pub struct Barriers<T, P> {
     limits: StepLimits,
-    inner: Arc<Mutex<Inner<T>>>,
+    inner: Arc<Mutex<Inner<T, P>>>,
 }
 
 /// One rank's arrival.
@@ -158,22 +166,37 @@ pub enum Refused {
 }
 
 /// A rank inside a step.
-pub enum Ticket<T> {
+pub enum Ticket<T, P> {
     /// Wait for the others.
-    Wait(Waiter<T>),
+    Wait(Waiter<T, P>),
     /// This rank completed the step: commit it with the contributions (in
     /// rank order) and publish the outcome with [`Completion::publish`].
-    Complete(Completion<T>, Waiter<T>),
+    Complete(Completion<T, P>, Waiter<T, P>),
 }
 
-pub struct Completion<T> {
+pub struct Completion<T, P> {
     pub contributions: Vec<Contribution>,
     key: Key,
     attempt: u64,
-    inner: Arc<Mutex<Inner<T>>>,
+    inner: Arc<Mutex<Inner<T, P>>>,
 }
 
-pub struct Waiter<T> {
+/// Publishes a step's preview to its waiting ranks (see the module docs).
+pub struct Previewer<T, P> {
+    key: Key,
+    attempt: u64,
+    inner: Arc<Mutex<Inner<T, P>>>,
+}
+
+/// What a waiting rank learns first.
+pub enum Progress<T, P> {
+    /// The commit's preview; the outcome follows.
+    Preview(Arc<P>),
+    /// The step's outcome.
+    Done(Outcome<T>),
+}
+
+pub struct Waiter<T, P> {
     key: Key,
     attempt: u64,
     rank: u32,
@@ -182,7 +205,8 @@ pub struct Waiter<T> {
     caller_deadline: Option<Instant>,
     holder: u64,
     outcome: watch::Receiver<Option<Outcome<T>>>,
-    inner: Arc<Mutex<Inner<T>>>,
+    preview: watch::Receiver<Option<Arc<P>>>,
+    inner: Arc<Mutex<Inner<T, P>>>,
     /// Set once the outcome was received (nothing to withdraw on drop).
     done: bool,
 }
@@ -190,7 +214,7 @@ pub struct Waiter<T> {
 /// How long before its deadline a waiting caller gives up.
 const CALLER_MARGIN: Duration = Duration::from_millis(20);
 
-fn lock<T>(inner: &Mutex<Inner<T>>) -> MutexGuard<'_, Inner<T>> {
+fn lock<T, P>(inner: &Mutex<Inner<T, P>>) -> MutexGuard<'_, Inner<T, P>> {
     // A panic while holding this lock would have left no half-written
     // invariant the code below relies on (every update is a few plain
     // field writes), so a poisoned lock is used as it is.
@@ -218,7 +242,7 @@ fn missing_ranks(arrivals: &[Option<Arrival>]) -> String {
     format!("rank{} {list}", if missing.len() == 1 { "" } else { "s" })
 }
 
-impl<T: Send + Sync + 'static> Inner<T> {
+impl<T: Send + Sync + 'static, P: Send + Sync + 'static> Inner<T, P> {
     /// Ends an open attempt with `failure`: its waiters are answered, the
     /// ranks not yet told will be when they arrive.
     /// With `told_now` (the rank whose invalid request failed it) a
@@ -284,7 +308,7 @@ impl<T: Send + Sync + 'static> Inner<T> {
         }
     }
 
-    fn release(&mut self, open: &Open<T>) {
+    fn release(&mut self, open: &Open<T, P>) {
         let bytes: u64 = open.arrivals.iter().flatten().map(|a| a.bytes).sum();
         self.waiting_bytes = self.waiting_bytes.saturating_sub(bytes);
     }
@@ -307,7 +331,7 @@ impl<T: Send + Sync + 'static> Inner<T> {
     }
 }
 
-impl<T: Send + Sync + 'static> Barriers<T> {
+impl<T: Send + Sync + 'static, P: Send + Sync + 'static> Barriers<T, P> {
     pub fn new(limits: StepLimits) -> Self {
         Barriers {
             limits,
@@ -351,7 +375,7 @@ impl<T: Send + Sync + 'static> Barriers<T> {
     }
 
     /// Places a rank in its step.
-    pub fn arrive(&self, arrive: Arrive) -> Result<Ticket<T>, Refused> {
+    pub fn arrive(&self, arrive: Arrive) -> Result<Ticket<T, P>, Refused> {
         let Arrive {
             key,
             world_size,
@@ -401,6 +425,7 @@ impl<T: Send + Sync + 'static> Barriers<T> {
             }
             inner.next_id += 1;
             let (outcome, _) = watch::channel(None);
+            let (preview, _) = watch::channel(None);
             inner.open.insert(
                 key.clone(),
                 Open {
@@ -411,6 +436,7 @@ impl<T: Send + Sync + 'static> Barriers<T> {
                     deadline,
                     timeout,
                     outcome,
+                    preview,
                     committing: false,
                 },
             );
@@ -454,6 +480,7 @@ impl<T: Send + Sync + 'static> Barriers<T> {
         }
         let attempt = open.attempt;
         let receiver = open.outcome.subscribe();
+        let preview = open.preview.subscribe();
         let slot = &mut open.arrivals[rank as usize];
         if let Some(same) = slot {
             // The same rank again with the same data (its retry): it takes
@@ -466,6 +493,7 @@ impl<T: Send + Sync + 'static> Barriers<T> {
                 caller_deadline,
                 holder,
                 outcome: receiver,
+                preview,
                 inner: self.inner.clone(),
                 done: false,
             }));
@@ -505,6 +533,7 @@ impl<T: Send + Sync + 'static> Barriers<T> {
             caller_deadline,
             holder,
             outcome: receiver,
+            preview,
             inner: self.inner.clone(),
             done: false,
         };
@@ -552,9 +581,18 @@ fn agrees(a: &Contribution, b: &Contribution) -> bool {
     }
 }
 
-impl<T: Send + Sync + 'static> Completion<T> {
+impl<T: Send + Sync + 'static, P: Send + Sync + 'static> Completion<T, P> {
     pub fn key(&self) -> &Key {
         &self.key
+    }
+
+    /// What publishes this step's preview.
+    pub fn previewer(&self) -> Previewer<T, P> {
+        Previewer {
+            key: self.key.clone(),
+            attempt: self.attempt,
+            inner: self.inner.clone(),
+        }
     }
 
     /// Answers every rank of the step and closes it.
@@ -570,14 +608,46 @@ impl<T: Send + Sync + 'static> Completion<T> {
     }
 }
 
-impl<T: Send + Sync + 'static> Waiter<T> {
+impl<T: Send + Sync + 'static, P: Send + Sync + 'static> Previewer<T, P> {
+    /// Tells the step's waiting ranks `value` (the latest one counts).
+    pub fn send(&self, value: Arc<P>) {
+        let inner = lock(&self.inner);
+        if let Some(open) = inner.open.get(&self.key) {
+            if open.attempt == self.attempt {
+                open.preview.send_replace(Some(value));
+            }
+        }
+    }
+}
+
+impl<T: Send + Sync + 'static, P: Send + Sync + 'static> Waiter<T, P> {
     /// The step's outcome: its commit's value, or the failure (at the
     /// step's deadline: ABORTED naming the missing ranks).
     pub async fn outcome(mut self) -> Outcome<T> {
+        match self.wait(false).await {
+            Progress::Done(outcome) => outcome,
+            Progress::Preview(_) => Err(Failure::Server("a preview instead of the outcome".into())),
+        }
+    }
+
+    /// The step's preview, or its outcome when that comes first. After a
+    /// preview, [`Waiter::outcome`] gives the outcome; after an outcome, the
+    /// waiter has nothing more to say (drop it).
+    pub async fn progress(&mut self) -> Progress<T, P> {
+        self.wait(true).await
+    }
+
+    async fn wait(&mut self, want_preview: bool) -> Progress<T, P> {
+        let mut want_preview = want_preview;
         loop {
             if let Some(outcome) = self.outcome.borrow_and_update().clone() {
                 self.done = true;
-                return outcome;
+                return Progress::Done(outcome);
+            }
+            if want_preview {
+                if let Some(preview) = self.preview.borrow_and_update().clone() {
+                    return Progress::Preview(preview);
+                }
             }
             let deadline = {
                 let inner = lock(&self.inner);
@@ -595,17 +665,18 @@ impl<T: Send + Sync + 'static> Waiter<T> {
             if let Some(own) = own {
                 tokio::select! {
                     changed = self.outcome.changed() => if changed.is_err() { continue },
+                    changed = self.preview.changed(), if want_preview => if changed.is_err() { want_preview = false },
                     () = tokio::time::sleep_until(own.into()) => {
                         let missing = {
                             let inner = lock(&self.inner);
                             inner.open.get(&self.key).map(|open| missing_ranks(&open.arrivals))
                         };
-                        // Dropping `self` withdraws this rank's arrival.
-                        return Err(Failure::Aborted(format!(
+                        // Dropping the waiter withdraws this rank's arrival.
+                        return Progress::Done(Err(Failure::Aborted(format!(
                             "this call's deadline passed while step {} waited for {}; nothing was applied, and this rank no longer counts as arrived",
                             self.key.step,
                             missing.unwrap_or_else(|| "the other ranks".into())
-                        )));
+                        ))));
                     }
                 }
                 continue;
@@ -614,16 +685,28 @@ impl<T: Send + Sync + 'static> Waiter<T> {
                 Some(deadline) => {
                     tokio::select! {
                         changed = self.outcome.changed() => changed.is_err(),
+                        changed = self.preview.changed(), if want_preview => {
+                            want_preview &= changed.is_ok();
+                            false
+                        }
                         () = tokio::time::sleep_until(deadline.into()) => true,
                     }
                 }
-                None => self.outcome.changed().await.is_err(),
+                None => tokio::select! {
+                    changed = self.outcome.changed() => changed.is_err(),
+                    changed = self.preview.changed(), if want_preview => {
+                        want_preview &= changed.is_ok();
+                        false
+                    }
+                },
             };
             if timed_out {
                 self.expire();
                 if self.outcome.borrow().is_none() {
                     self.done = true;
-                    return Err(Failure::Server("the step ended without an outcome".into()));
+                    return Progress::Done(Err(Failure::Server(
+                        "the step ended without an outcome".into(),
+                    )));
                 }
             }
         }
@@ -649,7 +732,7 @@ impl<T: Send + Sync + 'static> Waiter<T> {
     }
 }
 
-impl<T> Drop for Waiter<T> {
+impl<T, P> Drop for Waiter<T, P> {
     /// A rank that stops waiting (its client went away) withdraws its
     /// arrival, unless the step is already committing.
     fn drop(&mut self) {
@@ -720,7 +803,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_last_rank_completes_and_every_rank_gets_the_outcome_in_rank_order() {
-        let barriers: Barriers<u32> = Barriers::new(limits());
+        let barriers: Barriers<u32, u32> = Barriers::new(limits());
         let Ticket::Wait(w1) = barriers.arrive(arrive(1, 2, 1, 1.0, 60_000)).unwrap() else {
             panic!("rank 1 alone completed the step")
         };
@@ -745,8 +828,51 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_preview_reaches_the_waiting_ranks_before_the_outcome_and_is_never_the_answer() {
+        let barriers: Barriers<u32, u32> = Barriers::new(limits());
+        let Ticket::Wait(mut w1) = barriers.arrive(arrive(1, 2, 1, 1.0, 60_000)).unwrap() else {
+            panic!("rank 1 alone completed the step")
+        };
+        let Ticket::Complete(completion, mut w0) =
+            barriers.arrive(arrive(1, 2, 0, 0.0, 60_000)).unwrap()
+        else {
+            panic!("rank 0 did not complete the step")
+        };
+        completion.previewer().send(Arc::new(5));
+        for waiter in [&mut w0, &mut w1] {
+            let Progress::Preview(preview) = waiter.progress().await else {
+                panic!("the outcome came before the preview")
+            };
+            assert_eq!(*preview, 5);
+        }
+        // The commit fails after its preview: every rank is told the failure.
+        completion.publish(Err(Failure::Server("the store refused".into())));
+        assert_eq!(
+            w0.outcome().await,
+            Err(Failure::Server("the store refused".into()))
+        );
+        assert_eq!(
+            w1.outcome().await,
+            Err(Failure::Server("the store refused".into()))
+        );
+        assert_eq!(barriers.load(), (0, 0));
+
+        // A step that ends without a preview: progress gives the outcome.
+        let Ticket::Complete(completion, mut w0) =
+            barriers.arrive(arrive(2, 1, 0, 0.0, 60_000)).unwrap()
+        else {
+            panic!("a world_size 1 step did not complete at once")
+        };
+        completion.publish(Ok(Arc::new(9)));
+        let Progress::Done(Ok(value)) = w0.progress().await else {
+            panic!("no outcome")
+        };
+        assert_eq!(*value, 9);
+    }
+
+    #[tokio::test]
     async fn a_timeout_aborts_naming_the_missing_ranks_and_a_late_rank_opens_the_next_attempt() {
-        let barriers: Barriers<u32> = Barriers::new(limits());
+        let barriers: Barriers<u32, u32> = Barriers::new(limits());
         let Ticket::Wait(w0) = barriers.arrive(arrive(1, 3, 0, 0.0, 20)).unwrap() else {
             panic!()
         };
@@ -764,7 +890,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_invalid_rank_aborts_the_others_and_a_dropped_waiter_counts_as_missing() {
-        let barriers: Barriers<u32> = Barriers::new(limits());
+        let barriers: Barriers<u32, u32> = Barriers::new(limits());
         let Ticket::Wait(w0) = barriers.arrive(arrive(1, 2, 0, 0.0, 60_000)).unwrap() else {
             panic!()
         };
@@ -796,7 +922,7 @@ mod tests {
 
     #[tokio::test]
     async fn limits_refuse_with_resource_exhausted_and_the_step_goes_on() {
-        let barriers: Barriers<u32> = Barriers::new(StepLimits {
+        let barriers: Barriers<u32, u32> = Barriers::new(StepLimits {
             max_waiting_bytes: 150,
             ..limits()
         });
@@ -808,7 +934,7 @@ mod tests {
                 ..
             })
         ));
-        let barriers: Barriers<u32> = Barriers::new(StepLimits {
+        let barriers: Barriers<u32, u32> = Barriers::new(StepLimits {
             max_open_steps: 1,
             ..limits()
         });

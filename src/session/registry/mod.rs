@@ -127,7 +127,7 @@ pub struct Registry {
     /// What every session's replay log may hold (one server-wide count).
     replay: ReplayLimits,
     /// Synchronized steps waiting for their ranks.
-    barriers: barrier::Barriers<synced::StepDone>,
+    barriers: barrier::Barriers<synced::StepDone, synced::Preview>,
     /// Each session's last backward reduction, for its retries.
     backward_done: synced::BackwardDone,
 }

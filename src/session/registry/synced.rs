@@ -12,8 +12,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use super::barrier::{
-    Arrive, Completion, Contribution, Failure, Key, Outcome, Phase, Refused, Ticket,
+    Arrive, Completion, Contribution, Failure, Key, Outcome, Phase, Previewer, Progress, Refused,
+    Ticket,
 };
+use super::commit::MAX_ATTEMPTS;
 use super::{rendezvous, Registry};
 use crate::compute::ComputeError;
 use crate::numerics::batch_norm::{all_finite, Layer};
@@ -64,6 +66,22 @@ impl BackwardDone {
         map.insert(id.clone(), (step, done));
     }
 }
+
+/// The step's preview: its per-channel transform, known before the commit
+/// is durable.
+pub type Preview = ChannelTransform;
+
+/// A Forward rank's shard, normalized while the step's commit is made
+/// durable (see [`Registry::rendezvous`]).
+struct Shard {
+    input: TensorData,
+    device: tch::Device,
+    kind: tch::Kind,
+}
+
+/// A rank's output computed with a preview: used only when the committed
+/// transform is that very one.
+type EarlyOutput = (Arc<ChannelTransform>, Result<TensorData, SessionError>);
 
 /// A rank's own request, checked against the session.
 enum Checked<T> {
@@ -325,16 +343,18 @@ impl Registry {
         let StepForward { forward, spec } = command;
         let id = forward.id.clone();
         let step_key = key(&id, spec.step, Phase::Forward);
-        let for_check = forward.clone();
+        let for_check = &forward;
         // Checked against the session under its lock; the shard's statistics
         // are computed after, without holding the lock (the ranks of a step
         // compute them in parallel).
+        let mut placement = None;
         let checked = match self
-            .read(&id, move |info, state| {
+            .check(&id, |info, state| {
                 let training = for_check.mode.unwrap_or(info.config.default_mode) == Mode::Train;
                 if !training {
                     return Ok(Checked::Answered(None));
                 }
+                placement = Some((info.device, info.config.param_dtype.kind()));
                 if let Some(done) = applied(info, state, spec.step)? {
                     return Ok(Checked::Answered(Some(done)));
                 }
@@ -352,7 +372,7 @@ impl Registry {
                 timeout,
             }) => {
                 let input = forward.input.clone();
-                let (device, _) = self.device_and_kind(&id).await?;
+                let (device, _) = placement.ok_or_else(not_checked)?;
                 self.pool
                     .run_sized(input.bytes().len(), move || {
                         let tensor = input.input_tensor(device)?;
@@ -405,11 +425,42 @@ impl Registry {
                 timeout,
             } => {
                 let bytes = forward.input.bytes().len() as u64;
-                let done = self
-                    .rendezvous(spec, step_key, contribution, fingerprint, bytes, timeout)
+                let (device, kind) = placement.ok_or_else(not_checked)?;
+                let shard = Shard {
+                    input: forward.input.clone(),
+                    device,
+                    kind,
+                };
+                let (done, early) = self
+                    .rendezvous(
+                        spec,
+                        step_key,
+                        contribution,
+                        fingerprint,
+                        bytes,
+                        timeout,
+                        Some(shard),
+                    )
                     .await?;
                 match &*done {
-                    StepDone::Applied(applied) => (applied.clone(), false),
+                    StepDone::Applied(applied) => {
+                        if let (Some((transform, output)), Some(committed)) =
+                            (early, &applied.transform)
+                        {
+                            if Arc::ptr_eq(&transform, committed) {
+                                return Ok(StepForwardOutcome {
+                                    forward: ForwardOutcome {
+                                        output: Some(output?),
+                                        version: applied.version,
+                                        num_batches_tracked: applied.num_batches_tracked,
+                                        replayed: false,
+                                    },
+                                    statistics: applied.statistics.clone(),
+                                });
+                            }
+                        }
+                        (applied.clone(), false)
+                    }
                     StepDone::Backward { .. } => {
                         return Err(SessionError::Compute(ComputeError::JobFailed(
                             "a forward step completed as a backward one".into(),
@@ -420,17 +471,13 @@ impl Registry {
         };
         let output = match applied.transform.clone() {
             Some(transform) => {
-                let input = forward.input.clone();
-                let (device, kind) = self.device_and_kind(&id).await?;
-                let output = self
-                    .pool
-                    .run_sized(input.bytes().len(), move || {
-                        let tensor = input.input_tensor(device)?;
-                        let output = transform.apply(&tensor, kind)?;
-                        TensorData::from_result(output)
-                    })
-                    .await??;
-                Some(output)
+                let (device, kind) = placement.ok_or_else(not_checked)?;
+                let shard = Shard {
+                    input: forward.input.clone(),
+                    device,
+                    kind,
+                };
+                Some(self.normalize(shard, transform).await?)
             }
             None => None,
         };
@@ -445,13 +492,43 @@ impl Registry {
         })
     }
 
-    /// The session's device and parameter dtype (immutable facts).
-    async fn device_and_kind(
+    /// `shard` normalized with a step's transform.
+    async fn normalize(
         &self,
-        id: &SessionId,
-    ) -> Result<(tch::Device, tch::Kind), SessionError> {
-        let session = self.lookup(id).await?;
-        Ok((session.info.device, session.info.config.param_dtype.kind()))
+        shard: Shard,
+        transform: Arc<ChannelTransform>,
+    ) -> Result<TensorData, SessionError> {
+        let Shard {
+            input,
+            device,
+            kind,
+        } = shard;
+        let output = self
+            .pool
+            .run_sized(input.bytes().len(), move || {
+                let tensor = input.input_tensor(device)?;
+                let output = transform.apply(&tensor, kind)?;
+                TensorData::from_result(output)
+            })
+            .await??;
+        Ok(output)
+    }
+
+    /// Runs a step's check against the session's state, locked and
+    /// current, inline: the checks are a few comparisons per channel, cheaper
+    /// than a compute-pool job's two thread hops, and every rank of a step
+    /// takes the session's lock for them one after another.
+    async fn check<T, F>(&self, id: &SessionId, mut job: F) -> Result<T, SessionError>
+    where
+        F: FnMut(&SessionInfo, &SessionState) -> Result<T, SessionError>,
+    {
+        for _ in 0..MAX_ATTEMPTS {
+            let Some((session, state)) = self.locked(id).await? else {
+                continue;
+            };
+            return job(&session.info, &state);
+        }
+        Err(SessionError::Contended(id.clone()))
     }
 
     /// ReduceStatistics: the statistics of a step's ranks, merged.
@@ -474,9 +551,11 @@ impl Registry {
                 return Ok(reduce_outcome(&done, true));
             }
         }
+        let mut reduction = Some(reduction);
         let checked = self
-            .read(&id, move |info, state| {
-                check_reduction(info, state, spec, reduction)
+            .check(&id, |info, state| match reduction.take() {
+                Some(reduction) => check_reduction(info, state, spec, reduction),
+                None => Err(not_checked()),
             })
             .await;
         let checked = match checked {
@@ -496,8 +575,8 @@ impl Registry {
                 fingerprint,
                 timeout,
             } => {
-                let done = self
-                    .rendezvous(spec, step_key, contribution, fingerprint, 0, timeout)
+                let (done, _) = self
+                    .rendezvous(spec, step_key, contribution, fingerprint, 0, timeout, None)
                     .await?;
                 Ok(reduce_outcome(&done, false))
             }
@@ -521,6 +600,11 @@ impl Registry {
     /// Waits in the barrier; the rank that completes the step commits it.
     /// With a shared store the ranks meet in the store and every replica
     /// commits (the compare-and-set lets exactly one commit happen).
+    /// A Forward rank's `shard` is normalized with the step's preview while
+    /// the commit is being made durable (the output is returned only with
+    /// the outcome, and used only if the committed transform is the
+    /// previewed one).
+    #[allow(clippy::too_many_arguments)]
     async fn rendezvous(
         self: &Arc<Self>,
         spec: StepSpec,
@@ -529,7 +613,8 @@ impl Registry {
         fingerprint: u64,
         bytes: u64,
         timeout: std::time::Duration,
-    ) -> Result<Arc<StepDone>, SessionError> {
+        shard: Option<Shard>,
+    ) -> Result<(Arc<StepDone>, Option<EarlyOutput>), SessionError> {
         if let Some(store) = self.store.clone().filter(|s| s.is_shared()) {
             let contributions = rendezvous::meet(
                 &store,
@@ -546,13 +631,13 @@ impl Registry {
             let registry = self.clone();
             // As with the local barrier, the commit runs in its own task.
             let done = tokio::spawn(async move {
-                let outcome = registry.commit(&key, &contributions).await;
+                let outcome = registry.commit(&key, &contributions, None).await;
                 registry.remember_backward(&key, &outcome);
                 outcome
             })
             .await
             .map_err(|e| SessionError::Compute(ComputeError::JobFailed(e.to_string())))?;
-            return done.map_err(failed);
+            return done.map(|done| (done, None)).map_err(failed);
         }
         let ticket = self
             .barriers
@@ -567,7 +652,7 @@ impl Registry {
                 caller_deadline: crate::compute::current_deadline(),
             })
             .map_err(refused)?;
-        let waiter = match ticket {
+        let mut waiter = match ticket {
             Ticket::Wait(waiter) => waiter,
             Ticket::Complete(completion, waiter) => {
                 // The commit runs in its own task: the step is committed (or
@@ -577,12 +662,25 @@ impl Registry {
                 waiter
             }
         };
-        waiter.outcome().await.map_err(failed)
+        let Some(shard) = shard else {
+            return waiter.outcome().await.map(|d| (d, None)).map_err(failed);
+        };
+        match waiter.progress().await {
+            Progress::Done(outcome) => outcome.map(|d| (d, None)).map_err(failed),
+            Progress::Preview(transform) => {
+                let output = self.normalize(shard, transform.clone()).await;
+                let done = waiter.outcome().await.map_err(failed)?;
+                Ok((done, Some((transform, output))))
+            }
+        }
     }
 
-    async fn complete(self: Arc<Self>, completion: Completion<StepDone>) {
+    async fn complete(self: Arc<Self>, completion: Completion<StepDone, Preview>) {
         let key = completion.key().clone();
-        let outcome = self.commit(&key, &completion.contributions).await;
+        let previewer = completion.previewer();
+        let outcome = self
+            .commit(&key, &completion.contributions, Some(previewer))
+            .await;
         self.remember_backward(&key, &outcome);
         completion.publish(outcome);
     }
@@ -595,7 +693,14 @@ impl Registry {
         }
     }
 
-    async fn commit(&self, key: &Key, contributions: &[Contribution]) -> Outcome<StepDone> {
+    /// Commits a step; with `previewer`, its transform is published as soon
+    /// as it is computed (before the store's write).
+    async fn commit(
+        &self,
+        key: &Key,
+        contributions: &[Contribution],
+        previewer: Option<Previewer<StepDone, Preview>>,
+    ) -> Outcome<StepDone> {
         let key = key.clone();
         if key.phase == Phase::Backward {
             return self.commit_backward(&key, contributions).await;
@@ -629,7 +734,13 @@ impl Registry {
         let step = key.step;
         let applied = self
             .mutate(&key.session, 0, move |info, state| {
-                commit_step(info, state, step, &global, update)
+                let step = commit_step(info, state, step, &global, update)?;
+                if let (Some(previewer), Step::Next(next)) = (&previewer, &step) {
+                    if let Some(transform) = &next.value.transform {
+                        previewer.send(transform.clone());
+                    }
+                }
+                Ok(step)
             })
             .await
             .map_err(|e| failure_of(&e))?;
