@@ -71,7 +71,9 @@ pub async fn service_rounds(
             Workload::Fairness { .. } => {
                 fairness_round(&prepared, scenario, round_time, server_pid).await
             }
-            Workload::Steps { ranks } | Workload::ReduceSteps { ranks } => {
+            Workload::Steps { ranks }
+            | Workload::ReduceSteps { ranks }
+            | Workload::Concurrent { ranks } => {
                 steps_round(&prepared, scenario, ranks, round_time, server_pid).await
             }
         };
@@ -274,7 +276,9 @@ async fn fairness_round(
 }
 
 /// Synchronized steps, one after another: each step's `ranks` calls sent at
-/// once; a step's latency is from its first send to its last answer.
+/// once; a step's latency is from its first send to its last answer. The
+/// `Concurrent` workload sends the same calls as plain Forwards, rank `r` on
+/// session `r` (the step without its barrier).
 async fn steps_round(
     prepared: &Prepared,
     scenario: &Scenario,
@@ -282,7 +286,7 @@ async fn steps_round(
     duration: Duration,
     cpu_pid: Option<&str>,
 ) -> Round {
-    let session_id = prepared.sessions[0].clone();
+    let concurrent = matches!(scenario.workload, Workload::Concurrent { .. });
     let clients: Vec<_> = (0..ranks)
         .map(|rank| batch_norm_client(prepared.channels[rank % prepared.channels.len()].clone()))
         .collect();
@@ -299,12 +303,17 @@ async fn steps_round(
         let mut tasks = Vec::with_capacity(ranks);
         for (rank, client) in clients.iter().enumerate() {
             let mut client = client.clone();
-            let session_id = session_id.clone();
+            let session_id = prepared.sessions[if concurrent { rank } else { 0 }].clone();
             let (scenario, raw) = (scenario.clone(), prepared.raw.clone());
             tasks.push(tokio::spawn(async move {
                 if let Workload::ReduceSteps { .. } = scenario.workload {
                     let request = scenario.reduce_request(session_id, step, ranks, rank);
                     client.reduce_statistics(request).await.map(|r| {
+                        std::hint::black_box(r.into_inner());
+                    })
+                } else if concurrent {
+                    let request = scenario.forward_request(session_id, &raw);
+                    client.forward(request).await.map(|r| {
                         std::hint::black_box(r.into_inner());
                     })
                 } else {

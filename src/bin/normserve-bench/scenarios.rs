@@ -27,6 +27,9 @@ pub enum Workload {
     /// ReduceStatistics FORWARD (with the running-statistics update) from
     /// `ranks` concurrent callers per step, `shape[1]` channels.
     ReduceSteps { ranks: usize },
+    /// What a step costs without its barrier: `ranks` concurrent plain
+    /// train Forwards, each on its own session, sent and timed as one step.
+    Concurrent { ranks: usize },
 }
 
 #[derive(Clone, Debug)]
@@ -154,6 +157,13 @@ pub fn scenarios() -> Vec<Scenario> {
             Workload::Steps { ranks: 8 },
         ),
         s(
+            "forwards_8x1024x64",
+            "8 plain train (1024,64) f32 sent at once, 8 sessions: steps_8x1024x64 without its barrier",
+            &[1024, 64],
+            true,
+            Workload::Concurrent { ranks: 8 },
+        ),
+        s(
             "reduce_steps_8x1024",
             "ReduceStatistics steps, 8 ranks x 1024 channels",
             &[1, 1024],
@@ -186,7 +196,9 @@ impl Scenario {
             Workload::Unary { callers } => callers,
             // The flood's sessions, then the polite caller's.
             Workload::Fairness { flood } => flood + 1,
-            Workload::Steps { ranks } | Workload::ReduceSteps { ranks } => ranks,
+            Workload::Steps { ranks }
+            | Workload::ReduceSteps { ranks }
+            | Workload::Concurrent { ranks } => ranks,
             _ => 1,
         }
     }
