@@ -226,12 +226,12 @@ impl ChannelTransform {
                 .f_reshape(view.as_slice())?)
         };
         let (scale, shift) = (per_channel(&self.scale)?, per_channel(&self.shift)?);
-        let output = input
-            .f_to_kind(compute)?
-            .f_mul(&scale)?
-            .f_add(&shift)?
-            .f_to_kind(input.kind())?;
-        Ok(output)
+        // The product is a new tensor (never the input's storage, which
+        // `to_kind` shares when the kinds agree), so the shift is added in
+        // place: one output allocation and pass fewer, the same roundings.
+        let mut output = input.f_to_kind(compute)?.f_mul(&scale)?;
+        output.f_add_(&shift)?;
+        Ok(output.f_to_kind(input.kind())?)
     }
 }
 
