@@ -229,8 +229,8 @@ impl ChannelTransform {
         // The product is a new tensor (never the input's storage, which
         // `to_kind` shares when the kinds agree), so the shift is added in
         // place: one output allocation and pass fewer, the same roundings.
-        let mut output = input.f_to_kind(compute)?.f_mul(&scale)?;
-        output.f_add_(&shift)?;
+        let mut product = input.f_to_kind(compute)?.f_mul(&scale)?;
+        let output = product.f_add_(&shift)?;
         Ok(output.f_to_kind(input.kind())?)
     }
 }
