@@ -220,6 +220,51 @@ def test_input_and_output_may_be_the_same_range(server, objects):
         torch.testing.assert_close(torch.from_numpy(obj.get(128, x.shape, np.float32)), want)
 
 
+def test_exact_statistics_sessions_read_shared_inputs(server):
+    from test_exact import assert_exact, new_exact, wide_batches
+
+    batches = wide_batches(3, 4, 9, 3, np.dtype("float32"))
+    with connect(server) as client:
+        session = new_exact(client, 3, "float32")
+        module = torch.nn.BatchNorm1d(3)
+        for batch in batches:
+            y = session.forward(batch, train=True, shm=True)
+            with torch.no_grad():
+                torch.testing.assert_close(torch.from_numpy(y), module.train()(torch.from_numpy(batch)))
+        assert_exact(session.info(), batches, "float32")
+
+
+def test_synchronized_step_ranks_read_and_write_shared_memory(server, objects):
+    from concurrent.futures import ThreadPoolExecutor
+
+    world, rows = 3, 5
+    shards = [torch.randn(rows, 4, generator=torch.Generator().manual_seed(r)) * (r + 1) for r in range(world)]
+    nbytes = rows * 4 * 4
+    obj = objects(2 * world * nbytes)
+    for rank, shard in enumerate(shards):
+        obj.put(rank * nbytes, shard.numpy())
+    channel, shm_stub, bn_stub = stubs(server)
+    with channel, connect(server) as client:
+        session = client.create_session("1d", 4)
+        shm_stub.RegisterSharedMemory(shm_pb2.RegisterSharedMemoryRequest(name=obj.name, byte_size=2 * world * nbytes))
+        requests = []
+        for rank in range(world):
+            request = shared_forward(session.session_id, (rows, 4), tensor_pb2.DATA_TYPE_FLOAT32,
+                                     (obj.name, rank * nbytes, nbytes), (obj.name, (world + rank) * nbytes, nbytes))
+            request.step.CopyFrom(bn.StepSpec(step=1, world_size=world, rank=rank))
+            requests.append(request)
+        with ThreadPoolExecutor(max_workers=world) as pool:
+            replies = list(pool.map(lambda r: bn_stub.Forward(r, timeout=60), requests))
+        assert all(reply.HasField("output_region") for reply in replies)
+        module = torch.nn.BatchNorm1d(4)
+        with torch.no_grad():
+            expected = module.train()(torch.cat(shards)).split(rows)
+        for rank in range(world):
+            got = torch.from_numpy(obj.get((world + rank) * nbytes, (rows, 4), np.float32))
+            torch.testing.assert_close(got, expected[rank])
+        assert_same_state(session, module)
+
+
 # ------------------------------------------------------------- hostile input
 
 
