@@ -279,17 +279,27 @@ impl Server {
             store_cache: _store_cache,
             ..
         } = self;
+        let shared_memory = Arc::new(SharedMemory::new(ShmLimits {
+            enabled: config.shared_memory.is_on(),
+            dir: std::path::PathBuf::from("/dev/shm"),
+            max_bytes: config.shared_memory_max_bytes,
+            tenant_max_regions: config.tenant_shared_memory_max_regions,
+            tenant_max_bytes: config.tenant_shared_memory_max_bytes,
+            idle: config.shared_memory_idle(),
+        }));
         let _metrics_endpoint = metrics_listener.map(|listener| {
             // Live sessions (and CUDA memory) are read at each scrape rather than
             // counted at every place a session comes or goes.
             let sessions = registry.clone();
             let budget = budget.clone();
+            let shared_memory = shared_memory.clone();
             AbortOnDrop(tokio::spawn(crate::telemetry::exporter::serve_metrics(
                 listener,
                 metrics.clone(),
                 Arc::new(move |metrics: &Metrics| {
                     metrics.set_sessions(sessions.len());
                     metrics.set_memory_budget(&budget);
+                    metrics.set_shared_memory_mapped(shared_memory.totals().0);
                     for (device, bytes) in crate::device::cuda_memory_in_use() {
                         metrics.set_cuda_memory(device, bytes);
                     }
@@ -299,14 +309,7 @@ impl Server {
         let max = config.max_message_bytes;
         let look_ahead =
             super::stream::LookAhead::new(config.stream_look_ahead_bytes, budget.clone());
-        let shared_memory = Arc::new(SharedMemory::new(ShmLimits {
-            enabled: config.shared_memory.is_on(),
-            dir: std::path::PathBuf::from("/dev/shm"),
-            max_bytes: config.shared_memory_max_bytes,
-            tenant_max_regions: config.tenant_shared_memory_max_regions,
-            tenant_max_bytes: config.tenant_shared_memory_max_bytes,
-            idle: config.shared_memory_idle(),
-        }));
+
         let batch_norm = BatchNormServiceServer::new(BatchNormApi::new(
             registry.clone(),
             look_ahead.clone(),

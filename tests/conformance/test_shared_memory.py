@@ -10,7 +10,9 @@ feature switched off, and a client's cleanup."""
 import mmap
 import os
 import secrets
+import re
 import time
+import urllib.request
 
 import grpc
 import numpy as np
@@ -18,7 +20,7 @@ import pytest
 import torch
 
 import normserve
-from conftest import ServerProcess
+from conftest import ServerProcess, free_port
 from normserve.v1 import (
     batch_norm_pb2 as bn,
     server_pb2,
@@ -424,7 +426,9 @@ def test_regions_idle_past_the_lease_are_unregistered_and_the_client_registers_a
 
 
 def test_limits_are_enforced_and_reported(objects):
-    server = ServerProcess("--tenant-shared-memory-max-regions", "2", "--shared-memory-max-bytes", "10000")
+    port = free_port()
+    server = ServerProcess("--tenant-shared-memory-max-regions", "2", "--shared-memory-max-bytes", "10000",
+                           "--metrics-addr", f"127.0.0.1:{port}")
     try:
         made = [objects(4096) for _ in range(3)]
         channel, shm_stub, _ = stubs(server)
@@ -446,6 +450,9 @@ def test_limits_are_enforced_and_reported(objects):
             assert info.limits.shared_memory_max_bytes == 10000
             assert info.limits.shared_memory_mapped_bytes == 4096
             assert info.limits.shared_memory_regions == 1
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+                text = response.read().decode()
+            assert re.search(r"^normserve_shared_memory_mapped_bytes 4096$", text, re.M), text
             assert shm_stub.UnregisterSharedMemory(shm_pb2.UnregisterSharedMemoryRequest()).unregistered == 1
     finally:
         assert server.stop() == 0
