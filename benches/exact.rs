@@ -93,12 +93,17 @@ fn main() {
         "{:<32} {:>12} {:>12} {:>12} {:>10} {:>10}",
         "input", "train", "accumulate", "merge+round", "accum/train", "step/train"
     );
-    let rows = shapes.into_iter().flat_map(|row| [(row, "wide"), (row, "randn")]);
+    let rows = shapes
+        .into_iter()
+        .flat_map(|row| [(row, "wide"), (row, "randn")]);
     // `cargo bench --bench exact -- TEXT`: only the rows whose name has TEXT.
     let only = std::env::args().skip(1).find(|arg| !arg.starts_with('-'));
     for ((name, kind, shape, dtype), values) in rows {
         let name = format!("{name} {values}");
-        if only.as_ref().is_some_and(|text| !name.contains(text.as_str())) {
+        if only
+            .as_ref()
+            .is_some_and(|text| !name.contains(text.as_str()))
+        {
             continue;
         }
         let c = shape[1];

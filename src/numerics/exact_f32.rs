@@ -33,6 +33,10 @@
 //! once per batch. Every path is exact, so the result does not depend on
 //! which one a block took, nor on the block boundaries.
 //!
+//! The baseline x86-64 build has 2 float64 lanes per instruction; on CPUs
+//! with AVX2 (checked once per call) the same code compiled for AVX2 runs
+//! instead, with 4: the same exact integers, about twice as fast.
+//!
 //! Plain slices and integers only: no tensors, no sessions, no I/O.
 
 use super::exact::{ChannelSums, ExactError, Layout, Magnitude};
@@ -168,19 +172,19 @@ impl ChannelWide {
 }
 
 /// Bucket sums of one block: [sign and exponent bits][lane] -> (sum of
-/// significands, sum of their squares). Empty between blocks.
-struct Buckets(Box<[[[u64; 2]; LANES]; 512]>);
+/// significands, sum of their squares). Empty between blocks; allocated
+/// (32 KiB) by the first block that needs them.
+#[derive(Default)]
+struct Buckets(Option<Box<[[[u64; 2]; LANES]; 512]>>);
 
 impl Buckets {
-    fn new() -> Buckets {
-        Buckets(Box::new([[[0; 2]; LANES]; 512]))
-    }
-
     /// Adds `block` (exponent bits of its nonzero values in
     /// `low..=high`) into `wide`.
     #[inline(always)]
     fn add(&mut self, block: &[f32], low: u32, high: u32, wide: &mut ChannelWide) {
-        let cells = &mut *self.0;
+        let cells = &mut **self
+            .0
+            .get_or_insert_with(|| Box::new([[[0; 2]; LANES]; 512]));
         let mut add = |lane: usize, x: f32| {
             let bits = x.to_bits();
             let index = (bits >> 23) as usize & 511;
@@ -432,7 +436,7 @@ fn accumulate_portable(
     layout: &Layout,
     sums: &mut [ChannelSums],
 ) -> Result<(), ExactError> {
-    let mut buckets = Buckets::new();
+    let mut buckets = Buckets::default();
     let mut scratch: Vec<f32> = Vec::with_capacity(BLOCK);
     let mut wides = vec![ChannelWide::ZERO; layout.channels];
     if layout.inner < SHORT_RUN && layout.batch > 1 {
@@ -537,8 +541,16 @@ mod tests {
         for (c, values) in channels.iter().enumerate() {
             let (p, q, s2) = oracle_split(values);
             let got = &sums.channels[c];
-            assert_eq!(got.positive.to_biguint(), p, "channel {c}: sum of positives");
-            assert_eq!(got.negative.to_biguint(), q, "channel {c}: sum of negatives");
+            assert_eq!(
+                got.positive.to_biguint(),
+                p,
+                "channel {c}: sum of positives"
+            );
+            assert_eq!(
+                got.negative.to_biguint(),
+                q,
+                "channel {c}: sum of negatives"
+            );
             assert_eq!(got.squares.to_biguint(), s2, "channel {c}: sum of squares");
         }
     }
@@ -624,9 +636,20 @@ mod tests {
         // Channels with 4095..=4097 values and odd run lengths exercise the
         // remainder lanes, the block cuts and the gathering of runs.
         let mut random = Random(42);
-        for (n, l) in [(1, 4095), (1, 4097), (3, 1365), (63, 65), (4097, 1), (3, 4099)] {
+        for (n, l) in [
+            (1, 4095),
+            (1, 4097),
+            (3, 1365),
+            (63, 65),
+            (4097, 1),
+            (3, 4099),
+        ] {
             let channels: Vec<Vec<f32>> = (0..3)
-                .map(|c| (0..n * l).map(|_| random.value(100 + c, 130 + 20 * c)).collect())
+                .map(|c| {
+                    (0..n * l)
+                        .map(|_| random.value(100 + c, 130 + 20 * c))
+                        .collect()
+                })
                 .collect();
             check(&channels, n, l);
         }
