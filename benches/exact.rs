@@ -9,7 +9,13 @@
 //! sums to the session's and rounding the statistics once). One libtorch
 //! thread, medians of repeated rounds, ratios from the same run.
 //!
-//! Run: `cargo bench --bench exact`. It reports; it asserts nothing.
+//! Every shape runs twice: with values of many magnitudes ("wide", the
+//! slow case of the float32 path: its blocks take the exponent buckets)
+//! and with plain normal values ("randn", the common case: its blocks take
+//! the vectorized levels).
+//!
+//! Run: `cargo bench --bench exact` (or `-- TEXT`: only the rows whose name
+//! contains TEXT). It reports; it asserts nothing.
 
 use std::time::{Duration, Instant};
 
@@ -84,15 +90,33 @@ fn main() {
     tch::set_num_threads(1);
     println!("normserve exact-statistics benchmark: median of {ROUNDS} rounds of {ROUND_TIME:?}, 1 libtorch thread (µs per batch)");
     println!(
-        "{:<26} {:>12} {:>12} {:>12} {:>10} {:>10}",
+        "{:<32} {:>12} {:>12} {:>12} {:>10} {:>10}",
         "input", "train", "accumulate", "merge+round", "accum/train", "step/train"
     );
-    for (name, kind, shape, dtype) in shapes {
+    let rows = shapes
+        .into_iter()
+        .flat_map(|row| [(row, "wide"), (row, "randn")]);
+    // `cargo bench --bench exact -- TEXT`: only the rows whose name has TEXT.
+    let only = std::env::args().skip(1).find(|arg| !arg.starts_with('-'));
+    for ((name, kind, shape, dtype), values) in rows {
+        let name = format!("{name} {values}");
+        if only
+            .as_ref()
+            .is_some_and(|text| !name.contains(text.as_str()))
+        {
+            continue;
+        }
         let c = shape[1];
         let options = (dtype.kind(), Device::Cpu);
-        // Values of many magnitudes, as the exact sums must take them.
-        let input = Tensor::randn(shape, options)
-            * Tensor::randn(shape, options).exp().pow_tensor_scalar(8.0);
+        let input = if values == "wide" {
+            // Values of many magnitudes (about 2^±40 around 1 in one
+            // batch), as the exact sums must take them: the slow case.
+            Tensor::randn(shape, options)
+                * Tensor::randn(shape, options).exp().pow_tensor_scalar(8.0)
+        } else {
+            // Typical activations: a few binary orders per block.
+            Tensor::randn(shape, options)
+        };
         let params = [
             Tensor::ones([c], options),
             Tensor::zeros([c], options),
@@ -127,7 +151,7 @@ fn main() {
             let _ = std::hint::black_box(sums.statistics(format));
         });
         println!(
-            "{:<26} {:>12.1} {:>12.1} {:>12.1} {:>9.2}x {:>9.2}x",
+            "{:<32} {:>12.1} {:>12.1} {:>12.1} {:>9.2}x {:>9.2}x",
             name,
             train * 1e6,
             accumulate * 1e6,

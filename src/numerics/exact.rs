@@ -18,10 +18,11 @@
 //! significand (at most 106 bits), with no overflow or underflow limit (an
 //! FMA split x·x = hi + lo would lose exactness for |x| > 2^511 or tiny x).
 //!
-//! Speed (the large-superaccumulator idea): the values of a batch are first
-//! added, as plain integers, into buckets indexed by their sign and exponent
-//! bits (no shifts, no carries: one or two integer adds per value); only the
-//! few buckets a batch touched are then shifted into the wide sums.
+//! Speed (the large-superaccumulator idea): float64 values of a batch are
+//! first added, as plain integers, into buckets indexed by their sign and
+//! exponent bits (no shifts, no carries: one or two integer adds per value);
+//! only the few buckets a batch touched are then shifted into the wide sums.
+//! Float32 (and narrower) batches take `exact_f32`'s faster paths.
 //!
 //! No tensors beyond reading an input, no sessions, no I/O.
 
@@ -30,7 +31,7 @@ use num_integer::Integer;
 use num_traits::{ToPrimitive, Zero};
 use tch::{Device, Kind, Tensor};
 
-use super::{host, NumericsError};
+use super::{exact_f32, host, NumericsError};
 
 /// The sum of x is an integer count of 2^SUM_X_EXPONENT.
 pub const SUM_X_EXPONENT: i32 = -1074;
@@ -278,11 +279,17 @@ impl ExactSums {
             return Ok(sums);
         }
         let mut on_cpu = input.f_to_device(Device::Cpu)?;
+        let double = on_cpu.f_kind()? == Kind::Double;
         let mut layout = layout;
         // Short runs per sample (an (N, C) table, small images): each
         // channel's values would be gathered from all over the buffer, once
-        // per channel. Channel-major first (one copy), then one long run each.
-        if inner < 64 && batch > 1 {
+        // per channel. Channel-major first (one copy), then one long run
+        // each; float32 gathers them from cached row blocks instead, unless
+        // the rows are too long for that.
+        if inner < 64
+            && batch > 1
+            && (double || !exact_f32::reads_short_runs_in_place(channels, inner))
+        {
             on_cpu = on_cpu
                 .f_reshape([batch as i64, channels as i64, inner as i64])?
                 .f_transpose(0, 1)?
@@ -293,7 +300,7 @@ impl ExactSums {
                 inner: batch * inner,
             };
         }
-        if on_cpu.f_kind()? == Kind::Double {
+        if double {
             let values = on_cpu.f_contiguous()?;
             let finite = host::with_f64_values(&values, |data| {
                 accumulate_f64(data, &layout, &mut sums.channels)
@@ -304,36 +311,30 @@ impl ExactSums {
             }
         } else {
             let values = on_cpu.f_to_kind(Kind::Float)?.f_contiguous()?;
-            let finite = host::with_f32_values(&values, |data| {
-                accumulate_f32(data, &layout, &mut sums.channels)
+            host::with_f32_values(&values, |data| {
+                exact_f32::accumulate(data, &layout, &mut sums.channels)
             })?
-            .ok_or_else(|| ExactError::Torch("internal: float32 input not readable".into()))?;
-            if !finite {
-                return Err(ExactError::NonFinite);
-            }
+            .ok_or_else(|| ExactError::Torch("internal: float32 input not readable".into()))??;
         }
         Ok(sums)
     }
 }
 
 /// A contiguous (N, C, inner) buffer.
-struct Layout {
-    batch: usize,
-    channels: usize,
-    inner: usize,
+pub(super) struct Layout {
+    pub(super) batch: usize,
+    pub(super) channels: usize,
+    pub(super) inner: usize,
 }
 
 impl Layout {
     /// The contiguous runs of channel `c`'s values: one per sample.
-    fn runs<'a, T>(&self, data: &'a [T], c: usize) -> impl Iterator<Item = &'a [T]> {
+    pub(super) fn runs<'a, T>(&self, data: &'a [T], c: usize) -> impl Iterator<Item = &'a [T]> {
         let (inner, stride) = (self.inner, self.channels * self.inner);
         (0..self.batch).map(move |n| &data[n * stride + c * inner..n * stride + (c + 1) * inner])
     }
 }
 
-/// Values added to the buckets between two flushes, so that no bucket can
-/// overflow (float32: 2^15 squares of at most 2^48 fit in a u64).
-const F32_FLUSH_EVERY: usize = 1 << 15;
 /// Float64: 2^20 squares of at most 2^106 fit in a u128.
 const F64_FLUSH_EVERY: usize = 1 << 20;
 
@@ -351,98 +352,6 @@ impl<T: Copy + Default + PartialEq> Buckets<T> {
             sum: vec![T::default(); size],
             squares: vec![T::default(); size],
             touched: Vec::new(),
-        }
-    }
-}
-
-/// Independent bucket sets the float32 loop rotates through, so that
-/// consecutive values with the same exponent (the common case) do not wait
-/// on each other's read-modify-write of one bucket.
-const F32_LANES: usize = 4;
-
-/// Float32 values into `sums`; false when a value is NaN or infinite.
-fn accumulate_f32(data: &[f32], layout: &Layout, sums: &mut [ChannelSums]) -> bool {
-    // [lane][sign and exponent bits]: integer sums of significands and of
-    // their squares. No bookkeeping of which buckets are used beyond the
-    // range of exponents seen (two register min/max per value).
-    let mut sum = vec![[0u64; 512]; F32_LANES];
-    let mut squares = vec![[0u64; 512]; F32_LANES];
-    let mut finite = true;
-    for (c, channel) in sums.iter_mut().enumerate() {
-        let mut pending = 0usize;
-        let (mut low, mut high) = (usize::MAX, 0usize);
-        for run in layout.runs(data, c) {
-            for chunk in run.chunks(F32_FLUSH_EVERY) {
-                if pending + chunk.len() > F32_FLUSH_EVERY {
-                    flush_f32(&mut sum, &mut squares, low, high, channel);
-                    (pending, low, high) = (0, usize::MAX, 0);
-                }
-                pending += chunk.len();
-                let mut special = false;
-                let mut add = |lane: usize, x: f32| {
-                    let bits = x.to_bits();
-                    // Sign and exponent: the bucket (< 512: no bounds check).
-                    let index = (bits >> 23) as usize & 511;
-                    let exponent = index & 0xff;
-                    special |= exponent == 0xff;
-                    low = low.min(exponent);
-                    high = high.max(exponent);
-                    let significand =
-                        u64::from(bits & 0x7f_ffff) | (u64::from(exponent != 0) << 23);
-                    sum[lane][index] += significand;
-                    squares[lane][index] += significand * significand;
-                };
-                let mut quads = chunk.chunks_exact(F32_LANES);
-                for quad in &mut quads {
-                    add(0, quad[0]);
-                    add(1, quad[1]);
-                    add(2, quad[2]);
-                    add(3, quad[3]);
-                }
-                for &x in quads.remainder() {
-                    add(0, x);
-                }
-                finite &= !special;
-            }
-        }
-        flush_f32(&mut sum, &mut squares, low, high, channel);
-    }
-    finite
-}
-
-/// Float32 buckets of exponents `low..=high` shifted into a channel's wide
-/// sums, and emptied.
-fn flush_f32(
-    sum: &mut [[u64; 512]],
-    squares: &mut [[u64; 512]],
-    low: usize,
-    high: usize,
-    channel: &mut ChannelSums,
-) {
-    for exponent_bits in low..=high.min(0xff) {
-        for sign in [0, 0x100] {
-            let index = sign | exponent_bits;
-            let (mut total, mut total_squares) = (0u128, 0u128);
-            for (lane_sum, lane_squares) in sum.iter_mut().zip(squares.iter_mut()) {
-                total += u128::from(std::mem::take(&mut lane_sum[index]));
-                total_squares += u128::from(std::mem::take(&mut lane_squares[index]));
-            }
-            if total_squares == 0 {
-                continue;
-            }
-            // x = m · 2^(max(e, 1) − 150): subnormals share exponent 1's scale.
-            let exponent = exponent_bits.max(1) as u32;
-            let target = if sign != 0 {
-                &mut channel.negative
-            } else {
-                &mut channel.positive
-            };
-            // Units of 2^-1074: shift by max(e, 1) − 150 + 1074.
-            target.add_shifted(total, exponent + 924);
-            // x² = m² · 2^(2·max(e, 1) − 300), units of 2^-2148.
-            channel
-                .squares
-                .add_shifted(total_squares, 2 * exponent + 1848);
         }
     }
 }
@@ -886,7 +795,7 @@ mod tests {
     fn flushes_keep_large_batches_exact() {
         // More values per channel than one flush holds, all in one bucket
         // with the largest significand: the bucket would overflow unflushed.
-        let n = F32_FLUSH_EVERY * 2 + 5;
+        let n = (1 << 16) + 5;
         let x = f32::from_bits(0x3fff_ffff); // 1.9999999, significand 2^24 − 1
         let t = Tensor::from_slice(&vec![x; n]).reshape([n as i64, 1]);
         let sums = ExactSums::of_batch(&t).unwrap();

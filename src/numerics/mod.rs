@@ -10,6 +10,7 @@ pub mod batch_norm;
 pub mod codec;
 pub mod compare;
 pub mod exact;
+mod exact_f32;
 pub mod host;
 pub mod merge_stats;
 pub mod state_dict;

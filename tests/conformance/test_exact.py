@@ -452,6 +452,73 @@ def test_adversarial_values_are_summed_exactly(client):
         assert_exact(session.info(), batches, dtype)
 
 
+def float32_spans(seed, rows, spans):
+    """One float32 channel per (low, high) exponent-bits range: random
+    significands and signs, the range's extremes present with all-ones
+    significands (so that the lowest bit of the smallest value counts)."""
+    rng = np.random.default_rng(seed)
+    columns = []
+    for low, high in spans:
+        exponent = rng.integers(low, high + 1, size=rows, dtype=np.uint32)
+        significand = rng.integers(0, 1 << 23, size=rows, dtype=np.uint32)
+        significand[::7] = (1 << 23) - 1
+        sign = rng.integers(0, 2, size=rows, dtype=np.uint32) << 31
+        bits = sign | (exponent << 23) | significand
+        bits[0] = (high << 23) | ((1 << 23) - 1)
+        bits[1] = (1 << 31) | (low << 23) | ((1 << 23) - 1)
+        columns.append(bits.view(np.float32))
+    return np.stack(columns, axis=1)
+
+
+def exported_sums(session):
+    """Per channel (sum of the positive values · 2^1074, of |x| over the
+    negative ones · 2^1074, of x² · 2^2148) from the exported digit tables."""
+    keys = exact_keys(session)
+
+    def numbers(key):
+        return [sum(int(d) << (32 * i) for i, d in enumerate(row)) for row in keys[key].tolist()]
+
+    return list(zip(numbers("exact.sum_x.positive"), numbers("exact.sum_x.negative"),
+                    numbers("exact.sum_x2")))
+
+
+def oracle_sums(column):
+    """The same sums, from Python's exact integers."""
+    positive = negative = squares = 0
+    for v in column:
+        num, den = float(v).as_integer_ratio()
+        if num > 0:
+            positive += num * (2 ** 1074 // den)
+        else:
+            negative += -num * (2 ** 1074 // den)
+        squares += num * num * (2 ** 2148 // (den * den))
+    return positive, negative, squares
+
+
+@pytest.mark.parametrize("kind", ["1d", "2d"])
+def test_float32_values_spanning_every_level_boundary_are_summed_exactly(client, kind):
+    # Channels whose values span 0 to 120 binary orders (where the float32
+    # accumulation switches between its exact methods), at the top, middle
+    # and bottom of float32's range, plus subnormals, zeros and signed zeros;
+    # as a (N, C) table and as (N, C, H, W) images, cut into two batches.
+    spans = [(120, 120), (100, 126), (100, 127), (100, 128), (60, 112), (60, 113),
+             (60, 114), (30, 108), (30, 109), (1, 121), (254 - 79, 254), (1, 27)]
+    values = float32_spans(3, 4800, spans)
+    subnormal = values[:, 0].view(np.uint32) & np.uint32((1 << 23) - 1)
+    zeros = np.where(np.arange(4800) % 3 == 0, np.float32(0.0), values[:, 1])
+    zeros[1::6] = -0.0
+    values = np.concatenate([values, subnormal.view(np.float32)[:, None], zeros[:, None]], axis=1)
+    channels = values.shape[1]
+    batch = values if kind == "1d" else values.reshape(75, 64, channels).transpose(0, 2, 1).reshape(75, channels, 8, 8)
+    session = new_exact(client, channels, "float32", kind)
+    batches = [batch[:50], batch[50:]]
+    for part in batches:
+        session.forward(np.ascontiguousarray(part), train=True)
+    assert_exact(session.info(), batches, "float32")
+    columns = values_of(batches)
+    assert exported_sums(session) == [oracle_sums(column) for column in columns]
+
+
 def test_non_finite_train_input_is_refused_and_changes_nothing(client):
     session = new_exact(client, 2, "float32")
     session.forward(np.array([[1.0, 2.0], [3.0, 4.0]], dtype=np.float32), train=True)
