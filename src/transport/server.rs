@@ -21,6 +21,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic_health::server::HealthReporter;
 
 use super::convert::{CompareLimits, ServerFacts};
+use super::forward_path::BatchNormRoutes;
 use super::incoming::{ThrottledIncoming, TlsIncoming};
 use super::oip::{self, InferenceApi, Models};
 use super::LIBTORCH_VERSION;
@@ -297,10 +298,10 @@ impl Server {
         let max = config.max_message_bytes;
         let look_ahead =
             super::stream::LookAhead::new(config.stream_look_ahead_bytes, budget.clone());
+        // The unary Forward read and written without tonic's buffers; the
+        // other methods by the generated server.
         let batch_norm =
-            BatchNormServiceServer::new(BatchNormApi::new(registry.clone(), look_ahead.clone()))
-                .max_decoding_message_size(max)
-                .max_encoding_message_size(max);
+            BatchNormRoutes::new(BatchNormApi::new(registry.clone(), look_ahead.clone()), max);
         let compare_limits = CompareLimits {
             max_tensor_elements: config.max_tensor_elements,
             max_input_elements: config.compare_max_tensor_elements,
