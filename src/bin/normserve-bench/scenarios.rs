@@ -36,6 +36,10 @@ pub struct Scenario {
     pub shape: Vec<i64>,
     pub train: bool,
     pub workload: Workload,
+    /// Sessions created with `exact_statistics` (order-independent exact
+    /// sums beside the running statistics): what the exact mode costs, read
+    /// against the same shape's plain scenario.
+    pub exact: bool,
 }
 
 pub fn scenarios() -> Vec<Scenario> {
@@ -46,6 +50,11 @@ pub fn scenarios() -> Vec<Scenario> {
         shape: shape.to_vec(),
         train,
         workload,
+        exact: false,
+    };
+    let exact = |scenario: Scenario| Scenario {
+        exact: true,
+        ..scenario
     };
     vec![
         s(
@@ -76,6 +85,13 @@ pub fn scenarios() -> Vec<Scenario> {
             true,
             unary,
         ),
+        exact(s(
+            "exact_1m",
+            "unary train (4096,64) 1 MiB, exact_statistics session (read beside throughput_1m)",
+            &[4096, 64],
+            true,
+            unary,
+        )),
         s(
             "throughput_16m",
             "unary train (65536,64) 16 MiB",
@@ -90,6 +106,13 @@ pub fn scenarios() -> Vec<Scenario> {
             true,
             unary,
         ),
+        exact(s(
+            "exact_16m_4d",
+            "unary train (64,64,32,32) 16 MiB, exact_statistics session (read beside throughput_16m_4d)",
+            &[64, 64, 32, 32],
+            true,
+            unary,
+        )),
         s(
             "throughput_16m_eval",
             "unary eval (65536,64) 16 MiB",
