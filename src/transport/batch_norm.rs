@@ -5,26 +5,35 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::convert::{
-    Caller, DeleteSession, ForwardCall, MergeSession, Mutation, ResetRunningStats, Scope, StateDict,
+    Caller, DeleteSession, ForwardCall, MergeSession, Mutation, ResetRunningStats, Scope,
+    StateDict, WrittenToSharedMemory,
 };
-use super::{auth, stream};
+use super::{auth, shared_memory, stream};
 use crate::proto::v1 as pb;
 use crate::proto::v1::batch_norm_service_server::BatchNormService;
-use crate::session::synced::{ReduceStatistics, StepForward};
+use crate::session::synced::{ReduceStatistics, StepForward, StepForwardOutcome};
 use crate::session::{CreateSession, ListSessions, Registry, SessionId, UpdateParameters};
+use crate::shm::SharedMemory;
 
 pub struct BatchNormApi {
     registry: Arc<Registry>,
     look_ahead: stream::LookAhead,
+    shared_memory: Arc<SharedMemory>,
 }
 
 impl BatchNormApi {
     /// The service over `registry`, ForwardStream answering at most
-    /// `look_ahead` ahead of its client.
-    pub fn new(registry: Arc<Registry>, look_ahead: stream::LookAhead) -> Self {
+    /// `look_ahead` ahead of its client, Forward reading and writing the
+    /// regions of `shared_memory`.
+    pub fn new(
+        registry: Arc<Registry>,
+        look_ahead: stream::LookAhead,
+        shared_memory: Arc<SharedMemory>,
+    ) -> Self {
         BatchNormApi {
             registry,
             look_ahead,
+            shared_memory,
         }
     }
 
@@ -42,6 +51,7 @@ impl BatchNormApi {
         Ok(Caller {
             principal: auth::principal(request)?,
             max_tensor_elements: self.registry.options().limits.max_tensor_elements,
+            shared_memory: Some(self.shared_memory.clone()),
         })
     }
 }
@@ -56,18 +66,37 @@ async fn forward(
         command,
         representation,
         step,
+        shared_input,
+        shared_output,
     } = caller.decode(request)?;
-    if let Some(spec) = step {
-        let outcome = registry
-            .step_forward(StepForward {
-                forward: command,
-                spec,
-            })
-            .await?;
-        return Ok(representation.of(outcome).into());
+    let mut outcome = match step {
+        Some(spec) => {
+            registry
+                .step_forward(StepForward {
+                    forward: command,
+                    spec,
+                })
+                .await?
+        }
+        None => StepForwardOutcome {
+            forward: registry.forward(command).await?,
+            statistics: None,
+        },
+    };
+    if let Some(input) = &shared_input {
+        shared_memory::check_after_read(caller, input)?;
     }
-    let outcome = registry.forward(command).await?;
-    Ok(representation.of(outcome).into())
+    let Some(range) = shared_output else {
+        return Ok(representation.of(outcome).into());
+    };
+    let written = match outcome.forward.output.take() {
+        Some(output) => {
+            shared_memory::write_output(registry, caller, &range, output.into_bytes()).await?;
+            Some(range)
+        }
+        None => None,
+    };
+    Ok(WrittenToSharedMemory { outcome, written }.into())
 }
 
 #[tonic::async_trait]

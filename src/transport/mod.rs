@@ -23,6 +23,7 @@ pub mod oip;
 mod security;
 mod server;
 mod server_info;
+mod shared_memory;
 pub mod shedding;
 mod status;
 pub mod stream;
@@ -34,6 +35,7 @@ pub use compare::CompareApi;
 pub use security::{Security, SecurityError};
 pub use server::{ServeError, Server};
 pub use server_info::ServerInfoApi;
+pub use shared_memory::SharedMemoryApi;
 
 /// The libtorch version this binary was built against (from its headers).
 pub use crate::telemetry::metrics::LIBTORCH_VERSION;
