@@ -37,6 +37,15 @@ impl BatchNormApi {
         }
     }
 
+    /// One unary Forward, its request decoded.
+    pub(super) async fn forward_message(
+        &self,
+        request: Request<pb::ForwardRequest>,
+    ) -> Result<pb::ForwardResponse, Status> {
+        let caller = self.caller(&request)?;
+        forward(&self.registry, &caller, request.into_inner()).await
+    }
+
     /// Who sent `request`, and the limits its message is decoded under.
     fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
         Ok(Caller {
@@ -160,14 +169,13 @@ impl BatchNormService for BatchNormApi {
         Ok(Response::new(caller.encode(applied)))
     }
 
+    /// Served by `forward_path` (this one only if the service were served
+    /// by tonic's generated server alone).
     async fn forward(
         &self,
         request: Request<pb::ForwardRequest>,
     ) -> Result<Response<pb::ForwardResponse>, Status> {
-        let caller = self.caller(&request)?;
-        Ok(Response::new(
-            forward(&self.registry, &caller, request.into_inner()).await?,
-        ))
+        Ok(Response::new(self.forward_message(request).await?))
     }
 
     type ForwardStreamStream = stream::Replies<pb::ForwardStreamResponse>;

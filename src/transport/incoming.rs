@@ -31,6 +31,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_stream::Stream;
 use tonic::transport::server::{Connected, TcpIncoming};
 
+use super::coalesce::CoalescedWrites;
 use crate::telemetry::Metrics;
 
 const FIRST_PAUSE: Duration = Duration::from_millis(5);
@@ -85,7 +86,7 @@ impl ThrottledIncoming {
 }
 
 impl Stream for ThrottledIncoming {
-    type Item = std::io::Result<PrefaceDeadline<TcpStream>>;
+    type Item = std::io::Result<PrefaceDeadline<CoalescedWrites<TcpStream>>>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         if let Some(pause) = self.pause.as_mut() {
@@ -105,7 +106,12 @@ impl Stream for ThrottledIncoming {
         let timeout = self.handshake_timeout;
         next.map(|accepted| {
             accepted.map(|io| {
-                io.map(|io| PrefaceDeadline::new(io, tokio::time::Instant::now() + timeout))
+                io.map(|io| {
+                    PrefaceDeadline::new(
+                        CoalescedWrites::new(io),
+                        tokio::time::Instant::now() + timeout,
+                    )
+                })
             })
         })
     }
@@ -220,7 +226,7 @@ impl<IO: Connected> Connected for PrefaceDeadline<IO> {
 pub struct TlsIncoming {
     inner: Option<ThrottledIncoming>,
     acceptor: TlsAcceptor,
-    handshakes: JoinSet<std::io::Result<PrefaceDeadline<TlsStream<TcpStream>>>>,
+    handshakes: JoinSet<std::io::Result<PrefaceDeadline<CoalescedWrites<TlsStream<TcpStream>>>>>,
 }
 
 impl TlsIncoming {
@@ -232,15 +238,18 @@ impl TlsIncoming {
         }
     }
 
-    fn start(&mut self, connection: PrefaceDeadline<TcpStream>) {
+    fn start(&mut self, connection: PrefaceDeadline<CoalescedWrites<TcpStream>>) {
         let acceptor = self.acceptor.clone();
         let (io, deadline) = connection.into_parts();
+        // The handshake on the plain connection; the decrypted stream's
+        // writes are the ones coalesced (one TLS record for a small reply).
+        let io = io.into_inner();
         // A fresh PrefaceDeadline always has its deadline; the fallback only
         // keeps the type total.
         let deadline = deadline.unwrap_or_else(tokio::time::Instant::now);
         self.handshakes.spawn(async move {
             match tokio::time::timeout_at(deadline, acceptor.accept(io)).await {
-                Ok(Ok(tls)) => Ok(PrefaceDeadline::new(tls, deadline)),
+                Ok(Ok(tls)) => Ok(PrefaceDeadline::new(CoalescedWrites::new(tls), deadline)),
                 Ok(Err(error)) => Err(error),
                 Err(_) => Err(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
@@ -252,7 +261,7 @@ impl TlsIncoming {
 }
 
 impl Stream for TlsIncoming {
-    type Item = std::io::Result<PrefaceDeadline<TlsStream<TcpStream>>>;
+    type Item = std::io::Result<PrefaceDeadline<CoalescedWrites<TlsStream<TcpStream>>>>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;

@@ -11,9 +11,11 @@
 pub mod admission;
 pub mod auth;
 mod batch_norm;
+mod coalesce;
 mod compare;
 pub mod convert;
 pub mod deadline;
+mod forward_path;
 mod idle;
 mod incoming;
 pub mod inflight;
@@ -25,6 +27,7 @@ mod shared_memory;
 pub mod shedding;
 mod status;
 pub mod stream;
+mod wire;
 
 pub use admission::AdmissionLayer;
 pub use batch_norm::BatchNormApi;

@@ -21,6 +21,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic_health::server::HealthReporter;
 
 use super::convert::{CompareLimits, ServerFacts};
+use super::forward_path::BatchNormRoutes;
 use super::incoming::{ThrottledIncoming, TlsIncoming};
 use super::oip::{self, InferenceApi, Models};
 use super::LIBTORCH_VERSION;
@@ -310,13 +311,12 @@ impl Server {
         let look_ahead =
             super::stream::LookAhead::new(config.stream_look_ahead_bytes, budget.clone());
 
-        let batch_norm = BatchNormServiceServer::new(BatchNormApi::new(
-            registry.clone(),
-            look_ahead.clone(),
-            shared_memory.clone(),
-        ))
-        .max_decoding_message_size(max)
-        .max_encoding_message_size(max);
+        // The unary Forward read and written without tonic's buffers; the
+        // other methods by the generated server.
+        let batch_norm = BatchNormRoutes::new(
+            BatchNormApi::new(registry.clone(), look_ahead.clone(), shared_memory.clone()),
+            max,
+        );
         let shared_memory_service =
             SharedMemoryServiceServer::new(SharedMemoryApi::new(shared_memory.clone()));
         let _region_expirer = config

@@ -266,3 +266,34 @@ async fn a_request_body_ending_inside_or_before_its_message_is_invalid_argument_
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert!(status.message().contains("no message"), "{status:?}");
 }
+
+/// The unary Forward's request is read beside tonic's codec: each bad body
+/// gets the status tonic's path gives the same body on another method.
+#[tokio::test]
+async fn the_unary_forward_refuses_bad_bodies_as_tonic_does() {
+    let server = TestServer::start().await;
+    let forward = "/normserve.v1.BatchNormService/Forward";
+    let tonic_path = "/normserve.v1.BatchNormService/GetSession";
+    let mut truncated = vec![0u8, 0, 0, 0, 100];
+    truncated.extend_from_slice(&[0x0a, 2, b's', b'1']);
+    let bodies: Vec<(&str, Vec<u8>)> = vec![
+        ("truncated", truncated),
+        ("empty", Vec::new()),
+        ("prefix only", vec![0, 0, 0]),
+        // Field 1 announcing more bytes than the message has.
+        ("malformed", vec![0, 0, 0, 0, 3, 0x0a, 0x7f, 0x01]),
+        // An invalid wire type.
+        ("bad wire type", vec![0, 0, 0, 0, 2, 0x0f, 0x01]),
+        ("oversized", vec![0, 0xff, 0xff, 0xff, 0xff]),
+    ];
+    for (name, body) in bodies {
+        let ours = raw_grpc_status(&server, forward, body.clone()).await;
+        let theirs = raw_grpc_status(&server, tonic_path, body).await;
+        assert_eq!(ours.code(), theirs.code(), "{name}: {ours:?} vs {theirs:?}");
+        assert_ne!(ours.code(), Code::Internal, "{name}: {ours:?}");
+        assert_ne!(ours.code(), Code::Ok, "{name}: {ours:?}");
+    }
+    // A compression flag on an uncompressed call is the client's fault.
+    let status = raw_grpc_status(&server, forward, vec![1, 0, 0, 0, 0]).await;
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+}

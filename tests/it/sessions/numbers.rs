@@ -176,3 +176,39 @@ async fn reject_non_finite_sessions_refuse_nan_and_inf_and_change_nothing() {
         .unwrap();
     assert!(values(&output)[1].is_nan());
 }
+
+/// A 4 MiB input arrives in several HTTP/2 frames (the server accepts
+/// frames of at most 1 MiB) and its reply leaves as a chunk of its own:
+/// BatchNorm1d(1) on alternating 1 and 3 (mean 2, biased variance 1) is
+/// -+1 / sqrt(1 + eps), whatever the session name's length does to the
+/// tensor bytes' alignment in the message.
+#[tokio::test]
+async fn large_inputs_split_across_frames_normalize_exactly() {
+    let server = TestServer::start().await;
+    let mut client = server.batch_norm().await;
+    let rows = 1usize << 20;
+    let input: Vec<f32> = (0..rows)
+        .map(|i| if i % 2 == 0 { 1.0 } else { 3.0 })
+        .collect();
+    let expected = 1.0 / (1.0 + EPS).sqrt();
+    for name in ["a", "ab", "abc", "abcd"] {
+        let id = create(&mut client, crate::support::requests::named(name, bn1d(1)))
+            .await
+            .session_id;
+        let reply = client
+            .forward(train(&id, f32_raw(&[rows as i64, 1], &input)))
+            .await
+            .unwrap()
+            .into_inner();
+        let output = values(reply.output.as_ref().unwrap());
+        assert_eq!(output.len(), rows);
+        for (i, value) in output.iter().enumerate() {
+            let want = if i % 2 == 0 { -expected } else { expected };
+            assert!(
+                (value - want).abs() < 1e-6,
+                "{name}: [{i}] {value} != {want}"
+            );
+        }
+        assert_eq!((reply.version, reply.num_batches_tracked), (2, 1));
+    }
+}
