@@ -5,13 +5,16 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::convert::{
-    Caller, DeleteSession, ForwardCall, MergeSession, Mutation, ResetRunningStats, Scope, StateDict,
+    Caller, DeleteSession, ForwardCall, MergeSession, Mutation, Representation, ResetRunningStats,
+    Scope, StateDict,
 };
 use super::{auth, stream};
 use crate::proto::v1 as pb;
 use crate::proto::v1::batch_norm_service_server::BatchNormService;
 use crate::session::synced::{ReduceStatistics, StepForward};
-use crate::session::{CreateSession, ListSessions, Registry, SessionId, UpdateParameters};
+use crate::session::{
+    CreateSession, Forward, ListSessions, Registry, SessionId, UpdateParameters,
+};
 
 pub struct BatchNormApi {
     registry: Arc<Registry>,
@@ -59,6 +62,89 @@ async fn forward(
     }
     let outcome = registry.forward(command).await?;
     Ok(representation.of(outcome).into())
+}
+
+/// The Forwards a stream has received together, answered in order (one
+/// answer per request): Forwards without a synchronized step are handed to
+/// the registry as a group (each session's committed once); a Forward with a
+/// step is answered alone, in its place, after the ones before it.
+async fn forward_group(
+    registry: &Arc<Registry>,
+    caller: &Caller,
+    requests: Vec<pb::ForwardRequest>,
+) -> Vec<Result<pb::ForwardResponse, Status>> {
+    let mut answers: Vec<Result<pb::ForwardResponse, Status>> = Vec::with_capacity(requests.len());
+    // Decoded plain Forwards not yet handed to the registry: their places
+    // in `answers` (filled with placeholders until then).
+    let mut plain: Vec<(usize, (Forward, Representation))> = Vec::new();
+    for request in requests {
+        let place = answers.len();
+        answers.push(Err(Status::internal("not answered")));
+        match caller.decode::<_, ForwardCall>(request) {
+            Err(error) => answers[place] = Err(error.into()),
+            Ok(ForwardCall {
+                command,
+                representation,
+                step: None,
+            }) => plain.push((place, (command, representation))),
+            Ok(ForwardCall {
+                command,
+                representation,
+                step: Some(spec),
+            }) => {
+                answer_plain(registry, std::mem::take(&mut plain), &mut answers).await;
+                answers[place] = registry
+                    .step_forward(StepForward {
+                        forward: command,
+                        spec,
+                    })
+                    .await
+                    .map(|outcome| representation.of(outcome).into())
+                    .map_err(Status::from);
+            }
+        }
+    }
+    answer_plain(registry, plain, &mut answers).await;
+    answers
+}
+
+/// Answers `plain` (places and decoded Forwards without a step) as one
+/// registry group.
+async fn answer_plain(
+    registry: &Arc<Registry>,
+    plain: Vec<(usize, (Forward, Representation))>,
+    answers: &mut [Result<pb::ForwardResponse, Status>],
+) {
+    if plain.is_empty() {
+        return;
+    }
+    let (places, calls): (Vec<usize>, Vec<(Forward, Representation)>) = plain.into_iter().unzip();
+    let (commands, representations): (Vec<Forward>, Vec<Representation>) =
+        calls.into_iter().unzip();
+    let outcomes = registry.forward_group(commands).await;
+    for ((place, representation), outcome) in places.into_iter().zip(representations).zip(outcomes) {
+        answers[place] = outcome
+            .map(|outcome| representation.of(outcome).into())
+            .map_err(Status::from);
+    }
+}
+
+/// A stream's answer to its `index`-th message.
+fn stream_response(
+    index: u64,
+    answer: Result<pb::ForwardResponse, Status>,
+) -> pb::ForwardStreamResponse {
+    let result = match answer {
+        Ok(response) => pb::forward_stream_response::Result::Response(response),
+        Err(status) => pb::forward_stream_response::Result::Error(pb::StreamError {
+            code: status.code() as i32,
+            message: status.message().to_owned(),
+        }),
+    };
+    pb::ForwardStreamResponse {
+        index,
+        result: Some(result),
+    }
 }
 
 #[tonic::async_trait]
@@ -150,29 +236,23 @@ impl BatchNormService for BatchNormApi {
         let caller = Arc::new(self.caller(&request)?);
         let credential = auth::credential(&request);
         let registry = self.registry.clone();
-        let mut index: u64 = 0;
-        let replies = stream::answer_each(
+        let mut next_index: u64 = 0;
+        // The messages already received are answered as a group: each
+        // session's Forwards among them share one commit.
+        let replies = stream::answer_groups(
             request.into_inner(),
             credential,
             self.look_ahead.clone(),
-            move |request| {
+            move |requests: Vec<pb::ForwardRequest>| {
                 let (registry, caller) = (registry.clone(), caller.clone());
-                let this = index;
-                index += 1;
+                let first = next_index;
+                next_index += requests.len() as u64;
                 async move {
-                    let result = match forward(&registry, &caller, request).await {
-                        Ok(response) => pb::forward_stream_response::Result::Response(response),
-                        Err(status) => {
-                            pb::forward_stream_response::Result::Error(pb::StreamError {
-                                code: status.code() as i32,
-                                message: status.message().to_owned(),
-                            })
-                        }
-                    };
-                    pb::ForwardStreamResponse {
-                        index: this,
-                        result: Some(result),
-                    }
+                    let answers = forward_group(&registry, &caller, requests).await;
+                    (first..)
+                        .zip(answers)
+                        .map(|(index, answer)| stream_response(index, answer))
+                        .collect()
                 }
             },
         );

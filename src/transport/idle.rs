@@ -21,6 +21,18 @@ use tokio::time::Sleep;
 use tonic::body::Body;
 use tonic::Status;
 
+tokio::task_local! {
+    /// Set while a stream looks at what has already arrived without waiting.
+    static PEEKING: ();
+}
+
+/// Runs `look` as a look at what the client has already sent: a body found
+/// empty inside it was not awaited, so it arms no idle timer (the stream may
+/// then compute for a while before it waits for the client).
+pub fn peek<T>(look: impl FnOnce() -> T) -> T {
+    PEEKING.sync_scope((), look)
+}
+
 /// A request body that fails once the client has sent nothing for
 /// `limit` while it was awaited.
 pub struct IdleBody {
@@ -74,6 +86,9 @@ impl http_body::Body for IdleBody {
                 let Some(limit) = this.limit else {
                     return Poll::Pending;
                 };
+                if PEEKING.try_with(|_| ()).is_ok() {
+                    return Poll::Pending;
+                }
                 let timer = this
                     .timer
                     .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
