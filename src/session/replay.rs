@@ -252,7 +252,11 @@ impl ReplayLog {
     /// What [`find`](Self::find) would answer once `pending` (mutations
     /// computed but not committed yet, oldest first) were recorded: the
     /// newest entries within the window, `pending` included.
-    pub fn find_after<'a>(&'a self, pending: &'a [Replayable], request_id: &str) -> Option<&'a Replay> {
+    pub fn find_after<'a>(
+        &'a self,
+        pending: &'a [Replayable],
+        request_id: &str,
+    ) -> Option<&'a Replay> {
         let window = self.limits.window;
         let kept_pending = pending.len().min(window);
         pending[pending.len() - kept_pending..]

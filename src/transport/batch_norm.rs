@@ -12,9 +12,7 @@ use super::{auth, stream};
 use crate::proto::v1 as pb;
 use crate::proto::v1::batch_norm_service_server::BatchNormService;
 use crate::session::synced::{ReduceStatistics, StepForward};
-use crate::session::{
-    CreateSession, Forward, ListSessions, Registry, SessionId, UpdateParameters,
-};
+use crate::session::{CreateSession, Forward, ListSessions, Registry, SessionId, UpdateParameters};
 
 pub struct BatchNormApi {
     registry: Arc<Registry>,
@@ -122,7 +120,8 @@ async fn answer_plain(
     let (commands, representations): (Vec<Forward>, Vec<Representation>) =
         calls.into_iter().unzip();
     let outcomes = registry.forward_group(commands).await;
-    for ((place, representation), outcome) in places.into_iter().zip(representations).zip(outcomes) {
+    for ((place, representation), outcome) in places.into_iter().zip(representations).zip(outcomes)
+    {
         answers[place] = outcome
             .map(|outcome| representation.of(outcome).into())
             .map_err(Status::from);

@@ -52,11 +52,7 @@ fn record_of<T>(
     state: &SessionState,
     next: &Next<T>,
 ) -> Result<SessionRecord, SessionError> {
-    record(
-        info,
-        &next.layer,
-        state.replay.stored_with(&next.replays),
-    )
+    record(info, &next.layer, state.replay.stored_with(&next.replays))
 }
 
 impl Registry {

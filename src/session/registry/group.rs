@@ -47,14 +47,14 @@ impl Registry {
             // The output is the input's size: charged before it is computed
             // (as a single Forward's), and refused alone when it does not fit.
             let bytes = command.input.bytes().len() as u64;
-            let charge = match charge_unless_large(&self.options.memory_budget, bytes, Kind::Replies)
-            {
-                Ok(charge) => charge,
-                Err(refused) => {
-                    answers[place] = Some(Err(refused.into()));
-                    continue;
-                }
-            };
+            let charge =
+                match charge_unless_large(&self.options.memory_budget, bytes, Kind::Replies) {
+                    Ok(charge) => charge,
+                    Err(refused) => {
+                        answers[place] = Some(Err(refused.into()));
+                        continue;
+                    }
+                };
             let run = match runs.iter_mut().position(|run| run.id == command.id) {
                 Some(at) => &mut runs[at],
                 None => {

@@ -547,7 +547,13 @@ async fn a_group_of_forwards_is_applied_in_order_and_committed_once() {
         .collect();
     assert_eq!(
         recent,
-        [("r0", 2, 1), ("r1", 3, 2), ("r2", 4, 3), ("r3", 5, 4), ("r4", 6, 5)]
+        [
+            ("r0", 2, 1),
+            ("r1", 3, 2),
+            ("r2", 4, 3),
+            ("r3", 5, 4),
+            ("r4", 6, 5)
+        ]
     );
 
     // After a restart every id of the group is still known.
@@ -703,7 +709,12 @@ async fn a_group_that_loses_the_compare_and_set_is_recomputed_whole() {
     // compare-and-set, reloads and computes the whole group again.
     store.stale_checks.store(1, Ordering::SeqCst);
     let answers = b
-        .forward_group(BATCHES[1..].iter().map(|batch| train(batch, Preconditions::default())).collect())
+        .forward_group(
+            BATCHES[1..]
+                .iter()
+                .map(|batch| train(batch, Preconditions::default()))
+                .collect(),
+        )
         .await;
     assert_eq!(store.conflicts.load(Ordering::SeqCst), 1);
     let mut oracle = HandOracle::new();
