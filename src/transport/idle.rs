@@ -146,6 +146,27 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_peek_at_an_empty_body_is_not_waiting() {
+        let (sender, body) = channel_body();
+        let mut body = IdleBody::new(body, Some(Duration::from_secs(5)));
+        let mut context = Context::from_waker(std::task::Waker::noop());
+        let peeked = peek(|| http_body::Body::poll_frame(Pin::new(&mut body), &mut context));
+        assert!(peeked.is_pending());
+        // The stream computes for longer than the limit before it waits:
+        // only the wait counts.
+        tokio::time::advance(Duration::from_secs(8)).await;
+        let feeder = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            let data = http_body::Frame::data(Bytes::from_static(b"x"));
+            sender.send(Ok(data)).await.unwrap();
+            sender
+        });
+        let frame = body.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), Bytes::from_static(b"x"));
+        drop(feeder.await.unwrap());
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn each_frame_starts_the_count_again() {
         let (sender, body) = channel_body();
         let mut body = IdleBody::new(body, Some(Duration::from_secs(5)));

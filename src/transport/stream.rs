@@ -9,6 +9,12 @@
 //! client sent nothing for `--request-idle-timeout-seconds` while its next
 //! message was awaited, or when the client goes away.
 //!
+//! ForwardStream answers the messages already received when it reads one as
+//! a group ([`answer_groups`]), so their mutations share commits; the group
+//! is bounded in count and bytes, by the look-ahead's free room, and its
+//! messages are charged to the memory budget while held. Looking for them
+//! does not wait for the client (it arms no idle timer).
+//!
 //! Answers computed ahead of what the client has taken are bounded in bytes
 //! (`--stream-look-ahead-bytes`, [`LookAhead`]): past the bound the loop
 //! reads no further message until the client reads, so a client that never
@@ -182,17 +188,26 @@ where
                 .min(MAX_GROUP_BYTES)
                 .saturating_sub(first.encoded_len());
             let mut group = vec![first];
+            // The messages taken ahead are held until the group is answered:
+            // charged as requests in flight (the body charges only the
+            // message it receives and the one computed on), and left for the
+            // next group when the budget has no room for them.
+            let mut held: Vec<Charge> = Vec::new();
             let mut ending = None;
             while group.len() < max_group {
                 match idle::peek(|| already_received(&mut inbound)) {
                     None => break,
                     Some(Ok(Some(request))) => {
                         let size = request.encoded_len();
-                        if size > room {
+                        let charge = (size <= room)
+                            .then(|| look_ahead.budget.try_charge(size as u64, Kind::Requests))
+                            .and_then(Result::ok);
+                        let Some(charge) = charge else {
                             carried = Some(request);
                             break;
-                        }
+                        };
                         room -= size;
+                        held.push(charge);
                         group.push(request);
                     }
                     Some(Ok(None)) => {
@@ -211,7 +226,9 @@ where
                 let _ = replies.send((Err(refused), None));
                 break;
             }
-            for reply in answer(group).await {
+            let answers = answer(group).await;
+            drop(held);
+            for reply in answers {
                 let share = u32::try_from(reply.encoded_len())
                     .unwrap_or(u32::MAX)
                     .clamp(1, look_ahead.bytes);

@@ -209,3 +209,17 @@ def test_every_acknowledged_stream_message_survives_kill_9():
         channel.close()
     finally:
         assert server.stop() == 0
+
+
+def test_an_exact_statistics_session_fed_by_a_pipelined_stream_keeps_exact_sums(client):
+    # Grouped messages accumulate into the exact sums one after another, as
+    # unary calls do: the statistics are those of every value, rounded once.
+    from test_exact import assert_exact, new_exact, wide_batches
+
+    session = new_exact(client, 4)
+    inputs = wide_batches(seed=5, count=48, rows=8, channels=4)
+    outputs = list(session.forward_stream(inputs, train=True))
+    assert len(outputs) == len(inputs)
+    info = session.info()
+    assert (info.version, info.num_batches_tracked) == (1 + len(inputs), len(inputs))
+    assert_exact(info, inputs, "float64")
