@@ -64,3 +64,4 @@ include mk/chaos.mk
 include mk/fuzz.mk
 include mk/python-client.mk
 include mk/beam.mk
+include mk/bench-peer.mk

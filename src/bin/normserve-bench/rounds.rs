@@ -144,6 +144,7 @@ async fn create_session(channel: &Channel, scenario: &Scenario, device: &str) ->
             kind: scenario.layer_kind() as i32,
             num_features: scenario.shape[1],
             device: device.to_owned(),
+            exact_statistics: scenario.exact,
             ..Default::default()
         })
         .await;

@@ -56,6 +56,10 @@ pub struct Scenario {
     pub train: bool,
     pub workload: Workload,
     pub durability: Durability,
+    /// Sessions created with `exact_statistics` (order-independent exact
+    /// sums beside the running statistics): what the exact mode costs, read
+    /// against the same shape's plain scenario.
+    pub exact: bool,
 }
 
 pub fn scenarios() -> Vec<Scenario> {
@@ -67,9 +71,14 @@ pub fn scenarios() -> Vec<Scenario> {
         train,
         workload,
         durability: Durability::None,
+        exact: false,
     };
     let sync = |scenario: Scenario| Scenario {
         durability: Durability::Sync,
+        ..scenario
+    };
+    let exact = |scenario: Scenario| Scenario {
+        exact: true,
         ..scenario
     };
     vec![
@@ -101,6 +110,13 @@ pub fn scenarios() -> Vec<Scenario> {
             true,
             unary,
         ),
+        exact(s(
+            "exact_1m",
+            "unary train (4096,64) 1 MiB, exact_statistics session (read beside throughput_1m)",
+            &[4096, 64],
+            true,
+            unary,
+        )),
         s(
             "throughput_16m",
             "unary train (65536,64) 16 MiB",
@@ -115,6 +131,13 @@ pub fn scenarios() -> Vec<Scenario> {
             true,
             unary,
         ),
+        exact(s(
+            "exact_16m_4d",
+            "unary train (64,64,32,32) 16 MiB, exact_statistics session (read beside throughput_16m_4d)",
+            &[64, 64, 32, 32],
+            true,
+            unary,
+        )),
         s(
             "throughput_16m_eval",
             "unary eval (65536,64) 16 MiB",
