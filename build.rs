@@ -11,6 +11,7 @@ const PROTO_FILES: &[&str] = &[
     "proto/normserve/v1/batch_norm.proto",
     "proto/normserve/v1/compare.proto",
     "proto/normserve/v1/server.proto",
+    "proto/normserve/v1/shared_memory.proto",
     // The Open Inference Protocol's gRPC service (package `inference`).
     "proto/inference/grpc_service.proto",
 ];

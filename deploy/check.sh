@@ -3,7 +3,8 @@
 #
 #   hadolint     deploy/Dockerfile, deploy/Dockerfile.cuda (deploy/.hadolint.yaml)
 #   kustomize    `kubectl kustomize` renders each deploy/k8s/overlays/<mode>, and
-#                the redis overlay with every component (gpu, prometheus-operator)
+#                the redis overlay with every component (gpu, prometheus-operator,
+#                shared-memory-sidecar)
 #   kubernetes   every manifest, rendered and as files, against the Kubernetes
 #                OpenAPI schemas of $K8S_VERSIONS, strict (unknown fields fail)
 #   crds         the Prometheus Operator resources (PodMonitor) against the
@@ -61,6 +62,7 @@ resources:
 components:
   - $k8s/components/gpu
   - $k8s/components/prometheus-operator
+  - $k8s/components/shared-memory-sidecar
 EOF_ALL
   "$bin/kubectl" kustomize "$work/all" >"$work/rendered.tmp/all.yaml" || return 1
   mv "$work/rendered.tmp" "$work/rendered"

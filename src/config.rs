@@ -259,6 +259,58 @@ pub struct Config {
     #[arg(long, env = "NORMSERVE_HTTP_REQUEST_TIMEOUT_SECONDS", default_value_t = 60,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub http_request_timeout_seconds: u64,
+
+    /// The shared-memory tensor transport (SharedMemoryService, Forward's
+    /// input_region/output_region) for clients on this host: on or off. Off,
+    /// every registration is refused with FAILED_PRECONDITION. A server whose
+    /// /dev/shm is not shared with its clients (a container without a shared
+    /// emptyDir) refuses registrations of objects it cannot see with NOT_FOUND.
+    #[arg(long, env = "NORMSERVE_SHARED_MEMORY", value_enum, default_value_t = Switch::On)]
+    pub shared_memory: Switch,
+
+    /// Seconds a registered shared-memory region may go unused (no Forward,
+    /// no registration) before the server unregisters and unmaps it; 0: never.
+    /// Swept every quarter of it (between 100 ms and 30 s).
+    #[arg(
+        long,
+        env = "NORMSERVE_SHARED_MEMORY_IDLE_SECONDS",
+        default_value_t = 300
+    )]
+    pub shared_memory_idle_seconds: u64,
+
+    /// Most bytes of shared-memory regions mapped at once, every tenant's
+    /// together (bytes or with a unit: 16GiB). Mapped pages are the clients'
+    /// shared memory, not the server's: they are not in --memory-budget.
+    #[arg(long, env = "NORMSERVE_SHARED_MEMORY_MAX_BYTES", value_name = "SIZE",
+          default_value = "16GiB", value_parser = crate::memory::parse_bytes)]
+    pub shared_memory_max_bytes: u64,
+
+    /// Most shared-memory regions one tenant may have registered at once (the
+    /// server holds at most 1024 in all).
+    #[arg(
+        long,
+        env = "NORMSERVE_TENANT_SHARED_MEMORY_MAX_REGIONS",
+        default_value_t = 64
+    )]
+    pub tenant_shared_memory_max_regions: u64,
+
+    /// Most bytes one tenant's shared-memory regions may cover together.
+    #[arg(long, env = "NORMSERVE_TENANT_SHARED_MEMORY_MAX_BYTES", value_name = "SIZE",
+          default_value = "4GiB", value_parser = crate::memory::parse_bytes)]
+    pub tenant_shared_memory_max_bytes: u64,
+}
+
+/// An on/off option.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
+}
+
+impl Switch {
+    pub fn is_on(self) -> bool {
+        self == Switch::On
+    }
 }
 
 /// `--access-log-sample`: a number from 0 to 1.
@@ -476,6 +528,12 @@ impl Config {
     /// The idle TTL, `None` when off.
     pub fn session_ttl(&self) -> Option<Duration> {
         (self.session_ttl_seconds > 0).then(|| Duration::from_secs(self.session_ttl_seconds))
+    }
+
+    /// The shared-memory idle lease; None: regions never expire.
+    pub fn shared_memory_idle(&self) -> Option<Duration> {
+        (self.shared_memory_idle_seconds > 0)
+            .then(|| Duration::from_secs(self.shared_memory_idle_seconds))
     }
 
     pub fn drain_timeout(&self) -> Duration {

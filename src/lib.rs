@@ -24,6 +24,9 @@ pub mod memory;
 pub mod scheduler;
 pub mod telemetry;
 
+// Shared-memory regions of clients on this host (mappings, per-tenant table).
+pub mod shm;
+
 // Generated gRPC code, confined to one module.
 pub mod proto;
 // The tokens file and who a caller is.

@@ -11,6 +11,7 @@ const PROTO_FILES: &[&str] = &[
     "normserve/v1/batch_norm.proto",
     "normserve/v1/compare.proto",
     "normserve/v1/server.proto",
+    "normserve/v1/shared_memory.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

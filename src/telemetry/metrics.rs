@@ -31,7 +31,7 @@ pub const LIBTORCH_VERSION: &str = env!("NORMSERVE_LIBTORCH_VERSION");
 
 /// Every metric name as it appears in the exposition (counters with their
 /// `_total` suffix), in the order of `deploy/checks/metrics.txt`.
-pub const NAMES: [&str; 17] = [
+pub const NAMES: [&str; 18] = [
     "normserve_requests_total",
     "normserve_request_duration_seconds",
     "normserve_compute_duration_seconds",
@@ -48,6 +48,7 @@ pub const NAMES: [&str; 17] = [
     "normserve_cuda_memory_bytes",
     "normserve_memory_budget_bytes",
     "normserve_memory_charged_bytes",
+    "normserve_shared_memory_mapped_bytes",
     "normserve_build_info",
 ];
 
@@ -125,6 +126,7 @@ pub struct Metrics {
     cuda_memory: Family<DeviceLabel, Gauge>,
     memory_budget: Gauge,
     memory_charged: Family<KindLabel, Gauge>,
+    shared_memory_mapped: Gauge,
     build_info: Family<Build, Gauge>,
 }
 
@@ -161,6 +163,7 @@ impl Metrics {
             cuda_memory: Family::default(),
             memory_budget: Gauge::default(),
             memory_charged: Family::default(),
+            shared_memory_mapped: Gauge::default(),
             build_info: Family::default(),
         };
         // prometheus-client adds the prefix and, for counters, `_total`.
@@ -244,6 +247,11 @@ impl Metrics {
             "memory_charged_bytes",
             "Bytes charged to the memory budget, by kind: sessions, replay_caches, requests, replies, stream_lookahead, store_cache",
             metrics.memory_charged.clone(),
+        );
+        r.register(
+            "shared_memory_mapped_bytes",
+            "Bytes of shared-memory regions mapped for clients on this host, all tenants (--shared-memory-max-bytes)",
+            metrics.shared_memory_mapped.clone(),
         );
         r.register(
             "build_info",
@@ -377,6 +385,12 @@ impl Metrics {
                 .get_or_create(&KindLabel { kind: kind.name() })
                 .set(i64::try_from(budget.charged_for(kind)).unwrap_or(i64::MAX));
         }
+    }
+
+    /// Bytes of shared-memory regions mapped now.
+    pub fn set_shared_memory_mapped(&self, bytes: u64) {
+        self.shared_memory_mapped
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
     /// CUDA memory in use on `device` ("cuda:N"), in bytes.

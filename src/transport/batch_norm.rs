@@ -6,26 +6,34 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::convert::{
     Caller, DeleteSession, ForwardCall, MergeSession, Mutation, Representation, ResetRunningStats,
-    Scope, StateDict,
+    Scope, StateDict, WrittenToSharedMemory,
 };
-use super::{auth, stream};
+use super::{auth, shared_memory, stream};
 use crate::proto::v1 as pb;
 use crate::proto::v1::batch_norm_service_server::BatchNormService;
-use crate::session::synced::{ReduceStatistics, StepForward};
+use crate::session::synced::{ReduceStatistics, StepForward, StepForwardOutcome};
 use crate::session::{CreateSession, Forward, ListSessions, Registry, SessionId, UpdateParameters};
+use crate::shm::SharedMemory;
 
 pub struct BatchNormApi {
     registry: Arc<Registry>,
     look_ahead: stream::LookAhead,
+    shared_memory: Arc<SharedMemory>,
 }
 
 impl BatchNormApi {
     /// The service over `registry`, ForwardStream answering at most
-    /// `look_ahead` ahead of its client.
-    pub fn new(registry: Arc<Registry>, look_ahead: stream::LookAhead) -> Self {
+    /// `look_ahead` ahead of its client, Forward reading and writing the
+    /// regions of `shared_memory`.
+    pub fn new(
+        registry: Arc<Registry>,
+        look_ahead: stream::LookAhead,
+        shared_memory: Arc<SharedMemory>,
+    ) -> Self {
         BatchNormApi {
             registry,
             look_ahead,
+            shared_memory,
         }
     }
 
@@ -34,38 +42,70 @@ impl BatchNormApi {
         Ok(Caller {
             principal: auth::principal(request)?,
             max_tensor_elements: self.registry.options().limits.max_tensor_elements,
+            shared_memory: Some(self.shared_memory.clone()),
         })
     }
 }
 
-/// One Forward, shared by the unary and the streaming RPC.
+/// One Forward (the unary RPC).
 async fn forward(
     registry: &Arc<Registry>,
     caller: &Caller,
     request: pb::ForwardRequest,
 ) -> Result<pb::ForwardResponse, Status> {
+    answer_call(registry, caller, caller.decode(request)?).await
+}
+
+/// One decoded Forward, alone: shared by the unary RPC and the stream's
+/// Forwards that are not grouped.
+async fn answer_call(
+    registry: &Arc<Registry>,
+    caller: &Caller,
+    call: ForwardCall,
+) -> Result<pb::ForwardResponse, Status> {
     let ForwardCall {
         command,
         representation,
         step,
-    } = caller.decode(request)?;
-    if let Some(spec) = step {
-        let outcome = registry
-            .step_forward(StepForward {
-                forward: command,
-                spec,
-            })
-            .await?;
-        return Ok(representation.of(outcome).into());
+        shared_input,
+        shared_output,
+    } = call;
+    let mut outcome = match step {
+        Some(spec) => {
+            registry
+                .step_forward(StepForward {
+                    forward: command,
+                    spec,
+                })
+                .await?
+        }
+        None => StepForwardOutcome {
+            forward: registry.forward(command).await?,
+            statistics: None,
+        },
+    };
+    if let Some(input) = &shared_input {
+        shared_memory::check_after_read(caller, input)?;
     }
-    let outcome = registry.forward(command).await?;
-    Ok(representation.of(outcome).into())
+    let Some(range) = shared_output else {
+        return Ok(representation.of(outcome).into());
+    };
+    let written = match outcome.forward.output.take() {
+        Some(output) => {
+            shared_memory::write_output(registry, caller, &range, output.into_bytes()).await?;
+            Some(range)
+        }
+        None => None,
+    };
+    Ok(WrittenToSharedMemory { outcome, written }.into())
 }
 
 /// The Forwards a stream has received together, answered in order (one
-/// answer per request): Forwards without a synchronized step are handed to
-/// the registry as a group (each session's committed once); a Forward with a
-/// step is answered alone, in its place, after the ones before it.
+/// answer per request): Forwards without a synchronized step or shared
+/// memory are handed to the registry as a group (each session's committed
+/// once); the others are answered alone, in their place, after the ones
+/// before them (a step waits for its other ranks; a shared-memory range is
+/// checked after the read and written after the commit, per message).
 async fn forward_group(
     registry: &Arc<Registry>,
     caller: &Caller,
@@ -84,21 +124,12 @@ async fn forward_group(
                 command,
                 representation,
                 step: None,
+                shared_input: None,
+                shared_output: None,
             }) => plain.push((place, (command, representation))),
-            Ok(ForwardCall {
-                command,
-                representation,
-                step: Some(spec),
-            }) => {
+            Ok(call) => {
                 answer_plain(registry, std::mem::take(&mut plain), &mut answers).await;
-                answers[place] = registry
-                    .step_forward(StepForward {
-                        forward: command,
-                        spec,
-                    })
-                    .await
-                    .map(|outcome| representation.of(outcome).into())
-                    .map_err(Status::from);
+                answers[place] = answer_call(registry, caller, call).await;
             }
         }
     }

@@ -32,6 +32,7 @@ use crate::session::{
     InvalidSessionId, ListSessions, Mode, Preconditions, SessionConfig, SessionError, SessionId,
     SessionPage, SessionSnapshot, StateTensors, UpdateParameters,
 };
+use crate::shm::{Range, RangeRequest, RegionInfo, SharedMemory, ShmError, ShmLimits};
 
 /// Why a request cannot be turned into a domain command.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +50,9 @@ pub enum ConvertError {
     /// A value the session layer validates (the request id's length).
     #[error(transparent)]
     Session(#[from] SessionError),
+    /// A shared-memory range that cannot be used.
+    #[error(transparent)]
+    SharedMemory(#[from] ShmError),
 }
 
 fn invalid(message: impl Into<String>) -> ConvertError {
@@ -62,6 +66,9 @@ fn invalid(message: impl Into<String>) -> ConvertError {
 pub struct Caller {
     pub principal: Principal,
     pub max_tensor_elements: u64,
+    /// The shared-memory regions Forward may name (None where the API has
+    /// none: requests naming a region are refused).
+    pub shared_memory: Option<std::sync::Arc<SharedMemory>>,
 }
 
 /// What decoding a Compare request needs besides the message.
@@ -844,6 +851,152 @@ impl TryFrom<Scoped<'_, Caller, pb::MergeSessionRequest>> for MergeSession {
     }
 }
 
+/// The range `proto` names in the caller's regions, holding exactly
+/// `byte_size` bytes aligned to `itemsize`.
+fn shared_range(
+    caller: &Caller,
+    field: &str,
+    proto: pb::SharedMemoryRange,
+    itemsize: usize,
+    byte_size: u64,
+) -> Result<Range, ConvertError> {
+    let Some(shared_memory) = &caller.shared_memory else {
+        return Err(ShmError::Unavailable(format!("{field} is not accepted on this API")).into());
+    };
+    if proto.byte_size != byte_size {
+        return Err(invalid(format!(
+            "{field}.byte_size: the tensor's dtype and shape take {byte_size} bytes, got {}",
+            proto.byte_size
+        )));
+    }
+    let request = RangeRequest {
+        region: proto.region,
+        offset: proto.offset,
+        byte_size: proto.byte_size,
+    };
+    Ok(shared_memory.range(&caller.principal.tenant, field, &request, itemsize)?)
+}
+
+/// A Forward's input read in place from shared memory: `meta` carries its
+/// dtype and shape only.
+fn shared_input_tensor(
+    caller: &Caller,
+    meta: Option<pb::Tensor>,
+    region: pb::SharedMemoryRange,
+) -> Result<(TensorData, Range), ConvertError> {
+    let Some(meta) = meta else {
+        return Err(invalid(
+            "input: required with input_region (its dtype and shape; no values)",
+        ));
+    };
+    if meta.values.is_some() {
+        return Err(invalid(
+            "input: with input_region, input carries the dtype and shape only (no values)",
+        ));
+    }
+    let Some(dtype) = data_type("input.dtype", meta.dtype)? else {
+        return Err(invalid("input.dtype: required with input_region"));
+    };
+    let numel = checked_numel("input", &meta.shape, caller.max_tensor_elements)?;
+    let byte_size = numel.saturating_mul(dtype.itemsize() as u64);
+    let range = shared_range(caller, "input_region", region, dtype.itemsize(), byte_size)?;
+    let input = TensorData::from_raw(
+        "input",
+        dtype,
+        meta.shape,
+        range.bytes(),
+        caller.max_tensor_elements,
+    )?;
+    Ok((input, range))
+}
+
+/// A region as registered, for SharedMemoryService's replies.
+pub fn region_to_proto(info: RegionInfo) -> pb::SharedMemoryRegion {
+    pb::SharedMemoryRegion {
+        name: info.name,
+        offset: info.offset,
+        byte_size: info.byte_size,
+        idle_seconds: info.idle.as_secs_f64(),
+    }
+}
+
+/// Where a Forward's output went in shared memory.
+pub fn range_to_proto(range: &Range) -> pb::SharedMemoryRange {
+    pb::SharedMemoryRange {
+        region: range.region().name().to_owned(),
+        offset: range.offset(),
+        byte_size: range.len(),
+    }
+}
+
+/// A RegisterSharedMemory request.
+pub struct RegisterRegion {
+    pub name: String,
+    pub offset: u64,
+    pub byte_size: u64,
+}
+
+impl From<pb::RegisterSharedMemoryRequest> for RegisterRegion {
+    fn from(request: pb::RegisterSharedMemoryRequest) -> Self {
+        RegisterRegion {
+            name: request.name,
+            offset: request.offset,
+            byte_size: request.byte_size,
+        }
+    }
+}
+
+/// An UnregisterSharedMemory request: one region, or all (None).
+pub struct UnregisterRegion {
+    pub name: Option<String>,
+}
+
+impl From<pb::UnregisterSharedMemoryRequest> for UnregisterRegion {
+    fn from(request: pb::UnregisterSharedMemoryRequest) -> Self {
+        UnregisterRegion {
+            name: (!request.name.is_empty()).then_some(request.name),
+        }
+    }
+}
+
+/// A SharedMemoryStatus request: one region, or all (None).
+pub struct RegionStatus {
+    pub name: Option<String>,
+}
+
+impl From<pb::SharedMemoryStatusRequest> for RegionStatus {
+    fn from(request: pb::SharedMemoryStatusRequest) -> Self {
+        RegionStatus {
+            name: (!request.name.is_empty()).then_some(request.name),
+        }
+    }
+}
+
+pub fn registered_to_proto(info: RegionInfo, already: bool) -> pb::RegisterSharedMemoryResponse {
+    pb::RegisterSharedMemoryResponse {
+        region: Some(region_to_proto(info)),
+        already_registered: already,
+    }
+}
+
+pub fn unregistered_to_proto(count: u64) -> pb::UnregisterSharedMemoryResponse {
+    pb::UnregisterSharedMemoryResponse {
+        unregistered: count,
+    }
+}
+
+pub fn region_status_to_proto(
+    regions: Vec<RegionInfo>,
+    limits: &ShmLimits,
+) -> pb::SharedMemoryStatusResponse {
+    pb::SharedMemoryStatusResponse {
+        regions: regions.into_iter().map(region_to_proto).collect(),
+        tenant_max_regions: limits.tenant_max_regions,
+        tenant_max_bytes: limits.tenant_max_bytes,
+        idle_seconds: limits.idle.map_or(0, |idle| idle.as_secs()),
+    }
+}
+
 /// A Forward, and the form its output travels back in.
 #[derive(Debug, Clone)]
 pub struct ForwardCall {
@@ -851,6 +1004,11 @@ pub struct ForwardCall {
     pub representation: Representation,
     /// The synchronized step the forward takes part in, if any.
     pub step: Option<StepSpec>,
+    /// The shared-memory range the input is read from in place, if any.
+    pub shared_input: Option<Range>,
+    /// The shared-memory range the output is written to, if any (checked to
+    /// hold exactly the output's bytes).
+    pub shared_output: Option<Range>,
 }
 
 fn step_spec(step: Option<pb::StepSpec>) -> Option<StepSpec> {
@@ -867,8 +1025,38 @@ impl TryFrom<Scoped<'_, Caller, pb::ForwardRequest>> for ForwardCall {
     fn try_from(scoped: Scoped<'_, Caller, pb::ForwardRequest>) -> Result<Self, Self::Error> {
         let (caller, request) = (scoped.scope, scoped.value);
         let id = session_id(&caller.principal, &request.session_id)?;
-        let (input, representation) =
-            required_tensor("input", request.input, caller.max_tensor_elements)?;
+        let (input, representation, shared_input) = match request.input_region {
+            None => {
+                let (input, representation) =
+                    required_tensor("input", request.input, caller.max_tensor_elements)?;
+                (input, representation, None)
+            }
+            Some(region) => {
+                let (input, range) = shared_input_tensor(caller, request.input, region)?;
+                (input, Representation::Raw, Some(range))
+            }
+        };
+        let shared_output = match request.output_region {
+            None => None,
+            Some(region) => {
+                // The output has the input's dtype and shape.
+                let range = shared_range(
+                    caller,
+                    "output_region",
+                    region,
+                    input.dtype().itemsize(),
+                    input.bytes().len() as u64,
+                )?;
+                if let Some(input) = &shared_input {
+                    if range.overlaps(input) && !range.same_as(input) {
+                        return Err(invalid(
+                            "output_region overlaps input_region without being the same range (the same range normalizes in place)",
+                        ));
+                    }
+                }
+                Some(range)
+            }
+        };
         let command = Forward {
             id,
             input,
@@ -879,6 +1067,8 @@ impl TryFrom<Scoped<'_, Caller, pb::ForwardRequest>> for ForwardCall {
             command,
             representation,
             step: step_spec(request.step),
+            shared_input,
+            shared_output,
         })
     }
 }
@@ -1079,6 +1269,25 @@ impl From<Represented<ForwardOutcome>> for pb::ForwardResponse {
             num_batches_tracked: outcome.num_batches_tracked,
             replayed: outcome.replayed,
             step_statistics: None,
+            output_region: None,
+        }
+    }
+}
+
+/// A Forward's result whose output was written to shared memory (`written`:
+/// the range, or None when there was no output to write, in a replay).
+pub struct WrittenToSharedMemory {
+    pub outcome: StepForwardOutcome,
+    pub written: Option<Range>,
+}
+
+impl From<WrittenToSharedMemory> for pb::ForwardResponse {
+    fn from(result: WrittenToSharedMemory) -> Self {
+        let mut outcome = result.outcome;
+        outcome.forward.output = None;
+        pb::ForwardResponse {
+            output_region: result.written.as_ref().map(range_to_proto),
+            ..Representation::Raw.of(outcome).into()
         }
     }
 }
@@ -1158,6 +1367,9 @@ pub struct ServerFacts {
     pub max_num_features: i64,
     pub max_message_bytes: usize,
     pub replay_cache_total_bytes: usize,
+    /// --shared-memory on.
+    pub shared_memory: bool,
+    pub shared_memory_max_bytes: u64,
     pub store: StoreKind,
     pub durability: Durability,
     pub cpu_stats_kernel: CpuStatsKernel,
@@ -1180,6 +1392,10 @@ pub struct ServerInfo<'a> {
     pub memory_budget_bytes: u64,
     /// Charged to it now (0 when the caller may not know).
     pub memory_charged_bytes: u64,
+    /// Shared-memory bytes mapped and regions registered now (0 when the
+    /// caller may not know).
+    pub shared_memory_mapped_bytes: u64,
+    pub shared_memory_regions: u64,
 }
 
 impl From<ServerInfo<'_>> for pb::GetServerInfoResponse {
@@ -1207,6 +1423,13 @@ impl From<ServerInfo<'_>> for pb::GetServerInfoResponse {
                 memory_budget_bytes: info.memory_budget_bytes,
                 memory_charged_bytes: info.memory_charged_bytes,
                 replay_cache_total_bytes: facts.replay_cache_total_bytes as u64,
+                shared_memory_max_bytes: if facts.shared_memory {
+                    facts.shared_memory_max_bytes
+                } else {
+                    0
+                },
+                shared_memory_mapped_bytes: info.shared_memory_mapped_bytes,
+                shared_memory_regions: info.shared_memory_regions,
             }),
             features: [
                 "sessions",
@@ -1219,6 +1442,7 @@ impl From<ServerInfo<'_>> for pb::GetServerInfoResponse {
             .chain(facts.tls.then_some("tls"))
             .chain(facts.mtls.then_some("mtls"))
             .chain(facts.auth.then_some("auth"))
+            .chain(facts.shared_memory.then_some("shared_memory"))
             .map(str::to_owned)
             .chain([
                 format!("store:{}", facts.store.name()),

@@ -21,6 +21,7 @@ pub mod oip;
 mod security;
 mod server;
 mod server_info;
+mod shared_memory;
 pub mod shedding;
 mod status;
 pub mod stream;
@@ -31,6 +32,7 @@ pub use compare::CompareApi;
 pub use security::{Security, SecurityError};
 pub use server::{ServeError, Server};
 pub use server_info::ServerInfoApi;
+pub use shared_memory::SharedMemoryApi;
 
 /// The libtorch version this binary was built against (from its headers).
 pub use crate::telemetry::metrics::LIBTORCH_VERSION;

@@ -25,7 +25,7 @@ use super::incoming::{ThrottledIncoming, TlsIncoming};
 use super::oip::{self, InferenceApi, Models};
 use super::LIBTORCH_VERSION;
 use super::{auth, deadline, inflight, shedding, status, Security, SecurityError};
-use super::{AdmissionLayer, BatchNormApi, CompareApi, ServerInfoApi};
+use super::{AdmissionLayer, BatchNormApi, CompareApi, ServerInfoApi, SharedMemoryApi};
 use crate::compute::ComputePool;
 use crate::config::{Config, CpuStatsKernel};
 use crate::device::{describe_devices, DeviceError};
@@ -35,8 +35,10 @@ use crate::proto::inference::grpc_inference_service_server::GrpcInferenceService
 use crate::proto::v1::batch_norm_service_server::BatchNormServiceServer;
 use crate::proto::v1::compare_service_server::CompareServiceServer;
 use crate::proto::v1::server_service_server::ServerServiceServer;
+use crate::proto::v1::shared_memory_service_server::SharedMemoryServiceServer;
 use crate::session::durable::SessionStore;
 use crate::session::{Limits, Registry, RegistryOptions, StepLimits};
+use crate::shm::{SharedMemory, ShmLimits};
 use crate::store::measured::MeasuredStore;
 use crate::telemetry::{Metrics, RequestLayer};
 
@@ -277,17 +279,27 @@ impl Server {
             store_cache: _store_cache,
             ..
         } = self;
+        let shared_memory = Arc::new(SharedMemory::new(ShmLimits {
+            enabled: config.shared_memory.is_on(),
+            dir: std::path::PathBuf::from("/dev/shm"),
+            max_bytes: config.shared_memory_max_bytes,
+            tenant_max_regions: config.tenant_shared_memory_max_regions,
+            tenant_max_bytes: config.tenant_shared_memory_max_bytes,
+            idle: config.shared_memory_idle(),
+        }));
         let _metrics_endpoint = metrics_listener.map(|listener| {
             // Live sessions (and CUDA memory) are read at each scrape rather than
             // counted at every place a session comes or goes.
             let sessions = registry.clone();
             let budget = budget.clone();
+            let shared_memory = shared_memory.clone();
             AbortOnDrop(tokio::spawn(crate::telemetry::exporter::serve_metrics(
                 listener,
                 metrics.clone(),
                 Arc::new(move |metrics: &Metrics| {
                     metrics.set_sessions(sessions.len());
                     metrics.set_memory_budget(&budget);
+                    metrics.set_shared_memory_mapped(shared_memory.totals().0);
                     for (device, bytes) in crate::device::cuda_memory_in_use() {
                         metrics.set_cuda_memory(device, bytes);
                     }
@@ -297,10 +309,20 @@ impl Server {
         let max = config.max_message_bytes;
         let look_ahead =
             super::stream::LookAhead::new(config.stream_look_ahead_bytes, budget.clone());
-        let batch_norm =
-            BatchNormServiceServer::new(BatchNormApi::new(registry.clone(), look_ahead.clone()))
-                .max_decoding_message_size(max)
-                .max_encoding_message_size(max);
+
+        let batch_norm = BatchNormServiceServer::new(BatchNormApi::new(
+            registry.clone(),
+            look_ahead.clone(),
+            shared_memory.clone(),
+        ))
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
+        let shared_memory_service =
+            SharedMemoryServiceServer::new(SharedMemoryApi::new(shared_memory.clone()));
+        let _region_expirer = config
+            .shared_memory_idle()
+            .filter(|_| config.shared_memory.is_on())
+            .map(|idle| expire_idle_regions(shared_memory.clone(), idle));
         let compare_limits = CompareLimits {
             max_tensor_elements: config.max_tensor_elements,
             max_input_elements: config.compare_max_tensor_elements,
@@ -315,10 +337,13 @@ impl Server {
         ))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
-        let server_info =
-            ServerServiceServer::new(ServerInfoApi::new(facts(&config, device), registry.clone()))
-                .max_decoding_message_size(max)
-                .max_encoding_message_size(max);
+        let server_info = ServerServiceServer::new(ServerInfoApi::new(
+            facts(&config, device),
+            registry.clone(),
+            shared_memory.clone(),
+        ))
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
 
         // ServerReady / `/v2/health/ready` turn false when the drain starts.
         let ready = Arc::new(AtomicBool::new(true));
@@ -418,6 +443,7 @@ impl Server {
             .add_service(batch_norm)
             .add_service(compare)
             .add_service(server_info)
+            .add_service(shared_memory_service)
             .add_service(inference);
         let stopped = async {
             let _ = stopped.await;
@@ -463,6 +489,8 @@ fn facts(config: &Config, device: Device) -> ServerFacts {
         max_num_features: config.max_num_features,
         max_message_bytes: config.max_message_bytes,
         replay_cache_total_bytes: config.replay_cache_total_bytes,
+        shared_memory: config.shared_memory.is_on(),
+        shared_memory_max_bytes: config.shared_memory_max_bytes,
         store: config.store_kind(),
         durability: config.durability,
         cpu_stats_kernel: config.cpu_stats_kernel,
@@ -483,6 +511,7 @@ fn reflection(own_name: &str) -> tonic_reflection::server::Builder<'static> {
         service_name::<ServerServiceServer<ServerInfoApi>>(),
         service_name::<CompareServiceServer<CompareApi>>(),
         service_name::<GrpcInferenceServiceServer<InferenceApi>>(),
+        service_name::<SharedMemoryServiceServer<SharedMemoryApi>>(),
         tonic_health::pb::health_server::SERVICE_NAME,
         own_name,
     ];
@@ -501,6 +530,7 @@ async fn set_health(health: &HealthReporter, status: tonic_health::ServingStatus
         service_name::<CompareServiceServer<CompareApi>>(),
         service_name::<ServerServiceServer<ServerInfoApi>>(),
         service_name::<GrpcInferenceServiceServer<InferenceApi>>(),
+        service_name::<SharedMemoryServiceServer<SharedMemoryApi>>(),
     ];
     for service in services {
         health.set_service_status(service, status).await;
@@ -518,6 +548,26 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
+}
+
+/// Unregisters shared-memory regions unused for `idle`, checked every
+/// quarter of it (between 100 ms and 30 s), for as long as the guard lives.
+fn expire_idle_regions(shared_memory: Arc<SharedMemory>, idle: std::time::Duration) -> AbortOnDrop {
+    let every = (idle / 4).clamp(
+        std::time::Duration::from_millis(100),
+        std::time::Duration::from_secs(30),
+    );
+    AbortOnDrop(tokio::spawn(async move {
+        let mut sweeps = tokio::time::interval(every);
+        sweeps.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            sweeps.tick().await;
+            let expired = shared_memory.expire_idle();
+            if expired > 0 {
+                tracing::info!(regions = expired, "idle shared memory regions unregistered");
+            }
+        }
+    }))
 }
 
 /// Sweeps idle sessions out every quarter of the TTL (between 100 ms and

@@ -9,16 +9,26 @@ use super::convert::{ServerFacts, ServerInfo};
 use crate::proto::v1 as pb;
 use crate::proto::v1::server_service_server::ServerService;
 use crate::session::Registry;
+use crate::shm::SharedMemory;
 
 /// The facts are gathered once at start-up; session counts are read per call.
 pub struct ServerInfoApi {
     facts: ServerFacts,
     registry: Arc<Registry>,
+    shared_memory: Arc<SharedMemory>,
 }
 
 impl ServerInfoApi {
-    pub fn new(facts: ServerFacts, registry: Arc<Registry>) -> Self {
-        ServerInfoApi { facts, registry }
+    pub fn new(
+        facts: ServerFacts,
+        registry: Arc<Registry>,
+        shared_memory: Arc<SharedMemory>,
+    ) -> Self {
+        ServerInfoApi {
+            facts,
+            registry,
+            shared_memory,
+        }
     }
 }
 
@@ -38,6 +48,10 @@ impl ServerService for ServerInfoApi {
             Some(tenant) => self.registry.tenant_len(tenant),
         };
         let budget = self.registry.memory_budget();
+        let (mapped_bytes, regions) = match tenant {
+            None => self.shared_memory.totals(),
+            Some(_) => (0, 0),
+        };
         Ok(Response::new(
             ServerInfo {
                 facts: &self.facts,
@@ -48,6 +62,8 @@ impl ServerService for ServerInfoApi {
                     None => budget.charged(),
                     Some(_) => 0,
                 },
+                shared_memory_mapped_bytes: mapped_bytes,
+                shared_memory_regions: regions,
             }
             .into(),
         ))

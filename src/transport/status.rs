@@ -7,6 +7,7 @@ use crate::compute::ComputeError;
 use crate::device::DeviceError;
 use crate::numerics::NumericsError;
 use crate::session::SessionError;
+use crate::shm::ShmError;
 use crate::transport::convert::ConvertError;
 
 impl From<ConvertError> for Status {
@@ -17,6 +18,27 @@ impl From<ConvertError> for Status {
             ConvertError::Tensor(error) => error.into(),
             ConvertError::Device(error) => error.into(),
             ConvertError::Session(error) => error.into(),
+            ConvertError::SharedMemory(error) => error.into(),
+        }
+    }
+}
+
+impl From<ShmError> for Status {
+    fn from(error: ShmError) -> Self {
+        let message = error.to_string();
+        match error {
+            ShmError::Unavailable(_) => Status::failed_precondition(message),
+            ShmError::InvalidArgument(_) => Status::invalid_argument(message),
+            ShmError::NotFound(_) | ShmError::NoObject(_) => Status::not_found(message),
+            ShmError::PermissionDenied(_) => Status::permission_denied(message),
+            ShmError::NotShared(_) => Status::failed_precondition(message),
+            ShmError::AlreadyExists(_) => Status::already_exists(message),
+            ShmError::LimitExceeded(_) => Status::resource_exhausted(message),
+            ShmError::MapFailed(_) => Status::resource_exhausted(message),
+            ShmError::OutOfRange(_) => Status::out_of_range(message),
+            ShmError::Truncated(_)
+            | ShmError::TruncatedDuringUse { .. }
+            | ShmError::Unlinked(_) => Status::failed_precondition(message),
         }
     }
 }

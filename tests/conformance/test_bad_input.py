@@ -187,6 +187,8 @@ UNARY_RPCS = [
     "/normserve.v1.BatchNormService/" + name for name in (
         "CreateSession", "GetSession", "ListSessions", "DeleteSession", "ResetRunningStats",
         "UpdateParameters", "Forward", "ExportState", "ImportState")
+] + ["/normserve.v1.SharedMemoryService/" + name for name in (
+    "RegisterSharedMemory", "UnregisterSharedMemory", "SharedMemoryStatus")
 ] + ["/normserve.v1.CompareService/Compare", "/normserve.v1.ServerService/GetServerInfo",
      "/grpc.health.v1.Health/Check"]
 

@@ -14,12 +14,13 @@ use crate::support::requests::{bn1d, create, expect_status, get, train};
 use crate::support::tensors::batch;
 
 /// What the server serves, by full gRPC name (reflection itself aside).
-const SERVED: [&str; 5] = [
+const SERVED: [&str; 6] = [
     "grpc.health.v1.Health",
     "inference.GRPCInferenceService",
     "normserve.v1.BatchNormService",
     "normserve.v1.CompareService",
     "normserve.v1.ServerService",
+    "normserve.v1.SharedMemoryService",
 ];
 
 fn check_request(service: &str) -> HealthCheckRequest {
@@ -175,6 +176,7 @@ async fn server_info_reports_libtorch_the_cpu_and_the_configured_limits() {
         c.max_message_bytes = 3 << 20;
         c.memory_budget = Some(64 << 20);
         c.replay_cache_total_bytes = 1 << 20;
+        c.shared_memory_max_bytes = 5 << 20;
     })
     .await;
     let mut client = server.server_info().await;
@@ -200,6 +202,9 @@ async fn server_info_reports_libtorch_the_cpu_and_the_configured_limits() {
             memory_budget_bytes: 64 << 20,
             memory_charged_bytes: charged,
             replay_cache_total_bytes: 1 << 20,
+            shared_memory_max_bytes: 5 << 20,
+            shared_memory_mapped_bytes: 0,
+            shared_memory_regions: 0,
         })
     );
     if tch::Cuda::is_available() {

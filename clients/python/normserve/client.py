@@ -20,6 +20,7 @@ from normserve.protocol import DEFAULT_OPTIONS  # noqa: F401  (re-exported)
 from normserve.protocol import retryable as _retryable  # noqa: F401  (re-exported)
 from normserve.results import UNSET, DeviceInfo, Limits, ServerInfo, SessionInfo, _Unset  # noqa: F401
 from normserve.session import Session
+from normserve.shm import SharedMemoryPool
 from normserve.v1 import batch_norm_pb2_grpc, compare_pb2_grpc, server_pb2_grpc
 
 T = TypeVar("T")
@@ -170,10 +171,46 @@ class Client(ClientSettings[grpc.Channel]):
     to close). Thread-safe, as the channel is; use it as a context manager
     or call close()."""
 
+    _shared_memory: SharedMemoryPool | None = None
+
     def close(self) -> None:
-        """Closes the channel if connect() made it."""
+        """Unregisters and unlinks the client's shared memory, if it used any;
+        closes the channel if connect() made it."""
+        if self._shared_memory is not None:
+            self._shared_memory.close()
         if self._owns_channel:
             self.channel.close()
+
+    # ---------------------------------------------------- shared memory
+
+    def enable_shared_memory(self, *, mode: int = 0o600, max_scratch: int = 8) -> SharedMemoryPool:
+        """Sets how this client's shared-memory objects are made (before the
+        first `shm=True` call): file `mode` (the server's user must be able to
+        read and write them) and at most `max_scratch` scratch objects for
+        copied tensors (calls beyond wait for one)."""
+        if self._shared_memory is not None:
+            raise RuntimeError("shared memory is already in use on this client")
+        self._shared_memory = SharedMemoryPool(self._run, mode=mode, max_scratch=max_scratch)
+        return self._shared_memory
+
+    @property
+    def shared_memory(self) -> SharedMemoryPool:
+        """The client's shared-memory objects (normserve.shm), made on first use."""
+        if self._shared_memory is None:
+            self._shared_memory = SharedMemoryPool(self._run)
+        return self._shared_memory
+
+    def shared_array(self, shape: tuple[int, ...], dtype: Any = "float32") -> Any:
+        """A zeroed numpy array in shared memory registered with the server:
+        as the input (or `out=`) of `session.forward(..., shm=True)` the
+        server reads (writes) it in place, with no copy on either side.
+        `torch.from_numpy` views it as a CPU tensor."""
+        return self.shared_memory.array(tuple(shape), dtype)
+
+    def shared_memory_status(self) -> list[Any]:
+        """The caller's tenant's registered regions (SharedMemoryRegion
+        messages: name, offset, byte_size, idle_seconds)."""
+        return self._run(protocol.shared_memory_status())
 
     def __enter__(self) -> Client:
         return self

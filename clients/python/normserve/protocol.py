@@ -32,7 +32,7 @@ from normserve.results import (
     kind_value,
     module_kind,
 )
-from normserve.v1 import batch_norm_pb2 as bn, compare_pb2, server_pb2
+from normserve.v1 import batch_norm_pb2 as bn, compare_pb2, server_pb2, shared_memory_pb2 as shm_pb2
 
 T = TypeVar("T")
 # A request message, or one whose tensor is spliced in (codec.SplicedRequest).
@@ -77,6 +77,9 @@ IMPORT_STATE = Method.of(bn, "BatchNormService", "ImportState")
 MERGE_SESSION = Method.of(bn, "BatchNormService", "MergeSession")
 GET_SERVER_INFO = Method.of(server_pb2, "ServerService", "GetServerInfo")
 COMPARE = Method.of(compare_pb2, "CompareService", "Compare")
+REGISTER_SHARED_MEMORY = Method.of(shm_pb2, "SharedMemoryService", "RegisterSharedMemory")
+UNREGISTER_SHARED_MEMORY = Method.of(shm_pb2, "SharedMemoryService", "UnregisterSharedMemory")
+SHARED_MEMORY_STATUS = Method.of(shm_pb2, "SharedMemoryService", "SharedMemoryStatus")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,6 +244,62 @@ def forward(session_id: str, x: Array, training: bool, *, expected_version: int 
 
     # Eval changes nothing, and a train step with an id is applied once.
     return Call(FORWARD, codec.SplicedRequest(request, "input", x), not training or bool(request_id), parse)
+
+
+# A range of a shared-memory region: (region name, offset, byte_size).
+SharedRange = tuple[str, int, int]
+
+
+def _shared_range(value: SharedRange) -> shm_pb2.SharedMemoryRange:
+    region, offset, byte_size = value
+    return shm_pb2.SharedMemoryRange(region=region, offset=offset, byte_size=byte_size)
+
+
+def forward_shared_request(session_id: str, header: Any, training: bool, input_range: SharedRange,
+                           output_range: SharedRange, *, expected_version: int | None = None,
+                           request_id: str = "") -> bn.ForwardRequest:
+    """A Forward whose input is read from, and output written to, shared
+    memory; `header` is a Tensor with the input's dtype and shape only."""
+    request = bn.ForwardRequest(session_id=session_id, mode=mode_value(training),  # type: ignore[arg-type]
+                                request_id=request_id, input=header,
+                                input_region=_shared_range(input_range),
+                                output_region=_shared_range(output_range))
+    if expected_version is not None:
+        request.expected_version = expected_version
+    return request
+
+
+def forward_shared(session_id: str, header: Any, training: bool, input_range: SharedRange,
+                   output_range: SharedRange, *, expected_version: int | None,
+                   request_id: str) -> Call[tuple[ForwardResult, bool]]:
+    """The Call of `forward_shared_request`; its reply reads as the result
+    (without output) and whether the output was written."""
+    request = forward_shared_request(session_id, header, training, input_range, output_range,
+                                     expected_version=expected_version, request_id=request_id)
+
+    def parse(reply: bn.ForwardResponse) -> tuple[ForwardResult, bool]:
+        return (ForwardResult(None, reply.version, reply.num_batches_tracked, reply.replayed),
+                reply.HasField("output_region"))
+
+    return Call(FORWARD, request, not training or bool(request_id), parse)
+
+
+def register_shared_memory(name: str, byte_size: int) -> Call[bool]:
+    """Registers /dev/shm/<name> (idempotent); whether it already was."""
+    return Call(REGISTER_SHARED_MEMORY, shm_pb2.RegisterSharedMemoryRequest(name=name, byte_size=byte_size),
+                True, lambda reply: bool(reply.already_registered))
+
+
+def unregister_shared_memory(name: str = "") -> Call[int]:
+    """Unregisters a region (all of the tenant's for ""); how many."""
+    return Call(UNREGISTER_SHARED_MEMORY, shm_pb2.UnregisterSharedMemoryRequest(name=name), False,
+                lambda reply: int(reply.unregistered))
+
+
+def shared_memory_status(name: str = "") -> Call[list[Any]]:
+    """The tenant's regions (SharedMemoryRegion messages)."""
+    return Call(SHARED_MEMORY_STATUS, shm_pb2.SharedMemoryStatusRequest(name=name), True,
+                lambda reply: list(reply.regions))
 
 
 def forward_output(result: ForwardResult, request_id: str) -> Array:

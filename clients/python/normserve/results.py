@@ -261,6 +261,11 @@ class Limits:
     max_tensor_elements: int
     max_num_features: int
     max_message_bytes: int
+    # Shared memory (0 when off): the server-wide cap on mapped bytes, and
+    # the bytes and regions mapped now (0 for a user of a server with tokens).
+    shared_memory_max_bytes: int = 0
+    shared_memory_mapped_bytes: int = 0
+    shared_memory_regions: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -291,7 +296,8 @@ class ServerInfo:
             devices=tuple(DeviceInfo(d.name, d.description, d.total_memory_bytes) for d in reply.devices),
             cuda_device_count=reply.cuda_device_count,
             limits=Limits(limits.max_sessions, limits.max_tensor_elements, limits.max_num_features,
-                          limits.max_message_bytes),
+                          limits.max_message_bytes, limits.shared_memory_max_bytes,
+                          limits.shared_memory_mapped_bytes, limits.shared_memory_regions),
             features=tuple(reply.features),
             intra_op_threads=reply.intra_op_threads,
             compute_threads=reply.compute_threads,

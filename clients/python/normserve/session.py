@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Generic, NoReturn, Protocol, TypeVar
 
 import grpc
 
-from normserve import errors, protocol
+from normserve import errors, protocol, shm as shm_module
 from normserve.codec import Array
 from normserve.results import (  # noqa: F401  (re-exported: normserve.session.STATE_KEYS, ...)
     KIND_NAMES,
@@ -116,27 +116,60 @@ class Session(SessionHandle["Client"]):
     # ---------------------------------------------------------- forward
 
     def forward(self, x: Array, train: bool | None = None, *, expected_version: int | None = None,
-                request_id: str | None = None) -> Array:
+                request_id: str | None = None, shm: bool = False, out: Array | None = None) -> Array:
         """The layer applied to `x`: `module.train()(x)` for `train=True`,
         `module.eval()(x)` for `train=False`, the handle's mode for None.
 
         `x` is a numpy array or a torch tensor, (N, C[, spatial...]); the
         output has its type, dtype, shape and (torch) device. A numpy output
-        is a read-only view of the reply (`np.array(y)` copies it)."""
+        is a read-only view of the reply (`np.array(y)` copies it).
+
+        `shm=True` (server on this host) passes the tensors through shared
+        memory instead of gRPC (normserve.shm): numpy arrays and CPU tensors;
+        the output is a fresh array, or `out` (an array from
+        `client.shared_array`, which the server writes in place)."""
+        if shm or out is not None:
+            result, request_id = self._forward_shared(x, train, expected_version, request_id, out)
+            return protocol.forward_output(result, request_id)
         call, request_id = self._forward_call(x, train, expected_version, request_id)
         return protocol.forward_output(self.client._run(call), request_id)
+
+    def _forward_shared(self, x: Array, train: bool | None, expected_version: int | None,
+                        request_id: str | None, out: Array | None) -> tuple[ForwardResult, str]:
+        training = self._training(train)
+        request_id = self._request_id(request_id) if training else (request_id or "")
+        pool = self.client.shared_memory
+        shared = shm_module.SharedCall(pool, x, out)
+        try:
+            call = protocol.forward_shared(self.session_id, shared.header, training, shared.input_range,
+                                           shared.output_range, expected_version=expected_version,
+                                           request_id=request_id)
+            try:
+                result, written = self.client._run(call)
+            except errors.NormserveError as error:
+                if not shm_module.is_region_gone(error):
+                    raise
+                pool.reregister()
+                result, written = self.client._run(call)
+            output = shared.output() if written else None
+            return ForwardResult(output, result.version, result.num_batches_tracked, result.replayed), request_id
+        finally:
+            shared.finish()
 
     __call__ = forward
 
     def forward_result(self, x: Array, train: bool | None = None, *, expected_version: int | None = None,
-                       request_id: str | None = None) -> ForwardResult:
+                       request_id: str | None = None, shm: bool = False,
+                       out: Array | None = None) -> ForwardResult:
         """`forward`, with the version and num_batches_tracked after it and
         the replay flag (a ForwardResult)."""
+        if shm or out is not None:
+            return self._forward_shared(x, train, expected_version, request_id, out)[0]
         call, _ = self._forward_call(x, train, expected_version, request_id)
         return self.client._run(call)
 
     def forward_stream(self, inputs: Iterable[Array], train: bool | None = None, *,
-                       return_exceptions: bool = False) -> Iterator[Any]:
+                       return_exceptions: bool = False, shm: bool = False) -> Iterator[Any]:
         """Forwards every input of an iterable on one bidirectional stream and
         yields the outputs in order, as `forward` would return them; inputs
         are read as the stream goes (a generator may produce them lazily).
@@ -144,7 +177,13 @@ class Session(SessionHandle["Client"]):
         A request the server refuses is answered in-band and the stream goes
         on: by default its error is raised (ending the iteration); with
         `return_exceptions=True` the exception is yielded in its place (its
-        `index` says which input it answers) and the outputs keep coming."""
+        `index` says which input it answers) and the outputs keep coming.
+
+        `shm=True`: each input and output through shared memory, as
+        `forward(x, shm=True)` (at most the pool's scratch objects in flight)."""
+        if shm:
+            yield from self._forward_stream_shared(inputs, self._training(train), return_exceptions)
+            return
         stream = protocol.StreamRequests(self.session_id, self._training(train))
         replies = self.client._forward_stream(stream.requests(inputs), metadata=self.client.metadata)
         try:
@@ -159,6 +198,47 @@ class Session(SessionHandle["Client"]):
             replies.cancel()  # a no-op once the stream is complete
         if stream.failed:
             raise stream.failed[0]
+
+    def _forward_stream_shared(self, inputs: Iterable[Array], training: bool,
+                               return_exceptions: bool) -> Iterator[Any]:
+        pool = self.client.shared_memory
+        pending: collections.deque[shm_module.SharedCall] = collections.deque()
+        failed: list[Exception] = []
+
+        def requests() -> Iterator[Any]:
+            for x in inputs:
+                try:
+                    shared = shm_module.SharedCall(pool, x, None)
+                except Exception as error:  # raised after the replies before it
+                    failed.append(error)
+                    return
+                pending.append(shared)
+                yield protocol.forward_shared_request(self.session_id, shared.header, training,
+                                                      shared.input_range, shared.output_range)
+
+        replies = self.client._forward_stream(requests(), metadata=self.client.metadata)
+        try:
+            for reply in replies:
+                shared = pending.popleft()
+                try:
+                    if reply.HasField("error"):
+                        error = errors.from_status(reply.error.code, reply.error.message)
+                        error.index = reply.index
+                        if not return_exceptions:
+                            raise error
+                        yield error
+                    else:
+                        yield shared.output()
+                finally:
+                    shared.finish()
+        except grpc.RpcError as error:
+            raise errors.from_rpc_error(error) from error
+        finally:
+            replies.cancel()
+            while pending:
+                pending.popleft().finish()
+        if failed:
+            raise failed[0]
 
     # ------------------------------------------------------ state and config
 

@@ -16,6 +16,7 @@ mod baseline;
 mod report;
 mod rounds;
 mod scenarios;
+mod shared;
 mod target;
 
 use std::path::PathBuf;

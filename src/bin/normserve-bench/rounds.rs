@@ -18,6 +18,7 @@ use tonic::transport::Channel;
 
 use crate::fatal;
 use crate::scenarios::{random_input, raw_bytes, Scenario, Workload};
+use crate::shared::SharedObject;
 use crate::target::{batch_norm_client, connect, CpuMeter, Target};
 
 /// One round's figures.
@@ -74,12 +75,67 @@ pub async fn service_rounds(
             Workload::Steps { ranks } | Workload::ReduceSteps { ranks } => {
                 steps_round(&prepared, scenario, ranks, round_time, server_pid).await
             }
+            Workload::SharedMemory { copy } => {
+                shared_round(&prepared, scenario, copy, round_time, server_pid).await
+            }
         };
         if i > 0 {
             measured.push(round);
         }
     }
+    if let Some(shared) = prepared.shared {
+        shared.remove().await;
+    }
     measured
+}
+
+/// Sequential Forwards through the shared-memory object, the client's
+/// copies in and out timed with each call when `copy`.
+async fn shared_round(
+    prepared: &Prepared,
+    scenario: &Scenario,
+    copy: bool,
+    duration: Duration,
+    cpu_pid: Option<&str>,
+) -> Round {
+    let Some(shared) = &prepared.shared else {
+        fatal("shared-memory scenario without its object")
+    };
+    let mut client = batch_norm_client(prepared.channels[0].clone());
+    let request = shared.forward_request(scenario, prepared.sessions[0].clone());
+    let mut output = vec![0u8; prepared.raw.len()];
+    let mut histogram = histogram();
+    let (mut calls, mut errors) = (0u64, 0u64);
+    let cpu = CpuMeter::start(cpu_pid);
+    let start = Instant::now();
+    let deadline = start + duration;
+    while Instant::now() < deadline {
+        let sent = Instant::now();
+        if copy {
+            if let Err(e) = shared.copy_in(&prepared.raw) {
+                fatal(&format!("copy into {}: {e}", shared.name));
+            }
+        }
+        match client.forward(request.clone()).await {
+            Ok(reply) => {
+                if copy {
+                    if let Err(e) = shared.copy_out(&mut output) {
+                        fatal(&format!("copy out of {}: {e}", shared.name));
+                    }
+                }
+                std::hint::black_box((reply.into_inner(), &output));
+                calls += 1;
+                histogram.saturating_record(sent.elapsed().as_nanos() as u64);
+            }
+            Err(status) => {
+                if errors == 0 {
+                    eprintln!("normserve-bench: {}: first error: {status}", scenario.name);
+                }
+                errors += 1;
+            }
+        }
+    }
+    finish(&histogram, calls, errors, start, &cpu)
 }
 
 fn histogram() -> Histogram<u64> {
@@ -116,6 +172,8 @@ struct Prepared {
     raw: Bytes,
     /// The next synchronized step (steps only grow, across rounds too).
     next_step: std::sync::atomic::AtomicU64,
+    /// The shared-memory scenarios' registered object.
+    shared: Option<SharedObject>,
 }
 
 async fn prepare(target: &Target, scenario: &Scenario, device: &str) -> Prepared {
@@ -130,11 +188,16 @@ async fn prepare(target: &Target, scenario: &Scenario, device: &str) -> Prepared
         sessions.push(create_session(&channels[i % channels.len()], scenario, device).await);
     }
     let raw = raw_bytes(&random_input(&scenario.shape, Device::Cpu));
+    let shared = match scenario.workload {
+        Workload::SharedMemory { .. } => Some(SharedObject::create(&channels[0], &raw).await),
+        _ => None,
+    };
     Prepared {
         channels,
         sessions,
         raw,
         next_step: std::sync::atomic::AtomicU64::new(1),
+        shared,
     }
 }
 

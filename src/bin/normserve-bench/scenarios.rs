@@ -27,6 +27,12 @@ pub enum Workload {
     /// ReduceStatistics FORWARD (with the running-statistics update) from
     /// `ranks` concurrent callers per step, `shape[1]` channels.
     ReduceSteps { ranks: usize },
+    /// Unary Forward, sequential, through a registered shared-memory object
+    /// (input and output ranges instead of bytes; the server on this host).
+    /// `copy`: the client copies the input in and the output out each call
+    /// (an array outside shared memory); else both stay there (arrays made
+    /// in shared memory).
+    SharedMemory { copy: bool },
 }
 
 /// The `--durability` of the server a scenario runs against (when the bench
@@ -151,6 +157,27 @@ pub fn scenarios() -> Vec<Scenario> {
             &[64, 64, 32, 32],
             false,
             unary,
+        ),
+        s(
+            "shm_16m",
+            "unary train (65536,64) 16 MiB over shared memory, tensors kept there",
+            &[65536, 64],
+            true,
+            Workload::SharedMemory { copy: false },
+        ),
+        s(
+            "shm_16m_copy",
+            "unary train (65536,64) 16 MiB over shared memory, client copies in and out",
+            &[65536, 64],
+            true,
+            Workload::SharedMemory { copy: true },
+        ),
+        s(
+            "shm_1m",
+            "unary train (4096,64) 1 MiB over shared memory, tensors kept there",
+            &[4096, 64],
+            true,
+            Workload::SharedMemory { copy: false },
         ),
         s(
             "concurrent_64k_8",

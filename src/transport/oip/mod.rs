@@ -46,6 +46,7 @@ impl Models {
         Caller {
             principal,
             max_tensor_elements: self.registry.options().limits.max_tensor_elements,
+            shared_memory: None,
         }
     }
 

@@ -1,6 +1,7 @@
 import datetime
 
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from normserve.v1 import shared_memory_pb2 as _shared_memory_pb2
 from normserve.v1 import tensor_pb2 as _tensor_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -292,34 +293,40 @@ class UpdateParametersResponse(_message.Message):
     def __init__(self, session: _Optional[_Union[Session, _Mapping]] = ..., replayed: _Optional[bool] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("session_id", "input", "mode", "expected_version", "request_id", "step")
+    __slots__ = ("session_id", "input", "mode", "expected_version", "request_id", "step", "input_region", "output_region")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     INPUT_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
+    INPUT_REGION_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_REGION_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     input: _tensor_pb2.Tensor
     mode: Mode
     expected_version: int
     request_id: str
     step: StepSpec
-    def __init__(self, session_id: _Optional[str] = ..., input: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., mode: _Optional[_Union[Mode, str]] = ..., expected_version: _Optional[int] = ..., request_id: _Optional[str] = ..., step: _Optional[_Union[StepSpec, _Mapping]] = ...) -> None: ...
+    input_region: _shared_memory_pb2.SharedMemoryRange
+    output_region: _shared_memory_pb2.SharedMemoryRange
+    def __init__(self, session_id: _Optional[str] = ..., input: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., mode: _Optional[_Union[Mode, str]] = ..., expected_version: _Optional[int] = ..., request_id: _Optional[str] = ..., step: _Optional[_Union[StepSpec, _Mapping]] = ..., input_region: _Optional[_Union[_shared_memory_pb2.SharedMemoryRange, _Mapping]] = ..., output_region: _Optional[_Union[_shared_memory_pb2.SharedMemoryRange, _Mapping]] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
-    __slots__ = ("output", "version", "num_batches_tracked", "replayed", "step_statistics")
+    __slots__ = ("output", "version", "num_batches_tracked", "replayed", "step_statistics", "output_region")
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NUM_BATCHES_TRACKED_FIELD_NUMBER: _ClassVar[int]
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
     STEP_STATISTICS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_REGION_FIELD_NUMBER: _ClassVar[int]
     output: _tensor_pb2.Tensor
     version: int
     num_batches_tracked: int
     replayed: bool
     step_statistics: StepStatistics
-    def __init__(self, output: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., version: _Optional[int] = ..., num_batches_tracked: _Optional[int] = ..., replayed: _Optional[bool] = ..., step_statistics: _Optional[_Union[StepStatistics, _Mapping]] = ...) -> None: ...
+    output_region: _shared_memory_pb2.SharedMemoryRange
+    def __init__(self, output: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., version: _Optional[int] = ..., num_batches_tracked: _Optional[int] = ..., replayed: _Optional[bool] = ..., step_statistics: _Optional[_Union[StepStatistics, _Mapping]] = ..., output_region: _Optional[_Union[_shared_memory_pb2.SharedMemoryRange, _Mapping]] = ...) -> None: ...
 
 class StreamError(_message.Message):
     __slots__ = ("code", "message")

@@ -17,7 +17,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19normserve/v1/server.proto\x12\x0cnormserve.v1\"\x16\n\x14GetServerInfoRequest\"K\n\nDeviceInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x1a\n\x12total_memory_bytes\x18\x03 \x01(\x04\"\xcd\x01\n\x06Limits\x12\x14\n\x0cmax_sessions\x18\x01 \x01(\x04\x12\x1b\n\x13max_tensor_elements\x18\x02 \x01(\x04\x12\x18\n\x10max_num_features\x18\x03 \x01(\x03\x12\x19\n\x11max_message_bytes\x18\x04 \x01(\x04\x12\x1b\n\x13memory_budget_bytes\x18\x05 \x01(\x04\x12\x1c\n\x14memory_charged_bytes\x18\x06 \x01(\x04\x12 \n\x18replay_cache_total_bytes\x18\x07 \x01(\x04\"\xd0\x02\n\x15GetServerInfoResponse\x12\x16\n\x0eserver_version\x18\x01 \x01(\t\x12\x18\n\x10libtorch_version\x18\x02 \x01(\t\x12\x16\n\x0e\x64\x65\x66\x61ult_device\x18\x03 \x01(\t\x12)\n\x07\x64\x65vices\x18\x04 \x03(\x0b\x32\x18.normserve.v1.DeviceInfo\x12\x19\n\x11\x63uda_device_count\x18\x05 \x01(\x05\x12$\n\x06limits\x18\x06 \x01(\x0b\x32\x14.normserve.v1.Limits\x12\x10\n\x08\x66\x65\x61tures\x18\x07 \x03(\t\x12\x18\n\x10intra_op_threads\x18\x08 \x01(\x05\x12\x17\n\x0f\x63ompute_threads\x18\t \x01(\x05\x12\x10\n\x08sessions\x18\n \x01(\x04\x12\x1b\n\x13unreadable_sessions\x18\x0b \x01(\x04\x12\r\n\x05store\x18\x0c \x01(\t2i\n\rServerService\x12X\n\rGetServerInfo\x12\".normserve.v1.GetServerInfoRequest\x1a#.normserve.v1.GetServerInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19normserve/v1/server.proto\x12\x0cnormserve.v1\"\x16\n\x14GetServerInfoRequest\"K\n\nDeviceInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x1a\n\x12total_memory_bytes\x18\x03 \x01(\x04\"\xb1\x02\n\x06Limits\x12\x14\n\x0cmax_sessions\x18\x01 \x01(\x04\x12\x1b\n\x13max_tensor_elements\x18\x02 \x01(\x04\x12\x18\n\x10max_num_features\x18\x03 \x01(\x03\x12\x19\n\x11max_message_bytes\x18\x04 \x01(\x04\x12\x1b\n\x13memory_budget_bytes\x18\x05 \x01(\x04\x12\x1c\n\x14memory_charged_bytes\x18\x06 \x01(\x04\x12 \n\x18replay_cache_total_bytes\x18\x07 \x01(\x04\x12\x1f\n\x17shared_memory_max_bytes\x18\x08 \x01(\x04\x12\"\n\x1ashared_memory_mapped_bytes\x18\t \x01(\x04\x12\x1d\n\x15shared_memory_regions\x18\n \x01(\x04\"\xd0\x02\n\x15GetServerInfoResponse\x12\x16\n\x0eserver_version\x18\x01 \x01(\t\x12\x18\n\x10libtorch_version\x18\x02 \x01(\t\x12\x16\n\x0e\x64\x65\x66\x61ult_device\x18\x03 \x01(\t\x12)\n\x07\x64\x65vices\x18\x04 \x03(\x0b\x32\x18.normserve.v1.DeviceInfo\x12\x19\n\x11\x63uda_device_count\x18\x05 \x01(\x05\x12$\n\x06limits\x18\x06 \x01(\x0b\x32\x14.normserve.v1.Limits\x12\x10\n\x08\x66\x65\x61tures\x18\x07 \x03(\t\x12\x18\n\x10intra_op_threads\x18\x08 \x01(\x05\x12\x17\n\x0f\x63ompute_threads\x18\t \x01(\x05\x12\x10\n\x08sessions\x18\n \x01(\x04\x12\x1b\n\x13unreadable_sessions\x18\x0b \x01(\x04\x12\r\n\x05store\x18\x0c \x01(\t2i\n\rServerService\x12X\n\rGetServerInfo\x12\".normserve.v1.GetServerInfoRequest\x1a#.normserve.v1.GetServerInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -29,9 +29,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DEVICEINFO']._serialized_start=67
   _globals['_DEVICEINFO']._serialized_end=142
   _globals['_LIMITS']._serialized_start=145
-  _globals['_LIMITS']._serialized_end=350
-  _globals['_GETSERVERINFORESPONSE']._serialized_start=353
-  _globals['_GETSERVERINFORESPONSE']._serialized_end=689
-  _globals['_SERVERSERVICE']._serialized_start=691
-  _globals['_SERVERSERVICE']._serialized_end=796
+  _globals['_LIMITS']._serialized_end=450
+  _globals['_GETSERVERINFORESPONSE']._serialized_start=453
+  _globals['_GETSERVERINFORESPONSE']._serialized_end=789
+  _globals['_SERVERSERVICE']._serialized_start=791
+  _globals['_SERVERSERVICE']._serialized_end=896
 # @@protoc_insertion_point(module_scope)

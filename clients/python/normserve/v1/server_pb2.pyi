@@ -21,7 +21,7 @@ class DeviceInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., total_memory_bytes: _Optional[int] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_sessions", "max_tensor_elements", "max_num_features", "max_message_bytes", "memory_budget_bytes", "memory_charged_bytes", "replay_cache_total_bytes")
+    __slots__ = ("max_sessions", "max_tensor_elements", "max_num_features", "max_message_bytes", "memory_budget_bytes", "memory_charged_bytes", "replay_cache_total_bytes", "shared_memory_max_bytes", "shared_memory_mapped_bytes", "shared_memory_regions")
     MAX_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     MAX_TENSOR_ELEMENTS_FIELD_NUMBER: _ClassVar[int]
     MAX_NUM_FEATURES_FIELD_NUMBER: _ClassVar[int]
@@ -29,6 +29,9 @@ class Limits(_message.Message):
     MEMORY_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     MEMORY_CHARGED_BYTES_FIELD_NUMBER: _ClassVar[int]
     REPLAY_CACHE_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_MAPPED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_REGIONS_FIELD_NUMBER: _ClassVar[int]
     max_sessions: int
     max_tensor_elements: int
     max_num_features: int
@@ -36,7 +39,10 @@ class Limits(_message.Message):
     memory_budget_bytes: int
     memory_charged_bytes: int
     replay_cache_total_bytes: int
-    def __init__(self, max_sessions: _Optional[int] = ..., max_tensor_elements: _Optional[int] = ..., max_num_features: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ..., memory_charged_bytes: _Optional[int] = ..., replay_cache_total_bytes: _Optional[int] = ...) -> None: ...
+    shared_memory_max_bytes: int
+    shared_memory_mapped_bytes: int
+    shared_memory_regions: int
+    def __init__(self, max_sessions: _Optional[int] = ..., max_tensor_elements: _Optional[int] = ..., max_num_features: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ..., memory_charged_bytes: _Optional[int] = ..., replay_cache_total_bytes: _Optional[int] = ..., shared_memory_max_bytes: _Optional[int] = ..., shared_memory_mapped_bytes: _Optional[int] = ..., shared_memory_regions: _Optional[int] = ...) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
     __slots__ = ("server_version", "libtorch_version", "default_device", "devices", "cuda_device_count", "limits", "features", "intra_op_threads", "compute_threads", "sessions", "unreadable_sessions", "store")

@@ -1,0 +1,272 @@
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::*;
+
+/// An object in /dev/shm removed when dropped.
+struct Object {
+    name: String,
+    path: PathBuf,
+}
+
+impl Object {
+    fn new(bytes: &[u8]) -> Object {
+        let name = format!(
+            "normserve-unit-{}-{:016x}",
+            std::process::id(),
+            rand::random::<u64>()
+        );
+        let path = PathBuf::from("/dev/shm").join(&name);
+        let mut file = OpenOptions::new()
+            .create_new(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        file.write_all(bytes).unwrap();
+        Object { name, path }
+    }
+}
+
+impl Drop for Object {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn limits() -> ShmLimits {
+    ShmLimits {
+        enabled: true,
+        dir: PathBuf::from("/dev/shm"),
+        max_bytes: 1 << 30,
+        tenant_max_regions: 4,
+        tenant_max_bytes: 1 << 20,
+        idle: None,
+    }
+}
+
+fn range(region: &str, offset: u64, byte_size: u64) -> RangeRequest {
+    RangeRequest {
+        region: region.to_owned(),
+        offset,
+        byte_size,
+    }
+}
+
+#[test]
+fn names_are_object_names_only() {
+    for bad in ["", ".", "..", "a/b", "/abs", "nul\0", &"x".repeat(256)] {
+        assert!(
+            matches!(check_name(bad), Err(ShmError::InvalidArgument(_))),
+            "{bad:?} accepted"
+        );
+    }
+    for good in ["a", "normserve-1234", &"x".repeat(255), "...", "a.b"] {
+        check_name(good).unwrap();
+    }
+}
+
+#[test]
+fn ranges_must_lie_within_the_region_and_be_aligned() {
+    let object = Object::new(&[7u8; 4096 + 64]);
+    let shm = SharedMemory::new(limits());
+    // The region starts 16 bytes into the object and covers 64 bytes.
+    shm.register("t", &object.name, 16, 64).unwrap();
+    let whole = shm
+        .range("t", "input", &range(&object.name, 0, 64), 8)
+        .unwrap();
+    assert_eq!(whole.bytes().as_ref(), &[7u8; 64]);
+    for (offset, size) in [(0, 65), (60, 8), (64, 1), (u64::MAX, 2)] {
+        let err = shm
+            .range("t", "input", &range(&object.name, offset, size), 1)
+            .unwrap_err();
+        assert!(
+            matches!(err, ShmError::OutOfRange(_)),
+            "{offset},{size}: {err}"
+        );
+    }
+    // 16 + 4 is not a multiple of 8 (float64), but is of 4 (float32).
+    let err = shm
+        .range("t", "input", &range(&object.name, 4, 8), 8)
+        .unwrap_err();
+    assert!(matches!(err, ShmError::InvalidArgument(_)), "{err}");
+    shm.range("t", "input", &range(&object.name, 4, 8), 4)
+        .unwrap();
+}
+
+#[test]
+fn another_tenants_region_is_not_found() {
+    let object = Object::new(&[0u8; 128]);
+    let shm = SharedMemory::new(limits());
+    shm.register("a", &object.name, 0, 128).unwrap();
+    let err = shm
+        .range("b", "input", &range(&object.name, 0, 8), 4)
+        .unwrap_err();
+    assert!(matches!(err, ShmError::NotFound(_)), "{err}");
+    let never = shm
+        .range("b", "input", &range("never-registered", 0, 8), 4)
+        .unwrap_err();
+    assert_eq!(
+        err.to_string().replace(&object.name, "X"),
+        never.to_string().replace("never-registered", "X")
+    );
+    assert!(matches!(
+        shm.unregister("b", Some(&object.name)),
+        Err(ShmError::NotFound(_))
+    ));
+    assert_eq!(shm.status("b", None).unwrap(), vec![]);
+    assert_eq!(shm.unregister("a", None).unwrap(), 1);
+}
+
+#[test]
+fn an_unlinked_object_unregisters_its_region() {
+    let object = Object::new(&[0u8; 128]);
+    let shm = SharedMemory::new(limits());
+    shm.register("t", &object.name, 0, 128).unwrap();
+    std::fs::remove_file(&object.path).unwrap();
+    let err = shm
+        .range("t", "input", &range(&object.name, 0, 8), 4)
+        .unwrap_err();
+    assert!(matches!(err, ShmError::Unlinked(_)), "{err}");
+    assert_eq!(shm.totals(), (0, 0));
+    let err = shm
+        .range("t", "input", &range(&object.name, 0, 8), 4)
+        .unwrap_err();
+    assert!(matches!(err, ShmError::NotFound(_)), "{err}");
+}
+
+#[test]
+fn a_truncated_object_is_found_before_use() {
+    let object = Object::new(&[0u8; 8192]);
+    let shm = SharedMemory::new(limits());
+    shm.register("t", &object.name, 0, 8192).unwrap();
+    OpenOptions::new()
+        .write(true)
+        .open(&object.path)
+        .unwrap()
+        .set_len(100)
+        .unwrap();
+    let err = shm
+        .range("t", "input", &range(&object.name, 0, 8), 4)
+        .unwrap_err();
+    assert!(matches!(err, ShmError::Truncated(_)), "{err}");
+    assert_eq!(shm.totals(), (0, 0));
+}
+
+#[test]
+fn a_truncation_during_use_reads_zeros_instead_of_killing_the_process() {
+    let page = 4096;
+    let object = Object::new(&vec![0xAB; 4 * page]);
+    let shm = SharedMemory::new(limits());
+    shm.register("t", &object.name, 0, 4 * page as u64).unwrap();
+    let input = shm
+        .range("t", "input", &range(&object.name, 0, 4 * page as u64), 4)
+        .unwrap();
+    let bytes = input.bytes();
+    assert_eq!(bytes[3 * page], 0xAB);
+    // The owner shrinks its object while the server holds a view of it: the
+    // pages past the end would raise SIGBUS.
+    OpenOptions::new()
+        .write(true)
+        .open(&object.path)
+        .unwrap()
+        .set_len(page as u64)
+        .unwrap();
+    let tail: u64 = bytes[2 * page..].iter().map(|&b| u64::from(b)).sum();
+    assert_eq!(tail, 0, "the lost pages read as zeros");
+    assert_eq!(bytes[0], 0xAB, "the pages still backed are the object's");
+    assert!(input.region().faulted());
+    let err = input.write(&vec![1u8; 4 * page]).unwrap_err();
+    assert!(matches!(err, ShmError::Truncated(_)), "{err}");
+    shm.forget_broken("t", &input);
+    assert_eq!(shm.totals(), (0, 0));
+}
+
+#[test]
+fn writes_land_in_the_object() {
+    let object = Object::new(&[0u8; 64]);
+    let shm = SharedMemory::new(limits());
+    shm.register("t", &object.name, 0, 64).unwrap();
+    let output = shm
+        .range("t", "output", &range(&object.name, 8, 16), 4)
+        .unwrap();
+    output.write(&[5u8; 16]).unwrap();
+    let content = std::fs::read(&object.path).unwrap();
+    assert_eq!(&content[..8], &[0u8; 8]);
+    assert_eq!(&content[8..24], &[5u8; 16]);
+    assert_eq!(&content[24..], &[0u8; 40]);
+}
+
+#[test]
+fn registration_is_bounded_per_tenant_and_server_wide() {
+    let objects: Vec<Object> = (0..6).map(|_| Object::new(&[0u8; 1024])).collect();
+    let shm = SharedMemory::new(ShmLimits {
+        max_bytes: 5 * 1024,
+        ..limits()
+    });
+    for object in &objects[..4] {
+        shm.register("a", &object.name, 0, 1024).unwrap();
+    }
+    let err = shm.register("a", &objects[4].name, 0, 1024).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("--tenant-shared-memory-max-regions"),
+        "{err}"
+    );
+    shm.register("b", &objects[4].name, 0, 1024).unwrap();
+    let err = shm.register("b", &objects[5].name, 0, 1024).unwrap_err();
+    assert!(
+        err.to_string().contains("--shared-memory-max-bytes"),
+        "{err}"
+    );
+    assert_eq!(shm.totals(), (5 * 1024, 5));
+    // The same registration again is a no-op; a different one is refused.
+    assert!(shm.register("a", &objects[0].name, 0, 1024).unwrap().1);
+    let err = shm.register("a", &objects[0].name, 0, 512).unwrap_err();
+    assert!(matches!(err, ShmError::AlreadyExists(_)), "{err}");
+}
+
+#[test]
+fn registration_refuses_links_and_missing_objects() {
+    let object = Object::new(&[0u8; 64]);
+    let link = format!("{}-link", object.name);
+    let link_path = PathBuf::from("/dev/shm").join(&link);
+    std::os::unix::fs::symlink(&object.path, &link_path).unwrap();
+    let shm = SharedMemory::new(limits());
+    let err = shm.register("t", &link, 0, 64).unwrap_err();
+    let _ = std::fs::remove_file(&link_path);
+    assert!(matches!(err, ShmError::NotShared(_)), "{err}");
+    let err = shm
+        .register("t", "normserve-unit-no-such-object", 0, 64)
+        .unwrap_err();
+    assert!(matches!(err, ShmError::NoObject(_)), "{err}");
+    let err = shm.register("t", &object.name, 32, 64).unwrap_err();
+    assert!(matches!(err, ShmError::NotShared(_)), "{err}");
+}
+
+#[test]
+fn idle_regions_expire() {
+    let object = Object::new(&[0u8; 64]);
+    let shm = SharedMemory::new(ShmLimits {
+        idle: Some(Duration::from_millis(200)),
+        ..limits()
+    });
+    shm.register("t", &object.name, 0, 64).unwrap();
+    assert_eq!(shm.expire_idle(), 0);
+    std::thread::sleep(Duration::from_millis(250));
+    assert_eq!(shm.expire_idle(), 1);
+    assert_eq!(shm.totals(), (0, 0));
+}
+
+#[test]
+fn off_refuses_everything() {
+    let shm = SharedMemory::new(ShmLimits {
+        enabled: false,
+        ..limits()
+    });
+    assert!(matches!(
+        shm.register("t", "x", 0, 1),
+        Err(ShmError::Unavailable(_))
+    ));
+}
