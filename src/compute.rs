@@ -18,7 +18,7 @@ use crate::scheduler::{FairPermit, FairPermits};
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::rpc::current_rpc;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ComputeError {
     /// The job panicked (a libtorch call without an `f_` guard, or a bug).
     #[error("compute job failed: {0}")]

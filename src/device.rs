@@ -17,7 +17,7 @@ pub enum DeviceChoice {
     Cuda(usize),
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum DeviceError {
     #[error("unknown device {0:?}: expected auto, cpu, cuda or cuda:N")]
     Unparsable(String),

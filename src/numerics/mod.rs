@@ -111,7 +111,7 @@ impl DType {
 }
 
 /// Why a numerical operation was refused or failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum NumericsError {
     /// The caller sent something malformed; `field` names it ("input",
     /// "weight", "input.raw", ...) and `message` says what is wrong, with

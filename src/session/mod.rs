@@ -232,7 +232,7 @@ pub struct UnreadableSession {
     pub reason: String,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum SessionError {
     #[error("session {0} not found")]
     NotFound(SessionId),

@@ -249,26 +249,59 @@ impl ReplayLog {
             })
     }
 
+    /// What [`find`](Self::find) would answer once `pending` (mutations
+    /// computed but not committed yet, oldest first) were recorded: the
+    /// newest entries within the window, `pending` included.
+    pub fn find_after<'a>(
+        &'a self,
+        pending: &'a [Replayable],
+        request_id: &str,
+    ) -> Option<&'a Replay> {
+        let window = self.limits.window;
+        let kept_pending = pending.len().min(window);
+        pending[pending.len() - kept_pending..]
+            .iter()
+            .rev()
+            .find(|entry| entry.request_id == request_id)
+            .map(|entry| &entry.replay)
+            .or_else(|| {
+                self.entries
+                    .iter()
+                    .rev()
+                    .take(window - kept_pending)
+                    .find(|(id, _)| id == request_id)
+                    .map(|(_, r)| r)
+            })
+            .or_else(|| {
+                self.last_step
+                    .as_ref()
+                    .filter(|(_, id, _)| id == request_id)
+                    .map(|(_, _, r)| r)
+            })
+    }
+
     /// The last applied synchronized step, if any.
     pub fn last_step(&self) -> Option<u64> {
         self.last_step.as_ref().map(|(step, _, _)| *step)
     }
 
-    /// The ids to store, oldest first, with `next` appended (the mutation
-    /// about to be committed), trimmed to the window.
-    pub fn stored_with(&self, next: Option<&Replayable>) -> Vec<RecentRequest> {
+    /// The ids to store, oldest first, with `next` appended (the mutations
+    /// about to be committed, oldest first), trimmed to the window.
+    pub fn stored_with(&self, next: &[Replayable]) -> Vec<RecentRequest> {
         let mut out: Vec<RecentRequest> = self
             .entries
             .iter()
             .map(|(id, replay)| replay.recent(id))
-            .chain(next.map(|next| next.replay.recent(&next.request_id)))
+            .chain(next.iter().map(|next| next.replay.recent(&next.request_id)))
             .collect();
         let excess = out.len().saturating_sub(self.limits.window);
         out.drain(..excess);
         // The last step outlives the window: it is what refuses older steps
         // after a restart.
         let last_step = next
-            .filter(|next| step_of_key(&next.request_id).is_some())
+            .iter()
+            .rev()
+            .find(|next| step_of_key(&next.request_id).is_some())
             .map(|next| next.replay.recent(&next.request_id))
             .or_else(|| self.last_step.as_ref().map(|(_, id, r)| r.recent(id)));
         if let Some(last) = last_step {
@@ -407,6 +440,30 @@ mod tests {
         record(&mut b, "b3", 20);
         assert!(held_output(&b, "b3") && !held_output(&b, "b2"));
         assert_eq!(limits.held.load(Ordering::Relaxed), 80);
+    }
+
+    #[test]
+    fn ids_not_committed_yet_are_found_as_the_window_will_hold_them() {
+        let limits = ReplayLimits::new(2, 1 << 20, 1 << 20, MemoryBudget::unlimited());
+        let mut log = ReplayLog::new(&limits);
+        record(&mut log, "old", 1);
+        record(&mut log, "kept", 1);
+        let pending = |id: &str| Replayable {
+            request_id: id.into(),
+            replay: forward(1),
+        };
+        let one = [pending("a")];
+        assert!(log.find_after(&one, "a").is_some());
+        assert!(log.find_after(&one, "kept").is_some());
+        // Recording `a` will push `old` out of the window of two.
+        assert!(log.find_after(&one, "old").is_none());
+        let three = [pending("a"), pending("b"), pending("c")];
+        assert!(log.find_after(&three, "a").is_none());
+        assert!(log.find_after(&three, "b").is_some() && log.find_after(&three, "c").is_some());
+        assert!(log.find_after(&three, "kept").is_none());
+        // With no window nothing is remembered, committed or not.
+        let none = ReplayLimits::new(0, 1 << 20, 1 << 20, MemoryBudget::unlimited());
+        assert!(ReplayLog::new(&none).find_after(&one, "a").is_none());
     }
 
     #[test]

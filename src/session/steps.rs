@@ -29,10 +29,12 @@ pub enum Step<T> {
     Next(Box<Next<T>>),
 }
 
-/// A new state to commit, the request id to remember with it, and the answer.
+/// A new state to commit, the request ids to remember with it (oldest
+/// first: several when a group of requests is committed as one), and the
+/// answer.
 pub struct Next<T> {
     pub layer: LayerState,
-    pub replay: Option<Replayable>,
+    pub replays: Vec<Replayable>,
     pub value: T,
 }
 
@@ -40,7 +42,7 @@ impl<T> Step<T> {
     pub(super) fn next(layer: LayerState, replay: Option<Replayable>, value: T) -> Step<T> {
         Step::Next(Box::new(Next {
             layer,
-            replay,
+            replays: replay.into_iter().collect(),
             value,
         }))
     }
@@ -89,16 +91,27 @@ fn preconditions<'a>(
     state: &'a SessionState,
     preconditions: &'a Preconditions,
 ) -> Result<Option<(&'a str, &'a Replay)>, SessionError> {
+    preconditions_at(
+        info,
+        &state.layer,
+        |request_id| state.replay.find(request_id),
+        preconditions,
+    )
+}
+
+/// [`preconditions`] at `layer`, with the request ids `find` knows.
+fn preconditions_at<'g, 'r>(
+    info: &SessionInfo,
+    layer: &LayerState,
+    find: impl Fn(&str) -> Option<&'r Replay>,
+    preconditions: &'g Preconditions,
+) -> Result<Option<(&'g str, &'r Replay)>, SessionError> {
     if let Some(request_id) = &preconditions.request_id {
-        if let Some(replay) = state.replay.find(request_id) {
+        if let Some(replay) = find(request_id) {
             return Ok(Some((request_id.as_str(), replay)));
         }
     }
-    check_version(
-        &info.id,
-        preconditions.expected_version,
-        state.layer.version,
-    )?;
+    check_version(&info.id, preconditions.expected_version, layer.version)?;
     Ok(None)
 }
 
@@ -429,8 +442,74 @@ pub fn forward_step(
     command: &Forward,
     stats: StatsKernel,
 ) -> Result<Step<ForwardOutcome>, SessionError> {
+    forward_at(
+        info,
+        &state.layer,
+        |request_id| state.replay.find(request_id),
+        command,
+        stats,
+    )
+}
+
+/// The answers of a group of Forwards of one session, one per command in
+/// order, and the state after all of them: each computed on the state the
+/// ones before it left, exactly as if each were committed alone. A command's
+/// own error answers that command only and changes nothing; a request id
+/// repeated within the group is answered as the replay of its first use.
+/// [`Step::Done`] when none of them changes the session; otherwise
+/// [`Step::Next`] with every applied request id, to be committed as one.
+pub fn forward_group_step(
+    info: &SessionInfo,
+    state: &SessionState,
+    commands: &[Forward],
+    stats: StatsKernel,
+) -> Result<Step<Vec<Result<ForwardOutcome, SessionError>>>, SessionError> {
+    let mut changed: Option<LayerState> = None;
+    let mut replays: Vec<Replayable> = Vec::new();
+    let mut answers = Vec::with_capacity(commands.len());
+    for command in commands {
+        let current = changed.as_ref().unwrap_or(&state.layer);
+        let step = forward_at(
+            info,
+            current,
+            |request_id| state.replay.find_after(&replays, request_id),
+            command,
+            stats,
+        );
+        answers.push(match step {
+            Ok(Step::Done(outcome)) => Ok(outcome),
+            Ok(Step::Next(next)) => {
+                let Next {
+                    layer,
+                    replays: applied,
+                    value,
+                } = *next;
+                changed = Some(layer);
+                replays.extend(applied);
+                Ok(value)
+            }
+            Err(error) => Err(error),
+        });
+    }
+    Ok(match changed {
+        None => Step::Done(answers),
+        Some(layer) => Step::Next(Box::new(Next {
+            layer,
+            replays,
+            value: answers,
+        })),
+    })
+}
+
+/// A Forward at `current`, with the request ids `find` knows.
+fn forward_at<'r>(
+    info: &SessionInfo,
+    current: &LayerState,
+    find: impl Fn(&str) -> Option<&'r Replay>,
+    command: &Forward,
+    stats: StatsKernel,
+) -> Result<Step<ForwardOutcome>, SessionError> {
     let config = &info.config;
-    let current = &state.layer;
     let training = command.mode.unwrap_or(config.default_mode) == Mode::Train;
     let mutates = training && config.track_running_stats;
     // A forward that changes nothing is not remembered, so its request id
@@ -440,7 +519,7 @@ pub fn forward_step(
     } else {
         command.preconditions.version_only()
     };
-    if let Some((request_id, replay)) = preconditions(info, state, &given)? {
+    if let Some((request_id, replay)) = preconditions_at(info, current, find, &given)? {
         return Ok(Step::Done(replayed_forward(info, request_id, replay)?));
     }
 

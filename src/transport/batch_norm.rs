@@ -5,14 +5,14 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::convert::{
-    Caller, DeleteSession, ForwardCall, MergeSession, Mutation, ResetRunningStats, Scope,
-    StateDict, WrittenToSharedMemory,
+    Caller, DeleteSession, ForwardCall, MergeSession, Mutation, Representation, ResetRunningStats,
+    Scope, StateDict, WrittenToSharedMemory,
 };
 use super::{auth, shared_memory, stream};
 use crate::proto::v1 as pb;
 use crate::proto::v1::batch_norm_service_server::BatchNormService;
 use crate::session::synced::{ReduceStatistics, StepForward, StepForwardOutcome};
-use crate::session::{CreateSession, ListSessions, Registry, SessionId, UpdateParameters};
+use crate::session::{CreateSession, Forward, ListSessions, Registry, SessionId, UpdateParameters};
 use crate::shm::SharedMemory;
 
 pub struct BatchNormApi {
@@ -56,11 +56,21 @@ impl BatchNormApi {
     }
 }
 
-/// One Forward, shared by the unary and the streaming RPC.
+/// One Forward (the unary RPC).
 async fn forward(
     registry: &Arc<Registry>,
     caller: &Caller,
     request: pb::ForwardRequest,
+) -> Result<pb::ForwardResponse, Status> {
+    answer_call(registry, caller, caller.decode(request)?).await
+}
+
+/// One decoded Forward, alone: shared by the unary RPC and the stream's
+/// Forwards that are not grouped.
+async fn answer_call(
+    registry: &Arc<Registry>,
+    caller: &Caller,
+    call: ForwardCall,
 ) -> Result<pb::ForwardResponse, Status> {
     let ForwardCall {
         command,
@@ -68,7 +78,7 @@ async fn forward(
         step,
         shared_input,
         shared_output,
-    } = caller.decode(request)?;
+    } = call;
     let mut outcome = match step {
         Some(spec) => {
             registry
@@ -97,6 +107,83 @@ async fn forward(
         None => None,
     };
     Ok(WrittenToSharedMemory { outcome, written }.into())
+}
+
+/// The Forwards a stream has received together, answered in order (one
+/// answer per request): Forwards without a synchronized step or shared
+/// memory are handed to the registry as a group (each session's committed
+/// once); the others are answered alone, in their place, after the ones
+/// before them (a step waits for its other ranks; a shared-memory range is
+/// checked after the read and written after the commit, per message).
+async fn forward_group(
+    registry: &Arc<Registry>,
+    caller: &Caller,
+    requests: Vec<pb::ForwardRequest>,
+) -> Vec<Result<pb::ForwardResponse, Status>> {
+    let mut answers: Vec<Result<pb::ForwardResponse, Status>> = Vec::with_capacity(requests.len());
+    // Decoded plain Forwards not yet handed to the registry: their places
+    // in `answers` (filled with placeholders until then).
+    let mut plain: Vec<(usize, (Forward, Representation))> = Vec::new();
+    for request in requests {
+        let place = answers.len();
+        answers.push(Err(Status::internal("not answered")));
+        match caller.decode::<_, ForwardCall>(request) {
+            Err(error) => answers[place] = Err(error.into()),
+            Ok(ForwardCall {
+                command,
+                representation,
+                step: None,
+                shared_input: None,
+                shared_output: None,
+            }) => plain.push((place, (command, representation))),
+            Ok(call) => {
+                answer_plain(registry, std::mem::take(&mut plain), &mut answers).await;
+                answers[place] = answer_call(registry, caller, call).await;
+            }
+        }
+    }
+    answer_plain(registry, plain, &mut answers).await;
+    answers
+}
+
+/// Answers `plain` (places and decoded Forwards without a step) as one
+/// registry group.
+async fn answer_plain(
+    registry: &Arc<Registry>,
+    plain: Vec<(usize, (Forward, Representation))>,
+    answers: &mut [Result<pb::ForwardResponse, Status>],
+) {
+    if plain.is_empty() {
+        return;
+    }
+    let (places, calls): (Vec<usize>, Vec<(Forward, Representation)>) = plain.into_iter().unzip();
+    let (commands, representations): (Vec<Forward>, Vec<Representation>) =
+        calls.into_iter().unzip();
+    let outcomes = registry.forward_group(commands).await;
+    for ((place, representation), outcome) in places.into_iter().zip(representations).zip(outcomes)
+    {
+        answers[place] = outcome
+            .map(|outcome| representation.of(outcome).into())
+            .map_err(Status::from);
+    }
+}
+
+/// A stream's answer to its `index`-th message.
+fn stream_response(
+    index: u64,
+    answer: Result<pb::ForwardResponse, Status>,
+) -> pb::ForwardStreamResponse {
+    let result = match answer {
+        Ok(response) => pb::forward_stream_response::Result::Response(response),
+        Err(status) => pb::forward_stream_response::Result::Error(pb::StreamError {
+            code: status.code() as i32,
+            message: status.message().to_owned(),
+        }),
+    };
+    pb::ForwardStreamResponse {
+        index,
+        result: Some(result),
+    }
 }
 
 #[tonic::async_trait]
@@ -187,29 +274,23 @@ impl BatchNormService for BatchNormApi {
         let caller = Arc::new(self.caller(&request)?);
         let credential = auth::credential(&request);
         let registry = self.registry.clone();
-        let mut index: u64 = 0;
-        let replies = stream::answer_each(
+        let mut next_index: u64 = 0;
+        // The messages already received are answered as a group: each
+        // session's Forwards among them share one commit.
+        let replies = stream::answer_groups(
             request.into_inner(),
             credential,
             self.look_ahead.clone(),
-            move |request| {
+            move |requests: Vec<pb::ForwardRequest>| {
                 let (registry, caller) = (registry.clone(), caller.clone());
-                let this = index;
-                index += 1;
+                let first = next_index;
+                next_index += requests.len() as u64;
                 async move {
-                    let result = match forward(&registry, &caller, request).await {
-                        Ok(response) => pb::forward_stream_response::Result::Response(response),
-                        Err(status) => {
-                            pb::forward_stream_response::Result::Error(pb::StreamError {
-                                code: status.code() as i32,
-                                message: status.message().to_owned(),
-                            })
-                        }
-                    };
-                    pb::ForwardStreamResponse {
-                        index: this,
-                        result: Some(result),
-                    }
+                    let answers = forward_group(&registry, &caller, requests).await;
+                    (first..)
+                        .zip(answers)
+                        .map(|(index, answer)| stream_response(index, answer))
+                        .collect()
                 }
             },
         );

@@ -21,6 +21,18 @@ use tokio::time::Sleep;
 use tonic::body::Body;
 use tonic::Status;
 
+tokio::task_local! {
+    /// Set while a stream looks at what has already arrived without waiting.
+    static PEEKING: ();
+}
+
+/// Runs `look` as a look at what the client has already sent: a body found
+/// empty inside it was not awaited, so it arms no idle timer (the stream may
+/// then compute for a while before it waits for the client).
+pub fn peek<T>(look: impl FnOnce() -> T) -> T {
+    PEEKING.sync_scope((), look)
+}
+
 /// A request body that fails once the client has sent nothing for
 /// `limit` while it was awaited.
 pub struct IdleBody {
@@ -74,6 +86,9 @@ impl http_body::Body for IdleBody {
                 let Some(limit) = this.limit else {
                     return Poll::Pending;
                 };
+                if PEEKING.try_with(|_| ()).is_ok() {
+                    return Poll::Pending;
+                }
                 let timer = this
                     .timer
                     .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
@@ -128,6 +143,27 @@ mod tests {
         assert_eq!(started.elapsed(), Duration::from_secs(5));
         assert!(body.frame().await.is_none());
         drop(sender);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peek_at_an_empty_body_is_not_waiting() {
+        let (sender, body) = channel_body();
+        let mut body = IdleBody::new(body, Some(Duration::from_secs(5)));
+        let mut context = Context::from_waker(std::task::Waker::noop());
+        let peeked = peek(|| http_body::Body::poll_frame(Pin::new(&mut body), &mut context));
+        assert!(peeked.is_pending());
+        // The stream computes for longer than the limit before it waits:
+        // only the wait counts.
+        tokio::time::advance(Duration::from_secs(8)).await;
+        let feeder = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            let data = http_body::Frame::data(Bytes::from_static(b"x"));
+            sender.send(Ok(data)).await.unwrap();
+            sender
+        });
+        let frame = body.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), Bytes::from_static(b"x"));
+        drop(feeder.await.unwrap());
     }
 
     #[tokio::test(start_paused = true)]

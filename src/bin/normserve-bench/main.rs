@@ -27,6 +27,7 @@ use serde_json::Value;
 use tch::Device;
 
 use report::{Figures, RunSettings};
+use scenarios::Durability;
 use target::{ServerCommand, Target};
 
 #[derive(Parser, Debug)]
@@ -36,7 +37,9 @@ use target::{ServerCommand, Target};
 )]
 struct Args {
     /// Server binary to start (with --listen 127.0.0.1:0, --durability none
-    /// and --device DEVICE, plus any arguments after `--`).
+    /// and --device DEVICE, plus any arguments after `--`); the `_sync`
+    /// scenarios run against a second one started with --durability sync
+    /// (unless the arguments after `--` choose the durability for both).
     #[arg(long, default_value = "target/release/normserve")]
     server_bin: PathBuf,
     /// Benchmark a running server instead of starting one, e.g.
@@ -116,14 +119,18 @@ fn main() {
         Ok(r) => r,
         Err(e) => fatal(&format!("runtime: {e}")),
     };
+    let command = |durability: Durability| ServerCommand {
+        binary: &args.server_bin,
+        device: &args.device,
+        durability: durability.flag(),
+        extra_args: &args.server_args,
+    };
     let target = match &args.addr {
         Some(address) => Target::running(address),
-        None => Target::start(&ServerCommand {
-            binary: &args.server_bin,
-            device: &args.device,
-            extra_args: &args.server_args,
-        }),
+        None => Target::start(&command(Durability::None)),
     };
+    // Started for the first scenario that needs it.
+    let mut sync_target: Option<Target> = None;
     let duration = Duration::from_secs_f64(args.round_seconds);
     let server_pid = target.server_pid();
     let settings = RunSettings {
@@ -136,27 +143,35 @@ fn main() {
     let server = runtime.block_on(target::server_description(&target));
     report::print_header(&settings, &server);
     let mut reports = Vec::new();
-    let mut unary_small = None;
     for scenario in &selected {
+        // With --addr, or a durability given after `--`, every scenario runs
+        // against the one server.
+        let separate = args.addr.is_none()
+            && scenario.durability != Durability::None
+            && !command(scenario.durability).durability_given();
+        let (target, pid) = if separate {
+            let started =
+                sync_target.get_or_insert_with(|| Target::start(&command(Durability::Sync)));
+            let pid = started.server_pid();
+            (&*started, pid)
+        } else {
+            (&target, server_pid.clone())
+        };
         let rounds = runtime.block_on(rounds::service_rounds(
-            &target,
+            target,
             scenario,
             &args.device,
             args.rounds,
             duration,
-            server_pid.as_deref(),
+            pid.as_deref(),
         ));
         let baseline =
             baseline::in_process_rounds(scenario, device, &args.device, args.rounds, duration);
-        let figures = Figures::new(&rounds, &baseline, server_pid.is_some());
-        if scenario.name == "latency_1k" {
-            unary_small = Some(figures.calls_per_s);
-        }
+        let figures = Figures::new(&rounds, &baseline, pid.is_some());
         report::print_row(scenario, &figures);
         reports.push(report::scenario_json(scenario, &figures, &rounds));
     }
-    let stream_ratio = report::stream_over_unary(&reports, unary_small);
-    report::print_notes(stream_ratio);
+    report::print_notes(&reports);
     let memory = match (&server_pid, args.idle_sessions) {
         (Some(pid), count) if count > 0 => {
             let value = runtime.block_on(target::idle_sessions(&target, pid, count));
@@ -165,9 +180,10 @@ fn main() {
         }
         _ => Value::Null,
     };
-    let document = report::document(&settings, server, stream_ratio, memory, reports);
+    let document = report::document(&settings, server, memory, reports);
     report::write_json(&document, &args.json);
     // Close the client connections first, so the server drains at once.
     drop(runtime);
+    drop(sync_target);
     drop(target);
 }

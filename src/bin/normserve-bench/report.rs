@@ -128,6 +128,7 @@ pub fn scenario_json(scenario: &Scenario, figures: &Figures, rounds: &[Round]) -
     json!({
         "scenario": scenario.name,
         "description": scenario.what,
+        "durability": scenario.durability.flag(),
         "shape": scenario.shape,
         "mode": if scenario.train { "train" } else { "eval" },
         "input_bytes": bytes,
@@ -150,25 +151,35 @@ pub fn scenario_json(scenario: &Scenario, figures: &Figures, rounds: &[Round]) -
     })
 }
 
-/// stream_small's calls/s over latency_1k's, when both ran.
-pub fn stream_over_unary(reports: &[Value], unary_small: Option<f64>) -> Option<f64> {
-    reports
-        .iter()
-        .find(|r| r["scenario"] == "stream_small")
-        .and_then(|r| r["calls_per_s"].as_f64())
-        .zip(unary_small)
-        .map(|(stream, unary)| stream / unary)
+/// The stream-over-unary ratios the notes and the JSON report: (stream
+/// scenario, unary scenario) pairs of the same input.
+pub const STREAM_OVER_UNARY: [(&str, &str); 2] = [
+    ("stream_small", "latency_1k"),
+    ("stream_train_sync", "latency_1k_sync"),
+];
+
+/// `stream`'s calls/s over `unary`'s, when both ran.
+pub fn calls_ratio(reports: &[Value], stream: &str, unary: &str) -> Option<f64> {
+    let calls = |name: &str| {
+        reports
+            .iter()
+            .find(|r| r["scenario"] == name)
+            .and_then(|r| r["calls_per_s"].as_f64())
+    };
+    calls(stream).zip(calls(unary)).map(|(s, u)| s / u)
 }
 
 /// The notes under the table.
-pub fn print_notes(stream_ratio: Option<f64>) {
+pub fn print_notes(reports: &[Value]) {
     println!(
         "\ncalls/s, MB/s (of input), p50/p99: medians over rounds; spread = (max - min) / median of calls/s;\n\
          ratio = service calls/s / in-process calls/s (same batch norm through libtorch here, no gRPC);\n\
          genCPU / srvCPU = CPU cores used by this generator / by the server during the rounds."
     );
-    if let Some(ratio) = stream_ratio {
-        println!("stream_small / latency_1k (unary) calls/s: {ratio:.2}x");
+    for (stream, unary) in STREAM_OVER_UNARY {
+        if let Some(ratio) = calls_ratio(reports, stream, unary) {
+            println!("{stream} / {unary} (unary) calls/s: {ratio:.2}x");
+        }
     }
 }
 
@@ -194,10 +205,11 @@ pub fn print_memory(memory: &Value, count: usize) {
 pub fn document(
     settings: &RunSettings,
     server: Value,
-    stream_ratio: Option<f64>,
     memory: Value,
     scenarios: Vec<Value>,
 ) -> Value {
+    let stream_ratio = calls_ratio(&scenarios, "stream_small", "latency_1k");
+    let stream_ratio_sync = calls_ratio(&scenarios, "stream_train_sync", "latency_1k_sync");
     json!({
         "generator": "normserve-bench",
         "device": settings.device,
@@ -206,6 +218,7 @@ pub fn document(
         "cores": settings.cores,
         "server": server,
         "stream_over_unary": stream_ratio,
+        "stream_over_unary_sync": stream_ratio_sync,
         "idle_sessions": memory,
         "scenarios": scenarios,
     })

@@ -38,6 +38,25 @@ pub enum Workload {
     SharedMemory { copy: bool },
 }
 
+/// The `--durability` of the server a scenario runs against (when the bench
+/// starts it): `none` measures the Forward path alone, `sync` with the
+/// store's commit (fsync) before each answer, the server's default.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Durability {
+    None,
+    Sync,
+}
+
+impl Durability {
+    /// The server's flag value.
+    pub fn flag(self) -> &'static str {
+        match self {
+            Durability::None => "none",
+            Durability::Sync => "sync",
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Scenario {
     pub name: &'static str,
@@ -45,6 +64,7 @@ pub struct Scenario {
     pub shape: Vec<i64>,
     pub train: bool,
     pub workload: Workload,
+    pub durability: Durability,
     /// Sessions created with `exact_statistics` (order-independent exact
     /// sums beside the running statistics): what the exact mode costs, read
     /// against the same shape's plain scenario.
@@ -59,7 +79,12 @@ pub fn scenarios() -> Vec<Scenario> {
         shape: shape.to_vec(),
         train,
         workload,
+        durability: Durability::None,
         exact: false,
+    };
+    let sync = |scenario: Scenario| Scenario {
+        durability: Durability::Sync,
+        ..scenario
     };
     let exact = |scenario: Scenario| Scenario {
         exact: true,
@@ -178,6 +203,20 @@ pub fn scenarios() -> Vec<Scenario> {
             true,
             Workload::Stream { window: 32 },
         ),
+        sync(s(
+            "latency_1k_sync",
+            "unary train (4,64), sequential, --durability sync",
+            &[4, 64],
+            true,
+            unary,
+        )),
+        sync(s(
+            "stream_train_sync",
+            "ForwardStream train (4,64), 32 in flight, --durability sync",
+            &[4, 64],
+            true,
+            Workload::Stream { window: 32 },
+        )),
         s(
             "fairness",
             "polite eval (4,64) latency beside 32 flooding callers, train (4096,64) 1 MiB, one connection",

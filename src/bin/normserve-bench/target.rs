@@ -20,8 +20,19 @@ use crate::fatal;
 pub struct ServerCommand<'a> {
     pub binary: &'a Path,
     pub device: &'a str,
+    /// `--durability`, unless the extra arguments give one.
+    pub durability: &'a str,
     /// Extra arguments, after the bench's own.
     pub extra_args: &'a [String],
+}
+
+impl ServerCommand<'_> {
+    /// Whether the extra arguments choose the durability themselves.
+    pub fn durability_given(&self) -> bool {
+        self.extra_args
+            .iter()
+            .any(|a| a == "--durability" || a.starts_with("--durability="))
+    }
 }
 
 pub struct Target {
@@ -43,16 +54,19 @@ impl Target {
     /// Starts the server on an ephemeral port with a data directory of its
     /// own and reads its address from its first line of output.
     pub fn start(command: &ServerCommand) -> Target {
-        let data_dir = std::env::temp_dir().join(format!("normserve-bench-{}", std::process::id()));
+        let data_dir = std::env::temp_dir().join(format!(
+            "normserve-bench-{}-{}",
+            std::process::id(),
+            command.durability
+        ));
+        let durability = if command.durability_given() {
+            vec![]
+        } else {
+            vec!["--durability", command.durability]
+        };
         let mut child = match Command::new(command.binary)
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--durability",
-                "none",
-                "--log",
-                "warn",
-            ])
+            .args(["--listen", "127.0.0.1:0", "--log", "warn"])
+            .args(durability)
             .arg("--device")
             .arg(command.device)
             .arg("--data-dir")

@@ -39,24 +39,20 @@ pub(super) fn stamp(info: &SessionInfo, state: &SessionState) -> Stamp {
 /// one place a session's state changes.
 fn swap_in<T>(state: &mut SessionState, next: Next<T>) -> T {
     state.layer = next.layer;
-    if let Some(entry) = next.replay {
+    for entry in next.replays {
         state.replay.record(entry);
     }
     next.value
 }
 
-/// The record to store for a step's new state, with its request id appended
+/// The record to store for a step's new state, with its request ids appended
 /// to the stored ones.
 fn record_of<T>(
     info: &SessionInfo,
     state: &SessionState,
     next: &Next<T>,
 ) -> Result<SessionRecord, SessionError> {
-    record(
-        info,
-        &next.layer,
-        state.replay.stored_with(next.replay.as_ref()),
-    )
+    record(info, &next.layer, state.replay.stored_with(&next.replays))
 }
 
 impl Registry {

@@ -3,8 +3,8 @@
 //! the mechanisms: `cache` (the sessions in memory, loading from the store,
 //! recovery, unreadable records), `commit` (locking, refreshing against a
 //! shared store, compare-and-set commit with recompute; delete), `create`
-//! (creation under the limits), `listing` (ListSessions) and `expiry` (the
-//! idle TTL). The steps themselves are pure functions in `session::steps`.
+//! (creation under the limits), `group` (a stream's Forwards committed
+//! together), `listing` (ListSessions) and `expiry` (the idle TTL). The steps themselves are pure functions in `session::steps`.
 //!
 //! Ordering: each session's state sits behind a FIFO async mutex; a request
 //! takes it (in arrival order) and holds it through its compute job and the
@@ -29,6 +29,7 @@ mod cache;
 mod commit;
 mod create;
 mod expiry;
+mod group;
 mod listing;
 mod merge;
 mod rendezvous;

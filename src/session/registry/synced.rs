@@ -25,7 +25,7 @@ use crate::numerics::merge_stats::{
 use crate::numerics::{NumericsError, TensorData};
 use crate::session::replay::{step_key, Call, Replay, Replayable};
 use crate::session::state::{SessionInfo, SessionState};
-use crate::session::steps::{Next, Step};
+use crate::session::steps::Step;
 use crate::session::synced::{
     BackwardSums, ReduceOutcome, ReduceStatistics, Reduction, StepApplied, StepForward,
     StepForwardOutcome, StepSpec, StepStatistics,
@@ -301,11 +301,7 @@ fn commit_step(
         request_id: step_key(step),
         replay: Replay::Step(applied.clone()),
     };
-    Ok(Step::Next(Box::new(Next {
-        layer: next,
-        replay: Some(replay),
-        value: applied,
-    })))
+    Ok(Step::next(next, Some(replay), applied))
 }
 
 /// The shard's checks, as a train forward of the session makes them, except

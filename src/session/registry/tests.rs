@@ -22,7 +22,8 @@ use crate::session::{CreateSession, Mode, SessionConfig, StateTensors};
 /// A store in memory. `shared`: checked before every use, as Redis is.
 /// `stale_checks`: that many version checks answer the stamp the session
 /// had before its latest write, as if another replica committed between the
-/// check and the write. `failing_puts`: that many writes fail.
+/// check and the write. `failing_puts`: that many writes fail. `commits`:
+/// the writes committed.
 #[derive(Default)]
 struct MemoryStore {
     shared: bool,
@@ -30,6 +31,7 @@ struct MemoryStore {
     stale_checks: AtomicUsize,
     failing_puts: AtomicUsize,
     conflicts: AtomicUsize,
+    commits: AtomicUsize,
 }
 
 impl MemoryStore {
@@ -95,6 +97,7 @@ impl SessionStore for MemoryStore {
             return Ok(Written::Conflict);
         }
         records.insert(record.id.clone(), (record.clone(), stored));
+        self.commits.fetch_add(1, Ordering::SeqCst);
         Ok(Written::Committed)
     }
 
@@ -160,9 +163,14 @@ fn id() -> SessionId {
 
 /// A float64 BatchNorm1d(1) session with momentum 0.5.
 async fn create(registry: &Registry) {
+    create_named(registry, "bn").await;
+}
+
+/// [`create`] under the name `name`.
+async fn create_named(registry: &Registry, name: &str) {
     let created = registry
         .create(CreateSession {
-            id: Some(id()),
+            id: Some(SessionId::parse(name).unwrap()),
             tenant: String::new(),
             config: SessionConfig {
                 kind: LayerKind::BatchNorm1d,
@@ -189,8 +197,13 @@ async fn create(registry: &Registry) {
 
 /// A train forward of the (N, 1) batch `values`.
 fn train(values: &[f64], preconditions: Preconditions) -> Forward {
+    train_on("bn", values, preconditions)
+}
+
+/// [`train`] on the session `name`.
+fn train_on(name: &str, values: &[f64], preconditions: Preconditions) -> Forward {
     Forward {
-        id: id(),
+        id: SessionId::parse(name).unwrap(),
         input: TensorData::from_f64(
             "input",
             DType::Float64,
@@ -427,4 +440,291 @@ async fn a_shared_store_that_went_back_in_time_is_data_loss_not_a_rollback() {
         Err(SessionError::DataLoss { .. })
     ));
     assert_eq!(store.stored("bn").unwrap().version, 2);
+}
+
+/// PyTorch's train step on a (N, 1) batch, written out by hand: the output
+/// (x - mean) / sqrt(biased var + eps), and the running statistics after
+/// the update with momentum 0.5 (the unbiased variance).
+struct HandOracle {
+    mean: f64,
+    var: f64,
+    batches: i64,
+}
+
+impl HandOracle {
+    fn new() -> HandOracle {
+        HandOracle {
+            mean: 0.0,
+            var: 1.0,
+            batches: 0,
+        }
+    }
+
+    fn train(&mut self, values: &[f64]) -> Vec<f64> {
+        let n = values.len() as f64;
+        let mean = values.iter().sum::<f64>() / n;
+        let squares = values.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>();
+        let (biased, unbiased) = (squares / n, squares / (n - 1.0));
+        self.mean = (1.0 - MOMENTUM) * self.mean + MOMENTUM * mean;
+        self.var = (1.0 - MOMENTUM) * self.var + MOMENTUM * unbiased;
+        self.batches += 1;
+        values
+            .iter()
+            .map(|x| (x - mean) / (biased + 1e-5).sqrt())
+            .collect()
+    }
+
+    fn eval(&self, values: &[f64]) -> Vec<f64> {
+        values
+            .iter()
+            .map(|x| (x - self.mean) / (self.var + 1e-5).sqrt())
+            .collect()
+    }
+
+    fn check(&self, snapshot: &SessionSnapshot) {
+        let tensors = snapshot.tensors.as_ref().unwrap();
+        let var = tensors.running_var.as_ref().unwrap().to_f64_vec()[0];
+        assert!((running_mean(snapshot) - self.mean).abs() < 1e-12);
+        assert!((var - self.var).abs() < 1e-12, "{var} vs {}", self.var);
+        assert_eq!(snapshot.num_batches_tracked, self.batches);
+    }
+}
+
+fn assert_output(outcome: &ForwardOutcome, expected: &[f64]) {
+    let output = outcome.output.as_ref().unwrap().to_f64_vec();
+    assert_eq!(output.len(), expected.len());
+    for (got, want) in output.iter().zip(expected) {
+        assert!((got - want).abs() < 1e-9, "{output:?} vs {expected:?}");
+    }
+}
+
+fn eval(values: &[f64]) -> Forward {
+    Forward {
+        mode: Some(Mode::Eval),
+        ..train(values, Preconditions::default())
+    }
+}
+
+const BATCHES: [[f64; 2]; 5] = [
+    [1.0, 3.0],
+    [5.0, 9.0],
+    [-2.0, 4.0],
+    [0.5, 0.25],
+    [7.0, -7.0],
+];
+
+#[tokio::test]
+async fn a_group_of_forwards_is_applied_in_order_and_committed_once() {
+    let store = Arc::new(MemoryStore::default());
+    let registry = new_registry(Some(store.clone()));
+    create(&registry).await;
+    let committed = store.commits.load(Ordering::SeqCst);
+    let commands = BATCHES
+        .iter()
+        .enumerate()
+        .map(|(i, batch)| train(batch, with_request_id(&format!("r{i}"))))
+        .collect();
+    let answers = registry.forward_group(commands).await;
+    assert_eq!(store.commits.load(Ordering::SeqCst), committed + 1);
+    let mut oracle = HandOracle::new();
+    for (i, (answer, batch)) in answers.iter().zip(BATCHES).enumerate() {
+        let outcome = answer.as_ref().unwrap();
+        assert_output(outcome, &oracle.train(&batch));
+        assert!(!outcome.replayed);
+        assert_eq!(
+            (outcome.version, outcome.num_batches_tracked),
+            (i as u64 + 2, i as i64 + 1)
+        );
+    }
+    oracle.check(&registry.get(&id()).await.unwrap());
+    // One record, with every request id and the position each produced.
+    let stored = store.stored("bn").unwrap();
+    assert_eq!(stored.version, 6);
+    let recent: Vec<_> = stored
+        .recent_requests
+        .iter()
+        .map(|r| (r.request_id.as_str(), r.version, r.num_batches_tracked))
+        .collect();
+    assert_eq!(
+        recent,
+        [
+            ("r0", 2, 1),
+            ("r1", 3, 2),
+            ("r2", 4, 3),
+            ("r3", 5, 4),
+            ("r4", 6, 5)
+        ]
+    );
+
+    // After a restart every id of the group is still known.
+    let restarted = new_registry(Some(store));
+    restarted.recover().await.unwrap();
+    oracle.check(&restarted.get(&id()).await.unwrap());
+    let replayed = restarted
+        .forward(train(&BATCHES[2], with_request_id("r2")))
+        .await
+        .unwrap();
+    assert!(replayed.replayed);
+    assert_eq!((replayed.version, replayed.num_batches_tracked), (4, 3));
+}
+
+#[tokio::test]
+async fn each_forward_of_a_group_answers_its_own_error_and_the_others_apply() {
+    let store = Arc::new(MemoryStore::default());
+    let registry = new_registry(Some(store.clone()));
+    create(&registry).await;
+    create_named(&registry, "other").await;
+    let committed = store.commits.load(Ordering::SeqCst);
+    let answers = registry
+        .forward_group(vec![
+            train(&BATCHES[0], with_request_id("a")),
+            // One value per channel: PyTorch refuses it in train mode.
+            train(&[1.0], Preconditions::default()),
+            train_on("other", &BATCHES[1], Preconditions::default()),
+            // Expects the version before the first forward.
+            train(
+                &BATCHES[1],
+                Preconditions {
+                    expected_version: Some(1),
+                    request_id: None,
+                },
+            ),
+            // Sees the statistics the first forward left.
+            eval(&[2.0, -1.0]),
+            train_on("ghost", &BATCHES[1], Preconditions::default()),
+            // The same request id again: its first answer, not applied twice.
+            train(&BATCHES[0], with_request_id("a")),
+            // Expects the version the first forward left.
+            train(
+                &BATCHES[2],
+                Preconditions {
+                    expected_version: Some(2),
+                    request_id: Some("b".into()),
+                },
+            ),
+            train_on("other", &BATCHES[3], Preconditions::default()),
+        ])
+        .await;
+    // Both sessions committed, each once.
+    assert_eq!(store.commits.load(Ordering::SeqCst), committed + 2);
+    let mut oracle = HandOracle::new();
+    let mut other = HandOracle::new();
+    assert_output(answers[0].as_ref().unwrap(), &oracle.train(&BATCHES[0]));
+    let refused = answers[1].as_ref().unwrap_err();
+    assert!(
+        refused
+            .to_string()
+            .contains("Expected more than 1 value per channel when training"),
+        "{refused}"
+    );
+    assert_output(answers[2].as_ref().unwrap(), &other.train(&BATCHES[1]));
+    assert!(
+        matches!(
+            answers[3],
+            Err(SessionError::VersionMismatch {
+                expected: 1,
+                actual: 2,
+                ..
+            })
+        ),
+        "{:?}",
+        answers[3]
+    );
+    assert_output(answers[4].as_ref().unwrap(), &oracle.eval(&[2.0, -1.0]));
+    assert!(
+        matches!(&answers[5], Err(SessionError::NotFound(id)) if id.as_str() == "ghost"),
+        "{:?}",
+        answers[5]
+    );
+    let again = answers[6].as_ref().unwrap();
+    assert!(again.replayed);
+    assert_eq!(again.output, answers[0].as_ref().unwrap().output);
+    let applied = answers[7].as_ref().unwrap();
+    assert_output(applied, &oracle.train(&BATCHES[2]));
+    assert_eq!((applied.version, applied.num_batches_tracked), (3, 2));
+    assert_output(answers[8].as_ref().unwrap(), &other.train(&BATCHES[3]));
+    oracle.check(&registry.get(&id()).await.unwrap());
+    other.check(
+        &registry
+            .get(&SessionId::parse("other").unwrap())
+            .await
+            .unwrap(),
+    );
+    let recent: Vec<_> = store
+        .stored("bn")
+        .unwrap()
+        .recent_requests
+        .iter()
+        .map(|r| r.request_id.clone())
+        .collect();
+    assert_eq!(recent, ["a", "b"]);
+}
+
+#[tokio::test]
+async fn a_failed_group_commit_fails_every_forward_and_changes_nothing() {
+    let store = Arc::new(MemoryStore::default());
+    let registry = new_registry(Some(store.clone()));
+    create(&registry).await;
+    store.failing_puts.store(1, Ordering::SeqCst);
+    let commands = || {
+        vec![
+            train(&BATCHES[0], with_request_id("r0")),
+            eval(&[1.0, 2.0]),
+            train(&BATCHES[1], with_request_id("r1")),
+        ]
+    };
+    let answers = registry.forward_group(commands()).await;
+    for answer in &answers {
+        assert!(matches!(answer, Err(SessionError::Store(_))), "{answer:?}");
+    }
+    let snapshot = registry.get(&id()).await.unwrap();
+    assert_eq!((snapshot.version, snapshot.num_batches_tracked), (1, 0));
+    assert_eq!(store.stored("bn").unwrap().version, 1);
+    // Nothing was remembered: the retried group applies, once.
+    let answers = registry.forward_group(commands()).await;
+    let mut oracle = HandOracle::new();
+    assert_output(answers[0].as_ref().unwrap(), &oracle.train(&BATCHES[0]));
+    assert_output(answers[1].as_ref().unwrap(), &oracle.eval(&[1.0, 2.0]));
+    assert_output(answers[2].as_ref().unwrap(), &oracle.train(&BATCHES[1]));
+    assert!(answers.iter().all(|a| !a.as_ref().unwrap().replayed));
+    oracle.check(&registry.get(&id()).await.unwrap());
+}
+
+#[tokio::test]
+async fn a_group_that_loses_the_compare_and_set_is_recomputed_whole() {
+    let store = Arc::new(MemoryStore {
+        shared: true,
+        ..Default::default()
+    });
+    let (a, b) = (
+        new_registry(Some(store.clone())),
+        new_registry(Some(store.clone())),
+    );
+    create(&a).await;
+    assert_eq!(b.get(&id()).await.unwrap().version, 1);
+    a.forward(train(&BATCHES[0], Preconditions::default()))
+        .await
+        .unwrap();
+    // b computes its group on the stale version 1, loses the
+    // compare-and-set, reloads and computes the whole group again.
+    store.stale_checks.store(1, Ordering::SeqCst);
+    let answers = b
+        .forward_group(
+            BATCHES[1..]
+                .iter()
+                .map(|batch| train(batch, Preconditions::default()))
+                .collect(),
+        )
+        .await;
+    assert_eq!(store.conflicts.load(Ordering::SeqCst), 1);
+    let mut oracle = HandOracle::new();
+    oracle.train(&BATCHES[0]);
+    for (answer, batch) in answers.iter().zip(&BATCHES[1..]) {
+        assert_output(answer.as_ref().unwrap(), &oracle.train(batch));
+    }
+    for replica in [&a, &b] {
+        let snapshot = replica.get(&id()).await.unwrap();
+        assert_eq!(snapshot.version, 6);
+        oracle.check(&snapshot);
+    }
 }
