@@ -235,18 +235,21 @@ impl ReplayLog {
         Ok(log)
     }
 
+    /// The last synchronized step's answer, when `request_id` sent it.
+    fn last_step_replay(&self, request_id: &str) -> Option<&Replay> {
+        self.last_step
+            .as_ref()
+            .filter(|(_, id, _)| id == request_id)
+            .map(|(_, _, r)| r)
+    }
+
     pub fn find(&self, request_id: &str) -> Option<&Replay> {
         self.entries
             .iter()
             .rev()
             .find(|(id, _)| id == request_id)
             .map(|(_, r)| r)
-            .or_else(|| {
-                self.last_step
-                    .as_ref()
-                    .filter(|(_, id, _)| id == request_id)
-                    .map(|(_, _, r)| r)
-            })
+            .or_else(|| self.last_step_replay(request_id))
     }
 
     /// What [`find`](Self::find) would answer once `pending` (mutations
@@ -272,12 +275,7 @@ impl ReplayLog {
                     .find(|(id, _)| id == request_id)
                     .map(|(_, r)| r)
             })
-            .or_else(|| {
-                self.last_step
-                    .as_ref()
-                    .filter(|(_, id, _)| id == request_id)
-                    .map(|(_, _, r)| r)
-            })
+            .or_else(|| self.last_step_replay(request_id))
     }
 
     /// The last applied synchronized step, if any.
