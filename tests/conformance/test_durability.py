@@ -109,9 +109,20 @@ def test_state_survives_kill_9_and_retries_apply_exactly_once():
     for t in threads:
         t.start()
     kills = 0
-    while any(t.is_alive() for t in threads) and kills < 3:
-        # Kill at a random moment while the clients are busy.
-        time.sleep(rng.uniform(0.1, 0.4))
+    total = clients * per_client
+    # Kill once a quarter, a half and three quarters of the calls have been
+    # answered (a little later, at random): always while the clients are busy,
+    # however fast the server answers them.
+    for share in (0.25, 0.5, 0.75):
+        while any(t.is_alive() for t in threads):
+            with lock:
+                answered = sum(len(done) for done in accepted.values())
+            if answered >= share * total:
+                break
+            time.sleep(0.005)
+        if not any(t.is_alive() for t in threads):
+            break
+        time.sleep(rng.uniform(0.0, 0.02))
         server.kill9()
         kills += 1
         server = ServerProcess(data_dir=data_dir, listen=address)
