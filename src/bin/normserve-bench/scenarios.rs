@@ -27,6 +27,9 @@ pub enum Workload {
     /// ReduceStatistics FORWARD (with the running-statistics update) from
     /// `ranks` concurrent callers per step, `shape[1]` channels.
     ReduceSteps { ranks: usize },
+    /// The same steps through ReduceStatisticsStream: one stream per rank,
+    /// each step one message on each, the next step once all answered.
+    ReduceStream { ranks: usize },
     /// What a step costs without its barrier: `ranks` concurrent plain
     /// train Forwards, each on its own session, sent and timed as one step.
     Concurrent { ranks: usize },
@@ -259,6 +262,27 @@ pub fn scenarios() -> Vec<Scenario> {
             true,
             Workload::ReduceSteps { ranks: 8 },
         ),
+        s(
+            "reduce_steps_8x1024_stream",
+            "ReduceStatisticsStream steps, 8 ranks x 1024 channels, one stream per rank",
+            &[1, 1024],
+            true,
+            Workload::ReduceStream { ranks: 8 },
+        ),
+        sync(s(
+            "reduce_steps_8x1024_sync",
+            "ReduceStatistics steps, 8 ranks x 1024 channels, --durability sync",
+            &[1, 1024],
+            true,
+            Workload::ReduceSteps { ranks: 8 },
+        )),
+        sync(s(
+            "reduce_steps_8x1024_stream_sync",
+            "ReduceStatisticsStream steps, 8 ranks x 1024 channels, --durability sync",
+            &[1, 1024],
+            true,
+            Workload::ReduceStream { ranks: 8 },
+        )),
     ]
 }
 
@@ -287,6 +311,7 @@ impl Scenario {
             Workload::Fairness { flood } => flood + 1,
             Workload::Steps { ranks }
             | Workload::ReduceSteps { ranks }
+            | Workload::ReduceStream { ranks }
             | Workload::Concurrent { ranks } => ranks,
             _ => 1,
         }
@@ -296,7 +321,9 @@ impl Scenario {
     pub fn sessions(&self) -> usize {
         match self.workload {
             Workload::Compare => 0,
-            Workload::Steps { .. } | Workload::ReduceSteps { .. } => 1,
+            Workload::Steps { .. }
+            | Workload::ReduceSteps { .. }
+            | Workload::ReduceStream { .. } => 1,
             _ => self.callers(),
         }
     }
