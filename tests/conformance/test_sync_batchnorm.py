@@ -533,3 +533,24 @@ def test_state_dicts_move_between_nn_batch_norm_and_sync_batchnorm(client):
         torch.testing.assert_close(back.state_dict()[key], value, msg=key)
     with pytest.raises(RuntimeError, match="Missing key"):
         module.load_state_dict({"weight": torch.ones(3), "bias": torch.zeros(3)})
+
+
+def test_each_ranks_steps_go_over_one_stream_shared_by_its_modules(channel):
+    """A client without a per-call timeout sends every step of a rank (all its
+    layers) over one ReduceStatisticsStream; the model still trains as the
+    model on the concatenated batches."""
+    from normserve import step_stream
+
+    client = normserve.Client(channel)
+    check_layer_steps(client, (4, 3), True, torch.float64, "cpu")
+    assert all(step_stream.stream_open(client, rank) for rank in range(3))
+
+
+def test_a_client_with_a_timeout_reduces_with_unary_calls(channel):
+    """A per-call timeout keeps the unary ReduceStatistics (a stream could not
+    bound each step's wait); the numbers are the same."""
+    from normserve import step_stream
+
+    client = normserve.Client(channel, timeout=60)
+    check_layer_steps(client, (3, 2, 5), True, torch.float64, "cpu")
+    assert not any(step_stream.stream_open(client, rank) for rank in range(3))
