@@ -17,7 +17,7 @@ use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
 use crate::fatal;
-use crate::scenarios::{random_input, raw_bytes, Scenario, Workload};
+use crate::scenarios::{random_input, raw_bytes, step_spec, Scenario, Workload};
 use crate::shared::SharedObject;
 use crate::target::{batch_norm_client, connect, CpuMeter, Target};
 
@@ -73,6 +73,7 @@ pub async fn service_rounds(
                 fairness_round(&prepared, scenario, round_time, server_pid).await
             }
             Workload::Steps { ranks }
+            | Workload::SharedSteps { ranks }
             | Workload::ReduceSteps { ranks }
             | Workload::Concurrent { ranks } => {
                 steps_round(&prepared, scenario, ranks, round_time, server_pid).await
@@ -89,6 +90,9 @@ pub async fn service_rounds(
         }
     }
     if let Some(shared) = prepared.shared {
+        shared.remove().await;
+    }
+    for shared in prepared.shared_ranks {
         shared.remove().await;
     }
     measured
@@ -179,6 +183,8 @@ struct Prepared {
     next_step: std::sync::atomic::AtomicU64,
     /// The shared-memory scenarios' registered object.
     shared: Option<SharedObject>,
+    /// `SharedSteps`: each rank's registered object.
+    shared_ranks: Vec<SharedObject>,
 }
 
 async fn prepare(target: &Target, scenario: &Scenario, device: &str) -> Prepared {
@@ -197,12 +203,19 @@ async fn prepare(target: &Target, scenario: &Scenario, device: &str) -> Prepared
         Workload::SharedMemory { .. } => Some(SharedObject::create(&channels[0], &raw).await),
         _ => None,
     };
+    let mut shared_ranks = Vec::new();
+    if let Workload::SharedSteps { ranks } = scenario.workload {
+        for rank in 0..ranks {
+            shared_ranks.push(SharedObject::create(&channels[rank % channels.len()], &raw).await);
+        }
+    }
     Prepared {
         channels,
         sessions,
         raw,
         next_step: std::sync::atomic::AtomicU64::new(1),
         shared,
+        shared_ranks,
     }
 }
 
@@ -372,8 +385,16 @@ async fn steps_round(
             let mut client = client.clone();
             let session_id = prepared.sessions[if concurrent { rank } else { 0 }].clone();
             let (scenario, raw) = (scenario.clone(), prepared.raw.clone());
+            let shared_request = prepared.shared_ranks.get(rank).map(|object| pb::ForwardRequest {
+                step: Some(step_spec(step, ranks, rank)),
+                ..object.forward_request(&scenario, session_id.clone())
+            });
             tasks.push(tokio::spawn(async move {
-                if let Workload::ReduceSteps { .. } = scenario.workload {
+                if let Some(request) = shared_request {
+                    client.forward(request).await.map(|r| {
+                        std::hint::black_box(r.into_inner());
+                    })
+                } else if let Workload::ReduceSteps { .. } = scenario.workload {
                     let request = scenario.reduce_request(session_id, step, ranks, rank);
                     client.reduce_statistics(request).await.map(|r| {
                         std::hint::black_box(r.into_inner());

@@ -30,6 +30,9 @@ pub enum Workload {
     /// The same steps through ReduceStatisticsStream: one stream per rank,
     /// each step one message on each, the next step once all answered.
     ReduceStream { ranks: usize },
+    /// `Steps` with each rank's shard and output in a shared-memory object
+    /// of its own (the Forwards name ranges instead of carrying bytes).
+    SharedSteps { ranks: usize },
     /// What a step costs without its barrier: `ranks` concurrent plain
     /// train Forwards, each on its own session, sent and timed as one step.
     Concurrent { ranks: usize },
@@ -249,6 +252,20 @@ pub fn scenarios() -> Vec<Scenario> {
             Workload::Steps { ranks: 8 },
         ),
         s(
+            "step_shard_1024x64_shm",
+            "unary train (1024,64) f32 over shared memory: one shard of steps_8x1024x64_shm, alone",
+            &[1024, 64],
+            true,
+            Workload::SharedMemory { copy: false },
+        ),
+        s(
+            "steps_8x1024x64_shm",
+            "synchronized steps, 8 ranks x train (1024,64) f32, shards and outputs in shared memory",
+            &[1024, 64],
+            true,
+            Workload::SharedSteps { ranks: 8 },
+        ),
+        s(
             "forwards_8x1024x64",
             "8 plain train (1024,64) f32 sent at once, 8 sessions: steps_8x1024x64 without its barrier",
             &[1024, 64],
@@ -310,6 +327,7 @@ impl Scenario {
             // The flood's sessions, then the polite caller's.
             Workload::Fairness { flood } => flood + 1,
             Workload::Steps { ranks }
+            | Workload::SharedSteps { ranks }
             | Workload::ReduceSteps { ranks }
             | Workload::ReduceStream { ranks }
             | Workload::Concurrent { ranks } => ranks,
@@ -322,6 +340,7 @@ impl Scenario {
         match self.workload {
             Workload::Compare => 0,
             Workload::Steps { .. }
+            | Workload::SharedSteps { .. }
             | Workload::ReduceSteps { .. }
             | Workload::ReduceStream { .. } => 1,
             _ => self.callers(),
@@ -415,7 +434,7 @@ impl Scenario {
     }
 }
 
-fn step_spec(step: u64, world_size: usize, rank: usize) -> pb::StepSpec {
+pub fn step_spec(step: u64, world_size: usize, rank: usize) -> pb::StepSpec {
     pb::StepSpec {
         step,
         world_size: world_size as u32,
