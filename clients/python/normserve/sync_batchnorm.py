@@ -14,7 +14,8 @@ the global mean and biased variance. The backward sends the per-channel sums
 of grad_output and of grad_output * (x - mean) (ReduceStatistics, BACKWARD)
 and forms grad_input from the global sums as PyTorch's SyncBatchNorm does
 (batch_norm_backward_elemt), in float64. Only 2 or 3 numbers per channel
-leave the process; the tensors never do.
+leave the process; the tensors never do. A rank's reductions, for all its
+modules on one client, share one ReduceStatisticsStream (normserve.step_stream).
 
 Weight and bias are local `nn.Parameter`s, as in nn.SyncBatchNorm: their
 gradients are this rank's contributions (the sum over ranks is the global
