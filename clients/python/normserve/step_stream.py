@@ -11,7 +11,10 @@ A server without the RPC (UNIMPLEMENTED) makes the client fall back to the
 unary ReduceStatistics for good; a broken stream (the server restarted, the
 connection dropped) fails the calls waiting on it with their status
 (UNAVAILABLE: retried by SyncBatchNorm with the same step and request id, so
-applied once) and the next call opens a new stream.
+applied once) and the next call opens a new stream. A stream the server
+ended because nothing came for its `--request-idle-timeout-seconds` (a long
+pause between steps) is reopened and the call sent again at once: the server
+had read nothing of it, and a step's number makes a repeat a replay anyway.
 
 Messages of one session are answered one after another, and the server reads
 the next message only once the ones it has received are answered: threads
@@ -48,6 +51,14 @@ REDUCE_STATISTICS_STREAM = protocol.Method.of(bn, "BatchNormService", "ReduceSta
 _CLOSE = object()
 
 
+class _Broken(Exception):
+    """The stream itself failed (not one message's in-band error)."""
+
+    def __init__(self, error: errors.NormserveError) -> None:
+        super().__init__(error)
+        self.error = error
+
+
 class _Stream:
     """One open ReduceStatisticsStream: requests go out in the order of
     `send`, and each answer resolves the oldest waiting future."""
@@ -56,7 +67,7 @@ class _Stream:
         self._outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._waiting: collections.deque[Future[bn.ReduceStatisticsResponse]] = collections.deque()
         self._lock = threading.Lock()
-        self.broken: BaseException | None = None
+        self.broken: _Broken | None = None
         rpc = client.channel.stream_stream(
             REDUCE_STATISTICS_STREAM.path,
             request_serializer=bn.ReduceStatisticsRequest.SerializeToString,
@@ -84,7 +95,7 @@ class _Stream:
         return future
 
     def _read(self) -> None:
-        failure: BaseException
+        failure: _Broken
         try:
             for reply in self._replies:
                 with self._lock:
@@ -98,9 +109,9 @@ class _Stream:
                     future.set_exception(errors.from_status(reply.error.code, reply.error.message))
                 else:
                     future.set_exception(errors.Internal(grpc.StatusCode.INTERNAL, "an answer without a result"))
-            failure = errors.Unavailable(grpc.StatusCode.UNAVAILABLE, "the ReduceStatisticsStream ended")
+            failure = _Broken(errors.Unavailable(grpc.StatusCode.UNAVAILABLE, "the ReduceStatisticsStream ended"))
         except grpc.RpcError as error:
-            failure = errors.from_rpc_error(error)
+            failure = _Broken(errors.from_rpc_error(error))
         with self._lock:
             self.broken = failure
             waiting = list(self._waiting)
@@ -150,18 +161,25 @@ def run(client: Client, rank: int, call: protocol.Call[T]) -> T:
     """`call` (a steps.reduce_forward / reduce_backward Call of `rank`) on
     the client's stream for that rank, or as a unary call where there is
     none; errors are raised as the unary call raises them."""
-    stream = _STREAMS.stream(client, rank)
     request = call.request
-    if stream is None or not isinstance(request, bn.ReduceStatisticsRequest):
-        return client._run(call)
-    try:
-        reply = stream.send(request).result()
-    except errors.NormserveError as error:
-        if error.code != grpc.StatusCode.UNIMPLEMENTED:
-            raise
-        _STREAMS.unary_only(client)
-        return client._run(call)
-    return call.parse(reply)
+    for attempt in range(2):
+        stream = _STREAMS.stream(client, rank)
+        if stream is None or not isinstance(request, bn.ReduceStatisticsRequest):
+            return client._run(call)
+        try:
+            reply = stream.send(request).result()
+        except _Broken as broken:
+            error = broken.error
+            if error.code == grpc.StatusCode.UNIMPLEMENTED:
+                _STREAMS.unary_only(client)
+                return client._run(call)
+            # A stream opened without a deadline ends DEADLINE_EXCEEDED only
+            # by the server's idle timeout, before this message was read.
+            if attempt == 0 and error.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                continue
+            raise error from None
+        return call.parse(reply)
+    raise AssertionError("unreachable: the second attempt returns or raises")
 
 
 def stream_open(client: Client, rank: int) -> bool:
