@@ -14,7 +14,7 @@
 //! which treat it as raw device memory.
 
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
-use std::sync::{Arc, OnceLock};
+use std::sync::{mpsc, Arc, OnceLock};
 
 use tch::{Device, Tensor};
 
@@ -42,6 +42,7 @@ type IpcOpenMemHandle =
 type IpcCloseMemHandle = unsafe extern "C" fn(pointer: *mut c_void) -> c_int;
 type GetErrorString = unsafe extern "C" fn(error: c_int) -> *const c_char;
 type GetLastError = unsafe extern "C" fn() -> c_int;
+type DeviceSynchronize = unsafe extern "C" fn() -> c_int;
 type MemGetAddressRange =
     unsafe extern "C" fn(base: *mut u64, size: *mut usize, pointer: u64) -> c_int;
 
@@ -55,6 +56,7 @@ struct Cuda {
     close: IpcCloseMemHandle,
     error_string: GetErrorString,
     last_error: GetLastError,
+    device_synchronize: DeviceSynchronize,
     address_range: MemGetAddressRange,
 }
 
@@ -76,22 +78,27 @@ fn cuda() -> Result<&'static Cuda, ShmError> {
         .map_err(|why| ShmError::Unavailable(format!("CUDA IPC: {why}")))
 }
 
-fn load() -> Result<Cuda, String> {
+/// The CUDA runtime libtorch's CUDA library loaded, found by its soname.
+fn runtime_library() -> Result<libloading::Library, String> {
     let flags = libc::RTLD_NOW | libc::RTLD_NOLOAD;
-    let runtime = RUNTIMES
+    RUNTIMES
         .iter()
         .find_map(|soname| {
             // SAFETY: RTLD_NOLOAD only finds a library already loaded (by
             // libtorch's CUDA library): no initializer runs.
             unsafe { libloading::os::unix::Library::open(Some(*soname), flags).ok() }
         })
+        .map(libloading::Library::from)
         .ok_or_else(|| {
             format!(
                 "libtorch's CUDA runtime ({}) is not loaded in this process",
                 RUNTIMES.join(", ")
             )
-        })?;
-    let runtime = libloading::Library::from(runtime);
+        })
+}
+
+fn load() -> Result<Cuda, String> {
+    let runtime = runtime_library()?;
     // SAFETY: the driver library is loaded already when the runtime is
     // (the runtime loads it); loading it again only takes a reference.
     let driver = unsafe { libloading::Library::new("libcuda.so.1") }
@@ -118,6 +125,9 @@ fn load() -> Result<Cuda, String> {
             last_error: *runtime
                 .get(b"cudaGetLastError\0")
                 .map_err(|e| missing("cudaGetLastError", e))?,
+            device_synchronize: *runtime
+                .get(b"cudaDeviceSynchronize\0")
+                .map_err(|e| missing("cudaDeviceSynchronize", e))?,
             address_range: *driver
                 .get(b"cuMemGetAddressRange_v2\0")
                 .map_err(|e| missing("cuMemGetAddressRange_v2", e))?,
@@ -149,6 +159,20 @@ impl Cuda {
         // against the devices libtorch sees) and changes this thread's
         // current device only.
         let status = unsafe { (self.set_device)(index) };
+        if status == 0 {
+            Ok(())
+        } else {
+            Err(self.describe(status))
+        }
+    }
+
+    /// Waits for everything queued on `device` (every stream), reporting a
+    /// failure instead of panicking (as `tch::Cuda::synchronize` would).
+    fn synchronize(&self, device: usize) -> Result<(), String> {
+        self.set(device)?;
+        // SAFETY: cudaDeviceSynchronize takes no arguments and waits for the
+        // current device, set above.
+        let status = unsafe { (self.device_synchronize)() };
         if status == 0 {
             Ok(())
         } else {
@@ -299,19 +323,64 @@ impl CudaRegion {
 
 impl Drop for CudaRegion {
     fn drop(&mut self) {
-        // Nothing of this server's may still run on the memory when it is
-        // closed: every Forward synchronized before answering, and this
-        // waits for anything else queued on the device.
-        if let Ok(index) = i64::try_from(self.device) {
-            tch::Cuda::synchronize(index);
-        }
-        if self.cuda.set(self.device).is_ok() {
-            // SAFETY: `base` was returned by cudaIpcOpenMemHandle for this
-            // region and is closed once, here; no view of it remains (views
-            // hold an Arc of the region).
-            unsafe {
-                (self.cuda.close)(self.base as *mut c_void);
-            }
+        close_later(
+            self.cuda,
+            Closing {
+                name: std::mem::take(&mut self.name),
+                device: self.device,
+                base: self.base,
+            },
+        );
+    }
+}
+
+/// An opened allocation whose last user is gone.
+struct Closing {
+    name: String,
+    device: usize,
+    base: usize,
+}
+
+/// The thread that closes regions, so that dropping one (under the region
+/// table's lock, or on an async thread) never waits for the device.
+static CLOSER: OnceLock<Option<mpsc::Sender<Closing>>> = OnceLock::new();
+
+fn close_later(cuda: &'static Cuda, closing: Closing) {
+    let closer = CLOSER.get_or_init(|| {
+        let (sender, receiver) = mpsc::channel::<Closing>();
+        std::thread::Builder::new()
+            .name("cuda-ipc-close".into())
+            .spawn(move || {
+                for closing in receiver {
+                    close_now(cuda, closing);
+                }
+            })
+            .ok()
+            .map(|_| sender)
+    });
+    let unsent = match closer {
+        Some(sender) => sender.send(closing).err().map(|e| e.0),
+        None => Some(closing),
+    };
+    if let Some(closing) = unsent {
+        close_now(cuda, closing);
+    }
+}
+
+fn close_now(cuda: &Cuda, closing: Closing) {
+    // Nothing of this server's may still run on the memory when it is
+    // closed: every Forward synchronized before answering, and this waits
+    // for anything else queued on the device.
+    if let Err(why) = cuda.synchronize(closing.device) {
+        tracing::warn!(region = %closing.name, "closing a CUDA IPC region: {why}");
+    }
+    if cuda.set(closing.device).is_ok() {
+        // SAFETY: `base` was returned by cudaIpcOpenMemHandle for a region
+        // that is gone (this is its Drop's hand-off), so it is closed once,
+        // here, and no view of it remains (views hold an Arc of the region).
+        let status = unsafe { (cuda.close)(closing.base as *mut c_void) };
+        if status != 0 {
+            tracing::warn!(region = %closing.name, "cudaIpcCloseMemHandle: {}", cuda.describe(status));
         }
     }
 }
@@ -373,7 +442,7 @@ impl CudaRange {
     /// Copies `source` (a tensor of exactly the range's bytes, on any
     /// device) into the range, and waits until the copy is done.
     pub fn write(&self, source: &Tensor) -> Result<(), ShmError> {
-        let failed = |e: NumericsError| ShmError::MapFailed(format!("writing the output: {e}"));
+        let failed = |e: NumericsError| ShmError::Device(format!("writing the output: {e}"));
         let kind = source
             .f_kind()
             .map_err(|e| failed(NumericsError::from(e)))?;
@@ -381,15 +450,15 @@ impl CudaRange {
         target
             .f_copy_(source)
             .map_err(|e| failed(NumericsError::from(e)))?;
-        self.synchronize();
-        Ok(())
+        self.synchronize()
     }
 
     /// Waits for the work queued on the range's device.
-    pub fn synchronize(&self) {
-        if let Ok(index) = i64::try_from(self.region.device) {
-            tch::Cuda::synchronize(index);
-        }
+    pub fn synchronize(&self) -> Result<(), ShmError> {
+        self.region
+            .cuda
+            .synchronize(self.region.device)
+            .map_err(|why| ShmError::Device(format!("waiting for the device: {why}")))
     }
 }
 
@@ -429,5 +498,44 @@ impl DeviceMemory for CudaRange {
             )
         };
         Ok(tensor?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The runtime calls are looked up in the library libtorch loaded, by
+    /// soname, on any machine whose libtorch has CUDA (a GPU or not).
+    #[test]
+    fn libtorchs_cuda_runtime_is_found_with_its_ipc_calls() {
+        let flags = libc::RTLD_NOW | libc::RTLD_NOLOAD;
+        // SAFETY: RTLD_NOLOAD only finds a library already loaded.
+        let cuda_libtorch =
+            unsafe { libloading::os::unix::Library::open(Some("libtorch_cuda.so"), flags) };
+        if cuda_libtorch.is_err() {
+            println!("skipped: this libtorch has no CUDA library");
+            return;
+        }
+        let runtime = runtime_library().unwrap();
+        for symbol in [
+            &b"cudaSetDevice\0"[..],
+            b"cudaIpcOpenMemHandle\0",
+            b"cudaIpcCloseMemHandle\0",
+            b"cudaGetErrorString\0",
+            b"cudaGetLastError\0",
+            b"cudaDeviceSynchronize\0",
+        ] {
+            // SAFETY: only the symbol's address is looked up, never called.
+            let found = unsafe { runtime.get::<*const c_void>(symbol) };
+            assert!(found.is_ok(), "{}", String::from_utf8_lossy(symbol));
+        }
+    }
+
+    #[test]
+    fn a_handle_is_64_bytes() {
+        assert_eq!(std::mem::size_of::<IpcMemHandle>(), 64);
+        assert!(check_handle(&[0; 64]).is_ok());
+        assert!(check_handle(&[0; 32]).is_err());
     }
 }

@@ -64,6 +64,11 @@ pub enum ShmError {
         region: String,
         during: &'static str,
     },
+    /// The CUDA device failed while a call used a CUDA IPC region (writing
+    /// its output, or waiting for its work): the server's fault, not the
+    /// client's; the forward was applied.
+    #[error("the CUDA device failed: {0}")]
+    Device(String),
     /// The object's name no longer resolves to the mapped object.
     #[error("the object of shared memory region {0:?} was unlinked (or replaced) after registration; the region is unregistered")]
     Unlinked(String),

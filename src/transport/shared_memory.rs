@@ -157,13 +157,13 @@ pub async fn answer_cuda(
     let in_reply = registry
         .pool()
         .run_sized(size, move || {
-            input.synchronize();
+            input.synchronize()?;
             let (Some(target), Some(result)) = (target, result.as_ref()) else {
                 return Ok::<_, ShmError>(result);
             };
             let host = result
                 .input_tensor(tch::Device::Cpu)
-                .map_err(|e| ShmError::MapFailed(format!("writing the output: {e}")))?;
+                .map_err(|e| ShmError::Device(format!("writing the output: {e}")))?;
             target.write(&host)?;
             Ok(None)
         })

@@ -110,6 +110,24 @@ def test_cuda_ipc_regions_are_refused_when_shared_memory_is_off():
         assert server.stop() == 0
 
 
+def test_the_client_finds_torchs_cuda_runtime_and_its_ipc_export():
+    if torch.version.cuda is None:
+        pytest.skip("this torch is a CPU build: it loads no CUDA runtime")
+    from normserve import cuda_ipc
+
+    runtime = cuda_ipc.runtime_library()
+    assert runtime.cudaIpcGetMemHandle is not None
+    assert not cuda_ipc.is_cuda_tensor(torch.zeros(1)) and not cuda_ipc.is_cuda_tensor(np.zeros(1))
+
+
+def test_host_tensors_on_a_stream_say_cuda_tensors_take_forward(own_server):
+    with normserve.connect(own_server.address, timeout=30) as client:
+        session = client.create_session("1d", 3)
+        fake = torch.zeros(2, 3, device="meta")  # any non-CPU device: refused before any call
+        with pytest.raises(ValueError, match="CUDA IPC"):
+            list(session.forward_stream([fake], shm=True))
+
+
 # ------------------------------------------------------ correctness, CUDA
 
 @needs_cuda
@@ -138,6 +156,8 @@ def test_forward_through_cuda_ipc_equals_torch_in_train_and_eval(own_server, kin
         torch.testing.assert_close(session.forward(x, train=False, shm=True), expected, rtol=1e-5, atol=1e-5)
         regions = [r for r in client.shared_memory_status() if r.HasField("cuda_ipc")]
         assert regions and all(r.cuda_ipc.device == 0 for r in regions)
+        # One registration per allocation of the caching allocator, not per call.
+        assert len(regions) <= 4, [(r.name, r.byte_size) for r in regions]
 
 
 @needs_cuda

@@ -41,21 +41,29 @@ HANDLE_BYTES = 64
 _RUNTIMES = ("libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0")
 
 
+def runtime_library() -> ctypes.CDLL:
+    """The CUDA runtime PyTorch loaded (import torch first), by its soname."""
+    mode = os.RTLD_NOW | getattr(os, "RTLD_NOLOAD", 0)
+    for name in _RUNTIMES:
+        try:
+            return ctypes.CDLL(name, mode=mode)
+        except OSError:
+            continue
+    raise RuntimeError(f"PyTorch's CUDA runtime ({', '.join(_RUNTIMES)}) is not loaded")
+
+
 class _Cuda:
     """cudaIpcGetMemHandle (runtime) and cuMemGetAddressRange (driver), from
     the libraries PyTorch loaded."""
 
     def __init__(self) -> None:
-        mode = os.RTLD_NOW | getattr(os, "RTLD_NOLOAD", 0)
-        runtime = None
-        for name in _RUNTIMES:
-            try:
-                runtime = ctypes.CDLL(name, mode=mode)
-                break
-            except OSError:
-                continue
-        if runtime is None:
-            raise RuntimeError(f"PyTorch's CUDA runtime ({', '.join(_RUNTIMES)}) is not loaded")
+        runtime = runtime_library()
+        self.set_device = runtime.cudaSetDevice
+        self.set_device.argtypes = [ctypes.c_int]
+        self.set_device.restype = ctypes.c_int
+        self.get_device = runtime.cudaGetDevice
+        self.get_device.argtypes = [ctypes.POINTER(ctypes.c_int)]
+        self.get_device.restype = ctypes.c_int
         self.get_handle = runtime.cudaIpcGetMemHandle
         self.get_handle.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
         self.get_handle.restype = ctypes.c_int
@@ -65,9 +73,24 @@ class _Cuda:
                                        ctypes.POINTER(ctypes.c_size_t), ctypes.c_uint64]
         self.address_range.restype = ctypes.c_int
 
-    def allocation(self, pointer: int) -> tuple[int, int, bytes]:
-        """(base, size, IPC handle) of the allocation holding `pointer` (the
-        device must be current)."""
+    def allocation(self, device: int, pointer: int) -> tuple[int, int, bytes]:
+        """(base, size, IPC handle) of the allocation holding `pointer` on
+        CUDA device `device`."""
+        # The device's primary context current on this thread (cudaSetDevice
+        # makes it so since CUDA 12) for the driver call; the thread's device
+        # is restored after.
+        previous = ctypes.c_int(-1)
+        self.get_device(ctypes.byref(previous))
+        status = self.set_device(device)
+        if status != 0:
+            raise RuntimeError(f"cudaSetDevice({device}) failed (CUDA error {status})")
+        try:
+            return self._allocation(pointer)
+        finally:
+            if previous.value >= 0 and previous.value != device:
+                self.set_device(previous.value)
+
+    def _allocation(self, pointer: int) -> tuple[int, int, bytes]:
         base = ctypes.c_uint64()
         size = ctypes.c_size_t()
         status = self.address_range(ctypes.byref(base), ctypes.byref(size), ctypes.c_uint64(pointer))
@@ -78,7 +101,7 @@ class _Cuda:
         if status != 0:
             raise RuntimeError(f"cudaIpcGetMemHandle failed (CUDA error {status}); CUDA IPC needs "
                                "memory from cudaMalloc (not expandable segments)")
-        return base.value, size.value, bytes(handle)
+        return base.value, size.value, handle.raw
 
 
 _cuda: _Cuda | None = None
@@ -118,8 +141,7 @@ class CudaIpcPool:
         device = tensor.device.index if tensor.device.index is not None else torch.cuda.current_device()
         nbytes = tensor.numel() * tensor.element_size()
         pointer = tensor.data_ptr()
-        with torch.cuda.device(device):
-            base, size, handle = _runtime().allocation(pointer)
+        base, size, handle = _runtime().allocation(device, pointer)
         key = (device, handle)
         with self._lock:
             if self._closed:
