@@ -476,7 +476,12 @@ impl DeviceMemory for CudaRange {
             u64::try_from(d).ok().and_then(|d| n.checked_mul(d))
         });
         let bytes = numel.and_then(|n| n.checked_mul(kind.elt_size_in_bytes() as u64));
-        if bytes != Some(self.len) || self.len == 0 {
+        let device = Device::Cuda(self.region.device);
+        if bytes == Some(0) && self.len == 0 {
+            // No elements: nothing of the client's memory to view.
+            return Ok(Tensor::f_empty(shape, (kind, device))?);
+        }
+        if bytes != Some(self.len) {
             return Err(NumericsError::Torch(format!(
                 "internal: a view of shape {shape:?} and {kind:?} over a CUDA range of {} bytes",
                 self.len
@@ -494,7 +499,7 @@ impl DeviceMemory for CudaRange {
                 shape,
                 &[],
                 kind,
-                Device::Cuda(self.region.device),
+                device,
             )
         };
         Ok(tensor?)

@@ -181,10 +181,16 @@ def test_cuda_ipc_output_goes_into_out_or_in_place(own_server):
 # --------------------------------------------------- hostile cases, CUDA
 
 def shared_by_torch(tensor):
-    """(handle, offset of the storage in its allocation, allocation bytes
-    available from there) as PyTorch's own IPC export gives them."""
+    """(handle, offset of the storage in its allocation, the storage's bytes)
+    as PyTorch's own IPC export gives them. PyTorch prefixes the 64-byte
+    cudaIpcMemHandle_t with a format version and a type byte ('c': memory
+    from cudaMalloc)."""
     storage = tensor.untyped_storage()
     _device, handle, size, offset, *_ = storage._share_cuda_()
+    if len(handle) == 66:
+        assert handle[1:2] == b"c", "not cudaMalloc memory (expandable segments?)"
+        handle = handle[2:]
+    assert len(handle) == 64
     return handle, offset, size
 
 
