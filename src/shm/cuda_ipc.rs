@@ -493,15 +493,8 @@ impl DeviceMemory for CudaRange {
         // to the element size (checked by the registry); the tensor does not
         // own the memory, and its users keep this range (an Arc of the
         // region) alive beside it.
-        let tensor = unsafe {
-            Tensor::f_from_blob(
-                self.address() as *const u8,
-                shape,
-                &[],
-                kind,
-                device,
-            )
-        };
+        let tensor =
+            unsafe { Tensor::f_from_blob(self.address() as *const u8, shape, &[], kind, device) };
         Ok(tensor?)
     }
 }
