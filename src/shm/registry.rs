@@ -263,31 +263,51 @@ impl SharedMemory {
                 "byte_size must be at least 1".into(),
             ));
         }
-        let now = Instant::now();
-        let mut tables = self.tables();
-        let existing = tables
-            .tenants
-            .get_mut(tenant)
-            .and_then(|table| table.get_mut(name));
-        if let Some(entry) = existing {
-            let same = match &entry.region {
-                Mapping::Cuda(region) => {
-                    region.is_handle(&handle, device)
-                        && region.offset() == offset
-                        && region.byte_size() == byte_size
+        // The name already registered (the same region: its lease restarts),
+        // or room for a new one.
+        let registered = |tables: &mut Tables| -> Result<Option<RegionInfo>, ShmError> {
+            let now = Instant::now();
+            let existing = tables
+                .tenants
+                .get_mut(tenant)
+                .and_then(|table| table.get_mut(name));
+            if let Some(entry) = existing {
+                let same = match &entry.region {
+                    Mapping::Cuda(region) => {
+                        region.is_handle(&handle, device)
+                            && region.offset() == offset
+                            && region.byte_size() == byte_size
+                    }
+                    Mapping::Posix(_) => false,
+                };
+                if !same {
+                    return Err(ShmError::AlreadyExists(name.to_owned()));
                 }
-                Mapping::Posix(_) => false,
-            };
-            if !same {
-                return Err(ShmError::AlreadyExists(name.to_owned()));
+                entry.last_used = now;
+                return Ok(Some(entry.info(now)));
             }
-            entry.last_used = now;
-            return Ok((entry.info(now), true));
+            self.check_room(tables, tenant, byte_size)?;
+            Ok(None)
+        };
+        if let Some(info) = registered(&mut self.tables())? {
+            return Ok((info, true));
         }
-        self.check_room(&tables, tenant, byte_size)?;
+        // Opened without the table's lock: the first CUDA call of the
+        // process initializes the device (hundreds of milliseconds), which
+        // must not hold up other tenants' calls. Checked again after; a
+        // region opened in vain is closed when dropped.
         let region = CudaRegion::open(name, handle, device, offset, byte_size)?;
+        let mut tables = self.tables();
+        if let Some(info) = registered(&mut tables)? {
+            return Ok((info, true));
+        }
         Ok((
-            tables.insert(tenant, name, Mapping::Cuda(Arc::new(region)), now),
+            tables.insert(
+                tenant,
+                name,
+                Mapping::Cuda(Arc::new(region)),
+                Instant::now(),
+            ),
             false,
         ))
     }
