@@ -385,10 +385,13 @@ async fn steps_round(
             let mut client = client.clone();
             let session_id = prepared.sessions[if concurrent { rank } else { 0 }].clone();
             let (scenario, raw) = (scenario.clone(), prepared.raw.clone());
-            let shared_request = prepared.shared_ranks.get(rank).map(|object| pb::ForwardRequest {
-                step: Some(step_spec(step, ranks, rank)),
-                ..object.forward_request(&scenario, session_id.clone())
-            });
+            let shared_request = prepared
+                .shared_ranks
+                .get(rank)
+                .map(|object| pb::ForwardRequest {
+                    step: Some(step_spec(step, ranks, rank)),
+                    ..object.forward_request(&scenario, session_id.clone())
+                });
             tasks.push(tokio::spawn(async move {
                 if let Some(request) = shared_request {
                     client.forward(request).await.map(|r| {
