@@ -31,7 +31,7 @@ pub use replay::Call;
 use crate::compute::ComputeError;
 use crate::device::{DeviceChoice, DeviceError};
 use crate::memory::BudgetExhausted;
-use crate::numerics::{DType, LayerKind, Momentum, NumericsError, TensorData};
+use crate::numerics::{DType, InputData, LayerKind, Momentum, NumericsError, TensorData};
 
 /// Forward behaviour.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,8 +95,9 @@ pub struct CreateSession {
 #[derive(Debug, Clone)]
 pub struct Forward {
     pub id: SessionId,
-    /// Validated against the layer before any compute.
-    pub input: TensorData,
+    /// Validated against the layer before any compute. Device memory must be
+    /// on the session's device (it is viewed in place, never moved).
+    pub input: InputData,
     /// None: the session's default mode.
     pub mode: Option<Mode>,
     /// The request id applies to train-mode forwards that update running
