@@ -10,9 +10,9 @@
 //! thread, medians of repeated rounds, ratios from the same run.
 //!
 //! Every shape runs twice: with values of many magnitudes ("wide", the
-//! slow case of the float32 path: its blocks take the exponent buckets)
-//! and with plain normal values ("randn", the common case: its blocks take
-//! the vectorized levels).
+//! slow case of the float32 path: two or three levels for x and four or
+//! five for x² per value) and with plain normal values ("randn", the common
+//! case: one level for x and two for x²).
 //!
 //! Run: `cargo bench --bench exact` (or `-- TEXT`: only the rows whose name
 //! contains TEXT). It reports; it asserts nothing.

@@ -283,13 +283,10 @@ impl ExactSums {
         let mut layout = layout;
         // Short runs per sample (an (N, C) table, small images): each
         // channel's values would be gathered from all over the buffer, once
-        // per channel. Channel-major first (one copy), then one long run
-        // each; float32 gathers them from cached row blocks instead, unless
-        // the rows are too long for that.
-        if inner < 64
-            && batch > 1
-            && (double || !exact_f32::reads_short_runs_in_place(channels, inner))
-        {
+        // per channel. Float64 makes them channel-major first (one copy),
+        // then one long run each; float32 reads such a buffer in place, as
+        // a table (one SIMD lane per column).
+        if double && inner < 64 && batch > 1 {
             on_cpu = on_cpu
                 .f_reshape([batch as i64, channels as i64, inner as i64])?
                 .f_transpose(0, 1)?

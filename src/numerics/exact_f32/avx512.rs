@@ -1,0 +1,84 @@
+//! The level kernel for AVX-512: 8 float64 lanes per instruction, the
+//! negative values' sums added under a mask.
+
+use std::arch::x86_64::*;
+
+super::lanes::lanes_build!(
+    8,
+    #[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw")]
+);
+
+/// The levels of every vector of a block (see `lanes_build!`).
+#[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw")]
+#[inline]
+fn levels<const LX: usize, const LS: usize>(
+    vectors: &Vectors<L>,
+    keep: &[u32; L],
+    constants: &Constants<L, LX, LS>,
+) -> LevelSums<L, LX, LS> {
+    let constant = |c: &[f64; L]| _mm512_setr_pd(c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]);
+    let cx = constants.cx.each_ref().map(constant);
+    let cs = constants.cs.each_ref().map(constant);
+    let k = keep.map(|k| k as i32);
+    let keep = _mm256_setr_epi32(k[0], k[1], k[2], k[3], k[4], k[5], k[6], k[7]);
+    let magnitude = _mm256_set1_epi32(0x7fff_ffff);
+    let one = _mm512_set1_epi64(1);
+    let mut total = [_mm512_setzero_si512(); LX];
+    let mut negative = [_mm512_setzero_si512(); LX];
+    let mut squares = [_mm512_setzero_si512(); LS];
+    let mut negatives = _mm512_setzero_si512();
+    let mut count = 0;
+    for v in vectors.iter() {
+        if let Some(next) = vectors.ahead.get(count * 16) {
+            _mm_prefetch::<_MM_HINT_T0>((next as *const f32).cast());
+        }
+        let values = _mm256_setr_ps(v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]);
+        let bits = _mm256_and_si256(_mm256_castps_si256(values), keep);
+        // The lanes of negative values.
+        let sign = _mm256_movepi32_mask(bits);
+        let mut a = _mm512_cvtps_pd(_mm256_castsi256_ps(_mm256_and_si256(bits, magnitude)));
+        let mut s = _mm512_mul_pd(a, a);
+        negatives = _mm512_mask_add_epi64(negatives, sign, negatives, one);
+        for j in 0..LX {
+            let t = _mm512_add_pd(a, cx[j]);
+            let bits = _mm512_castpd_si512(t);
+            total[j] = _mm512_add_epi64(total[j], bits);
+            negative[j] = _mm512_mask_add_epi64(negative[j], sign, negative[j], bits);
+            if j + 1 < LX {
+                a = _mm512_sub_pd(a, _mm512_sub_pd(t, cx[j]));
+            }
+        }
+        for j in 0..LS {
+            let t = _mm512_add_pd(s, cs[j]);
+            squares[j] = _mm512_add_epi64(squares[j], _mm512_castpd_si512(t));
+            if j + 1 < LS {
+                s = _mm512_sub_pd(s, _mm512_sub_pd(t, cs[j]));
+            }
+        }
+        count += 1;
+    }
+    let count = count as i64;
+    LevelSums {
+        total: total.map(|v| lanes(v)),
+        negative: negative.map(|v| lanes(v)),
+        squares: squares.map(|v| lanes(v)),
+        negatives: lanes(negatives),
+        count,
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw")]
+#[inline]
+fn lanes(v: __m512i) -> [i64; L] {
+    let (low, high) = (_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64::<1>(v));
+    [
+        _mm256_extract_epi64::<0>(low),
+        _mm256_extract_epi64::<1>(low),
+        _mm256_extract_epi64::<2>(low),
+        _mm256_extract_epi64::<3>(low),
+        _mm256_extract_epi64::<0>(high),
+        _mm256_extract_epi64::<1>(high),
+        _mm256_extract_epi64::<2>(high),
+        _mm256_extract_epi64::<3>(high),
+    ]
+}
