@@ -9,6 +9,7 @@
 //! Failures are [`ConvertError`]s, which `transport::status` maps.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use tch::Device;
@@ -22,7 +23,7 @@ use crate::numerics::compare::{
     Tolerance,
 };
 use crate::numerics::merge_stats::ShardStats;
-use crate::numerics::{DType, LayerKind, Momentum, NumericsError, TensorData};
+use crate::numerics::{DType, ExternalMemory, LayerKind, Momentum, NumericsError, TensorData};
 use crate::proto::v1 as pb;
 use crate::session::synced::{
     ReduceOutcome, ReduceStatistics, Reduction, StepForwardOutcome, StepSpec, StepStatistics,
@@ -1057,11 +1058,27 @@ impl TryFrom<Scoped<'_, Caller, pb::ForwardRequest>> for ForwardCall {
                 Some(range)
             }
         };
+        // The output is computed straight into its range, unless that is
+        // the input's own (in place): then it is computed beside and copied
+        // in after the commit, so the input stays intact until the step is
+        // applied (a recompute reads it again; a failure leaves it as it was).
+        let output_memory = shared_output
+            .as_ref()
+            .filter(|output| {
+                !shared_input
+                    .as_ref()
+                    .is_some_and(|input| output.same_as(input))
+            })
+            .map(|output| Arc::new(output.clone()) as Arc<dyn ExternalMemory>);
         let command = Forward {
             id,
             input,
             mode: mode(request.mode)?,
             preconditions: preconditions(request.expected_version, &request.request_id)?,
+            output_memory,
+            input_memory: shared_input
+                .clone()
+                .map(|input| Arc::new(input) as Arc<dyn ExternalMemory>),
         };
         Ok(ForwardCall {
             command,

@@ -447,6 +447,7 @@ impl Registry {
                                 return Ok(StepForwardOutcome {
                                     forward: ForwardOutcome {
                                         output: Some(output?),
+                                        written: false,
                                         version: applied.version,
                                         num_batches_tracked: applied.num_batches_tracked,
                                         replayed: false,
@@ -480,6 +481,7 @@ impl Registry {
         Ok(StepForwardOutcome {
             forward: ForwardOutcome {
                 output,
+                written: false,
                 version: applied.version,
                 num_batches_tracked: applied.num_batches_tracked,
                 replayed,
