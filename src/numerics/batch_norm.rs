@@ -361,6 +361,22 @@ impl Layer<'_> {
         training: bool,
         factor: f64,
     ) -> Result<(), NumericsError> {
+        if input.numel() == 0 {
+            // batch_norm returns early for an empty input, where
+            // native_batch_norm refuses one in train mode: nothing to write,
+            // the statistics left as batch_norm leaves them.
+            let _empty = input.f_batch_norm(
+                self.weight,
+                self.bias,
+                running_mean,
+                running_var,
+                training,
+                factor,
+                self.eps,
+                true,
+            )?;
+            return Ok(());
+        }
         // batch_norm's rule: the first parameter's dtype when the layer has
         // one (float32 beside half inputs: the mixed-precision kernel), the
         // input's otherwise.
@@ -811,6 +827,41 @@ mod tests {
                 for (now, before) in params.iter().zip(&original) {
                     assert!(now.equal(before), "parameters {what}");
                 }
+            }
+        }
+    }
+
+    /// An empty input writes nothing and leaves the statistics as
+    /// libtorch's batch_norm does (which returns early for it).
+    #[test]
+    fn empty_inputs_write_nothing_into_a_given_tensor() {
+        let options = (Kind::Float, Device::Cpu);
+        let params = [
+            Tensor::ones([3], options),
+            Tensor::zeros([3], options),
+            Tensor::randn([3], options),
+            Tensor::rand([3], options) + 0.5,
+        ];
+        for shape in [&[0i64, 3][..], &[0, 3, 4], &[2, 3, 0]] {
+            let input = Tensor::zeros(shape, options);
+            let (mean, var) = (params[2].copy(), params[3].copy());
+            let _ = input.batch_norm(
+                Some(&params[0]),
+                Some(&params[1]),
+                Some(&mean),
+                Some(&var),
+                true,
+                0.1,
+                1e-5,
+                true,
+            );
+            for stats in [StatsKernel::Libtorch, StatsKernel::Native] {
+                let layer = layer(LayerKind::BatchNorm1d, 3, &params, stats);
+                let out = input.empty_like();
+                let running = layer.forward_train_into(&input, 0.1, &out).unwrap();
+                assert!(running.running_mean.unwrap().equal(&mean), "{shape:?}");
+                assert!(running.running_var.unwrap().equal(&var), "{shape:?}");
+                layer.forward_eval_into(&input, &out).unwrap();
             }
         }
     }

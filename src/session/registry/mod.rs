@@ -251,14 +251,14 @@ impl Registry {
         let stats = self.options.stats_kernel;
         let input_bytes = command.input.bytes().len();
         // The output is the input's size: charged before it is computed, and
-        // until it is handed to the reply (which is charged while sent);
-        // nothing when it goes into the caller's memory.
-        let held = if command.output_memory.is_some() {
-            0
-        } else {
-            input_bytes as u64
+        // until it is handed to the reply (which is charged while sent). Into
+        // the caller's memory, only the copy a replay may keep is held here.
+        let held = match (&command.output_memory, &command.preconditions.request_id) {
+            (None, _) => input_bytes,
+            (Some(_), Some(_)) if input_bytes <= self.replay.output_bytes => input_bytes,
+            (Some(_), _) => 0,
         };
-        let _output = charge_unless_large(&self.options.memory_budget, held, Kind::Replies)?;
+        let _output = charge_unless_large(&self.options.memory_budget, held as u64, Kind::Replies)?;
         self.mutate(&id, input_bytes, move |info, state| {
             forward_step(info, state, &command, stats)
         })
