@@ -65,3 +65,4 @@ include mk/fuzz.mk
 include mk/python-client.mk
 include mk/beam.mk
 include mk/bench-peer.mk
+include mk/gpu.mk

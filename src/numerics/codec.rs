@@ -26,10 +26,13 @@ pub struct TensorData {
     bytes: Bytes,
 }
 
-/// A computation's input: the request's bytes seen in place, or a copy.
+/// A computation's input: the request's bytes seen in place, a copy, or
+/// shared device memory seen in place.
 pub enum InputTensor {
     Borrowed(super::host::BorrowedTensor),
     Owned(Tensor),
+    /// Device memory another owner shares, viewed in place.
+    Device(super::device_data::DeviceView),
 }
 
 impl std::ops::Deref for InputTensor {
@@ -39,6 +42,7 @@ impl std::ops::Deref for InputTensor {
         match self {
             InputTensor::Borrowed(view) => view,
             InputTensor::Owned(tensor) => tensor,
+            InputTensor::Device(view) => view,
         }
     }
 }

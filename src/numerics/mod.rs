@@ -9,6 +9,7 @@
 pub mod batch_norm;
 pub mod codec;
 pub mod compare;
+pub mod device_data;
 pub mod exact;
 mod exact_f32;
 pub mod host;
@@ -18,6 +19,7 @@ pub mod stats;
 
 pub use batch_norm::{LayerKind, Momentum};
 pub use codec::{output_tensor, InputTensor, TensorData};
+pub use device_data::{DeviceMemory, DeviceTensorData, InputData};
 pub use host::{ExternalMemory, OutputTensor};
 
 /// Element types normserve accepts, with PyTorch's names.

@@ -32,7 +32,9 @@ pub use replay::Call;
 use crate::compute::ComputeError;
 use crate::device::{DeviceChoice, DeviceError};
 use crate::memory::BudgetExhausted;
-use crate::numerics::{DType, ExternalMemory, LayerKind, Momentum, NumericsError, TensorData};
+use crate::numerics::{
+    DType, ExternalMemory, InputData, LayerKind, Momentum, NumericsError, TensorData,
+};
 
 /// Forward behaviour.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,8 +98,9 @@ pub struct CreateSession {
 #[derive(Debug, Clone)]
 pub struct Forward {
     pub id: SessionId,
-    /// Validated against the layer before any compute.
-    pub input: TensorData,
+    /// Validated against the layer before any compute. Device memory must be
+    /// on the session's device (it is viewed in place, never moved).
+    pub input: InputData,
     /// None: the session's default mode.
     pub mode: Option<Mode>,
     /// The request id applies to train-mode forwards that update running

@@ -618,7 +618,7 @@ fn forward_at<'r>(
     let kept = match (&out, &given.request_id) {
         (_, None) => None,
         (None, Some(_)) => output.clone(),
-        (Some(out), Some(_)) if command.input.bytes().len() <= replay_cap => {
+        (Some(out), Some(_)) if command.input.byte_size() <= replay_cap => {
             Some(TensorData::copied_from_output(out)?)
         }
         (Some(_), Some(_)) => None,

@@ -3,17 +3,22 @@
 //! reads its input from and writes its output to instead of carrying bytes.
 //!
 //! Owns the region table and its limits (`registry`), the mappings
-//! (`region`) and the SIGBUS guard that keeps a truncated object from
-//! killing the server (`sigbus`). Contains no proto types and no tensor
+//! (`region`), the SIGBUS guard that keeps a truncated object from
+//! killing the server (`sigbus`), and GPU memory shared through CUDA IPC
+//! handles (`cuda_ipc`). Contains no proto types and no tensor
 //! math: `transport::convert` turns a request's ranges into [`Range`]s and
 //! tensors.
 
+// The CUDA runtime and driver calls and the device views (module docs).
+#[allow(unsafe_code)]
+mod cuda_ipc;
 mod region;
 mod registry;
 mod sigbus;
 
+pub use cuda_ipc::{CudaRange, CudaRegion, HANDLE_BYTES as CUDA_IPC_HANDLE_BYTES};
 pub use region::{Range, Region};
-pub use registry::{RegionInfo, SharedMemory, ShmLimits};
+pub use registry::{AnyRange, RegionInfo, SharedMemory, ShmLimits};
 
 /// Longest region name, bytes (NAME_MAX of a file in /dev/shm).
 pub const MAX_NAME_BYTES: usize = 255;
@@ -59,6 +64,11 @@ pub enum ShmError {
         region: String,
         during: &'static str,
     },
+    /// The CUDA device failed while a call used a CUDA IPC region (writing
+    /// its output, or waiting for its work): the server's fault, not the
+    /// client's; the forward was applied.
+    #[error("the CUDA device failed: {0}")]
+    Device(String),
     /// The object's name no longer resolves to the mapped object.
     #[error("the object of shared memory region {0:?} was unlinked (or replaced) after registration; the region is unregistered")]
     Unlinked(String),

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use super::cuda_ipc::{self, CudaRange, CudaRegion};
 use super::region::{Range, Region};
 use super::{check_name, RangeRequest, ShmError};
 
@@ -34,10 +35,58 @@ pub struct RegionInfo {
     pub offset: u64,
     pub byte_size: u64,
     pub idle: Duration,
+    /// The CUDA device of a CUDA IPC region; None for a POSIX object.
+    pub cuda_device: Option<usize>,
+}
+
+/// What a region maps: a POSIX object, or GPU memory through CUDA IPC.
+#[derive(Clone)]
+enum Mapping {
+    Posix(Arc<Region>),
+    Cuda(Arc<CudaRegion>),
+}
+
+impl Mapping {
+    fn name(&self) -> &str {
+        match self {
+            Mapping::Posix(region) => region.name(),
+            Mapping::Cuda(region) => region.name(),
+        }
+    }
+
+    fn offset(&self) -> u64 {
+        match self {
+            Mapping::Posix(region) => region.offset(),
+            Mapping::Cuda(region) => region.offset(),
+        }
+    }
+
+    fn byte_size(&self) -> u64 {
+        match self {
+            Mapping::Posix(region) => region.byte_size(),
+            Mapping::Cuda(region) => region.byte_size(),
+        }
+    }
+
+    /// A POSIX object's checks before a use; GPU memory has none the
+    /// server can make (its owner keeps it allocated while registered).
+    fn check_intact(&self) -> Result<(), ShmError> {
+        match self {
+            Mapping::Posix(region) => region.check_intact(),
+            Mapping::Cuda(_) => Ok(()),
+        }
+    }
+}
+
+/// A range of either kind of region, checked.
+#[derive(Clone, Debug)]
+pub enum AnyRange {
+    Posix(Range),
+    Cuda(CudaRange),
 }
 
 struct Entry {
-    region: Arc<Region>,
+    region: Mapping,
     last_used: Instant,
 }
 
@@ -48,6 +97,10 @@ impl Entry {
             offset: self.region.offset(),
             byte_size: self.region.byte_size(),
             idle: now.saturating_duration_since(self.last_used),
+            cuda_device: match &self.region {
+                Mapping::Posix(_) => None,
+                Mapping::Cuda(region) => Some(region.device()),
+            },
         }
     }
 }
@@ -60,6 +113,23 @@ struct Tables {
 }
 
 impl Tables {
+    /// Adds `tenant`'s new region `name` (its room was checked).
+    fn insert(&mut self, tenant: &str, name: &str, region: Mapping, now: Instant) -> RegionInfo {
+        let byte_size = region.byte_size();
+        let entry = Entry {
+            region,
+            last_used: now,
+        };
+        let info = entry.info(now);
+        self.tenants
+            .entry(tenant.to_owned())
+            .or_default()
+            .insert(name.to_owned(), entry);
+        self.mapped_bytes += byte_size;
+        self.regions += 1;
+        info
+    }
+
     fn remove(&mut self, tenant: &str, name: &str) -> bool {
         let Some(table) = self.tenants.get_mut(tenant) else {
             return false;
@@ -141,7 +211,10 @@ impl SharedMemory {
             .get(tenant)
             .and_then(|table| table.get(name))
             .map(|entry| entry.region.clone());
-        if let Some(region) = existing {
+        if let Some(mapping) = existing {
+            let Mapping::Posix(region) = mapping else {
+                return Err(ShmError::AlreadyExists(name.to_owned()));
+            };
             let same_object = std::fs::symlink_metadata(self.limits.dir.join(name))
                 .map(|meta| {
                     use std::os::unix::fs::MetadataExt;
@@ -162,6 +235,86 @@ impl SharedMemory {
                 return Err(ShmError::AlreadyExists(name.to_owned()));
             }
         }
+        self.check_room(&tables, tenant, byte_size)?;
+        let region = Region::open(&self.limits.dir, name, offset, byte_size)?;
+        Ok((
+            tables.insert(tenant, name, Mapping::Posix(Arc::new(region)), now),
+            false,
+        ))
+    }
+
+    /// Registers (opens) `byte_size` bytes from `offset` of the GPU memory
+    /// `handle` (a cudaIpcMemHandle_t) exports on CUDA device `device`, as
+    /// `name` of `tenant`; true when the same region was already registered.
+    pub fn register_cuda(
+        &self,
+        tenant: &str,
+        name: &str,
+        handle: &[u8],
+        device: u32,
+        offset: u64,
+        byte_size: u64,
+    ) -> Result<(RegionInfo, bool), ShmError> {
+        self.check_enabled()?;
+        check_name(name)?;
+        let handle = cuda_ipc::check_handle(handle)?;
+        if byte_size == 0 {
+            return Err(ShmError::InvalidArgument(
+                "byte_size must be at least 1".into(),
+            ));
+        }
+        // The name already registered (the same region: its lease restarts),
+        // or room for a new one.
+        let registered = |tables: &mut Tables| -> Result<Option<RegionInfo>, ShmError> {
+            let now = Instant::now();
+            let existing = tables
+                .tenants
+                .get_mut(tenant)
+                .and_then(|table| table.get_mut(name));
+            if let Some(entry) = existing {
+                let same = match &entry.region {
+                    Mapping::Cuda(region) => {
+                        region.is_handle(&handle, device)
+                            && region.offset() == offset
+                            && region.byte_size() == byte_size
+                    }
+                    Mapping::Posix(_) => false,
+                };
+                if !same {
+                    return Err(ShmError::AlreadyExists(name.to_owned()));
+                }
+                entry.last_used = now;
+                return Ok(Some(entry.info(now)));
+            }
+            self.check_room(tables, tenant, byte_size)?;
+            Ok(None)
+        };
+        if let Some(info) = registered(&mut self.tables())? {
+            return Ok((info, true));
+        }
+        // Opened without the table's lock: the first CUDA call of the
+        // process initializes the device (hundreds of milliseconds), which
+        // must not hold up other tenants' calls. Checked again after; a
+        // region opened in vain is closed when dropped.
+        let region = CudaRegion::open(name, handle, device, offset, byte_size)?;
+        let mut tables = self.tables();
+        if let Some(info) = registered(&mut tables)? {
+            return Ok((info, true));
+        }
+        Ok((
+            tables.insert(
+                tenant,
+                name,
+                Mapping::Cuda(Arc::new(region)),
+                Instant::now(),
+            ),
+            false,
+        ))
+    }
+
+    /// Refuses a new region of `byte_size` bytes over the tenant's or the
+    /// server's limits.
+    fn check_room(&self, tables: &Tables, tenant: &str, byte_size: u64) -> Result<(), ShmError> {
         let (count, bytes) = tables.tenants.get(tenant).map_or((0, 0), |table| {
             (
                 table.len() as u64,
@@ -185,20 +338,7 @@ impl SharedMemory {
                 self.limits.max_bytes
             )));
         }
-        let region = Region::open(&self.limits.dir, name, offset, byte_size)?;
-        let entry = Entry {
-            region: Arc::new(region),
-            last_used: now,
-        };
-        let info = entry.info(now);
-        tables
-            .tenants
-            .entry(tenant.to_owned())
-            .or_default()
-            .insert(name.to_owned(), entry);
-        tables.mapped_bytes += byte_size;
-        tables.regions += 1;
-        Ok((info, false))
+        Ok(())
     }
 
     /// Unregisters `name` of `tenant`, or all its regions (None); how many.
@@ -248,10 +388,8 @@ impl SharedMemory {
         }
     }
 
-    /// The range `request` names in `tenant`'s regions, checked: the region
-    /// exists and is intact (else it is unregistered), the range lies within
-    /// it, and its first byte is aligned to `align` bytes. A use: the idle
-    /// lease restarts.
+    /// The range `request` names in `tenant`'s POSIX regions (see
+    /// [`Self::any_range`]); a CUDA IPC region is refused.
     pub fn range(
         &self,
         tenant: &str,
@@ -259,6 +397,26 @@ impl SharedMemory {
         request: &RangeRequest,
         align: usize,
     ) -> Result<Range, ShmError> {
+        match self.any_range(tenant, field, request, align)? {
+            AnyRange::Posix(range) => Ok(range),
+            AnyRange::Cuda(_) => Err(ShmError::InvalidArgument(format!(
+                "{field}: shared memory region {:?} is GPU memory (CUDA IPC), not host memory",
+                request.region
+            ))),
+        }
+    }
+
+    /// The range `request` names in `tenant`'s regions, checked: the region
+    /// exists and is intact (else it is unregistered), the range lies within
+    /// it, and its first byte is aligned to `align` bytes. A use: the idle
+    /// lease restarts.
+    pub fn any_range(
+        &self,
+        tenant: &str,
+        field: &str,
+        request: &RangeRequest,
+        align: usize,
+    ) -> Result<AnyRange, ShmError> {
         self.check_enabled()?;
         check_name(&request.region)?;
         let region = {
@@ -288,12 +446,23 @@ impl SharedMemory {
                 region.byte_size()
             )));
         }
-        let range = Range::new(region, request.offset, request.byte_size);
-        if align > 1 && !range.address().is_multiple_of(align) {
+        let region_offset = region.offset();
+        let (range, address) = match region {
+            Mapping::Posix(region) => {
+                let range = Range::new(region, request.offset, request.byte_size);
+                let address = range.address();
+                (AnyRange::Posix(range), address)
+            }
+            Mapping::Cuda(region) => {
+                let range = CudaRange::new(region, request.offset, request.byte_size);
+                let address = range.address();
+                (AnyRange::Cuda(range), address)
+            }
+        };
+        if align > 1 && !address.is_multiple_of(align) {
             return Err(ShmError::InvalidArgument(format!(
-                "{field}.offset: {} (+ the region's offset {}) is not a multiple of the element size {align}",
+                "{field}.offset: {} (+ the region's offset {region_offset}) is not a multiple of the element size {align}",
                 request.offset,
-                range.region().offset()
             )));
         }
         Ok(range)
@@ -307,7 +476,9 @@ impl SharedMemory {
             .tenants
             .get(tenant)
             .and_then(|t| t.get(range.region().name()))
-            .is_some_and(|entry| Arc::ptr_eq(&entry.region, range.region()));
+            .is_some_and(|entry| {
+                matches!(&entry.region, Mapping::Posix(region) if Arc::ptr_eq(region, range.region()))
+            });
         if registered {
             tables.remove(tenant, range.region().name());
         }

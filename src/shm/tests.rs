@@ -332,3 +332,44 @@ fn a_truncation_while_an_output_is_computed_into_its_range_is_caught() {
         assert_eq!(shm.totals(), (0, 0));
     }
 }
+
+#[test]
+fn cuda_ipc_handles_of_the_wrong_length_are_refused_before_any_cuda_call() {
+    let shared = SharedMemory::new(limits());
+    for length in [0, 63, 65] {
+        let error = shared
+            .register_cuda("t", "gpu", &vec![1u8; length], 0, 0, 64)
+            .unwrap_err();
+        assert!(
+            matches!(&error, ShmError::InvalidArgument(text) if text.contains("64 bytes") && text.contains(&format!("got {length}"))),
+            "{error}"
+        );
+    }
+    assert_eq!(shared.totals(), (0, 0));
+}
+
+#[test]
+fn cuda_ipc_regions_need_a_cuda_device() {
+    if tch::Cuda::device_count() > 0 {
+        println!("skipped: this machine has CUDA");
+        return;
+    }
+    let shared = SharedMemory::new(limits());
+    let error = shared
+        .register_cuda("t", "gpu", &[7u8; CUDA_IPC_HANDLE_BYTES], 0, 0, 64)
+        .unwrap_err();
+    assert!(
+        matches!(&error, ShmError::Unavailable(text) if text == "this server has no CUDA device"),
+        "{error}"
+    );
+    assert!(shared.status("t", None).unwrap().is_empty());
+}
+
+#[test]
+fn a_cuda_ipc_name_is_checked_like_any_region_name() {
+    let shared = SharedMemory::new(limits());
+    let error = shared
+        .register_cuda("t", "a/b", &[7u8; CUDA_IPC_HANDLE_BYTES], 0, 0, 64)
+        .unwrap_err();
+    assert!(matches!(error, ShmError::InvalidArgument(_)), "{error}");
+}

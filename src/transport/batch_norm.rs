@@ -78,6 +78,8 @@ async fn answer_call(
         step,
         shared_input,
         shared_output,
+        cuda_input,
+        cuda_output,
     } = call;
     let outcome = match step {
         Some(spec) => {
@@ -105,6 +107,9 @@ async fn answer_call(
     };
     if let Some(input) = &shared_input {
         shared_memory::check_after_read(caller, input)?;
+    }
+    if let Some(input) = cuda_input {
+        return shared_memory::answer_cuda(registry, input, cuda_output, outcome).await;
     }
     let Some(range) = shared_output else {
         return Ok(representation.of(outcome).into());
@@ -150,6 +155,8 @@ async fn forward_group(
                 step: None,
                 shared_input: None,
                 shared_output: None,
+                cuda_input: None,
+                cuda_output: None,
             }) => plain.push((place, (command, representation))),
             Ok(call) => {
                 answer_plain(registry, std::mem::take(&mut plain), &mut answers).await;

@@ -23,7 +23,10 @@ use crate::numerics::compare::{
     Tolerance,
 };
 use crate::numerics::merge_stats::ShardStats;
-use crate::numerics::{DType, ExternalMemory, LayerKind, Momentum, NumericsError, TensorData};
+use crate::numerics::{
+    DType, DeviceTensorData, ExternalMemory, InputData, LayerKind, Momentum, NumericsError,
+    TensorData,
+};
 use crate::proto::v1 as pb;
 use crate::session::synced::{
     ReduceOutcome, ReduceStatistics, Reduction, StepForwardOutcome, StepSpec, StepStatistics,
@@ -33,7 +36,9 @@ use crate::session::{
     InvalidSessionId, ListSessions, Mode, Preconditions, SessionConfig, SessionError, SessionId,
     SessionPage, SessionSnapshot, StateTensors, UpdateParameters,
 };
-use crate::shm::{Range, RangeRequest, RegionInfo, SharedMemory, ShmError, ShmLimits};
+use crate::shm::{
+    AnyRange, CudaRange, Range, RangeRequest, RegionInfo, SharedMemory, ShmError, ShmLimits,
+};
 
 /// Why a request cannot be turned into a domain command.
 #[derive(Debug, thiserror::Error)]
@@ -852,15 +857,15 @@ impl TryFrom<Scoped<'_, Caller, pb::MergeSessionRequest>> for MergeSession {
     }
 }
 
-/// The range `proto` names in the caller's regions, holding exactly
-/// `byte_size` bytes aligned to `itemsize`.
+/// The range `proto` names in the caller's regions (of either kind),
+/// holding exactly `byte_size` bytes aligned to `itemsize`.
 fn shared_range(
     caller: &Caller,
     field: &str,
     proto: pb::SharedMemoryRange,
     itemsize: usize,
     byte_size: u64,
-) -> Result<Range, ConvertError> {
+) -> Result<AnyRange, ConvertError> {
     let Some(shared_memory) = &caller.shared_memory else {
         return Err(ShmError::Unavailable(format!("{field} is not accepted on this API")).into());
     };
@@ -875,7 +880,13 @@ fn shared_range(
         offset: proto.offset,
         byte_size: proto.byte_size,
     };
-    Ok(shared_memory.range(&caller.principal.tenant, field, &request, itemsize)?)
+    Ok(shared_memory.any_range(&caller.principal.tenant, field, &request, itemsize)?)
+}
+
+/// A Forward's input read in place from a shared-memory region.
+enum SharedInput {
+    Posix(TensorData, Range),
+    Cuda(DeviceTensorData, CudaRange),
 }
 
 /// A Forward's input read in place from shared memory: `meta` carries its
@@ -884,7 +895,7 @@ fn shared_input_tensor(
     caller: &Caller,
     meta: Option<pb::Tensor>,
     region: pb::SharedMemoryRange,
-) -> Result<(TensorData, Range), ConvertError> {
+) -> Result<SharedInput, ConvertError> {
     let Some(meta) = meta else {
         return Err(invalid(
             "input: required with input_region (its dtype and shape; no values)",
@@ -900,15 +911,28 @@ fn shared_input_tensor(
     };
     let numel = checked_numel("input", &meta.shape, caller.max_tensor_elements)?;
     let byte_size = numel.saturating_mul(dtype.itemsize() as u64);
-    let range = shared_range(caller, "input_region", region, dtype.itemsize(), byte_size)?;
-    let input = TensorData::from_raw(
-        "input",
-        dtype,
-        meta.shape,
-        range.bytes(),
-        caller.max_tensor_elements,
-    )?;
-    Ok((input, range))
+    match shared_range(caller, "input_region", region, dtype.itemsize(), byte_size)? {
+        AnyRange::Posix(range) => {
+            let input = TensorData::from_raw(
+                "input",
+                dtype,
+                meta.shape,
+                range.bytes(),
+                caller.max_tensor_elements,
+            )?;
+            Ok(SharedInput::Posix(input, range))
+        }
+        AnyRange::Cuda(range) => {
+            let input = DeviceTensorData::new(
+                "input",
+                dtype,
+                meta.shape,
+                std::sync::Arc::new(range.clone()),
+                caller.max_tensor_elements,
+            )?;
+            Ok(SharedInput::Cuda(input, range))
+        }
+    }
 }
 
 /// A region as registered, for SharedMemoryService's replies.
@@ -918,6 +942,18 @@ pub fn region_to_proto(info: RegionInfo) -> pb::SharedMemoryRegion {
         offset: info.offset,
         byte_size: info.byte_size,
         idle_seconds: info.idle.as_secs_f64(),
+        cuda_ipc: info.cuda_device.map(|device| pb::CudaIpcRegion {
+            device: u32::try_from(device).unwrap_or(u32::MAX),
+        }),
+    }
+}
+
+/// Where a Forward's output went in a CUDA IPC region.
+pub fn cuda_range_to_proto(range: &CudaRange) -> pb::SharedMemoryRange {
+    pb::SharedMemoryRange {
+        region: range.region().name().to_owned(),
+        offset: range.offset(),
+        byte_size: range.len(),
     }
 }
 
@@ -935,6 +971,8 @@ pub struct RegisterRegion {
     pub name: String,
     pub offset: u64,
     pub byte_size: u64,
+    /// GPU memory shared through a CUDA IPC handle: (handle, device).
+    pub cuda_ipc: Option<(Vec<u8>, u32)>,
 }
 
 impl From<pb::RegisterSharedMemoryRequest> for RegisterRegion {
@@ -943,6 +981,9 @@ impl From<pb::RegisterSharedMemoryRequest> for RegisterRegion {
             name: request.name,
             offset: request.offset,
             byte_size: request.byte_size,
+            cuda_ipc: request
+                .cuda_ipc
+                .map(|memory| (memory.handle.to_vec(), memory.device)),
         }
     }
 }
@@ -1010,6 +1051,12 @@ pub struct ForwardCall {
     /// The shared-memory range the output is written to, if any (checked to
     /// hold exactly the output's bytes).
     pub shared_output: Option<Range>,
+    /// The CUDA IPC range the input is viewed in (the command's input holds
+    /// it too), if any: the device is synchronized before the answer.
+    pub cuda_input: Option<CudaRange>,
+    /// The CUDA IPC range the output is written to, if any (checked to hold
+    /// exactly the output's bytes, on the input's device).
+    pub cuda_output: Option<CudaRange>,
 }
 
 fn step_spec(step: Option<pb::StepSpec>) -> Option<StepSpec> {
@@ -1026,37 +1073,83 @@ impl TryFrom<Scoped<'_, Caller, pb::ForwardRequest>> for ForwardCall {
     fn try_from(scoped: Scoped<'_, Caller, pb::ForwardRequest>) -> Result<Self, Self::Error> {
         let (caller, request) = (scoped.scope, scoped.value);
         let id = session_id(&caller.principal, &request.session_id)?;
-        let (input, representation, shared_input) = match request.input_region {
+        let (input, representation, shared_input, cuda_input) = match request.input_region {
             None => {
                 let (input, representation) =
                     required_tensor("input", request.input, caller.max_tensor_elements)?;
-                (input, representation, None)
+                (InputData::Host(input), representation, None, None)
             }
-            Some(region) => {
-                let (input, range) = shared_input_tensor(caller, request.input, region)?;
-                (input, Representation::Raw, Some(range))
-            }
-        };
-        let shared_output = match request.output_region {
-            None => None,
-            Some(region) => {
-                // The output has the input's dtype and shape.
-                let range = shared_range(
-                    caller,
-                    "output_region",
-                    region,
-                    input.dtype().itemsize(),
-                    input.bytes().len() as u64,
-                )?;
-                if let Some(input) = &shared_input {
-                    if range.overlaps(input) && !range.same_as(input) {
+            Some(region) => match shared_input_tensor(caller, request.input, region)? {
+                SharedInput::Posix(input, range) => (
+                    InputData::Host(input),
+                    Representation::Raw,
+                    Some(range),
+                    None,
+                ),
+                SharedInput::Cuda(input, range) => {
+                    if request.step.is_some() {
                         return Err(invalid(
-                            "output_region overlaps input_region without being the same range (the same range normalizes in place)",
+                            "input_region: a synchronized step takes its shard as host bytes, not from a CUDA IPC region",
                         ));
                     }
+                    (
+                        InputData::Device(input),
+                        Representation::Raw,
+                        None,
+                        Some(range),
+                    )
                 }
-                Some(range)
-            }
+            },
+        };
+        let overlap = || {
+            invalid(
+                "output_region overlaps input_region without being the same range (the same range normalizes in place)",
+            )
+        };
+        let (shared_output, cuda_output) = match request.output_region {
+            None => (None, None),
+            // The output has the input's dtype and shape.
+            Some(region) => match shared_range(
+                caller,
+                "output_region",
+                region,
+                input.dtype().itemsize(),
+                input.byte_size() as u64,
+            )? {
+                AnyRange::Posix(range) => {
+                    if cuda_input.is_some() {
+                        return Err(invalid(
+                            "output_region: a host memory region with a CUDA IPC input_region; name a CUDA IPC region of the input's device, or none (the output then comes in the reply)",
+                        ));
+                    }
+                    if let Some(input) = &shared_input {
+                        if range.overlaps(input) && !range.same_as(input) {
+                            return Err(overlap());
+                        }
+                    }
+                    (Some(range), None)
+                }
+                AnyRange::Cuda(range) => {
+                    // The session's device is checked through the input's
+                    // region before anything is computed.
+                    let Some(input) = &cuda_input else {
+                        return Err(invalid(
+                            "output_region: a CUDA IPC output region needs a CUDA IPC input_region (on the same device)",
+                        ));
+                    };
+                    if input.region().device() != range.region().device() {
+                        return Err(invalid(format!(
+                            "output_region: its memory is on cuda:{}, the input_region's on cuda:{}",
+                            range.region().device(),
+                            input.region().device()
+                        )));
+                    }
+                    if range.overlaps(input) && !range.same_as(input) {
+                        return Err(overlap());
+                    }
+                    (None, Some(range))
+                }
+            },
         };
         // The output is computed straight into its range, unless that is
         // the input's own (in place): then it is computed beside and copied
@@ -1086,6 +1179,8 @@ impl TryFrom<Scoped<'_, Caller, pb::ForwardRequest>> for ForwardCall {
             step: step_spec(request.step),
             shared_input,
             shared_output,
+            cuda_input,
+            cuda_output,
         })
     }
 }
@@ -1296,6 +1391,23 @@ impl From<Represented<ForwardOutcome>> for pb::ForwardResponse {
 pub struct WrittenToSharedMemory {
     pub outcome: StepForwardOutcome,
     pub written: Option<Range>,
+}
+
+/// A Forward's outcome whose output went into a CUDA IPC range.
+pub struct WrittenToCudaMemory {
+    pub outcome: StepForwardOutcome,
+    pub written: CudaRange,
+}
+
+impl From<WrittenToCudaMemory> for pb::ForwardResponse {
+    fn from(result: WrittenToCudaMemory) -> Self {
+        let mut outcome = result.outcome;
+        outcome.forward.output = None;
+        pb::ForwardResponse {
+            output_region: Some(cuda_range_to_proto(&result.written)),
+            ..Representation::Raw.of(outcome).into()
+        }
+    }
 }
 
 impl From<WrittenToSharedMemory> for pb::ForwardResponse {

@@ -11,11 +11,12 @@ use bytes::Bytes;
 use tonic::{Request, Response, Status};
 
 use super::auth;
-use super::convert::{self, Caller};
+use super::convert::{self, Caller, WrittenToCudaMemory};
 use crate::proto::v1 as pb;
 use crate::proto::v1::shared_memory_service_server::SharedMemoryService;
+use crate::session::synced::StepForwardOutcome;
 use crate::session::Registry;
-use crate::shm::{Range, SharedMemory, ShmError};
+use crate::shm::{CudaRange, Range, SharedMemory, ShmError};
 
 pub struct SharedMemoryApi {
     shared_memory: Arc<SharedMemory>,
@@ -35,12 +36,33 @@ impl SharedMemoryService for SharedMemoryApi {
     ) -> Result<Response<pb::RegisterSharedMemoryResponse>, Status> {
         let principal = auth::principal(&request)?;
         let register = convert::RegisterRegion::from(request.into_inner());
-        let (info, already) = self.shared_memory.register(
-            &principal.tenant,
-            &register.name,
-            register.offset,
-            register.byte_size,
-        )?;
+        let (info, already) = match &register.cuda_ipc {
+            None => self.shared_memory.register(
+                &principal.tenant,
+                &register.name,
+                register.offset,
+                register.byte_size,
+            )?,
+            // Opening a handle can take a while (the driver maps the memory
+            // into this process): off the async threads.
+            Some((handle, device)) => {
+                let shared_memory = self.shared_memory.clone();
+                let tenant = principal.tenant.clone();
+                let (handle, device) = (handle.clone(), *device);
+                tokio::task::spawn_blocking(move || {
+                    shared_memory.register_cuda(
+                        &tenant,
+                        &register.name,
+                        &handle,
+                        device,
+                        register.offset,
+                        register.byte_size,
+                    )
+                })
+                .await
+                .map_err(|_| Status::internal("the registration was cancelled"))??
+            }
+        };
         Ok(Response::new(convert::registered_to_proto(info, already)))
     }
 
@@ -129,4 +151,45 @@ pub async fn write_output(
         other => other,
     }
     .into())
+}
+
+/// Answers a Forward whose input was viewed in a CUDA IPC range: its
+/// output written into `output` (on the compute pool: a copy to the device
+/// and a wait for it), or carried in the reply; in both cases the device is
+/// synchronized first, so nothing of the call still reads the client's
+/// memory once it is answered.
+pub async fn answer_cuda(
+    registry: &Registry,
+    input: CudaRange,
+    output: Option<CudaRange>,
+    mut outcome: StepForwardOutcome,
+) -> Result<pb::ForwardResponse, Status> {
+    let result = outcome.forward.output.take();
+    let produced = result.is_some();
+    let size = result.as_ref().map_or(0, |r| r.bytes().len());
+    let target = output.clone();
+    // The result back when it goes in the reply.
+    let in_reply = registry
+        .pool()
+        .run_sized(size, move || {
+            input.synchronize()?;
+            let (Some(target), Some(result)) = (target, result.as_ref()) else {
+                return Ok::<_, ShmError>(result);
+            };
+            let host = result
+                .input_tensor(tch::Device::Cpu)
+                .map_err(|e| ShmError::Device(format!("writing the output: {e}")))?;
+            target.write(&host)?;
+            Ok(None)
+        })
+        .await??;
+    match output {
+        Some(written) if produced => Ok(WrittenToCudaMemory { outcome, written }.into()),
+        // A replay whose output is no longer held: nothing was written.
+        Some(_) => Ok(convert::Representation::Raw.of(outcome).into()),
+        None => {
+            outcome.forward.output = in_reply;
+            Ok(convert::Representation::Raw.of(outcome).into())
+        }
+    }
 }

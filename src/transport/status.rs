@@ -36,6 +36,12 @@ impl From<ShmError> for Status {
             ShmError::LimitExceeded(_) => Status::resource_exhausted(message),
             ShmError::MapFailed(_) => Status::resource_exhausted(message),
             ShmError::OutOfRange(_) => Status::out_of_range(message),
+            ShmError::Device(detail) => {
+                tracing::error!(%detail, "the CUDA device failed with a CUDA IPC region");
+                Status::internal(
+                    "internal error on the CUDA device (see server log); a train-mode forward was applied",
+                )
+            }
             ShmError::Truncated(_)
             | ShmError::TruncatedDuringUse { .. }
             | ShmError::Unlinked(_) => Status::failed_precondition(message),

@@ -290,6 +290,16 @@ def register_shared_memory(name: str, byte_size: int) -> Call[bool]:
                 True, lambda reply: bool(reply.already_registered))
 
 
+def register_cuda_ipc(name: str, handle: bytes, device: int, byte_size: int, offset: int = 0) -> Call[bool]:
+    """Registers `byte_size` bytes from `offset` of the GPU allocation a CUDA
+    IPC handle (64 bytes) exports on CUDA device `device`, as region `name`
+    (idempotent); whether it already was."""
+    request = shm_pb2.RegisterSharedMemoryRequest(
+        name=name, offset=offset, byte_size=byte_size,
+        cuda_ipc=shm_pb2.CudaIpcMemory(handle=handle, device=device))
+    return Call(REGISTER_SHARED_MEMORY, request, True, lambda reply: bool(reply.already_registered))
+
+
 def unregister_shared_memory(name: str = "") -> Call[int]:
     """Unregisters a region (all of the tenant's for ""); how many."""
     return Call(UNREGISTER_SHARED_MEMORY, shm_pb2.UnregisterSharedMemoryRequest(name=name), False,

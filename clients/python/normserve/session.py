@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Generic, NoReturn, Protocol, TypeVar
 
 import grpc
 
-from normserve import errors, protocol, shm as shm_module
+from normserve import cuda_ipc, errors, protocol, shm as shm_module
 from normserve.codec import Array
 from normserve.results import (  # noqa: F401  (re-exported: normserve.session.STATE_KEYS, ...)
     KIND_NAMES,
@@ -127,7 +127,10 @@ class Session(SessionHandle["Client"]):
         `shm=True` (server on this host) passes the tensors through shared
         memory instead of gRPC (normserve.shm): numpy arrays and CPU tensors;
         the output is a fresh array, or `out` (an array from
-        `client.shared_array`, which the server writes in place)."""
+        `client.shared_array`, which the server writes in place). A CUDA
+        tensor goes through CUDA IPC (normserve.cuda_ipc): the server reads
+        it in place on its device and writes a fresh tensor on that device,
+        or `out` (a CUDA tensor; `out=x` normalizes in place)."""
         if shm or out is not None:
             result, request_id = self._forward_shared(x, train, expected_version, request_id, out)
             return protocol.forward_output(result, request_id)
@@ -139,6 +142,8 @@ class Session(SessionHandle["Client"]):
         training = self._training(train)
         request_id = self._request_id(request_id) if training else (request_id or "")
         pool = self.client.shared_memory
+        if cuda_ipc.is_cuda_tensor(x) or cuda_ipc.is_cuda_tensor(out):
+            return self._forward_cuda(x, training, expected_version, request_id, out), request_id
         shared = shm_module.SharedCall(pool, x, out)
         try:
             call = protocol.forward_shared(self.session_id, shared.header, training, shared.input_range,
@@ -155,6 +160,29 @@ class Session(SessionHandle["Client"]):
             return ForwardResult(output, result.version, result.num_batches_tracked, result.replayed), request_id
         finally:
             shared.finish()
+
+    def _forward_cuda(self, x: Array, training: bool, expected_version: int | None,
+                      request_id: str, out: Array | None) -> ForwardResult:
+        if not cuda_ipc.is_cuda_tensor(x):
+            raise ValueError("out: a CUDA tensor needs a CUDA input (on its device)")
+        pool = self.client.shared_memory.cuda
+        shared = cuda_ipc.CudaCall(pool, x, out)
+        call = protocol.forward_shared(self.session_id, shared.header, training, shared.input_range,
+                                       shared.output_range, expected_version=expected_version,
+                                       request_id=request_id)
+        try:
+            result, written = self.client._run(call)
+        except errors.NormserveError as error:
+            if not shm_module.is_region_gone(error):
+                raise
+            pool.reregister()
+            shared = cuda_ipc.CudaCall(pool, x, out)
+            call = protocol.forward_shared(self.session_id, shared.header, training, shared.input_range,
+                                           shared.output_range, expected_version=expected_version,
+                                           request_id=request_id)
+            result, written = self.client._run(call)
+        output = shared.output() if written else None
+        return ForwardResult(output, result.version, result.num_batches_tracked, result.replayed)
 
     __call__ = forward
 

@@ -15,8 +15,9 @@ with 128 random bits, unregistered and unlinked by `client.close()` (or the
 process killed outright leaves its objects in /dev/shm; the server unmaps
 them after its idle lease (--shared-memory-idle-seconds).
 
-numpy arrays and CPU torch tensors only (float32, float64, float16,
-bfloat16); the blocking client only.
+numpy arrays and CPU torch tensors (float32, float64, float16, bfloat16);
+CUDA torch tensors go through CUDA IPC handles instead (normserve.cuda_ipc,
+`forward` only); the blocking client only.
 """
 
 from __future__ import annotations
@@ -112,6 +113,21 @@ class SharedMemoryPool:
         self._busy: set[SharedObject] = set()
         self._buffers: list[SharedObject] = []
         self._closed = False
+        self._cuda: Any = None
+
+    @property
+    def cuda(self) -> Any:
+        """The client's CUDA IPC registrations (a normserve.cuda_ipc.CudaIpcPool),
+        made on first use."""
+        from normserve.cuda_ipc import CudaIpcPool
+
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the client's shared memory is closed")
+            if self._cuda is None:
+                self._cuda = CudaIpcPool(self._run)
+            pool: CudaIpcPool = self._cuda
+        return pool
 
     def _register(self, obj: SharedObject) -> None:
         self._run(protocol.register_shared_memory(obj.name, obj.size))
@@ -210,6 +226,9 @@ class SharedMemoryPool:
             self._buffers.clear()
             self._free.clear()
             self._lock.notify_all()
+            cuda = self._cuda
+        if cuda is not None:
+            cuda.close()
         for obj in objects:
             self._drop(obj)
 
@@ -218,8 +237,8 @@ def _host_array(x: Array) -> tuple[np.ndarray[Any, Any], int]:
     """`x` as a little-endian numpy view (bfloat16 as int16 bits) and its wire
     dtype; CPU only."""
     if codec.is_torch_tensor(x) and x.device.type != "cpu":
-        raise ValueError("shm=True takes numpy arrays and CPU torch tensors; this tensor is on "
-                         f"{x.device} (use shm=False)")
+        raise ValueError("shm=True here takes numpy arrays and CPU torch tensors; this tensor is on "
+                         f"{x.device} (forward(x, shm=True) takes CUDA tensors, through CUDA IPC)")
     return codec._as_array(x)
 
 

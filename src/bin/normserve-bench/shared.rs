@@ -62,6 +62,7 @@ impl SharedObject {
                 name: object.name.clone(),
                 offset: 0,
                 byte_size: output_offset + input_bytes,
+                cuda_ipc: None,
             })
             .await;
         if let Err(status) = registered {

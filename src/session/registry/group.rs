@@ -46,7 +46,7 @@ impl Registry {
         for (place, command) in commands.into_iter().enumerate() {
             // The output is the input's size: charged before it is computed
             // (as a single Forward's), and refused alone when it does not fit.
-            let bytes = command.input.bytes().len() as u64;
+            let bytes = command.input.byte_size() as u64;
             let charge =
                 match charge_unless_large(&self.options.memory_budget, bytes, Kind::Replies) {
                     Ok(charge) => charge,
@@ -102,7 +102,7 @@ impl Registry {
             charges,
         } = run;
         let count = commands.len();
-        let input_bytes = commands.iter().map(|c| c.input.bytes().len()).sum();
+        let input_bytes = commands.iter().map(|c| c.input.byte_size()).sum();
         let stats = self.options.stats_kernel;
         let results = self
             .mutate(&id, input_bytes, move |info, state| {

@@ -249,7 +249,7 @@ impl Registry {
     pub async fn forward(&self, command: Forward) -> Result<ForwardOutcome, SessionError> {
         let id = command.id.clone();
         let stats = self.options.stats_kernel;
-        let input_bytes = command.input.bytes().len();
+        let input_bytes = command.input.byte_size();
         // The output is the input's size: charged before it is computed, and
         // until it is handed to the reply (which is charged while sent). Into
         // the caller's memory, only the copy a replay may keep is held here.

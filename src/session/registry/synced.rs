@@ -337,6 +337,14 @@ impl Registry {
         command: StepForward,
     ) -> Result<StepForwardOutcome, SessionError> {
         let StepForward { forward, spec } = command;
+        // A step's shards travel through its rendezvous as host bytes.
+        let Some(host_input) = forward.input.as_host().cloned() else {
+            return Err(NumericsError::invalid(
+                "input_region",
+                "a synchronized step takes its shard as host bytes, not as device memory",
+            )
+            .into());
+        };
         let id = forward.id.clone();
         let step_key = key(&id, spec.step, Phase::Forward);
         let for_check = &forward;
@@ -355,7 +363,7 @@ impl Registry {
                     return Ok(Checked::Answered(Some(done)));
                 }
                 check_order(info, state, spec.step)?;
-                check_shard(info, state, &for_check.input)?;
+                check_shard(info, state, &host_input)?;
                 Ok(Checked::Shard {
                     reject_non_finite: info.config.reject_non_finite,
                     timeout: info.config.step_timeout,
@@ -367,7 +375,7 @@ impl Registry {
                 reject_non_finite,
                 timeout,
             }) => {
-                let input = forward.input.clone();
+                let input = host_input.clone();
                 let (device, _) = placement.ok_or_else(not_checked)?;
                 self.pool
                     .run_sized(input.bytes().len(), move || {
@@ -420,10 +428,10 @@ impl Registry {
                 fingerprint,
                 timeout,
             } => {
-                let bytes = forward.input.bytes().len() as u64;
+                let bytes = host_input.bytes().len() as u64;
                 let (device, kind) = placement.ok_or_else(not_checked)?;
                 let shard = Shard {
-                    input: forward.input.clone(),
+                    input: host_input.clone(),
                     device,
                     kind,
                 };
@@ -470,7 +478,7 @@ impl Registry {
             Some(transform) => {
                 let (device, kind) = placement.ok_or_else(not_checked)?;
                 let shard = Shard {
-                    input: forward.input.clone(),
+                    input: host_input.clone(),
                     device,
                     kind,
                 };

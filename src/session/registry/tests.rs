@@ -211,7 +211,8 @@ fn train_on(name: &str, values: &[f64], preconditions: Preconditions) -> Forward
             values,
             1 << 20,
         )
-        .unwrap(),
+        .unwrap()
+        .into(),
         mode: Some(Mode::Train),
         preconditions,
         output_memory: None,

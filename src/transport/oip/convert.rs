@@ -180,7 +180,7 @@ pub fn infer_call(
     Ok(InferCall {
         command: Forward {
             id,
-            input: data,
+            input: data.into(),
             mode,
             preconditions: Preconditions {
                 expected_version,

@@ -17,7 +17,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n normserve/v1/shared_memory.proto\x12\x0cnormserve.v1\"N\n\x1bRegisterSharedMemoryRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x11\n\tbyte_size\x18\x03 \x01(\x04\"l\n\x1cRegisterSharedMemoryResponse\x12\x30\n\x06region\x18\x01 \x01(\x0b\x32 .normserve.v1.SharedMemoryRegion\x12\x1a\n\x12\x61lready_registered\x18\x02 \x01(\x08\"-\n\x1dUnregisterSharedMemoryRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"6\n\x1eUnregisterSharedMemoryResponse\x12\x14\n\x0cunregistered\x18\x01 \x01(\x04\")\n\x19SharedMemoryStatusRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x9b\x01\n\x1aSharedMemoryStatusResponse\x12\x31\n\x07regions\x18\x01 \x03(\x0b\x32 .normserve.v1.SharedMemoryRegion\x12\x1a\n\x12tenant_max_regions\x18\x02 \x01(\x04\x12\x18\n\x10tenant_max_bytes\x18\x03 \x01(\x04\x12\x14\n\x0cidle_seconds\x18\x04 \x01(\x04\"[\n\x12SharedMemoryRegion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x11\n\tbyte_size\x18\x03 \x01(\x04\x12\x14\n\x0cidle_seconds\x18\x04 \x01(\x01\"F\n\x11SharedMemoryRange\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x11\n\tbyte_size\x18\x03 \x01(\x04\x32\xe2\x02\n\x13SharedMemoryService\x12m\n\x14RegisterSharedMemory\x12).normserve.v1.RegisterSharedMemoryRequest\x1a*.normserve.v1.RegisterSharedMemoryResponse\x12s\n\x16UnregisterSharedMemory\x12+.normserve.v1.UnregisterSharedMemoryRequest\x1a,.normserve.v1.UnregisterSharedMemoryResponse\x12g\n\x12SharedMemoryStatus\x12\'.normserve.v1.SharedMemoryStatusRequest\x1a(.normserve.v1.SharedMemoryStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n normserve/v1/shared_memory.proto\x12\x0cnormserve.v1\"}\n\x1bRegisterSharedMemoryRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x11\n\tbyte_size\x18\x03 \x01(\x04\x12-\n\x08\x63uda_ipc\x18\x04 \x01(\x0b\x32\x1b.normserve.v1.CudaIpcMemory\"/\n\rCudaIpcMemory\x12\x0e\n\x06handle\x18\x01 \x01(\x0c\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\r\"l\n\x1cRegisterSharedMemoryResponse\x12\x30\n\x06region\x18\x01 \x01(\x0b\x32 .normserve.v1.SharedMemoryRegion\x12\x1a\n\x12\x61lready_registered\x18\x02 \x01(\x08\"-\n\x1dUnregisterSharedMemoryRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"6\n\x1eUnregisterSharedMemoryResponse\x12\x14\n\x0cunregistered\x18\x01 \x01(\x04\")\n\x19SharedMemoryStatusRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x9b\x01\n\x1aSharedMemoryStatusResponse\x12\x31\n\x07regions\x18\x01 \x03(\x0b\x32 .normserve.v1.SharedMemoryRegion\x12\x1a\n\x12tenant_max_regions\x18\x02 \x01(\x04\x12\x18\n\x10tenant_max_bytes\x18\x03 \x01(\x04\x12\x14\n\x0cidle_seconds\x18\x04 \x01(\x04\"\x8a\x01\n\x12SharedMemoryRegion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x11\n\tbyte_size\x18\x03 \x01(\x04\x12\x14\n\x0cidle_seconds\x18\x04 \x01(\x01\x12-\n\x08\x63uda_ipc\x18\x05 \x01(\x0b\x32\x1b.normserve.v1.CudaIpcRegion\"\x1f\n\rCudaIpcRegion\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\r\"F\n\x11SharedMemoryRange\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x11\n\tbyte_size\x18\x03 \x01(\x04\x32\xe2\x02\n\x13SharedMemoryService\x12m\n\x14RegisterSharedMemory\x12).normserve.v1.RegisterSharedMemoryRequest\x1a*.normserve.v1.RegisterSharedMemoryResponse\x12s\n\x16UnregisterSharedMemory\x12+.normserve.v1.UnregisterSharedMemoryRequest\x1a,.normserve.v1.UnregisterSharedMemoryResponse\x12g\n\x12SharedMemoryStatus\x12\'.normserve.v1.SharedMemoryStatusRequest\x1a(.normserve.v1.SharedMemoryStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -25,21 +25,25 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'normserve.v1.shared_memory_
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_REGISTERSHAREDMEMORYREQUEST']._serialized_start=50
-  _globals['_REGISTERSHAREDMEMORYREQUEST']._serialized_end=128
-  _globals['_REGISTERSHAREDMEMORYRESPONSE']._serialized_start=130
-  _globals['_REGISTERSHAREDMEMORYRESPONSE']._serialized_end=238
-  _globals['_UNREGISTERSHAREDMEMORYREQUEST']._serialized_start=240
-  _globals['_UNREGISTERSHAREDMEMORYREQUEST']._serialized_end=285
-  _globals['_UNREGISTERSHAREDMEMORYRESPONSE']._serialized_start=287
-  _globals['_UNREGISTERSHAREDMEMORYRESPONSE']._serialized_end=341
-  _globals['_SHAREDMEMORYSTATUSREQUEST']._serialized_start=343
-  _globals['_SHAREDMEMORYSTATUSREQUEST']._serialized_end=384
-  _globals['_SHAREDMEMORYSTATUSRESPONSE']._serialized_start=387
-  _globals['_SHAREDMEMORYSTATUSRESPONSE']._serialized_end=542
-  _globals['_SHAREDMEMORYREGION']._serialized_start=544
-  _globals['_SHAREDMEMORYREGION']._serialized_end=635
-  _globals['_SHAREDMEMORYRANGE']._serialized_start=637
-  _globals['_SHAREDMEMORYRANGE']._serialized_end=707
-  _globals['_SHAREDMEMORYSERVICE']._serialized_start=710
-  _globals['_SHAREDMEMORYSERVICE']._serialized_end=1064
+  _globals['_REGISTERSHAREDMEMORYREQUEST']._serialized_end=175
+  _globals['_CUDAIPCMEMORY']._serialized_start=177
+  _globals['_CUDAIPCMEMORY']._serialized_end=224
+  _globals['_REGISTERSHAREDMEMORYRESPONSE']._serialized_start=226
+  _globals['_REGISTERSHAREDMEMORYRESPONSE']._serialized_end=334
+  _globals['_UNREGISTERSHAREDMEMORYREQUEST']._serialized_start=336
+  _globals['_UNREGISTERSHAREDMEMORYREQUEST']._serialized_end=381
+  _globals['_UNREGISTERSHAREDMEMORYRESPONSE']._serialized_start=383
+  _globals['_UNREGISTERSHAREDMEMORYRESPONSE']._serialized_end=437
+  _globals['_SHAREDMEMORYSTATUSREQUEST']._serialized_start=439
+  _globals['_SHAREDMEMORYSTATUSREQUEST']._serialized_end=480
+  _globals['_SHAREDMEMORYSTATUSRESPONSE']._serialized_start=483
+  _globals['_SHAREDMEMORYSTATUSRESPONSE']._serialized_end=638
+  _globals['_SHAREDMEMORYREGION']._serialized_start=641
+  _globals['_SHAREDMEMORYREGION']._serialized_end=779
+  _globals['_CUDAIPCREGION']._serialized_start=781
+  _globals['_CUDAIPCREGION']._serialized_end=812
+  _globals['_SHAREDMEMORYRANGE']._serialized_start=814
+  _globals['_SHAREDMEMORYRANGE']._serialized_end=884
+  _globals['_SHAREDMEMORYSERVICE']._serialized_start=887
+  _globals['_SHAREDMEMORYSERVICE']._serialized_end=1241
 # @@protoc_insertion_point(module_scope)

@@ -7,14 +7,24 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RegisterSharedMemoryRequest(_message.Message):
-    __slots__ = ("name", "offset", "byte_size")
+    __slots__ = ("name", "offset", "byte_size", "cuda_ipc")
     NAME_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     BYTE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    CUDA_IPC_FIELD_NUMBER: _ClassVar[int]
     name: str
     offset: int
     byte_size: int
-    def __init__(self, name: _Optional[str] = ..., offset: _Optional[int] = ..., byte_size: _Optional[int] = ...) -> None: ...
+    cuda_ipc: CudaIpcMemory
+    def __init__(self, name: _Optional[str] = ..., offset: _Optional[int] = ..., byte_size: _Optional[int] = ..., cuda_ipc: _Optional[_Union[CudaIpcMemory, _Mapping]] = ...) -> None: ...
+
+class CudaIpcMemory(_message.Message):
+    __slots__ = ("handle", "device")
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    handle: bytes
+    device: int
+    def __init__(self, handle: _Optional[bytes] = ..., device: _Optional[int] = ...) -> None: ...
 
 class RegisterSharedMemoryResponse(_message.Message):
     __slots__ = ("region", "already_registered")
@@ -55,16 +65,24 @@ class SharedMemoryStatusResponse(_message.Message):
     def __init__(self, regions: _Optional[_Iterable[_Union[SharedMemoryRegion, _Mapping]]] = ..., tenant_max_regions: _Optional[int] = ..., tenant_max_bytes: _Optional[int] = ..., idle_seconds: _Optional[int] = ...) -> None: ...
 
 class SharedMemoryRegion(_message.Message):
-    __slots__ = ("name", "offset", "byte_size", "idle_seconds")
+    __slots__ = ("name", "offset", "byte_size", "idle_seconds", "cuda_ipc")
     NAME_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     BYTE_SIZE_FIELD_NUMBER: _ClassVar[int]
     IDLE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CUDA_IPC_FIELD_NUMBER: _ClassVar[int]
     name: str
     offset: int
     byte_size: int
     idle_seconds: float
-    def __init__(self, name: _Optional[str] = ..., offset: _Optional[int] = ..., byte_size: _Optional[int] = ..., idle_seconds: _Optional[float] = ...) -> None: ...
+    cuda_ipc: CudaIpcRegion
+    def __init__(self, name: _Optional[str] = ..., offset: _Optional[int] = ..., byte_size: _Optional[int] = ..., idle_seconds: _Optional[float] = ..., cuda_ipc: _Optional[_Union[CudaIpcRegion, _Mapping]] = ...) -> None: ...
+
+class CudaIpcRegion(_message.Message):
+    __slots__ = ("device",)
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    device: int
+    def __init__(self, device: _Optional[int] = ...) -> None: ...
 
 class SharedMemoryRange(_message.Message):
     __slots__ = ("region", "offset", "byte_size")

@@ -18,6 +18,10 @@ class SharedMemoryServiceStub:
     bytes. The server maps the object once, reads the input in place and writes
     the output straight into the output range.
 
+    GPU memory of a client on this host is shared the same way through a CUDA
+    IPC handle (RegisterSharedMemoryRequest.cuda_ipc) when the server has a CUDA
+    device: the server computes on that device, reading the input in place.
+
     Regions are scoped to the caller's tenant (the tenant of its bearer token;
     the default tenant without authentication): a tenant sees, uses and
     unregisters its own regions only, and another tenant's region answers
@@ -68,6 +72,10 @@ class SharedMemoryServiceServicer:
     (ForwardRequest.input_region / output_region) instead of sending tensor
     bytes. The server maps the object once, reads the input in place and writes
     the output straight into the output range.
+
+    GPU memory of a client on this host is shared the same way through a CUDA
+    IPC handle (RegisterSharedMemoryRequest.cuda_ipc) when the server has a CUDA
+    device: the server computes on that device, reading the input in place.
 
     Regions are scoped to the caller's tenant (the tenant of its bearer token;
     the default tenant without authentication): a tenant sees, uses and
@@ -155,6 +163,10 @@ class SharedMemoryService:
     (ForwardRequest.input_region / output_region) instead of sending tensor
     bytes. The server maps the object once, reads the input in place and writes
     the output straight into the output range.
+
+    GPU memory of a client on this host is shared the same way through a CUDA
+    IPC handle (RegisterSharedMemoryRequest.cuda_ipc) when the server has a CUDA
+    device: the server computes on that device, reading the input in place.
 
     Regions are scoped to the caller's tenant (the tenant of its bearer token;
     the default tenant without authentication): a tenant sees, uses and
