@@ -36,6 +36,8 @@ fn compile_protos() -> Result<(), Box<dyn std::error::Error>> {
         // Tensor bytes decode into `bytes::Bytes`: a slice of the received
         // buffer instead of a fresh copy.
         .bytes(".")
+        // Each received message decoded from its own bytes (src/proto_codec.rs).
+        .codec_path("crate::proto_codec::WholeMessageCodec")
         .compile_fds(compiler.file_descriptor_set())?;
     Ok(())
 }

@@ -27,8 +27,9 @@ pub mod telemetry;
 // Shared-memory regions of clients on this host (mappings, per-tenant table).
 pub mod shm;
 
-// Generated gRPC code, confined to one module.
+// Generated gRPC code, confined to one module, and the codec it uses.
 pub mod proto;
+pub mod proto_codec;
 // The tokens file and who a caller is.
 pub mod auth;
 // The operator command line's .npy reader, on this crate's proto types.

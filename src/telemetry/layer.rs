@@ -98,7 +98,10 @@ fn server_fault_level(code: &str) -> Option<Level> {
 
 /// RPCs whose request or response is a stream.
 fn is_stream(rpc: &str) -> bool {
-    matches!(rpc, "ForwardStream" | "Watch" | "ServerReflectionInfo")
+    matches!(
+        rpc,
+        "ForwardStream" | "ReduceStatisticsStream" | "Watch" | "ServerReflectionInfo"
+    )
 }
 
 /// Requests finished so far, the sampler's sequence.

@@ -12,7 +12,7 @@ use tracing::Instrument;
 
 /// The methods this server serves; any other path is counted as "other", so
 /// that a client cannot create series by inventing paths.
-const RPCS: [&str; 25] = [
+const RPCS: [&str; 26] = [
     "CreateSession",
     "GetSession",
     "ListSessions",
@@ -25,6 +25,7 @@ const RPCS: [&str; 25] = [
     "ImportState",
     "MergeSession",
     "ReduceStatistics",
+    "ReduceStatisticsStream",
     "Compare",
     "GetServerInfo",
     "Check",

@@ -1,6 +1,9 @@
 //! `normserve.v1.BatchNormService`: decode, call the session registry, encode.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 
 use tonic::{Request, Response, Status, Streaming};
 
@@ -208,6 +211,106 @@ fn stream_response(
     }
 }
 
+/// A ReduceStatisticsStream's group of received messages, answered in
+/// order: each session's messages one after another (a rank's steps of one
+/// session are sequential), the sessions side by side, so that the messages
+/// of different sessions wait in their barriers at the same time.
+async fn reduce_group(
+    registry: &Arc<Registry>,
+    caller: &Caller,
+    requests: Vec<pb::ReduceStatisticsRequest>,
+) -> Vec<Result<pb::ReduceStatisticsResponse, Status>> {
+    let mut answers: Vec<Option<Result<pb::ReduceStatisticsResponse, Status>>> =
+        (0..requests.len()).map(|_| None).collect();
+    // Each session's decoded messages with their places, in arrival order.
+    let mut chains: Vec<(SessionId, Vec<(usize, ReduceStatistics)>)> = Vec::new();
+    for (place, request) in requests.into_iter().enumerate() {
+        match caller.decode::<_, ReduceStatistics>(request) {
+            Err(error) => answers[place] = Some(Err(error.into())),
+            Ok(command) => match chains.iter_mut().find(|(id, _)| *id == command.id) {
+                Some((_, chain)) => chain.push((place, command)),
+                None => chains.push((command.id.clone(), vec![(place, command)])),
+            },
+        }
+    }
+    let runs: Vec<Chain<'_>> = chains
+        .into_iter()
+        .map(|(_, chain)| -> Chain<'_> {
+            Box::pin(async move {
+                let mut answered = Vec::with_capacity(chain.len());
+                for (place, command) in chain {
+                    let answer = registry
+                        .reduce_statistics(command)
+                        .await
+                        .map(pb::ReduceStatisticsResponse::from)
+                        .map_err(Status::from);
+                    answered.push((place, answer));
+                }
+                answered
+            })
+        })
+        .collect();
+    for (place, answer) in join_all(runs).await.into_iter().flatten() {
+        answers[place] = Some(answer);
+    }
+    answers
+        .into_iter()
+        .map(|a| a.unwrap_or_else(|| Err(Status::internal("a message was not answered"))))
+        .collect()
+}
+
+/// One session's messages of a group, answered: (place, answer) each.
+type Chain<'a> = Pin<
+    Box<
+        dyn Future<Output = Vec<(usize, Result<pb::ReduceStatisticsResponse, Status>)>> + Send + 'a,
+    >,
+>;
+
+/// Runs `futures` side by side; their outputs in the order given.
+async fn join_all<T>(futures: Vec<Pin<Box<dyn Future<Output = T> + Send + '_>>>) -> Vec<T> {
+    let mut running: Vec<_> = futures.into_iter().map(Some).collect();
+    let mut outputs: Vec<Option<T>> = running.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (slot, output) in running.iter_mut().zip(outputs.iter_mut()) {
+            if let Some(future) = slot {
+                match future.as_mut().poll(cx) {
+                    Poll::Ready(value) => {
+                        *output = Some(value);
+                        *slot = None;
+                    }
+                    Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    })
+    .await;
+    outputs.into_iter().flatten().collect()
+}
+
+/// A ReduceStatisticsStream's answer to its `index`-th message.
+fn reduce_stream_response(
+    index: u64,
+    answer: Result<pb::ReduceStatisticsResponse, Status>,
+) -> pb::ReduceStatisticsStreamResponse {
+    let result = match answer {
+        Ok(response) => pb::reduce_statistics_stream_response::Result::Response(response),
+        Err(status) => pb::reduce_statistics_stream_response::Result::Error(pb::StreamError {
+            code: status.code() as i32,
+            message: status.message().to_owned(),
+        }),
+    };
+    pb::ReduceStatisticsStreamResponse {
+        index,
+        result: Some(result),
+    }
+}
+
 #[tonic::async_trait]
 impl BatchNormService for BatchNormApi {
     async fn create_session(
@@ -368,5 +471,37 @@ impl BatchNormService for BatchNormApi {
         let command: ReduceStatistics = caller.decode(request.into_inner())?;
         let outcome = self.registry.reduce_statistics(command).await?;
         Ok(Response::new(outcome.into()))
+    }
+
+    type ReduceStatisticsStreamStream = stream::Replies<pb::ReduceStatisticsStreamResponse>;
+
+    async fn reduce_statistics_stream(
+        &self,
+        request: Request<Streaming<pb::ReduceStatisticsRequest>>,
+    ) -> Result<Response<Self::ReduceStatisticsStreamStream>, Status> {
+        let caller = Arc::new(self.caller(&request)?);
+        let credential = auth::credential(&request);
+        let registry = self.registry.clone();
+        let mut next_index: u64 = 0;
+        // When the client goes away, the group being answered is dropped:
+        // its messages waiting in barriers withdraw (their ranks missing).
+        let replies = stream::answer_waiting_groups(
+            request.into_inner(),
+            credential,
+            self.look_ahead.clone(),
+            move |requests: Vec<pb::ReduceStatisticsRequest>| {
+                let (registry, caller) = (registry.clone(), caller.clone());
+                let first = next_index;
+                next_index += requests.len() as u64;
+                async move {
+                    let answers = reduce_group(&registry, &caller, requests).await;
+                    (first..)
+                        .zip(answers)
+                        .map(|(index, answer)| reduce_stream_response(index, answer))
+                        .collect()
+                }
+            },
+        );
+        Ok(Response::new(replies))
     }
 }

@@ -10,7 +10,11 @@
 //! message was awaited, or when the client goes away.
 //!
 //! ForwardStream answers the messages already received when it reads one as
-//! a group ([`answer_groups`]), so their mutations share commits; the group
+//! a group ([`answer_groups`]), so their mutations share commits;
+//! ReduceStatisticsStream too ([`answer_waiting_groups`]), so that its
+//! messages of different sessions wait in their barriers side by side, and
+//! its group is dropped (its waiting ranks withdrawn) as soon as the client
+//! goes away instead of once it is answered; the group
 //! is bounded in count and bytes, by the look-ahead's free room, and its
 //! messages are charged to the memory budget while held. Looking for them
 //! does not wait for the client (it arms no idle timer).
@@ -112,7 +116,14 @@ where
             replies
         }
     };
-    run(inbound, credential, look_ahead, 1, one_at_a_time)
+    run(
+        inbound,
+        credential,
+        look_ahead,
+        1,
+        OnDeparture::Finish,
+        one_at_a_time,
+    )
 }
 
 /// As [`answer_each`], but the messages already received when one is read
@@ -132,7 +143,49 @@ where
     F: FnMut(Vec<Req>) -> Fut + Send + 'static,
     Fut: Future<Output = Vec<Resp>> + Send,
 {
-    run(inbound, credential, look_ahead, MAX_GROUP_MESSAGES, answer)
+    run(
+        inbound,
+        credential,
+        look_ahead,
+        MAX_GROUP_MESSAGES,
+        OnDeparture::Finish,
+        answer,
+    )
+}
+
+/// As [`answer_groups`], for answers that wait on others (a synchronized
+/// step's barrier): when the client goes away (the response stream is
+/// dropped) the group being answered is dropped at once, so that its
+/// waiting messages withdraw, rather than answered first.
+pub fn answer_waiting_groups<Req, Resp, F, Fut>(
+    inbound: Streaming<Req>,
+    credential: Option<Credential>,
+    look_ahead: LookAhead,
+    answer: F,
+) -> Replies<Resp>
+where
+    Req: prost::Message + Send + 'static,
+    Resp: prost::Message + Send + 'static,
+    F: FnMut(Vec<Req>) -> Fut + Send + 'static,
+    Fut: Future<Output = Vec<Resp>> + Send,
+{
+    run(
+        inbound,
+        credential,
+        look_ahead,
+        MAX_GROUP_MESSAGES,
+        OnDeparture::Withdraw,
+        answer,
+    )
+}
+
+/// What happens to the group being answered when the client goes away.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum OnDeparture {
+    /// It is answered to the end (its mutations applied), then the loop ends.
+    Finish,
+    /// It is dropped at once (what it waits for is given up).
+    Withdraw,
 }
 
 /// How the stream ends after the group being answered.
@@ -143,13 +196,14 @@ enum Ending {
     Broken(Status),
 }
 
-/// The loop of [`answer_each`] and [`answer_groups`]: groups of at most
-/// `max_group` messages.
+/// The loop of [`answer_each`], [`answer_groups`] and
+/// [`answer_waiting_groups`]: groups of at most `max_group` messages.
 fn run<Req, Resp, F, Fut>(
     mut inbound: Streaming<Req>,
     credential: Option<Credential>,
     look_ahead: LookAhead,
     max_group: usize,
+    on_departure: OnDeparture,
     mut answer: F,
 ) -> Replies<Resp>
 where
@@ -226,7 +280,13 @@ where
                 let _ = replies.send((Err(refused), None));
                 break;
             }
-            let answers = answer(group).await;
+            let answers = match on_departure {
+                OnDeparture::Finish => answer(group).await,
+                OnDeparture::Withdraw => tokio::select! {
+                    answers = answer(group) => answers,
+                    () = replies.closed() => return, // the client went away
+                },
+            };
             drop(held);
             for reply in answers {
                 let share = u32::try_from(reply.encoded_len())

@@ -8,6 +8,7 @@ again, an older step is FAILED_PRECONDITION, kill -9 during a barrier leaves
 no partial step, and ReduceStatistics matches the same oracle."""
 
 import math
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -457,3 +458,94 @@ def test_ranks_split_between_two_redis_replicas_make_one_step(redis_server):
             c.close()
         for r in replicas:
             r.stop()
+
+
+def reduce_stream(stub, requests):
+    """One ReduceStatisticsStream carrying `requests`; its answers."""
+    return list(stub.ReduceStatisticsStream(iter(requests), timeout=60))
+
+
+def test_reduce_statistics_stream_gives_each_ranks_steps_the_concatenations_statistics(bn_stub):
+    """One stream per rank, each carrying all its steps of two sessions (two
+    layers) at once, with an invalid message in band; every answer as
+    BatchNorm on the concatenation, in order, each step applied once."""
+    torch.manual_seed(11)
+    modules = {name: torch.nn.BatchNorm1d(3, momentum=0.3).train() for name in ("a", "b")}
+    sessions = {name: create(bn_stub, "1d", module) for name, module in modules.items()}
+    steps = (1, 2, 3)
+    shards = {(name, step): [torch.randn(n, 3) * 3 + 1 for n in (4, 1, 0)]
+              for name in modules for step in steps}
+    per_rank = []
+    for rank in range(3):
+        messages = []
+        for step in steps:
+            for name in modules:
+                messages.append(stats_request(sessions[name].session_id, shards[name, step][rank], step, 3, rank))
+            if rank == 1 and step == 1:
+                wrong = stats_request(sessions["a"].session_id, torch.randn(2, 4), 9, 3, rank)
+                messages.append(wrong)
+        per_rank.append(messages)
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        answers = list(pool.map(lambda messages: reduce_stream(bn_stub, messages), per_rank))
+
+    for name, module in modules.items():
+        for step in steps:
+            with torch.no_grad():
+                module(torch.cat(shards[name, step]))
+    for rank, (messages, replies) in enumerate(zip(per_rank, answers)):
+        assert [reply.index for reply in replies] == list(range(len(messages)))
+        for message, reply in zip(messages, replies):
+            if len(message.mean) == 4:
+                assert reply.WhichOneof("result") == "error"
+                assert reply.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+                assert "expected num_features = 3 values, got 4" in reply.error.message
+                continue
+            assert reply.WhichOneof("result") == "response", reply
+            name = "a" if message.session_id == sessions["a"].session_id else "b"
+            step = message.step.step
+            x = torch.cat(shards[name, step]).double()
+            stats = reply.response.statistics
+            assert stats.step == step and stats.count == x.shape[0]
+            torch.testing.assert_close(torch.tensor(list(stats.mean), dtype=torch.float64), x.mean(0), rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(torch.tensor(list(stats.var), dtype=torch.float64), x.var(0, unbiased=False), rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(torch.tensor(list(stats.unbiased_var), dtype=torch.float64), x.var(0), rtol=1e-10, atol=1e-12)
+            assert reply.response.version == sessions[name].version + step
+            assert reply.response.num_batches_tracked == step
+    for name, module in modules.items():
+        assert_state(bn_stub, sessions[name].session_id, module, sessions[name].version + len(steps))
+
+
+def test_a_reduce_statistics_stream_cancelled_while_waiting_counts_as_missing(bn_stub):
+    """Rank 0's stream message waits in a three-rank step; rank 1 (300 ms
+    deadlines) hears only rank 2 missing; once rank 0 cancels its stream,
+    rank 1 hears ranks 0 and 2 missing, and nothing was applied."""
+    session = create(bn_stub, "1d", torch.nn.BatchNorm1d(2), step_timeout=30)
+    shard = torch.randn(3, 2)
+    hold = threading.Event()
+
+    def rank0_messages():
+        yield stats_request(session.session_id, shard, 1, 3, 0)
+        hold.wait(60)  # the stream stays open, its message waiting
+
+    call = bn_stub.ReduceStatisticsStream(rank0_messages(), timeout=60)
+
+    def rank1_hears():
+        try:
+            bn_stub.ReduceStatistics(stats_request(session.session_id, shard, 1, 3, 1), timeout=0.3)
+        except grpc.RpcError as error:
+            return error.details() or ""
+        raise AssertionError("the step completed without rank 2")
+
+    for _ in range(100):
+        if "waited for rank 2;" in rank1_hears():
+            break
+    else:
+        raise AssertionError("rank 0's message never arrived")
+    call.cancel()
+    hold.set()
+    for _ in range(100):
+        if "waited for ranks 0, 2;" in rank1_hears():
+            break
+    else:
+        raise AssertionError("rank 0 never withdrew")
+    assert get(bn_stub, session.session_id).version == session.version

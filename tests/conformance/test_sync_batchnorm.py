@@ -12,6 +12,7 @@ gradient on the concatenated batch."""
 import multiprocessing
 import re
 import threading
+import time
 import uuid
 
 import normserve
@@ -533,3 +534,54 @@ def test_state_dicts_move_between_nn_batch_norm_and_sync_batchnorm(client):
         torch.testing.assert_close(back.state_dict()[key], value, msg=key)
     with pytest.raises(RuntimeError, match="Missing key"):
         module.load_state_dict({"weight": torch.ones(3), "bias": torch.zeros(3)})
+
+
+def test_each_ranks_steps_go_over_one_stream_shared_by_its_modules(channel):
+    """A client without a per-call timeout sends every step of a rank (all its
+    layers) over one ReduceStatisticsStream; the model still trains as the
+    model on the concatenated batches."""
+    from normserve import step_stream
+
+    client = normserve.Client(channel)
+    check_layer_steps(client, (4, 3), True, torch.float64, "cpu")
+    assert all(step_stream.stream_open(client, rank) for rank in range(3))
+
+
+def test_a_client_with_a_timeout_reduces_with_unary_calls(channel):
+    """A per-call timeout keeps the unary ReduceStatistics (a stream could not
+    bound each step's wait); the numbers are the same."""
+    from normserve import step_stream
+
+    client = normserve.Client(channel, timeout=60)
+    check_layer_steps(client, (3, 2, 5), True, torch.float64, "cpu")
+    assert not any(step_stream.stream_open(client, rank) for rank in range(3))
+
+
+def test_a_stream_the_server_ended_for_idleness_is_reopened_for_the_next_step():
+    """With --request-idle-timeout-seconds 1 the server ends a rank's stream
+    after a pause between steps; the next step goes over a new stream and the
+    numbers are still nn.BatchNorm's (one rank: the global batch is its own)."""
+    from normserve import step_stream
+
+    server = ServerProcess("--request-idle-timeout-seconds", "1")
+    try:
+        client = normserve.connect(server.address)
+        local = nn.BatchNorm1d(3, dtype=torch.float64)
+        module = SyncBatchNorm(client, unique("idle"), 3, 1, 0, dtype=torch.float64)
+        generator = torch.Generator().manual_seed(3)
+        for step in range(2):
+            x = torch.randn(5, 3, generator=generator, dtype=torch.float64)
+            torch.testing.assert_close(module(x), local(x), **FLOAT64)
+            assert step_stream.stream_open(client, 0)
+            if step == 0:
+                # The server ends the idle stream (DEADLINE_EXCEEDED) within
+                # about a second; wait until the client has seen it end.
+                deadline = time.monotonic() + 30
+                while step_stream.stream_open(client, 0):
+                    assert time.monotonic() < deadline, "the idle stream was never ended"
+                    time.sleep(0.05)
+        torch.testing.assert_close(module.running_mean, local.running_mean, **FLOAT64)
+        torch.testing.assert_close(module.running_var, local.running_var, **FLOAT64)
+        client.close()
+    finally:
+        assert server.stop() == 0

@@ -17,5 +17,6 @@ mod protection;
 mod security;
 mod server;
 mod sessions;
+mod steps_stream;
 mod stream;
 mod support;

@@ -14,7 +14,8 @@ the global mean and biased variance. The backward sends the per-channel sums
 of grad_output and of grad_output * (x - mean) (ReduceStatistics, BACKWARD)
 and forms grad_input from the global sums as PyTorch's SyncBatchNorm does
 (batch_norm_backward_elemt), in float64. Only 2 or 3 numbers per channel
-leave the process; the tensors never do.
+leave the process; the tensors never do. A rank's reductions, for all its
+modules on one client, share one ReduceStatisticsStream (normserve.step_stream).
 
 Weight and bias are local `nn.Parameter`s, as in nn.SyncBatchNorm: their
 gradients are this rank's contributions (the sum over ranks is the global
@@ -36,7 +37,7 @@ from torch import nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 from torch.nn import functional as F
 
-from normserve import errors, protocol, steps
+from normserve import errors, protocol, step_stream, steps
 from normserve.client import Client
 from normserve.results import SessionInfo
 from normserve.session import Session
@@ -257,12 +258,15 @@ class SyncBatchNorm(nn.Module):
             f"{', '.join(differences)}; every rank must construct its SyncBatchNorm with the same arguments"))
 
     def _reduce(self, call: protocol.Call[T]) -> T:
-        """One step call; after UNAVAILABLE sent again (same step and request
-        id: applied once) as often as the client's `retries` allow."""
+        """One step call, on the client's ReduceStatisticsStream for this
+        rank where the server has one (shared by the rank's modules on the
+        client), else unary;
+        after UNAVAILABLE sent again (same step and request id: applied once)
+        as often as the client's `retries` allow."""
         attempt = 0
         while True:
             try:
-                return self.client._run(call)
+                return step_stream.run(self.client, self.rank, call)
             except errors.Unavailable:
                 if attempt >= self.client.retries:
                     raise

@@ -17,7 +17,7 @@ use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
 use crate::fatal;
-use crate::scenarios::{random_input, raw_bytes, Scenario, Workload};
+use crate::scenarios::{random_input, raw_bytes, step_spec, Scenario, Workload};
 use crate::shared::SharedObject;
 use crate::target::{batch_norm_client, connect, CpuMeter, Target};
 
@@ -73,9 +73,13 @@ pub async fn service_rounds(
                 fairness_round(&prepared, scenario, round_time, server_pid).await
             }
             Workload::Steps { ranks }
+            | Workload::SharedSteps { ranks }
             | Workload::ReduceSteps { ranks }
             | Workload::Concurrent { ranks } => {
                 steps_round(&prepared, scenario, ranks, round_time, server_pid).await
+            }
+            Workload::ReduceStream { ranks } => {
+                reduce_stream_round(&prepared, scenario, ranks, round_time, server_pid).await
             }
             Workload::SharedMemory { copy, request_ids } => {
                 let options = SharedOptions { copy, request_ids };
@@ -87,6 +91,9 @@ pub async fn service_rounds(
         }
     }
     if let Some(shared) = prepared.shared {
+        shared.remove().await;
+    }
+    for shared in prepared.shared_ranks {
         shared.remove().await;
     }
     measured
@@ -194,6 +201,8 @@ struct Prepared {
     next_step: std::sync::atomic::AtomicU64,
     /// The shared-memory scenarios' registered object.
     shared: Option<SharedObject>,
+    /// `SharedSteps`: each rank's registered object.
+    shared_ranks: Vec<SharedObject>,
 }
 
 async fn prepare(target: &Target, scenario: &Scenario, device: &str) -> Prepared {
@@ -212,12 +221,19 @@ async fn prepare(target: &Target, scenario: &Scenario, device: &str) -> Prepared
         Workload::SharedMemory { .. } => Some(SharedObject::create(&channels[0], &raw).await),
         _ => None,
     };
+    let mut shared_ranks = Vec::new();
+    if let Workload::SharedSteps { ranks } = scenario.workload {
+        for rank in 0..ranks {
+            shared_ranks.push(SharedObject::create(&channels[rank % channels.len()], &raw).await);
+        }
+    }
     Prepared {
         channels,
         sessions,
         raw,
         next_step: std::sync::atomic::AtomicU64::new(1),
         shared,
+        shared_ranks,
     }
 }
 
@@ -387,8 +403,19 @@ async fn steps_round(
             let mut client = client.clone();
             let session_id = prepared.sessions[if concurrent { rank } else { 0 }].clone();
             let (scenario, raw) = (scenario.clone(), prepared.raw.clone());
+            let shared_request = prepared
+                .shared_ranks
+                .get(rank)
+                .map(|object| pb::ForwardRequest {
+                    step: Some(step_spec(step, ranks, rank)),
+                    ..object.forward_request(&scenario, session_id.clone())
+                });
             tasks.push(tokio::spawn(async move {
-                if let Workload::ReduceSteps { .. } = scenario.workload {
+                if let Some(request) = shared_request {
+                    client.forward(request).await.map(|r| {
+                        std::hint::black_box(r.into_inner());
+                    })
+                } else if let Workload::ReduceSteps { .. } = scenario.workload {
                     let request = scenario.reduce_request(session_id, step, ranks, rank);
                     client.reduce_statistics(request).await.map(|r| {
                         std::hint::black_box(r.into_inner());
@@ -428,6 +455,89 @@ async fn steps_round(
         }
     }
     finish(&histogram, calls, errors, start, &cpu)
+}
+
+/// ReduceStatisticsStream steps, one after another: one stream per rank
+/// (opened once per round), each step one message on every stream sent at
+/// once; a step's latency is from its first send to its last answer.
+async fn reduce_stream_round(
+    prepared: &Prepared,
+    scenario: &Scenario,
+    ranks: usize,
+    duration: Duration,
+    cpu_pid: Option<&str>,
+) -> Round {
+    let session_id = prepared.sessions[0].clone();
+    let mut senders = Vec::with_capacity(ranks);
+    let mut answers = Vec::with_capacity(ranks);
+    for rank in 0..ranks {
+        let mut client =
+            batch_norm_client(prepared.channels[rank % prepared.channels.len()].clone());
+        let (sender, receiver) = mpsc::channel::<pb::ReduceStatisticsRequest>(4);
+        let opened = client
+            .reduce_statistics_stream(tokio_stream::wrappers::ReceiverStream::new(receiver))
+            .await;
+        match opened {
+            Ok(reply) => answers.push(reply.into_inner()),
+            Err(status) => fatal(&format!(
+                "{}: ReduceStatisticsStream: {status}",
+                scenario.name
+            )),
+        }
+        senders.push(sender);
+    }
+    let cpu = CpuMeter::start(cpu_pid);
+    let mut histogram = histogram();
+    let (mut calls, mut errors) = (0u64, 0u64);
+    let start = Instant::now();
+    let deadline = start + duration;
+    while Instant::now() < deadline {
+        let step = prepared
+            .next_step
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let sent = Instant::now();
+        for (rank, sender) in senders.iter().enumerate() {
+            let request = scenario.reduce_request(session_id.clone(), step, ranks, rank);
+            if sender.send(request).await.is_err() {
+                fatal(&format!("{}: a stream ended", scenario.name));
+            }
+        }
+        let mut failed = None;
+        for answer in &mut answers {
+            match answer.message().await {
+                Ok(Some(reply)) => match reply.result {
+                    Some(pb::reduce_statistics_stream_response::Result::Response(response)) => {
+                        std::hint::black_box(response);
+                    }
+                    Some(pb::reduce_statistics_stream_response::Result::Error(error)) => {
+                        failed = Some(format!("code {}: {}", error.code, error.message));
+                    }
+                    None => failed = Some("an answer without a result".into()),
+                },
+                Ok(None) => fatal(&format!("{}: a stream ended", scenario.name)),
+                Err(status) => fatal(&format!("{}: a stream failed: {status}", scenario.name)),
+            }
+        }
+        match failed {
+            None => {
+                calls += 1;
+                histogram.saturating_record(sent.elapsed().as_nanos() as u64);
+            }
+            Some(error) => {
+                if errors == 0 {
+                    eprintln!("normserve-bench: {}: step {step}: {error}", scenario.name);
+                }
+                errors += 1;
+            }
+        }
+    }
+    let round = finish(&histogram, calls, errors, start, &cpu);
+    // Half-closes the streams; each ends once its answers are read.
+    drop(senders);
+    for mut answer in answers {
+        while let Ok(Some(_)) = answer.message().await {}
+    }
+    round
 }
 
 async fn stream_round(

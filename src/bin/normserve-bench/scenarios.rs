@@ -27,6 +27,12 @@ pub enum Workload {
     /// ReduceStatistics FORWARD (with the running-statistics update) from
     /// `ranks` concurrent callers per step, `shape[1]` channels.
     ReduceSteps { ranks: usize },
+    /// The same steps through ReduceStatisticsStream: one stream per rank,
+    /// each step one message on each, the next step once all answered.
+    ReduceStream { ranks: usize },
+    /// `Steps` with each rank's shard and output in a shared-memory object
+    /// of its own (the Forwards name ranges instead of carrying bytes).
+    SharedSteps { ranks: usize },
     /// What a step costs without its barrier: `ranks` concurrent plain
     /// train Forwards, each on its own session, sent and timed as one step.
     Concurrent { ranks: usize },
@@ -267,6 +273,23 @@ pub fn scenarios() -> Vec<Scenario> {
             Workload::Steps { ranks: 8 },
         ),
         s(
+            "step_shard_1024x64_shm",
+            "unary train (1024,64) f32 over shared memory: one shard of steps_8x1024x64_shm, alone",
+            &[1024, 64],
+            true,
+            Workload::SharedMemory {
+                copy: false,
+                request_ids: false,
+            },
+        ),
+        s(
+            "steps_8x1024x64_shm",
+            "synchronized steps, 8 ranks x train (1024,64) f32, shards and outputs in shared memory",
+            &[1024, 64],
+            true,
+            Workload::SharedSteps { ranks: 8 },
+        ),
+        s(
             "forwards_8x1024x64",
             "8 plain train (1024,64) f32 sent at once, 8 sessions: steps_8x1024x64 without its barrier",
             &[1024, 64],
@@ -280,6 +303,27 @@ pub fn scenarios() -> Vec<Scenario> {
             true,
             Workload::ReduceSteps { ranks: 8 },
         ),
+        s(
+            "reduce_steps_8x1024_stream",
+            "ReduceStatisticsStream steps, 8 ranks x 1024 channels, one stream per rank",
+            &[1, 1024],
+            true,
+            Workload::ReduceStream { ranks: 8 },
+        ),
+        sync(s(
+            "reduce_steps_8x1024_sync",
+            "ReduceStatistics steps, 8 ranks x 1024 channels, --durability sync",
+            &[1, 1024],
+            true,
+            Workload::ReduceSteps { ranks: 8 },
+        )),
+        sync(s(
+            "reduce_steps_8x1024_stream_sync",
+            "ReduceStatisticsStream steps, 8 ranks x 1024 channels, --durability sync",
+            &[1, 1024],
+            true,
+            Workload::ReduceStream { ranks: 8 },
+        )),
     ]
 }
 
@@ -307,7 +351,9 @@ impl Scenario {
             // The flood's sessions, then the polite caller's.
             Workload::Fairness { flood } => flood + 1,
             Workload::Steps { ranks }
+            | Workload::SharedSteps { ranks }
             | Workload::ReduceSteps { ranks }
+            | Workload::ReduceStream { ranks }
             | Workload::Concurrent { ranks } => ranks,
             _ => 1,
         }
@@ -317,7 +363,10 @@ impl Scenario {
     pub fn sessions(&self) -> usize {
         match self.workload {
             Workload::Compare => 0,
-            Workload::Steps { .. } | Workload::ReduceSteps { .. } => 1,
+            Workload::Steps { .. }
+            | Workload::SharedSteps { .. }
+            | Workload::ReduceSteps { .. }
+            | Workload::ReduceStream { .. } => 1,
             _ => self.callers(),
         }
     }
@@ -409,7 +458,7 @@ impl Scenario {
     }
 }
 
-fn step_spec(step: u64, world_size: usize, rank: usize) -> pb::StepSpec {
+pub fn step_spec(step: u64, world_size: usize, rank: usize) -> pb::StepSpec {
     pb::StepSpec {
         step,
         world_size: world_size as u32,

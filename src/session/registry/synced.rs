@@ -236,6 +236,15 @@ fn per_channel(values: &[f64], info: &SessionInfo) -> Result<tch::Tensor, Numeri
         .f_to_device(info.device)?)
 }
 
+/// Whose step a commit is: Forward ranks normalize their shards with the
+/// step's per-channel transform; ReduceStatistics ranks need only the
+/// statistics (computing the transform for them would be wasted).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Ranks {
+    Forward,
+    Statistics,
+}
+
 /// The step's one mutation: version + 1, the step remembered, and with
 /// `update` the running statistics and num_batches_tracked as one train
 /// forward on the global batch would leave them.
@@ -245,26 +254,30 @@ fn commit_step(
     step: u64,
     global: &GlobalStats,
     update: bool,
+    ranks: Ranks,
 ) -> Result<Step<Arc<StepApplied>>, SessionError> {
     let statistics = Arc::new(StepStatistics {
         step,
         global: global.clone(),
     });
     let transform_of = |layer: &crate::session::state::LayerState| -> Result<_, SessionError> {
+        if ranks == Ranks::Statistics {
+            return Ok(None);
+        }
         let weight = values(layer.weight.as_ref())?;
         let bias = values(layer.bias.as_ref())?;
-        Ok(Arc::new(ChannelTransform::new(
+        Ok(Some(Arc::new(ChannelTransform::new(
             global,
             layer.eps,
             weight.as_deref(),
             bias.as_deref(),
-        )))
+        ))))
     };
     if let Some(done) = applied(info, state, step)? {
         // Committed meanwhile (by another replica, or before a restart).
         return Ok(Step::Done(Arc::new(StepApplied {
             statistics: Some(statistics),
-            transform: Some(transform_of(&state.layer)?),
+            transform: transform_of(&state.layer)?,
             ..done
         })));
     }
@@ -295,7 +308,7 @@ fn commit_step(
         version: next.version,
         num_batches_tracked: next.num_batches_tracked,
         statistics: Some(statistics),
-        transform: Some(transform_of(&next)?),
+        transform: transform_of(&next)?,
     });
     let replay = Replayable {
         request_id: step_key(step),
@@ -733,6 +746,11 @@ impl Registry {
         }
         let channels = shards.first().map_or(0, |s| s.mean.len());
         let global = merge(channels, shards.iter().copied());
+        // Forward ranks send their shards' shapes, ReduceStatistics ranks none.
+        let ranks = match global_shape {
+            Some(_) => Ranks::Forward,
+            None => Ranks::Statistics,
+        };
         let shape = global_shape.unwrap_or_else(|| vec![global.count, channels as i64]);
         if let Err(error) = check_global_count(global.count, &shape) {
             return Err(Failure::Invalid(error.to_string()));
@@ -740,7 +758,7 @@ impl Registry {
         let step = key.step;
         let applied = self
             .mutate(&key.session, 0, move |info, state| {
-                let step = commit_step(info, state, step, &global, update)?;
+                let step = commit_step(info, state, step, &global, update, ranks)?;
                 if let (Some(previewer), Step::Next(next)) = (&previewer, &step) {
                     if let Some(transform) = &next.value.transform {
                         previewer.send(transform.clone());

@@ -465,3 +465,13 @@ class ReduceStatisticsResponse(_message.Message):
     num_batches_tracked: int
     replayed: bool
     def __init__(self, statistics: _Optional[_Union[StepStatistics, _Mapping]] = ..., sum_grad_output: _Optional[_Iterable[float]] = ..., sum_grad_output_centered: _Optional[_Iterable[float]] = ..., version: _Optional[int] = ..., num_batches_tracked: _Optional[int] = ..., replayed: _Optional[bool] = ...) -> None: ...
+
+class ReduceStatisticsStreamResponse(_message.Message):
+    __slots__ = ("index", "response", "error")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    response: ReduceStatisticsResponse
+    error: StreamError
+    def __init__(self, index: _Optional[int] = ..., response: _Optional[_Union[ReduceStatisticsResponse, _Mapping]] = ..., error: _Optional[_Union[StreamError, _Mapping]] = ...) -> None: ...

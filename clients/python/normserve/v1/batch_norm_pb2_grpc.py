@@ -103,6 +103,10 @@ class BatchNormServiceStub:
                 '/normserve.v1.BatchNormService/ReduceStatistics',
                 request_serializer=normserve_dot_v1_dot_batch__norm__pb2.ReduceStatisticsRequest.SerializeToString,
                 response_deserializer=normserve_dot_v1_dot_batch__norm__pb2.ReduceStatisticsResponse.FromString)
+        self.ReduceStatisticsStream = channel.stream_stream(
+                '/normserve.v1.BatchNormService/ReduceStatisticsStream',
+                request_serializer=normserve_dot_v1_dot_batch__norm__pb2.ReduceStatisticsRequest.SerializeToString,
+                response_deserializer=normserve_dot_v1_dot_batch__norm__pb2.ReduceStatisticsStreamResponse.FromString)
 
 
 class BatchNormServiceServicer:
@@ -258,6 +262,24 @@ class BatchNormServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReduceStatisticsStream(self, request_iterator, context):
+        """ReduceStatistics on one bidirectional stream: one stream per rank carries
+        all its steps, for any of its sessions (e.g. every layer of a model), at a
+        fraction of a unary call's cost per message. Each message has exactly the
+        unary call's rules (barrier, atomicity, timeout, replay, the server's
+        open-step limits) and gets one answer, in request order; a failing
+        message gets an in-band error (the unary call's status code and message)
+        and the stream goes on. Messages of one session are taken one after
+        another, in order; messages of different sessions that have arrived
+        together wait in their barriers side by side. A message still waiting
+        when the stream ends (the client cancels it or goes away) withdraws its
+        rank, which then counts as missing; a half-closed stream is still
+        answered. The stream's deadline (grpc-timeout) bounds every wait in it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BatchNormServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -320,6 +342,11 @@ def add_BatchNormServiceServicer_to_server(servicer, server):
                     servicer.ReduceStatistics,
                     request_deserializer=normserve_dot_v1_dot_batch__norm__pb2.ReduceStatisticsRequest.FromString,
                     response_serializer=normserve_dot_v1_dot_batch__norm__pb2.ReduceStatisticsResponse.SerializeToString,
+            ),
+            'ReduceStatisticsStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ReduceStatisticsStream,
+                    request_deserializer=normserve_dot_v1_dot_batch__norm__pb2.ReduceStatisticsRequest.FromString,
+                    response_serializer=normserve_dot_v1_dot_batch__norm__pb2.ReduceStatisticsStreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -671,6 +698,32 @@ class BatchNormService:
             '/normserve.v1.BatchNormService/ReduceStatistics',
             normserve_dot_v1_dot_batch__norm__pb2.ReduceStatisticsRequest.SerializeToString,
             normserve_dot_v1_dot_batch__norm__pb2.ReduceStatisticsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata)
+
+    @staticmethod
+    def ReduceStatisticsStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/normserve.v1.BatchNormService/ReduceStatisticsStream',
+            normserve_dot_v1_dot_batch__norm__pb2.ReduceStatisticsRequest.SerializeToString,
+            normserve_dot_v1_dot_batch__norm__pb2.ReduceStatisticsStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,
