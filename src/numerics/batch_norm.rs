@@ -8,7 +8,7 @@
 //! first (and always check channels and dtypes), then compute on copies of the
 //! running statistics, so a refused request leaves no trace.
 
-use tch::Tensor;
+use tch::{Device, Tensor};
 
 use super::stats::{channel_stats, StatsKernel};
 use super::{python_float, torch_size, DType, NumericsError};
@@ -256,12 +256,59 @@ impl Layer<'_> {
         )?)
     }
 
+    /// [`forward_eval`](Self::forward_eval) written into `out` (the input's
+    /// shape and dtype, contiguous, on the CPU, not overlapping the input)
+    /// instead of a new tensor; the same numbers.
+    pub fn forward_eval_into(&self, input: &Tensor, out: &Tensor) -> Result<(), NumericsError> {
+        check_out(input, out)?;
+        if !self.tracks_running_stats() {
+            self.train(input, 0.0, Some(out))?;
+            return Ok(());
+        }
+        self.batch_norm_out(input, out, self.running_mean, self.running_var, false, 0.0)
+    }
+
     /// Train mode: normalize with batch mean and biased variance; when
     /// statistics are tracked return the updated copies (the unbiased
     /// variance enters running_var). The layer's own tensors are not touched.
     pub fn forward_train(&self, input: &Tensor, factor: f64) -> Result<TrainStep, NumericsError> {
+        let (output, stats) = self.train(input, factor, None)?;
+        let Some(output) = output else {
+            return Err(NumericsError::Torch(
+                "internal: a train step without its output".into(),
+            ));
+        };
+        Ok(TrainStep {
+            output,
+            running_mean: stats.running_mean,
+            running_var: stats.running_var,
+        })
+    }
+
+    /// [`forward_train`](Self::forward_train) with the output written into
+    /// `out` (the input's shape and dtype, contiguous, on the CPU, not
+    /// overlapping the input) instead of a new tensor: the same numbers, and
+    /// the updated copies of the running statistics.
+    pub fn forward_train_into(
+        &self,
+        input: &Tensor,
+        factor: f64,
+        out: &Tensor,
+    ) -> Result<RunningStats, NumericsError> {
+        check_out(input, out)?;
+        Ok(self.train(input, factor, Some(out))?.1)
+    }
+
+    /// A train step: the output in a new tensor (`out` None, returned) or
+    /// written into `out` (checked by the caller; None returned).
+    fn train(
+        &self,
+        input: &Tensor,
+        factor: f64,
+        out: Option<&Tensor>,
+    ) -> Result<Trained, NumericsError> {
         if self.stats == StatsKernel::Native && self.param_dtype == DType::Float32 {
-            if let Some(step) = self.forward_train_native(input, factor)? {
+            if let Some(step) = self.forward_train_native(input, factor, out)? {
                 return Ok(step);
             }
         }
@@ -269,34 +316,136 @@ impl Layer<'_> {
             (Some(mean), Some(var)) => (Some(deep_copy(mean)?), Some(deep_copy(var)?)),
             _ => (None, None),
         };
-        let output = input.f_batch_norm(
+        let output = match out {
+            None => Some(input.f_batch_norm(
+                self.weight,
+                self.bias,
+                running_mean.as_ref(),
+                running_var.as_ref(),
+                true,
+                factor,
+                self.eps,
+                true,
+            )?),
+            Some(out) => {
+                self.batch_norm_out(
+                    input,
+                    out,
+                    running_mean.as_ref(),
+                    running_var.as_ref(),
+                    true,
+                    factor,
+                )?;
+                None
+            }
+        };
+        Ok((
+            output,
+            RunningStats {
+                running_mean,
+                running_var,
+            },
+        ))
+    }
+
+    /// libtorch's batch norm writing into `out`: `native_batch_norm_out`,
+    /// the kernel `batch_norm` reaches on the CPU (the same numbers; its
+    /// per-channel batch statistics, which a forward does not return, go to
+    /// scratch tensors of the dtype `batch_norm` gives them).
+    fn batch_norm_out(
+        &self,
+        input: &Tensor,
+        out: &Tensor,
+        running_mean: Option<&Tensor>,
+        running_var: Option<&Tensor>,
+        training: bool,
+        factor: f64,
+    ) -> Result<(), NumericsError> {
+        if input.numel() == 0 {
+            // batch_norm returns early for an empty input, where
+            // native_batch_norm refuses one in train mode: nothing to write,
+            // the statistics left as batch_norm leaves them.
+            let _empty = input.f_batch_norm(
+                self.weight,
+                self.bias,
+                running_mean,
+                running_var,
+                training,
+                factor,
+                self.eps,
+                true,
+            )?;
+            return Ok(());
+        }
+        // batch_norm's rule: the first parameter's dtype when the layer has
+        // one (float32 beside half inputs: the mixed-precision kernel), the
+        // input's otherwise.
+        let stats_kind = match [self.weight, self.bias, running_mean, running_var]
+            .into_iter()
+            .flatten()
+            .next()
+        {
+            Some(parameter) => parameter.f_kind()?,
+            None => input.f_kind()?,
+        };
+        let scratch = || Tensor::f_empty([0], (stats_kind, input.device()));
+        let (save_mean, save_invstd) = (scratch()?, scratch()?);
+        // The results are handles of `out` and the scratch tensors: dropped
+        // here, so nothing keeps a view of `out` past the call.
+        let (_output, _mean, _invstd) = input.f_native_batch_norm_out(
+            out,
+            &save_mean,
+            &save_invstd,
             self.weight,
             self.bias,
-            running_mean.as_ref(),
-            running_var.as_ref(),
-            true,
-            factor,
-            self.eps,
-            true,
-        )?;
-        Ok(TrainStep {
-            output,
             running_mean,
             running_var,
-        })
+            training,
+            factor,
+            self.eps,
+        )?;
+        Ok(())
     }
+}
+
+/// An output tensor given for a forward must be exactly what the forward
+/// would allocate: the input's shape and dtype, contiguous, on the CPU, in
+/// memory of its own (a kernel must never read values it already replaced).
+fn check_out(input: &Tensor, out: &Tensor) -> Result<(), NumericsError> {
+    let fits = out.size() == input.size()
+        && out.f_kind()? == input.f_kind()?
+        && out.device() == Device::Cpu
+        && input.device() == Device::Cpu
+        && out.is_contiguous();
+    if !fits {
+        return Err(NumericsError::Torch(format!(
+            "internal: an output of {:?} {:?} for an input of {:?} {:?}",
+            out.size(),
+            out.f_kind()?,
+            input.size(),
+            input.f_kind()?
+        )));
+    }
+    if super::host::shares_memory(input, out)? {
+        return Err(NumericsError::Torch(
+            "internal: the output given overlaps the input".into(),
+        ));
+    }
+    Ok(())
 }
 
 impl Layer<'_> {
     /// Train mode with [`channel_stats`] for contiguous float32 CPU inputs of
     /// rank 3 to 5 (those libtorch reduces with its scalar loop): statistics,
     /// normalization and the running-statistics update done the way libtorch
-    /// does them, in the same precisions. `None` for any other input.
+    /// does them, in the same precisions. The output in a new tensor, or
+    /// written into `out` (then None). `None` for any other input.
     fn forward_train_native(
         &self,
         input: &Tensor,
         factor: f64,
-    ) -> Result<Option<TrainStep>, NumericsError> {
+        out: Option<&Tensor>,
+    ) -> Result<Option<Trained>, NumericsError> {
         let size = input.size();
         let (Some(&channels), Some(&batch)) = (size.get(1), size.first()) else {
             return Ok(None);
@@ -338,14 +487,33 @@ impl Layer<'_> {
             alpha.push(a);
             beta.push(bias.as_ref().map_or(0.0, |b| b[c]) - means[c] * a);
         }
-        let output = super::host::with_f32_values(input, |values| {
-            super::host::new_f32_tensor(&size, |out| {
-                apply_affine(values, out, &alpha, &beta, inner_usize)
-            })
-        })?
-        .transpose()?;
-        let Some(output) = output else {
-            return Ok(None);
+        let output = match out {
+            None => {
+                let output = super::host::with_f32_values(input, |values| {
+                    super::host::new_f32_tensor(&size, |out| {
+                        apply_affine(values, out, &alpha, &beta, inner_usize)
+                    })
+                })?
+                .transpose()?;
+                let Some(output) = output else {
+                    return Ok(None);
+                };
+                Some(output)
+            }
+            Some(out) => {
+                // `out` does not overlap the input (check_out).
+                let written = super::host::with_f32_values(input, |values| {
+                    super::host::with_f32_values_mut(out, |out| {
+                        apply_affine(values, out, &alpha, &beta, inner_usize)
+                    })
+                })?
+                .transpose()?
+                .flatten();
+                if written.is_none() {
+                    return Ok(None);
+                }
+                None
+            }
         };
         let (running_mean, running_var) = match (self.running_mean, self.running_var) {
             (Some(old_mean), Some(old_var)) => {
@@ -380,11 +548,13 @@ impl Layer<'_> {
             }
             _ => (None, None),
         };
-        Ok(Some(TrainStep {
+        Ok(Some((
             output,
-            running_mean,
-            running_var,
-        }))
+            RunningStats {
+                running_mean,
+                running_var,
+            },
+        )))
     }
 }
 
@@ -419,6 +589,17 @@ pub struct TrainStep {
     /// Input's shape and dtype.
     pub output: Tensor,
     /// Updated statistics, (C,), when the layer tracks them.
+    pub running_mean: Option<Tensor>,
+    pub running_var: Option<Tensor>,
+}
+
+/// A train step's output (None when written into a given tensor) and
+/// running statistics.
+type Trained = (Option<Tensor>, RunningStats);
+
+/// The running statistics a train step leaves: updated copies, (C,), when
+/// the layer tracks them.
+pub struct RunningStats {
     pub running_mean: Option<Tensor>,
     pub running_var: Option<Tensor>,
 }
@@ -540,6 +721,172 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Outputs written into a given tensor are libtorch's functional
+    /// batch_norm's (what nn.BatchNorm computes; its running statistics
+    /// updated in place on copies), bit for bit on libtorch's kernels and
+    /// within the native kernel's tolerance on it; train and eval, 1d to 3d,
+    /// float32, float64 and half inputs of float32 layers.
+    #[test]
+    fn outputs_written_into_a_given_tensor_are_libtorchs() {
+        tch::manual_seed(11);
+        let cases: [(LayerKind, &[i64], Kind, Kind); 6] = [
+            (
+                LayerKind::BatchNorm1d,
+                &[4096, 64],
+                Kind::Float,
+                Kind::Float,
+            ),
+            (
+                LayerKind::BatchNorm1d,
+                &[5, 7, 13],
+                Kind::Float,
+                Kind::Float,
+            ),
+            (
+                LayerKind::BatchNorm2d,
+                &[8, 16, 9, 11],
+                Kind::Float,
+                Kind::Float,
+            ),
+            (
+                LayerKind::BatchNorm3d,
+                &[2, 4, 3, 5, 7],
+                Kind::Double,
+                Kind::Double,
+            ),
+            (LayerKind::BatchNorm1d, &[64, 8], Kind::Half, Kind::Float),
+            (
+                LayerKind::BatchNorm2d,
+                &[4, 3, 5, 5],
+                Kind::BFloat16,
+                Kind::Float,
+            ),
+        ];
+        for (kind, shape, input_kind, param_kind) in cases {
+            let c = shape[1];
+            let options = (param_kind, Device::Cpu);
+            let input =
+                (Tensor::randn(shape, (Kind::Float, Device::Cpu)) * 3.0 + 1.0).to_kind(input_kind);
+            let params = [
+                Tensor::rand([c], options) + 0.5,
+                Tensor::randn([c], options),
+                Tensor::randn([c], options),
+                Tensor::rand([c], options) + 0.1,
+            ];
+            let original = params.each_ref().map(|t| t.copy());
+            let param_dtype = DType::from_kind(param_kind).unwrap();
+            for stats in [StatsKernel::Libtorch, StatsKernel::Native] {
+                let layer = Layer {
+                    param_dtype,
+                    ..layer(kind, c, &params, stats)
+                };
+                let what = format!("{shape:?} {input_kind:?} {stats:?}");
+                // The oracle: libtorch's batch_norm on copies of the statistics.
+                let (mean, var) = (params[2].copy(), params[3].copy());
+                let expected = input.batch_norm(
+                    Some(&params[0]),
+                    Some(&params[1]),
+                    Some(&mean),
+                    Some(&var),
+                    true,
+                    0.1,
+                    1e-5,
+                    true,
+                );
+                let out = input.empty_like();
+                let running = layer.forward_train_into(&input, 0.1, &out).unwrap();
+                let native =
+                    stats == StatsKernel::Native && input_kind == Kind::Float && shape.len() > 2;
+                if native {
+                    assert!(close(&out, &expected, 1e-4, 1e-4), "train {what}");
+                } else {
+                    assert!(out.equal(&expected), "train {what}");
+                }
+                for (got, want) in [(&running.running_mean, &mean), (&running.running_var, &var)] {
+                    assert!(
+                        close(got.as_ref().unwrap(), want, 1e-5, 1e-6),
+                        "stats {what}"
+                    );
+                }
+                let expected = input.batch_norm(
+                    Some(&params[0]),
+                    Some(&params[1]),
+                    Some(&params[2]),
+                    Some(&params[3]),
+                    false,
+                    0.0,
+                    1e-5,
+                    true,
+                );
+                let out = input.empty_like();
+                layer.forward_eval_into(&input, &out).unwrap();
+                assert!(out.equal(&expected), "eval {what}");
+                // The layer's own tensors are untouched.
+                for (now, before) in params.iter().zip(&original) {
+                    assert!(now.equal(before), "parameters {what}");
+                }
+            }
+        }
+    }
+
+    /// An empty input writes nothing and leaves the statistics as
+    /// libtorch's batch_norm does (which returns early for it).
+    #[test]
+    fn empty_inputs_write_nothing_into_a_given_tensor() {
+        let options = (Kind::Float, Device::Cpu);
+        let params = [
+            Tensor::ones([3], options),
+            Tensor::zeros([3], options),
+            Tensor::randn([3], options),
+            Tensor::rand([3], options) + 0.5,
+        ];
+        for shape in [&[0i64, 3][..], &[0, 3, 4], &[2, 3, 0]] {
+            let input = Tensor::zeros(shape, options);
+            let (mean, var) = (params[2].copy(), params[3].copy());
+            let _ = input.batch_norm(
+                Some(&params[0]),
+                Some(&params[1]),
+                Some(&mean),
+                Some(&var),
+                true,
+                0.1,
+                1e-5,
+                true,
+            );
+            for stats in [StatsKernel::Libtorch, StatsKernel::Native] {
+                let layer = layer(LayerKind::BatchNorm1d, 3, &params, stats);
+                let out = input.empty_like();
+                let running = layer.forward_train_into(&input, 0.1, &out).unwrap();
+                assert!(running.running_mean.unwrap().equal(&mean), "{shape:?}");
+                assert!(running.running_var.unwrap().equal(&var), "{shape:?}");
+                layer.forward_eval_into(&input, &out).unwrap();
+            }
+        }
+    }
+
+    /// An output tensor sharing the input's memory, or not the input's
+    /// shape and dtype, is refused before anything is written.
+    #[test]
+    fn an_output_tensor_must_be_apart_from_the_input_and_alike() {
+        let options = (Kind::Float, Device::Cpu);
+        let params = [
+            Tensor::ones([3], options),
+            Tensor::zeros([3], options),
+            Tensor::zeros([3], options),
+            Tensor::ones([3], options),
+        ];
+        let layer = layer(LayerKind::BatchNorm1d, 3, &params, StatsKernel::Libtorch);
+        let input = Tensor::randn([8, 3], options);
+        let before = input.copy();
+        let same = input.shallow_clone();
+        let err = layer.forward_train_into(&input, 0.1, &same).err().unwrap();
+        assert!(err.to_string().contains("overlaps"), "{err}");
+        assert!(input.equal(&before));
+        let wrong = Tensor::zeros([8, 3], (Kind::Double, Device::Cpu));
+        assert!(layer.forward_eval_into(&input, &wrong).is_err());
+        assert!(wrong.equal(&Tensor::zeros([8, 3], (Kind::Double, Device::Cpu))));
     }
 
     /// Inputs the native kernel does not handle take libtorch's path.

@@ -2,10 +2,13 @@
 //!
 //! Wire layout: row-major, little-endian, no padding; `numel * itemsize` bytes.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use half::{bf16, f16};
 use tch::{Device, Tensor};
 
+use super::host::{ExternalMemory, OutputTensor};
 use super::{DType, NumericsError};
 
 #[cfg(target_endian = "big")]
@@ -42,6 +45,17 @@ impl std::ops::Deref for InputTensor {
             InputTensor::Device(view) => view,
         }
     }
+}
+
+/// A CPU tensor of `dtype` and `shape` over `memory` (exactly its bytes,
+/// aligned to the element size) for a computation to write its output into
+/// instead of a new tensor.
+pub fn output_tensor(
+    memory: Arc<dyn ExternalMemory>,
+    dtype: DType,
+    shape: &[i64],
+) -> Result<OutputTensor, NumericsError> {
+    super::host::view_output(memory, shape, dtype.kind())
 }
 
 /// Element count of `shape`, checked against `max_elements` before anything
@@ -230,6 +244,22 @@ impl TensorData {
             }
         }
         Ok(InputTensor::Owned(self.to_tensor(device)?))
+    }
+
+    /// A copy of the output a computation wrote into `out`, as `dtype` and
+    /// `shape` (a result kept beyond the memory's use: for replays).
+    pub fn copied_from_output(out: &OutputTensor) -> Result<Self, NumericsError> {
+        let kind = out.f_kind()?;
+        let Some(dtype) = DType::from_kind(kind) else {
+            return Err(NumericsError::Torch(format!(
+                "unsupported result dtype {kind:?}"
+            )));
+        };
+        Ok(TensorData {
+            dtype,
+            shape: out.size(),
+            bytes: out.copy_bytes(),
+        })
     }
 
     /// A tensor on `device` holding a copy of these values.

@@ -5,10 +5,17 @@
 //! tensors as slices; unaligned bytes are copied into a tensor once, without
 //! a zero fill first.
 //!
-//! Owns all of the numerics' `unsafe`: five blocks, one per function here
-//! (`HostTensor::as_ref`, `borrow`, `with_f32_values`, `new_f32_tensor`,
-//! `copy_into_new_tensor`), each with its SAFETY argument. Nothing else in
-//! `numerics` may dereference a tensor's data pointer.
+//! Memory given for an output (a client's shared-memory range, as
+//! [`ExternalMemory`]) is viewed as a tensor the computation writes into.
+//!
+//! Owns all of the numerics' `unsafe`: one block per function here
+//! (`HostTensor::as_ref`, `borrow`, `with_f32_values`, `with_f64_values`,
+//! `with_f32_values_mut`, `copy_into_new_tensor`, `view_output`,
+//! `OutputTensor::copy_bytes`) and the [`ExternalMemory`] contract, each
+//! with its SAFETY argument. Nothing else in `numerics` may dereference a
+//! tensor's data pointer.
+
+use std::sync::Arc;
 
 use bytes::Bytes;
 use tch::{Device, Tensor};
@@ -155,22 +162,172 @@ pub(super) fn new_f32_tensor(
     fill: impl FnOnce(&mut [f32]),
 ) -> Result<Tensor, NumericsError> {
     let tensor = Tensor::f_empty(shape, (tch::Kind::Float, Device::Cpu))?;
-    let numel = tensor.numel();
-    let data = tensor.data_ptr() as *mut f32;
-    if numel > 0 {
-        if data.is_null() || !(data as usize).is_multiple_of(std::mem::align_of::<f32>()) {
-            return Err(NumericsError::Torch(
-                "internal: unaligned float32 allocation".to_owned(),
-            ));
-        }
-        // SAFETY: `tensor` was just allocated here, contiguous, with `numel`
-        // float32 elements at `data` (non-null, aligned); no other handle to
-        // its storage exists while `fill` runs.
-        #[allow(unsafe_code)]
-        let values = unsafe { std::slice::from_raw_parts_mut(data, numel) };
-        fill(values);
+    if tensor.numel() > 0 && with_f32_values_mut(&tensor, fill)?.is_none() {
+        return Err(NumericsError::Torch(
+            "internal: unaligned float32 allocation".to_owned(),
+        ));
     }
     Ok(tensor)
+}
+
+/// Runs `fill` over a contiguous float32 CPU tensor's values for writing, or
+/// returns `None` for any other tensor (or an empty one). The tensor must be
+/// one nothing else reads or writes while `fill` runs: a fresh result, or an
+/// [`OutputTensor`] (whose memory the caller checked does not overlap the
+/// computation's input).
+pub(super) fn with_f32_values_mut<R>(
+    tensor: &Tensor,
+    fill: impl FnOnce(&mut [f32]) -> R,
+) -> Result<Option<R>, NumericsError> {
+    let numel = tensor.numel();
+    let data = tensor.data_ptr() as *mut f32;
+    if tensor.device() != Device::Cpu
+        || tensor.f_kind()? != tch::Kind::Float
+        || !tensor.is_contiguous()
+        || numel == 0
+        || data.is_null()
+        || !(data as usize).is_multiple_of(std::mem::align_of::<f32>())
+    {
+        return Ok(None);
+    }
+    // SAFETY: a contiguous float32 CPU tensor of `numel` elements starts at
+    // `data` (non-null, aligned, checked above); `tensor` is borrowed for the
+    // whole call, so its storage (or the external memory an OutputTensor
+    // keeps) stays alive; and by the contract above no other handle reads or
+    // writes it meanwhile.
+    #[allow(unsafe_code)]
+    let values = unsafe { std::slice::from_raw_parts_mut(data, numel) };
+    Ok(Some(fill(values)))
+}
+
+/// Whether two CPU tensors' memory overlaps (by address ranges; empty
+/// tensors overlap nothing).
+pub(super) fn shares_memory(a: &Tensor, b: &Tensor) -> Result<bool, NumericsError> {
+    let span = |t: &Tensor| -> Result<(usize, usize), NumericsError> {
+        let start = t.data_ptr() as usize;
+        let bytes = t.numel() * t.f_kind()?.elt_size_in_bytes();
+        Ok((start, start.saturating_add(bytes)))
+    };
+    let ((a_start, a_end), (b_start, b_end)) = (span(a)?, span(b)?);
+    Ok(a_start < a_end && b_start < b_end && a_start < b_end && b_start < a_end)
+}
+
+/// Host memory outside libtorch's allocator that a computation writes its
+/// output into in place instead of a new tensor: a client's shared-memory
+/// range. The memory may lose pages while it is used (its owner truncates
+/// the object under it): its implementor's fault handler then puts zero
+/// pages in their place, so the reads and writes complete, and
+/// [`check_intact`](ExternalMemory::check_intact) reports it afterwards.
+///
+/// # Safety
+///
+/// An implementor promises that [`address`](ExternalMemory::address) is
+/// valid for reads and writes of [`byte_len`](ExternalMemory::byte_len)
+/// bytes for as long as the value lives, and that a page lost meanwhile
+/// never kills the process (a SIGBUS in it is handled as above). Another
+/// process may write the memory concurrently: the server treats its contents
+/// as raw values, never as anything whose validity it relies on.
+#[allow(unsafe_code)]
+pub unsafe trait ExternalMemory: Send + Sync + std::fmt::Debug {
+    /// Address of the first byte.
+    fn address(&self) -> usize;
+
+    /// Bytes from `address`.
+    fn byte_len(&self) -> usize;
+
+    /// `Err(why)` once a page of the memory was lost (what was read from it
+    /// since reads as zeros, what was written went nowhere), `Ok` while all
+    /// of it is the owner's.
+    fn check_intact(&self) -> Result<(), String>;
+}
+
+/// A contiguous CPU tensor over [`ExternalMemory`], for a computation to
+/// write its output into. The tensor is declared first, so it is dropped
+/// before the memory it points into is released.
+pub struct OutputTensor {
+    tensor: Tensor,
+    memory: Arc<dyn ExternalMemory>,
+}
+
+impl std::ops::Deref for OutputTensor {
+    type Target = Tensor;
+
+    fn deref(&self) -> &Tensor {
+        &self.tensor
+    }
+}
+
+impl std::fmt::Debug for OutputTensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutputTensor")
+            .field("shape", &self.tensor.size())
+            .field("memory", &self.memory)
+            .finish()
+    }
+}
+
+impl OutputTensor {
+    /// The memory the tensor writes into.
+    pub fn memory(&self) -> &Arc<dyn ExternalMemory> {
+        &self.memory
+    }
+
+    /// A copy of the memory's bytes as they are now (what a computation
+    /// wrote, for a result kept beyond the memory's use).
+    pub fn copy_bytes(&self) -> Bytes {
+        let length = self.memory.byte_len();
+        if length == 0 {
+            return Bytes::new();
+        }
+        // SAFETY: the memory is valid for reads of `byte_len` bytes while
+        // `self.memory` lives (the ExternalMemory contract); the slice lives
+        // only for this copy.
+        #[allow(unsafe_code)]
+        let bytes =
+            unsafe { std::slice::from_raw_parts(self.memory.address() as *const u8, length) };
+        Bytes::copy_from_slice(bytes)
+    }
+}
+
+/// Views `memory` as a contiguous CPU tensor of `shape` and `kind` to be
+/// written: its length must be exactly numel * itemsize and its address
+/// aligned to the element size. An empty shape gets an ordinary empty
+/// tensor (nothing to write).
+pub(super) fn view_output(
+    memory: Arc<dyn ExternalMemory>,
+    shape: &[i64],
+    kind: tch::Kind,
+) -> Result<OutputTensor, NumericsError> {
+    let itemsize = kind.elt_size_in_bytes();
+    let numel = shape.iter().try_fold(1usize, |n, &d| {
+        usize::try_from(d).ok().and_then(|d| n.checked_mul(d))
+    });
+    let length = memory.byte_len();
+    let address = memory.address();
+    if itemsize == 0
+        || numel.and_then(|n| n.checked_mul(itemsize)) != Some(length)
+        || !address.is_multiple_of(itemsize)
+        || (length > 0 && address == 0)
+    {
+        return Err(NumericsError::Torch(format!(
+            "internal: {length} bytes at an offset of {} from alignment cannot hold a {shape:?} {kind:?} output",
+            address % itemsize.max(1)
+        )));
+    }
+    if length == 0 {
+        let tensor = Tensor::f_empty(shape, (kind, Device::Cpu))?;
+        return Ok(OutputTensor { tensor, memory });
+    }
+    // SAFETY: the memory is valid for reads and writes of exactly numel *
+    // itemsize bytes (checked above) while `memory` lives (the
+    // ExternalMemory contract), aligned to the element size; the returned
+    // value keeps `memory` and drops the tensor first, and the tensor never
+    // leaves it (callers only pass it to operations that write their output
+    // into it).
+    #[allow(unsafe_code)]
+    let tensor =
+        unsafe { Tensor::f_from_blob(address as *const u8, shape, &[], kind, Device::Cpu)? };
+    Ok(OutputTensor { tensor, memory })
 }
 
 /// A new contiguous CPU tensor of `shape` and `kind` holding a copy of

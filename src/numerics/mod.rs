@@ -18,8 +18,9 @@ pub mod state_dict;
 pub mod stats;
 
 pub use batch_norm::{LayerKind, Momentum};
-pub use codec::{InputTensor, TensorData};
+pub use codec::{output_tensor, InputTensor, TensorData};
 pub use device_data::{DeviceMemory, DeviceTensorData, InputData};
+pub use host::{ExternalMemory, OutputTensor};
 
 /// Element types normserve accepts, with PyTorch's names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -18,6 +18,7 @@ mod steps;
 pub mod synced;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use bytes::Bytes;
@@ -31,7 +32,9 @@ pub use replay::Call;
 use crate::compute::ComputeError;
 use crate::device::{DeviceChoice, DeviceError};
 use crate::memory::BudgetExhausted;
-use crate::numerics::{DType, InputData, LayerKind, Momentum, NumericsError, TensorData};
+use crate::numerics::{
+    DType, ExternalMemory, InputData, LayerKind, Momentum, NumericsError, TensorData,
+};
 
 /// Forward behaviour.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,12 +106,25 @@ pub struct Forward {
     /// The request id applies to train-mode forwards that update running
     /// statistics (the others change nothing and are not remembered).
     pub preconditions: Preconditions,
+    /// The caller's memory to write the output into instead of returning it
+    /// (a shared-memory range holding exactly the output's bytes, apart from
+    /// the input's): written during the step, before anything is committed,
+    /// so on a failure it may hold part of an output. CPU sessions only;
+    /// others return the output.
+    pub output_memory: Option<Arc<dyn ExternalMemory>>,
+    /// The memory the input is read from in place when it may lose pages
+    /// during the call (a shared-memory range): checked, with the output's,
+    /// after the computation and before the commit.
+    pub input_memory: Option<Arc<dyn ExternalMemory>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ForwardOutcome {
-    /// Absent only in a replay whose output is no longer held.
+    /// Absent in a replay whose output is no longer held, and when the
+    /// output was written into the command's `output_memory` (`written`).
     pub output: Option<TensorData>,
+    /// True when the output went into the command's `output_memory`.
+    pub written: bool,
     pub version: u64,
     pub num_batches_tracked: i64,
     pub replayed: bool,
@@ -281,6 +297,11 @@ pub enum SessionError {
     /// rank's invalid request); nothing was applied.
     #[error("{0}")]
     StepAborted(String),
+    /// Memory outside the server that the call read or wrote in place lost
+    /// pages during it (a shared-memory object truncated by its owner): the
+    /// step computed on zeros and is not applied.
+    #[error("{0}; nothing was applied")]
+    MemoryLost(String),
     /// Other replicas kept changing the session; the mutation was not applied.
     #[error("session {0} is contended by other replicas; nothing was applied, retry")]
     Contended(SessionId),

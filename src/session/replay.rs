@@ -243,6 +243,16 @@ impl ReplayLog {
             .map(|(_, _, r)| r)
     }
 
+    /// The largest forward output this log would hold for a replay (0
+    /// without a window): a larger one is dropped as it is recorded.
+    pub fn output_cap(&self) -> usize {
+        if self.limits.window == 0 {
+            0
+        } else {
+            self.limits.output_bytes
+        }
+    }
+
     pub fn find(&self, request_id: &str) -> Option<&Replay> {
         self.entries
             .iter()
@@ -400,6 +410,7 @@ mod tests {
             TensorData::from_f32("output", DType::Float32, vec![n as i64], &values, u64::MAX);
         Replay::Forward(ForwardOutcome {
             output: Some(output.unwrap()),
+            written: false,
             version: 2,
             num_batches_tracked: 1,
             replayed: false,

@@ -18,10 +18,10 @@ use super::{
     Applied, Forward, ForwardOutcome, Mode, Preconditions, SessionConfig, SessionError, SessionId,
     SessionSnapshot, StateTensors, UpdateParameters,
 };
-use crate::numerics::batch_norm::{all_finite, check_eps, check_momentum, Layer};
+use crate::numerics::batch_norm::{all_finite, check_eps, check_momentum, Layer, RunningStats};
 use crate::numerics::state_dict::{self, Layout};
 use crate::numerics::stats::StatsKernel;
-use crate::numerics::{torch_size, Momentum, NumericsError, TensorData};
+use crate::numerics::{output_tensor, torch_size, Momentum, NumericsError, TensorData};
 
 /// What a step decided: nothing to commit, or a new state.
 pub enum Step<T> {
@@ -156,6 +156,7 @@ fn replayed_forward(
     match replay {
         Replay::Forward(outcome) => Ok(ForwardOutcome {
             replayed: true,
+            written: false,
             ..outcome.clone()
         }),
         Replay::Recovered {
@@ -164,6 +165,7 @@ fn replayed_forward(
             num_batches_tracked,
         } => Ok(ForwardOutcome {
             output: None,
+            written: false,
             version: *version,
             num_batches_tracked: *num_batches_tracked,
             replayed: true,
@@ -446,6 +448,7 @@ pub fn forward_step(
         info,
         &state.layer,
         |request_id| state.replay.find(request_id),
+        state.replay.output_cap(),
         command,
         stats,
     )
@@ -473,6 +476,7 @@ pub fn forward_group_step(
             info,
             current,
             |request_id| state.replay.find_after(&replays, request_id),
+            state.replay.output_cap(),
             command,
             stats,
         );
@@ -501,11 +505,13 @@ pub fn forward_group_step(
     })
 }
 
-/// A Forward at `current`, with the request ids `find` knows.
+/// A Forward at `current`, with the request ids `find` knows; a replay
+/// keeps outputs of at most `replay_cap` bytes.
 fn forward_at<'r>(
     info: &SessionInfo,
     current: &LayerState,
     find: impl Fn(&str) -> Option<&'r Replay>,
+    replay_cap: usize,
     command: &Forward,
     stats: StatsKernel,
 ) -> Result<Step<ForwardOutcome>, SessionError> {
@@ -543,14 +549,35 @@ fn forward_at<'r>(
         )
         .into());
     }
+    // The output straight into the caller's memory, on the CPU: no tensor
+    // of the server's, no copy. (A session on another device copies its
+    // output to the host anyway; it is returned and copied in.)
+    let out = match &command.output_memory {
+        Some(memory) if info.device == Device::Cpu => Some(output_tensor(
+            memory.clone(),
+            command.input.dtype(),
+            command.input.shape(),
+        )?),
+        _ => None,
+    };
     if !mutates {
-        let output = if training {
-            layer.forward_train(&input, 0.0)?.output
-        } else {
-            layer.forward_eval(&input)?
+        let output = match &out {
+            Some(out) if training => {
+                layer.forward_train_into(&input, 0.0, out)?;
+                None
+            }
+            Some(out) => {
+                layer.forward_eval_into(&input, out)?;
+                None
+            }
+            None if training => Some(layer.forward_train(&input, 0.0)?.output),
+            None => Some(layer.forward_eval(&input)?),
         };
+        let output = output.map(TensorData::from_result).transpose()?;
+        check_memory(command)?;
         return Ok(Step::Done(ForwardOutcome {
-            output: Some(TensorData::from_result(output)?),
+            output,
+            written: out.is_some(),
             version: current.version,
             num_batches_tracked: current.num_batches_tracked,
             replayed: false,
@@ -563,27 +590,66 @@ fn forward_at<'r>(
             i64::MAX
         )));
     };
-    let step = layer.forward_train(&input, current.momentum.factor(counted))?;
+    let factor = current.momentum.factor(counted);
+    let (output, running) = match &out {
+        Some(out) => (None, layer.forward_train_into(&input, factor, out)?),
+        None => {
+            let step = layer.forward_train(&input, factor)?;
+            let running = RunningStats {
+                running_mean: step.running_mean,
+                running_var: step.running_var,
+            };
+            (Some(TensorData::from_result(step.output)?), running)
+        }
+    };
     let mut next = current.next_version();
     if config.exact_statistics {
         // Refuses NaN/Inf (whatever reject_non_finite says): exact sums
         // cannot hold them.
         exact::accumulate(info, &mut next, &input)?;
     } else {
-        next.running_mean = step.running_mean;
-        next.running_var = step.running_var;
+        next.running_mean = running.running_mean;
+        next.running_var = running.running_var;
     }
-    let output = TensorData::from_result(step.output)?;
     next.num_batches_tracked = counted;
+    // A replay of the request id answers with the output again: written
+    // into the caller's memory, the output is copied out of it for that,
+    // unless the replay log could not hold it anyway.
+    let kept = match (&out, &given.request_id) {
+        (_, None) => None,
+        (None, Some(_)) => output.clone(),
+        (Some(out), Some(_)) if command.input.byte_size() <= replay_cap => {
+            Some(TensorData::copied_from_output(out)?)
+        }
+        (Some(_), Some(_)) => None,
+    };
+    check_memory(command)?;
     let outcome = ForwardOutcome {
-        output: Some(output),
+        output,
+        written: out.is_some(),
         version: next.version,
         num_batches_tracked: counted,
         replayed: false,
     };
     let replay = given.request_id.map(|request_id| Replayable {
         request_id,
-        replay: Replay::Forward(outcome.clone()),
+        replay: Replay::Forward(ForwardOutcome {
+            output: kept,
+            written: false,
+            ..outcome.clone()
+        }),
     });
     Ok(Step::next(next, replay, outcome))
+}
+
+/// Fails the step when memory outside the server that it read or wrote in
+/// place lost pages meanwhile: what it computed is not committed.
+fn check_memory(command: &Forward) -> Result<(), SessionError> {
+    for memory in [&command.input_memory, &command.output_memory]
+        .into_iter()
+        .flatten()
+    {
+        memory.check_intact().map_err(SessionError::MemoryLost)?;
+    }
+    Ok(())
 }

@@ -2,14 +2,15 @@
 //! following symbolic links, checked to be a regular file of a tmpfs, mapped
 //! MAP_SHARED once for the region's whole life, watched by the SIGBUS guard;
 //! ranges of it viewed as `Bytes` (an input read in place) or written (an
-//! output). Before each use the object is checked: still as large as the
+//! output, computed into the range or copied in). Before each use the object is checked: still as large as the
 //! region (fstat) and still the object its name resolves to (not unlinked).
 //!
 //! Owns the `unsafe` of the mappings (fstatfs, mmap, munmap, the views and
-//! the writes). The client shares these bytes and may write them while the
-//! server reads them: the server only hands them to libtorch and `memcpy`,
-//! which treat them as raw memory, and never derives a Rust reference that
-//! it keeps across a call.
+//! the writes, and a range as [`ExternalMemory`] that a Forward's output is
+//! computed into). The client shares these bytes and may write them while
+//! the server reads them: the server only hands them to libtorch, its own
+//! float kernels and `memcpy`, which treat them as raw values, and never
+//! derives a Rust reference that it keeps across a call.
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
@@ -21,6 +22,7 @@ use bytes::Bytes;
 
 use super::sigbus::{self, Watch};
 use super::ShmError;
+use crate::numerics::ExternalMemory;
 
 /// tmpfs' f_type (linux/magic.h).
 const TMPFS_MAGIC: i64 = 0x0102_1994;
@@ -307,6 +309,33 @@ impl Range {
         }
         if self.region.faulted() {
             return Err(ShmError::Truncated(self.region.name.clone()));
+        }
+        Ok(())
+    }
+}
+
+// SAFETY: a range lies within its region's mapping (checked when it was
+// made), which is readable and writable and stays mapped while the range's
+// Arc of the region lives; a page lost to a truncation is replaced by the
+// SIGBUS guard (whoever touches it: this code, libtorch's kernels, any
+// thread), which marks the region, so the process survives and
+// `check_intact` reports it.
+#[allow(unsafe_code)]
+unsafe impl ExternalMemory for Range {
+    fn address(&self) -> usize {
+        Range::address(self)
+    }
+
+    fn byte_len(&self) -> usize {
+        self.len as usize
+    }
+
+    fn check_intact(&self) -> Result<(), String> {
+        if self.region.faulted() {
+            return Err(format!(
+                "the object of shared memory region {:?} was truncated while the call used it; the region is unregistered",
+                self.region.name
+            ));
         }
         Ok(())
     }

@@ -1,6 +1,7 @@
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::*;
@@ -269,6 +270,67 @@ fn off_refuses_everything() {
         shm.register("t", "x", 0, 1),
         Err(ShmError::Unavailable(_))
     ));
+}
+
+/// A Forward's output computed straight into a range (libtorch's kernel for
+/// (N, C), the native one for (N, C, L)) while the owner has truncated the
+/// object: the writes land on the guard's zero pages, wherever they come
+/// from, the process lives on, and the range reports the loss.
+#[test]
+fn a_truncation_while_an_output_is_computed_into_its_range_is_caught() {
+    use crate::numerics::batch_norm::Layer;
+    use crate::numerics::stats::StatsKernel;
+    use crate::numerics::{output_tensor, DType, ExternalMemory, LayerKind};
+    use tch::{Device, Kind, Tensor};
+
+    let page = 4096;
+    let cases: [(&[i64], StatsKernel); 2] = [
+        (&[1024, 4], StatsKernel::Libtorch),
+        (&[64, 4, 16], StatsKernel::Native),
+    ];
+    for (shape, stats) in cases {
+        let object = Object::new(&vec![0u8; 4 * page]);
+        let shm = SharedMemory::new(limits());
+        shm.register("t", &object.name, 0, 4 * page as u64).unwrap();
+        let output = shm
+            .range("t", "output", &range(&object.name, 0, 4 * page as u64), 4)
+            .unwrap();
+        assert!(output.check_intact().is_ok());
+        let options = (Kind::Float, Device::Cpu);
+        let params = [
+            Tensor::ones([4], options),
+            Tensor::zeros([4], options),
+            Tensor::zeros([4], options),
+            Tensor::ones([4], options),
+        ];
+        let layer = Layer {
+            kind: LayerKind::BatchNorm1d,
+            num_features: 4,
+            eps: 1e-5,
+            param_dtype: DType::Float32,
+            weight: Some(&params[0]),
+            bias: Some(&params[1]),
+            running_mean: Some(&params[2]),
+            running_var: Some(&params[3]),
+            stats,
+        };
+        let input = Tensor::randn(shape, options);
+        let out = output_tensor(Arc::new(output.clone()), DType::Float32, shape).unwrap();
+        // Past the first page the object is gone: every write there faults.
+        OpenOptions::new()
+            .write(true)
+            .open(&object.path)
+            .unwrap()
+            .set_len(page as u64)
+            .unwrap();
+        layer.forward_train_into(&input, 0.1, &out).unwrap();
+        drop(out);
+        let lost = output.check_intact().unwrap_err();
+        assert!(lost.contains("truncated"), "{lost}");
+        assert!(output.region().faulted(), "{stats:?}");
+        shm.forget_broken("t", &output);
+        assert_eq!(shm.totals(), (0, 0));
+    }
 }
 
 #[test]

@@ -84,19 +84,29 @@ async fn answer_call(
         cuda_input,
         cuda_output,
     } = call;
-    let mut outcome = match step {
+    let outcome = match step {
         Some(spec) => {
             registry
                 .step_forward(StepForward {
                     forward: command,
                     spec,
                 })
-                .await?
+                .await
         }
-        None => StepForwardOutcome {
-            forward: registry.forward(command).await?,
-            statistics: None,
-        },
+        None => registry
+            .forward(command)
+            .await
+            .map(|forward| StepForwardOutcome {
+                forward,
+                statistics: None,
+            }),
+    };
+    let mut outcome = match outcome {
+        Ok(outcome) => outcome,
+        Err(error) => {
+            shared_memory::forget_faulted(caller, [&shared_input, &shared_output]);
+            return Err(error.into());
+        }
     };
     if let Some(input) = &shared_input {
         shared_memory::check_after_read(caller, input)?;
@@ -107,11 +117,16 @@ async fn answer_call(
     let Some(range) = shared_output else {
         return Ok(representation.of(outcome).into());
     };
+    // Written during the step (straight into the range), or returned to be
+    // copied in now: a replay's kept output, a synchronized step's shard,
+    // an output computed beside its input's range (in place), a session
+    // on another device.
     let written = match outcome.forward.output.take() {
         Some(output) => {
             shared_memory::write_output(registry, caller, &range, output.into_bytes()).await?;
             Some(range)
         }
+        None if outcome.forward.written => Some(range),
         None => None,
     };
     Ok(WrittenToSharedMemory { outcome, written }.into())

@@ -9,6 +9,7 @@
 //! Failures are [`ConvertError`]s, which `transport::status` maps.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use tch::Device;
@@ -23,7 +24,8 @@ use crate::numerics::compare::{
 };
 use crate::numerics::merge_stats::ShardStats;
 use crate::numerics::{
-    DType, DeviceTensorData, InputData, LayerKind, Momentum, NumericsError, TensorData,
+    DType, DeviceTensorData, ExternalMemory, InputData, LayerKind, Momentum, NumericsError,
+    TensorData,
 };
 use crate::proto::v1 as pb;
 use crate::session::synced::{
@@ -1149,11 +1151,27 @@ impl TryFrom<Scoped<'_, Caller, pb::ForwardRequest>> for ForwardCall {
                 }
             },
         };
+        // The output is computed straight into its range, unless that is
+        // the input's own (in place): then it is computed beside and copied
+        // in after the commit, so the input stays intact until the step is
+        // applied (a recompute reads it again; a failure leaves it as it was).
+        let output_memory = shared_output
+            .as_ref()
+            .filter(|output| {
+                !shared_input
+                    .as_ref()
+                    .is_some_and(|input| output.same_as(input))
+            })
+            .map(|output| Arc::new(output.clone()) as Arc<dyn ExternalMemory>);
         let command = Forward {
             id,
             input,
             mode: mode(request.mode)?,
             preconditions: preconditions(request.expected_version, &request.request_id)?,
+            output_memory,
+            input_memory: shared_input
+                .clone()
+                .map(|input| Arc::new(input) as Arc<dyn ExternalMemory>),
         };
         Ok(ForwardCall {
             command,

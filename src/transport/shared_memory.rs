@@ -1,7 +1,9 @@
 //! `normserve.v1.SharedMemoryService` (register, unregister, status of the
 //! caller's tenant's regions) and what Forward does with shared memory
-//! besides decoding: the check after its input was read, the output written
-//! into its range (on the compute pool).
+//! besides decoding: the check after its input was read, the regions that
+//! lost pages during a failed call unregistered, and an output the step did
+//! not compute into its range (a replay's, a synchronized step's, one in
+//! place) copied in on the compute pool.
 
 use std::sync::Arc;
 
@@ -107,6 +109,19 @@ pub fn check_after_read(caller: &Caller, input: &Range) -> Result<(), Status> {
         during: "read its input",
     }
     .into())
+}
+
+/// After a Forward failed: unregisters the regions of `ranges` that lost
+/// pages during the call (their objects truncated under them).
+pub fn forget_faulted<'r>(caller: &Caller, ranges: impl IntoIterator<Item = &'r Option<Range>>) {
+    let Some(shared_memory) = &caller.shared_memory else {
+        return;
+    };
+    for range in ranges.into_iter().flatten() {
+        if range.region().faulted() {
+            shared_memory.forget_broken(&caller.principal.tenant, range);
+        }
+    }
 }
 
 /// Writes a Forward's `output` into `range` (which was checked to hold it

@@ -70,6 +70,7 @@ impl From<SessionError> for Status {
                 Status::unavailable(format!("{error}; the request was not applied or its outcome is unknown: retry with the same request_id"))
             }
             SessionError::Contended(_) => Status::aborted(message),
+            SessionError::MemoryLost(_) => Status::failed_precondition(message),
             SessionError::StepAborted(_) => Status::aborted(message),
         }
     }

@@ -267,6 +267,198 @@ def test_synchronized_step_ranks_read_and_write_shared_memory(server, objects):
         assert_same_state(session, module)
 
 
+# ------------------------------------------ outputs computed into their range
+
+
+def register(shm_stub, obj, size):
+    shm_stub.RegisterSharedMemory(shm_pb2.RegisterSharedMemoryRequest(name=obj.name, byte_size=size))
+
+
+def test_a_replay_writes_the_original_output_again_after_the_client_overwrote_it(server, objects):
+    # The output goes straight into its range; with a request_id a copy is
+    # kept, and the replay writes those bytes, not a recomputation.
+    x = torch.randn(64, 3, generator=torch.Generator().manual_seed(21)) * 2 + 1
+    obj = objects(8192)
+    obj.put(0, x.numpy())
+    channel, shm_stub, bn_stub = stubs(server)
+    with channel, connect(server) as client:
+        session = client.create_session("1d", 3)
+        register(shm_stub, obj, 8192)
+        request = shared_forward(session.session_id, x.shape, tensor_pb2.DATA_TYPE_FLOAT32,
+                                 (obj.name, 0, x.nbytes), (obj.name, 4096, x.nbytes))
+        request.request_id = "shm-replay-1"
+        first = bn_stub.Forward(request)
+        assert first.output_region.offset == 4096 and not first.replayed and first.version == 2
+        module = torch.nn.BatchNorm1d(3)
+        with torch.no_grad():
+            want = module.train()(x)
+        written = obj.bytes[4096:4096 + x.nbytes].copy()
+        torch.testing.assert_close(torch.from_numpy(written.view(np.float32).reshape(64, 3).copy()), want)
+        # The client reuses both ranges; the retry must not read the new input.
+        obj.bytes[4096:4096 + x.nbytes] = 0xFF
+        obj.put(0, (x * 100).numpy())
+        again = bn_stub.Forward(request)
+        assert again.replayed and again.version == 2 and again.output_region.offset == 4096
+        assert np.array_equal(obj.bytes[4096:4096 + x.nbytes], written)
+        assert_same_state(session, module)
+
+
+def test_an_output_too_large_to_keep_is_not_written_again_by_its_replay(objects):
+    server = ServerProcess("--replay-cache-bytes", "1024")
+    x = torch.randn(256, 4, generator=torch.Generator().manual_seed(22))  # 4096 bytes
+    obj = objects(8192)
+    obj.put(0, x.numpy())
+    try:
+        channel, shm_stub, bn_stub = stubs(server)
+        with channel, connect(server) as client:
+            session = client.create_session("1d", 4)
+            register(shm_stub, obj, 8192)
+            request = shared_forward(session.session_id, x.shape, tensor_pb2.DATA_TYPE_FLOAT32,
+                                     (obj.name, 0, 4096), (obj.name, 4096, 4096))
+            request.request_id = "too-large"
+            first = bn_stub.Forward(request)
+            assert first.HasField("output_region") and first.version == 2
+            module = torch.nn.BatchNorm1d(4)
+            with torch.no_grad():
+                torch.testing.assert_close(torch.from_numpy(obj.get(4096, (256, 4), np.float32)),
+                                           module.train()(x))
+            obj.bytes[4096:] = 0x7F
+            again = bn_stub.Forward(request)
+            # Applied once; nothing held, so nothing written and no range named.
+            assert again.replayed and again.version == 2 and not again.HasField("output_region")
+            assert not again.HasField("output")
+            assert (obj.bytes[4096:] == 0x7F).all()
+            assert_same_state(session, module)
+    finally:
+        assert server.stop() == 0
+
+
+def test_in_place_calls_replay_and_fail_without_losing_the_input(server, objects):
+    x = torch.randn(32, 3, generator=torch.Generator().manual_seed(23))
+    obj = objects(4096)
+    obj.put(256, x.numpy())
+    same = (obj.name, 256, x.nbytes)
+    channel, shm_stub, bn_stub = stubs(server)
+    with channel, connect(server) as client:
+        session = client.create_session("1d", 3, reject_non_finite=True)
+        register(shm_stub, obj, 4096)
+        request = shared_forward(session.session_id, x.shape, tensor_pb2.DATA_TYPE_FLOAT32, same, same)
+        request.request_id = "in-place-1"
+        reply = bn_stub.Forward(request)
+        assert reply.output_region.offset == 256 and reply.version == 2
+        module = torch.nn.BatchNorm1d(3)
+        with torch.no_grad():
+            want = module.train()(x)
+        written = obj.bytes[256:256 + x.nbytes].copy()
+        torch.testing.assert_close(torch.from_numpy(written.view(np.float32).reshape(32, 3).copy()), want)
+        obj.put(256, x.numpy())
+        again = bn_stub.Forward(request)
+        assert again.replayed and again.version == 2
+        assert np.array_equal(obj.bytes[256:256 + x.nbytes], written)
+        # A refused in-place call leaves the input as it was.
+        bad = x.clone()
+        bad[3, 1] = float("nan")
+        obj.put(256, bad.numpy())
+        request.request_id = "in-place-2"
+        with pytest.raises(grpc.RpcError) as caught:
+            bn_stub.Forward(request)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert np.array_equal(obj.get(256, x.shape, np.float32), bad.numpy(), equal_nan=True)
+        assert session.info().version == 2
+        assert_same_state(session, module)
+
+
+def test_a_train_step_failing_after_its_output_was_written_changes_nothing(server, objects):
+    # Exact statistics refuse NaN only after the output was computed into
+    # its range: the output range is then unspecified, the input and the
+    # session are not touched.
+    from test_exact import assert_exact, wide_batches
+
+    good = wide_batches(24, 2, 9, 3, np.dtype("float32"))
+    bad = good[0].copy()
+    bad[4, 2] = np.nan
+    nbytes = bad.nbytes
+    obj = objects(8192)
+    channel, shm_stub, bn_stub = stubs(server)
+    with channel, connect(server) as client:
+        session = client.create_session("1d", 3, dtype="float32", exact_statistics=True)
+        register(shm_stub, obj, 8192)
+
+        def forward(batch):
+            obj.put(0, batch)
+            return bn_stub.Forward(shared_forward(session.session_id, batch.shape, tensor_pb2.DATA_TYPE_FLOAT32,
+                                                  (obj.name, 0, nbytes), (obj.name, 4096, nbytes)))
+
+        module = torch.nn.BatchNorm1d(3)
+        forward(good[0])
+        with torch.no_grad():
+            torch.testing.assert_close(torch.from_numpy(obj.get(4096, good[0].shape, np.float32)),
+                                       module.train()(torch.from_numpy(good[0])))
+        before = session.info()
+        with pytest.raises(grpc.RpcError) as caught:
+            forward(bad)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+        assert np.array_equal(obj.get(0, bad.shape, np.float32), bad, equal_nan=True)
+        after = session.info()
+        assert (after.version, after.num_batches_tracked) == (before.version, before.num_batches_tracked) == (2, 1)
+        assert_exact(after, good[:1], "float32")
+        forward(good[1])
+        assert_exact(session.info(), good, "float32")
+
+
+def test_truncation_during_calls_fails_them_cleanly_and_applies_only_what_was_answered(server, objects):
+    # Calls one after another on a 16 MiB input and output while the owner
+    # truncates the object: each call either succeeds or fails with
+    # FAILED_PRECONDITION (NOT_FOUND once the region is unregistered), the
+    # server survives, and the session counts exactly the steps it
+    # acknowledged (or that the error says were applied).
+    import threading
+
+    shape = (65536, 64)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(25))
+    nbytes = x.nbytes
+    obj = objects(2 * nbytes)
+    obj.put(0, x.numpy())
+    channel, shm_stub, bn_stub = stubs(server)
+    first_done = threading.Event()
+    results = []
+
+    def calls(session_id):
+        request = shared_forward(session_id, shape, tensor_pb2.DATA_TYPE_FLOAT32, (obj.name, 0, nbytes),
+                                 (obj.name, nbytes, nbytes))
+        for _ in range(10_000):
+            try:
+                reply = bn_stub.Forward(request, timeout=60)
+                results.append(("ok", reply.version))
+            except grpc.RpcError as error:
+                results.append((error.code(), error.details()))
+                first_done.set()
+                return
+            first_done.set()
+
+    with channel, connect(server) as client:
+        session = client.create_session("1d", 64)
+        register(shm_stub, obj, 2 * nbytes)
+        worker = threading.Thread(target=calls, args=(session.session_id,))
+        worker.start()
+        assert first_done.wait(60)
+        os.truncate(obj.path, 4096)
+        worker.join(120)
+        assert not worker.is_alive()
+        assert results[-1][0] in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND), results[-1]
+        assert all(code == "ok" for code, _ in results[:-1]), results
+        applied = len(results) - 1 + ("but the forward was applied" in results[-1][1])
+        assert server.proc.poll() is None and client.health() == "SERVING"
+        info = session.info()
+        assert info.num_batches_tracked == applied and info.version == 1 + applied
+        module = torch.nn.BatchNorm1d(64)
+        with torch.no_grad():
+            for _ in range(applied):
+                module.train()(x)
+        assert_same_state(session, module)
+        assert obj.name not in [r.name for r in shm_stub.SharedMemoryStatus(shm_pb2.SharedMemoryStatusRequest()).regions]
+
+
 # ------------------------------------------------------------- hostile input
 
 

@@ -81,8 +81,9 @@ pub async fn service_rounds(
             Workload::ReduceStream { ranks } => {
                 reduce_stream_round(&prepared, scenario, ranks, round_time, server_pid).await
             }
-            Workload::SharedMemory { copy } => {
-                shared_round(&prepared, scenario, copy, round_time, server_pid).await
+            Workload::SharedMemory { copy, request_ids } => {
+                let options = SharedOptions { copy, request_ids };
+                shared_round(&prepared, scenario, options, round_time, server_pid).await
             }
         };
         if i > 0 {
@@ -98,15 +99,27 @@ pub async fn service_rounds(
     measured
 }
 
-/// Sequential Forwards through the shared-memory object, the client's
-/// copies in and out timed with each call when `copy`.
+/// How a shared-memory scenario calls.
+#[derive(Clone, Copy)]
+struct SharedOptions {
+    /// The client's copies in and out timed with each call.
+    copy: bool,
+    /// A new request_id on each call.
+    request_ids: bool,
+}
+
+/// Request ids of the shared-memory scenarios, unique within the process.
+static NEXT_REQUEST_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Sequential Forwards through the shared-memory object.
 async fn shared_round(
     prepared: &Prepared,
     scenario: &Scenario,
-    copy: bool,
+    options: SharedOptions,
     duration: Duration,
     cpu_pid: Option<&str>,
 ) -> Round {
+    let SharedOptions { copy, request_ids } = options;
     let Some(shared) = &prepared.shared else {
         fatal("shared-memory scenario without its object")
     };
@@ -125,7 +138,12 @@ async fn shared_round(
                 fatal(&format!("copy into {}: {e}", shared.name));
             }
         }
-        match client.forward(request.clone()).await {
+        let mut request = request.clone();
+        if request_ids {
+            let next = NEXT_REQUEST_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            request.request_id = format!("bench-{next}");
+        }
+        match client.forward(request).await {
             Ok(reply) => {
                 if copy {
                     if let Err(e) = shared.copy_out(&mut output) {

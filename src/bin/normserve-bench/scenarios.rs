@@ -40,8 +40,10 @@ pub enum Workload {
     /// (input and output ranges instead of bytes; the server on this host).
     /// `copy`: the client copies the input in and the output out each call
     /// (an array outside shared memory); else both stay there (arrays made
-    /// in shared memory).
-    SharedMemory { copy: bool },
+    /// in shared memory). `request_ids`: each call carries a new
+    /// request_id (the server keeps a copy of the output for its replay
+    /// when the replay cache can hold it).
+    SharedMemory { copy: bool, request_ids: bool },
 }
 
 /// The `--durability` of the server a scenario runs against (when the bench
@@ -172,21 +174,40 @@ pub fn scenarios() -> Vec<Scenario> {
             "unary train (65536,64) 16 MiB over shared memory, tensors kept there",
             &[65536, 64],
             true,
-            Workload::SharedMemory { copy: false },
+            Workload::SharedMemory {
+                copy: false,
+                request_ids: false,
+            },
         ),
         s(
             "shm_16m_copy",
             "unary train (65536,64) 16 MiB over shared memory, client copies in and out",
             &[65536, 64],
             true,
-            Workload::SharedMemory { copy: true },
+            Workload::SharedMemory {
+                copy: true,
+                request_ids: false,
+            },
         ),
         s(
             "shm_1m",
             "unary train (4096,64) 1 MiB over shared memory, tensors kept there",
             &[4096, 64],
             true,
-            Workload::SharedMemory { copy: false },
+            Workload::SharedMemory {
+                copy: false,
+                request_ids: false,
+            },
+        ),
+        s(
+            "shm_1m_request_id",
+            "shm_1m, each call with a new request_id (the output copied for its replay)",
+            &[4096, 64],
+            true,
+            Workload::SharedMemory {
+                copy: false,
+                request_ids: true,
+            },
         ),
         s(
             "concurrent_64k_8",
@@ -256,7 +277,10 @@ pub fn scenarios() -> Vec<Scenario> {
             "unary train (1024,64) f32 over shared memory: one shard of steps_8x1024x64_shm, alone",
             &[1024, 64],
             true,
-            Workload::SharedMemory { copy: false },
+            Workload::SharedMemory {
+                copy: false,
+                request_ids: false,
+            },
         ),
         s(
             "steps_8x1024x64_shm",

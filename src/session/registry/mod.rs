@@ -251,12 +251,14 @@ impl Registry {
         let stats = self.options.stats_kernel;
         let input_bytes = command.input.byte_size();
         // The output is the input's size: charged before it is computed, and
-        // until it is handed to the reply (which is charged while sent).
-        let _output = charge_unless_large(
-            &self.options.memory_budget,
-            input_bytes as u64,
-            Kind::Replies,
-        )?;
+        // until it is handed to the reply (which is charged while sent). Into
+        // the caller's memory, only the copy a replay may keep is held here.
+        let held = match (&command.output_memory, &command.preconditions.request_id) {
+            (None, _) => input_bytes,
+            (Some(_), Some(_)) if input_bytes <= self.replay.output_bytes => input_bytes,
+            (Some(_), _) => 0,
+        };
+        let _output = charge_unless_large(&self.options.memory_budget, held as u64, Kind::Replies)?;
         self.mutate(&id, input_bytes, move |info, state| {
             forward_step(info, state, &command, stats)
         })

@@ -468,6 +468,7 @@ impl Registry {
                                 return Ok(StepForwardOutcome {
                                     forward: ForwardOutcome {
                                         output: Some(output?),
+                                        written: false,
                                         version: applied.version,
                                         num_batches_tracked: applied.num_batches_tracked,
                                         replayed: false,
@@ -501,6 +502,7 @@ impl Registry {
         Ok(StepForwardOutcome {
             forward: ForwardOutcome {
                 output,
+                written: false,
                 version: applied.version,
                 num_batches_tracked: applied.num_batches_tracked,
                 replayed,

@@ -215,6 +215,8 @@ fn train_on(name: &str, values: &[f64], preconditions: Preconditions) -> Forward
         .into(),
         mode: Some(Mode::Train),
         preconditions,
+        output_memory: None,
+        input_memory: None,
     }
 }
 
@@ -728,4 +730,136 @@ async fn a_group_that_loses_the_compare_and_set_is_recomputed_whole() {
         assert_eq!(snapshot.version, 6);
         oracle.check(&snapshot);
     }
+}
+
+/// A /dev/shm object of `bytes` zero bytes, registered in tenant "t" of its
+/// own SharedMemory; removed when dropped.
+struct SharedObject {
+    path: std::path::PathBuf,
+    name: String,
+    shm: crate::shm::SharedMemory,
+}
+
+impl SharedObject {
+    fn new(bytes: usize) -> SharedObject {
+        let name = format!(
+            "normserve-unit-registry-{}-{:016x}",
+            std::process::id(),
+            rand::random::<u64>()
+        );
+        let path = std::path::PathBuf::from("/dev/shm").join(&name);
+        std::fs::write(&path, vec![0u8; bytes]).unwrap();
+        let shm = crate::shm::SharedMemory::new(crate::shm::ShmLimits {
+            enabled: true,
+            dir: std::path::PathBuf::from("/dev/shm"),
+            max_bytes: 1 << 30,
+            tenant_max_regions: 4,
+            tenant_max_bytes: 1 << 30,
+            idle: None,
+        });
+        shm.register("t", &name, 0, bytes as u64).unwrap();
+        SharedObject { path, name, shm }
+    }
+
+    /// `len` bytes from `offset`, as the memory a Forward writes its output into.
+    fn memory(&self, offset: u64, len: u64) -> Arc<dyn crate::numerics::ExternalMemory> {
+        let request = crate::shm::RangeRequest {
+            region: self.name.clone(),
+            offset,
+            byte_size: len,
+        };
+        Arc::new(self.shm.range("t", "output", &request, 8).unwrap())
+    }
+
+    /// The float64 values at `offset` in the object, read through the file.
+    fn f64s(&self, offset: usize, count: usize) -> Vec<f64> {
+        let bytes = std::fs::read(&self.path).unwrap();
+        bytes[offset..offset + 8 * count]
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    }
+}
+
+impl Drop for SharedObject {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[tokio::test]
+async fn an_output_computed_into_memory_is_copied_for_its_replay() {
+    let registry = new_registry(Some(Arc::new(MemoryStore::default())));
+    create(&registry).await;
+    let object = SharedObject::new(4096);
+    let mut oracle = HandOracle::new();
+    let values = [1.0, 3.0, 8.0];
+    let command = Forward {
+        output_memory: Some(object.memory(64, 24)),
+        ..train(&values, with_request_id("r1"))
+    };
+    let first = registry.forward(command.clone()).await.unwrap();
+    let expected = oracle.train(&values);
+    assert!(first.written && first.output.is_none() && !first.replayed);
+    for (got, want) in object.f64s(64, 3).iter().zip(&expected) {
+        assert!((got - want).abs() < 1e-9, "{got} vs {want}");
+    }
+    // The client reuses its range; the replay answers the kept copy (the
+    // transport writes it in again) and applies nothing.
+    std::fs::write(&object.path, vec![0xFFu8; 4096]).unwrap();
+    let again = registry.forward(command).await.unwrap();
+    assert!(again.replayed && !again.written);
+    assert_output(&again, &expected);
+    assert_eq!((again.version, again.num_batches_tracked), (2, 1));
+    oracle.check(&registry.get(&id()).await.unwrap());
+    // Without a request id nothing is copied: the output is in the range only.
+    let values = [2.0, -4.0, 5.0];
+    let plain = Forward {
+        output_memory: Some(object.memory(64, 24)),
+        ..train(&values, Preconditions::default())
+    };
+    let outcome = registry.forward(plain).await.unwrap();
+    assert!(outcome.written && outcome.output.is_none());
+    let expected = oracle.train(&values);
+    for (got, want) in object.f64s(64, 3).iter().zip(&expected) {
+        assert!((got - want).abs() < 1e-9, "{got} vs {want}");
+    }
+    oracle.check(&registry.get(&id()).await.unwrap());
+}
+
+#[tokio::test]
+async fn a_step_whose_output_memory_lost_pages_is_not_applied() {
+    let store = Arc::new(MemoryStore::default());
+    let registry = new_registry(Some(store.clone()));
+    create(&registry).await;
+    let object = SharedObject::new(8192);
+    // 512 float64 values: exactly the object's second page.
+    let values: Vec<f64> = (0..512).map(|i| f64::from(i % 7) - 2.5).collect();
+    let memory = object.memory(4096, 4096);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&object.path)
+        .unwrap()
+        .set_len(4096)
+        .unwrap();
+    let command = Forward {
+        output_memory: Some(memory),
+        ..train(&values, with_request_id("lost"))
+    };
+    let err = registry.forward(command).await.unwrap_err();
+    assert!(matches!(&err, SessionError::MemoryLost(_)), "{err:?}");
+    assert!(err.to_string().ends_with("nothing was applied"), "{err}");
+    // Nothing committed: the session and its store are as created, and the
+    // request id is free (a retry elsewhere is applied, once).
+    let mut oracle = HandOracle::new();
+    oracle.check(&registry.get(&id()).await.unwrap());
+    assert_eq!(registry.get(&id()).await.unwrap().version, 1);
+    assert_eq!(store.commits.load(Ordering::SeqCst), 1);
+    let retried = registry
+        .forward(train(&values, with_request_id("lost")))
+        .await
+        .unwrap();
+    assert!(!retried.replayed);
+    assert_output(&retried, &oracle.train(&values));
+    oracle.check(&registry.get(&id()).await.unwrap());
 }

@@ -186,6 +186,8 @@ pub fn infer_call(
                 expected_version,
                 request_id: request_key,
             },
+            output_memory: None,
+            input_memory: None,
         },
         request_id: request.id,
         output_form: output_form.unwrap_or(form),
