@@ -14,10 +14,11 @@
 //! which treat it as raw device memory.
 
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
-use std::sync::{mpsc, Arc, OnceLock};
+use std::sync::{mpsc, OnceLock};
 
 use tch::{Device, Tensor};
 
+use super::range::{Mapped, RegionRange};
 use super::ShmError;
 use crate::numerics::{DeviceMemory, NumericsError};
 
@@ -314,9 +315,14 @@ impl CudaRegion {
     pub fn is_handle(&self, handle: &[u8; HANDLE_BYTES], device: u32) -> bool {
         &self.handle == handle && self.device as u64 == u64::from(device)
     }
+}
 
-    /// Address of byte `offset` of the region (callers checked the range).
-    fn address(&self, offset: u64) -> usize {
+impl Mapped for CudaRegion {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn address_of(&self, offset: u64) -> usize {
         self.base + self.offset as usize + offset as usize
     }
 }
@@ -385,60 +391,10 @@ fn close_now(cuda: &Cuda, closing: Closing) {
     }
 }
 
-/// A checked range of a CUDA region: `len` bytes from `offset` (relative to
-/// the region's start), within it.
-#[derive(Clone, Debug)]
-pub struct CudaRange {
-    region: Arc<CudaRegion>,
-    offset: u64,
-    len: u64,
-}
+/// A checked range of a CUDA region (the address is the device's).
+pub type CudaRange = RegionRange<CudaRegion>;
 
 impl CudaRange {
-    /// `len` bytes from `offset` of `region`; the caller checked the bounds.
-    pub(super) fn new(region: Arc<CudaRegion>, offset: u64, len: u64) -> CudaRange {
-        CudaRange {
-            region,
-            offset,
-            len,
-        }
-    }
-
-    pub fn region(&self) -> &Arc<CudaRegion> {
-        &self.region
-    }
-
-    pub fn offset(&self) -> u64 {
-        self.offset
-    }
-
-    pub fn len(&self) -> u64 {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// The device address of the range's first byte.
-    pub fn address(&self) -> usize {
-        self.region.address(self.offset)
-    }
-
-    /// Same region and overlapping bytes.
-    pub fn overlaps(&self, other: &CudaRange) -> bool {
-        Arc::ptr_eq(&self.region, &other.region)
-            && self.offset < other.offset + other.len
-            && other.offset < self.offset + self.len
-    }
-
-    /// Same region, same bytes.
-    pub fn same_as(&self, other: &CudaRange) -> bool {
-        Arc::ptr_eq(&self.region, &other.region)
-            && self.offset == other.offset
-            && self.len == other.len
-    }
-
     /// Copies `source` (a tensor of exactly the range's bytes, on any
     /// device) into the range, and waits until the copy is done.
     pub fn write(&self, source: &Tensor) -> Result<(), ShmError> {

@@ -12,11 +12,13 @@
 // The CUDA runtime and driver calls and the device views (module docs).
 #[allow(unsafe_code)]
 mod cuda_ipc;
+mod range;
 mod region;
 mod registry;
 mod sigbus;
 
 pub use cuda_ipc::{CudaRange, CudaRegion, HANDLE_BYTES as CUDA_IPC_HANDLE_BYTES};
+pub use range::{Mapped, RegionRange};
 pub use region::{Range, Region};
 pub use registry::{AnyRange, RegionInfo, SharedMemory, ShmLimits};
 

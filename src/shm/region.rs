@@ -16,10 +16,10 @@ use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use bytes::Bytes;
 
+use super::range::{Mapped, RegionRange};
 use super::sigbus::{self, Watch};
 use super::ShmError;
 use crate::numerics::ExternalMemory;
@@ -193,9 +193,14 @@ impl Region {
     pub fn faulted(&self) -> bool {
         self.watch.as_ref().is_some_and(Watch::faulted)
     }
+}
 
-    /// Address of byte `offset` of the region (callers checked the range).
-    fn address(&self, offset: u64) -> usize {
+impl Mapped for Region {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn address_of(&self, offset: u64) -> usize {
         self.data + offset as usize
     }
 }
@@ -223,60 +228,10 @@ fn is_tmpfs(file: &File) -> bool {
     }
 }
 
-/// A checked range of a region: `len` bytes from `offset` (relative to the
-/// region's start), within it.
-#[derive(Clone, Debug)]
-pub struct Range {
-    region: Arc<Region>,
-    offset: u64,
-    len: u64,
-}
+/// A checked range of a /dev/shm region.
+pub type Range = RegionRange<Region>;
 
 impl Range {
-    /// `len` bytes from `offset` of `region`; the caller checked the bounds.
-    pub(super) fn new(region: Arc<Region>, offset: u64, len: u64) -> Range {
-        Range {
-            region,
-            offset,
-            len,
-        }
-    }
-
-    pub fn region(&self) -> &Arc<Region> {
-        &self.region
-    }
-
-    pub fn offset(&self) -> u64 {
-        self.offset
-    }
-
-    pub fn len(&self) -> u64 {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Address of the range's first byte (its alignment is the tensor's).
-    pub fn address(&self) -> usize {
-        self.region.address(self.offset)
-    }
-
-    /// Same region and overlapping bytes.
-    pub fn overlaps(&self, other: &Range) -> bool {
-        Arc::ptr_eq(&self.region, &other.region)
-            && self.offset < other.offset + other.len
-            && other.offset < self.offset + self.len
-    }
-
-    /// Same region, same bytes.
-    pub fn same_as(&self, other: &Range) -> bool {
-        Arc::ptr_eq(&self.region, &other.region)
-            && self.offset == other.offset
-            && self.len == other.len
-    }
-
     /// The range's bytes in place (no copy), keeping the mapping alive for as
     /// long as they are held.
     pub fn bytes(&self) -> Bytes {

@@ -37,7 +37,8 @@ use crate::session::{
     SessionPage, SessionSnapshot, StateTensors, UpdateParameters,
 };
 use crate::shm::{
-    AnyRange, CudaRange, Range, RangeRequest, RegionInfo, SharedMemory, ShmError, ShmLimits,
+    AnyRange, CudaRange, Mapped, Range, RangeRequest, RegionInfo, RegionRange, SharedMemory,
+    ShmError, ShmLimits,
 };
 
 /// Why a request cannot be turned into a domain command.
@@ -948,17 +949,8 @@ pub fn region_to_proto(info: RegionInfo) -> pb::SharedMemoryRegion {
     }
 }
 
-/// Where a Forward's output went in a CUDA IPC region.
-pub fn cuda_range_to_proto(range: &CudaRange) -> pb::SharedMemoryRange {
-    pb::SharedMemoryRange {
-        region: range.region().name().to_owned(),
-        offset: range.offset(),
-        byte_size: range.len(),
-    }
-}
-
-/// Where a Forward's output went in shared memory.
-pub fn range_to_proto(range: &Range) -> pb::SharedMemoryRange {
+/// Where a Forward's output went in a registered region (of either kind).
+pub fn range_to_proto<R: Mapped>(range: &RegionRange<R>) -> pb::SharedMemoryRange {
     pb::SharedMemoryRange {
         region: range.region().name().to_owned(),
         offset: range.offset(),
@@ -1404,7 +1396,7 @@ impl From<WrittenToCudaMemory> for pb::ForwardResponse {
         let mut outcome = result.outcome;
         outcome.forward.output = None;
         pb::ForwardResponse {
-            output_region: Some(cuda_range_to_proto(&result.written)),
+            output_region: Some(range_to_proto(&result.written)),
             ..Representation::Raw.of(outcome).into()
         }
     }
