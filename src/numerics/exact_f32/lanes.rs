@@ -3,8 +3,11 @@
 //! into blocks ([`lanes_build`], compiled once per build around that
 //! build's level kernel).
 
-use super::wide::{ChannelWide, Spill};
-use super::{ExactError, LEVEL_BITS, MAX_LEVEL_SPAN, X2_LOWEST, X2_UNIT, X_LOWEST, X_UNIT};
+use super::wide::{ChannelWide, Spill, Wide};
+use super::{
+    levels_for, ExactError, FIRST_LEVEL_BITS, LEVEL_BITS, MAX_LEVEL_SPAN, X2_LOWEST, X2_UNIT,
+    X_LOWEST, X_UNIT,
+};
 
 /// The vectors of one block: `count` of them, vector i the first L values
 /// of `values[i * stride..]` (stride >= L), then `tail` if any; `ahead`
@@ -153,11 +156,10 @@ pub(super) fn plan<const L: usize>(
         top[k] = lane_top;
         span = span.max(Some(lane_top - lowest));
     }
-    let levels = |bits: i32| ((bits + LEVEL_BITS - 1) / LEVEL_BITS).max(1);
     Ok(span.map(|span| Plan {
         keep,
         top,
-        levels: (levels(span), levels(2 * span)),
+        levels: (levels_for(span), levels_for(2 * span)),
     }))
 }
 
@@ -167,8 +169,8 @@ fn magic(q: i32) -> f64 {
 }
 
 /// The levels' exponents and constants, per level and lane: level j of
-/// lane k takes x at 2^qx[j][k] (x² at 2^qs[j][k]), 51 bits below level
-/// j − 1, the first just below the lane's top.
+/// lane k takes x at 2^qx[j][k] (x² at 2^qs[j][k]), 52 bits below level
+/// j − 1, the first 51 bits below the lane's top.
 pub(super) struct Constants<const L: usize, const LX: usize, const LS: usize> {
     qx: [[i32; L]; LX],
     qs: [[i32; L]; LS],
@@ -179,11 +181,15 @@ pub(super) struct Constants<const L: usize, const LX: usize, const LS: usize> {
 impl<const L: usize, const LX: usize, const LS: usize> Constants<L, LX, LS> {
     #[inline(always)]
     pub(super) fn new(top: &[i32; L]) -> Self {
+        // Level j's unit: 51 bits below the top, then 52 per level (never
+        // below the lowest bit a value can have: closer levels are exact
+        // too).
+        let below = |j: usize| FIRST_LEVEL_BITS + LEVEL_BITS * j as i32;
         let qx: [[i32; L]; LX] = std::array::from_fn(|j| {
-            std::array::from_fn(|k| (top[k] - LEVEL_BITS * (j as i32 + 1)).max(X_LOWEST))
+            std::array::from_fn(|k| (top[k] - below(j)).max(X_LOWEST))
         });
         let qs: [[i32; L]; LS] = std::array::from_fn(|j| {
-            std::array::from_fn(|k| (2 * top[k] - LEVEL_BITS * (j as i32 + 1)).max(X2_LOWEST))
+            std::array::from_fn(|k| (2 * top[k] - below(j)).max(X2_LOWEST))
         });
         Constants {
             qx,
@@ -218,26 +224,80 @@ pub(super) fn reduce<const L: usize, const LX: usize, const LS: usize>(
 ) {
     // Each lane's level sums are exact modulo 2^64 and below 2^63 in
     // magnitude, so the wrapped i64 is the sum.
-    for k in 0..L {
-        if keep[k] == 0 {
-            continue;
-        }
-        let wide = &mut wides[channel[k]];
+    let negative = |j: usize, k: usize| {
+        let constant = constants.cx[j][k].to_bits() as i64;
+        i128::from(sums.negative[j][k].wrapping_sub(constant.wrapping_mul(sums.negatives[k])))
+    };
+    let positive = |j: usize, k: usize| {
+        let constant = constants.cx[j][k].to_bits() as i64;
+        let all = sums.total[j][k].wrapping_sub(constant.wrapping_mul(sums.count));
+        i128::from(all) - negative(j, k)
+    };
+    let square = |j: usize, k: usize| {
+        let constant = constants.cs[j][k].to_bits() as i64;
+        i128::from(sums.squares[j][k].wrapping_sub(constant.wrapping_mul(sums.count)))
+    };
+    let mut lanes = [0usize; L];
+    let mut kept = 0;
+    for k in (0..L).filter(|&k| keep[k] != 0) {
+        lanes[kept] = k;
+        kept += 1;
+    }
+    let lanes = &lanes[..kept];
+    let Some(&first) = lanes.first() else {
+        return;
+    };
+    if lanes.iter().all(|&k| channel[k] == channel[first]) {
+        // One channel (always so for the channel runs): per level, all
+        // lanes at once.
+        let wide = &mut wides[channel[first]];
         for j in 0..LX {
-            let constant = constants.cx[j][k].to_bits() as i64;
-            let all = sums.total[j][k].wrapping_sub(constant.wrapping_mul(sums.count));
-            let negative =
-                sums.negative[j][k].wrapping_sub(constant.wrapping_mul(sums.negatives[k]));
-            let shift = (constants.qx[j][k] - X_UNIT) as u32;
-            wide.positive
-                .add(i128::from(all) - i128::from(negative), shift);
-            wide.negative.add(i128::from(negative), shift);
+            add_lanes(&mut wide.positive, lanes, &constants.qx[j], X_UNIT, |k| positive(j, k));
+            add_lanes(&mut wide.negative, lanes, &constants.qx[j], X_UNIT, |k| negative(j, k));
         }
         for j in 0..LS {
-            let constant = constants.cs[j][k].to_bits() as i64;
-            let sum = sums.squares[j][k].wrapping_sub(constant.wrapping_mul(sums.count));
+            add_lanes(&mut wide.squares, lanes, &constants.qs[j], X2_UNIT, |k| square(j, k));
+        }
+        return;
+    }
+    for &k in lanes {
+        let wide = &mut wides[channel[k]];
+        for j in 0..LX {
+            let shift = (constants.qx[j][k] - X_UNIT) as u32;
+            wide.positive.add(positive(j, k), shift);
+            wide.negative.add(negative(j, k), shift);
+        }
+        for j in 0..LS {
             wide.squares
-                .add(i128::from(sum), (constants.qs[j][k] - X2_UNIT) as u32);
+                .add(square(j, k), (constants.qs[j][k] - X2_UNIT) as u32);
+        }
+    }
+}
+
+/// Adds Σ value(k) · 2^unit[k] over `lanes` into `wide` (in units of
+/// 2^sum_unit; every |value| < 2^64): when the units are at most 58 bits
+/// apart, summed in an i128 first (below 8 · 2^64 · 2^58 = 2^125) and
+/// added as its low 64 bits and the rest (below 2^61), two additions
+/// instead of one per lane; otherwise lane by lane.
+#[inline(always)]
+fn add_lanes<const N: usize, const L: usize>(
+    wide: &mut Wide<N>,
+    lanes: &[usize],
+    unit: &[i32; L],
+    sum_unit: i32,
+    value: impl Fn(usize) -> i128,
+) {
+    let Some(low) = lanes.iter().map(|&k| unit[k]).min() else {
+        return;
+    };
+    if lanes.iter().all(|&k| unit[k] - low <= 58) {
+        let total: i128 = lanes.iter().map(|&k| value(k) << (unit[k] - low)).sum();
+        let shift = (low - sum_unit) as u32;
+        wide.add(i128::from(total as u64), shift);
+        wide.add(total >> 64, shift + 64);
+    } else {
+        for &k in lanes {
+            wide.add(value(k), (unit[k] - sum_unit) as u32);
         }
     }
 }

@@ -25,21 +25,24 @@
 //! smallest nonzero magnitude (and refuses NaN and ±Inf). A float32 value
 //! widened to float64 is exact, and so is its square (a 48-bit
 //! significand). Adding the constant C = 1.5·2^(52+q) to a float64 v with
-//! |v| < 2^(51+q) rounds v to a multiple of 2^q and puts that multiple, as
+//! |v| ≤ 2^(51+q) rounds v to a multiple of 2^q and puts that multiple, as
 //! an integer, in the low bits of the sum's representation: `bits(v + C) −
 //! bits(C)` is it exactly, and `v − ((v + C) − C)` is the exact remainder,
 //! at most 2^(q−1) in magnitude (with the default rounding, to nearest). So
-//! each level takes 51 bits of every value as an integer (summed in i64
-//! lanes, branch-free), and the remainders go to the next level, 51 bits
-//! lower, until the lane's smallest bit is reached. The number of levels
+//! the first level takes the 51 bits below the lane's top of every value
+//! as an integer (summed in i64 lanes, branch-free), and the remainders go
+//! to the next level: at most 2^(q−1), so that one takes 52 bits, and so
+//! on until the lane's smallest bit is reached. The number of levels
 //! follows from the block's widest lane: one for x and two for x² up to 51
 //! bits from the largest magnitude's top bit to the smallest one's lowest
-//! (27 binary orders between them), up to three and six for 153 bits (129
-//! orders). No float64 here is subnormal.
+//! (27 binary orders between them), up to three and six for 155 bits (131
+//! orders). The first level of x² is an FMA (`fma(a, a, C)` rounds a² + C
+//! once), and so is its remainder (a²'s bits below the level: at most 48).
+//! No float64 here is subnormal.
 //!
 //! **Buckets.** A lane holding float32 subnormals (never converted to
 //! float64: a denormals-are-zero mode would read them as 0), or spanning
-//! more than 153 bits, is gathered and added by significands into buckets
+//! more than 155 bits, is gathered and added by significands into buckets
 //! indexed by sign and exponent bits, each bucket then shifted in once:
 //! exact too, not vectorized.
 //!
@@ -63,7 +66,7 @@ mod avx2;
 mod avx512;
 mod lanes;
 mod portable;
-mod wide;
+pub(super) mod wide;
 
 /// Values of one channel per block of the channel runs: per lane at most
 /// BLOCK/4 + 1 level integers of at most 2^51 (|sum| < 2^62 in an i64),
@@ -83,11 +86,24 @@ const MAX_ROWS: usize = 2048;
 /// in cache between the first pass and the levels.
 const ROW_BLOCK_BYTES: usize = 128 * 1024;
 const PANEL: usize = 256;
-/// Bits of every value a level takes.
-const LEVEL_BITS: i32 = 51;
+/// Bits the first level takes below a lane's top: values below 2^top
+/// give integers of at most 2^51, the constant's range.
+const FIRST_LEVEL_BITS: i32 = 51;
+/// Bits every further level takes: a remainder is at most half the
+/// previous level's unit, 2^51 units of one 52 bits lower (again at most
+/// 2^51, the constant's range).
+const LEVEL_BITS: i32 = 52;
 /// The widest range of bits (largest magnitude's top bit to the smallest
 /// one's lowest) a lane takes by levels: three levels for x, six for x².
-const MAX_LEVEL_SPAN: i32 = 3 * LEVEL_BITS;
+const MAX_LEVEL_SPAN: i32 = FIRST_LEVEL_BITS + 2 * LEVEL_BITS;
+/// How many levels take a range of `bits` bits (at least one).
+const fn levels_for(bits: i32) -> i32 {
+    if bits <= FIRST_LEVEL_BITS {
+        1
+    } else {
+        1 + (bits - FIRST_LEVEL_BITS + LEVEL_BITS - 1) / LEVEL_BITS
+    }
+}
 /// The lowest bit of any float32 (its smallest subnormal, 2^-149) and of
 /// any square: no level goes below them.
 const X_LOWEST: i32 = -149;

@@ -132,13 +132,14 @@ impl Random {
 
 #[test]
 fn every_level_count_and_the_buckets_are_exact_at_their_range_boundaries() {
-    // Blocks spanning 0 to 120 binary orders (the level counts switch at
-    // 1, 26-28, 52-54, 78-80 orders; beyond, buckets), placed at the top,
-    // middle and bottom of float32's range, the extremes always present
-    // with full significands.
+    // Blocks spanning 0 to 133 binary orders (d orders span d + 24 bits:
+    // the level counts switch after 1, 27, 53, 79 and 105 orders; beyond
+    // 131, buckets), placed at the top, middle and bottom of float32's
+    // range, the extremes always present with full significands.
     let mut random = Random(0x9e37_79b9_7f4a_7c15);
     let mut channels = Vec::new();
-    for span in (0..=30).chain([51, 52, 53, 54, 55, 77, 78, 79, 80, 81, 104, 120]) {
+    let boundaries = [51, 52, 53, 54, 55, 77, 78, 79, 80, 81, 103, 104, 105, 106, 107, 120];
+    for span in (0..=30).chain(boundaries).chain(129..=133) {
         for high in [254u32, 140, span + 1] {
             let low = high - span;
             let mut values: Vec<f32> = (0..509).map(|_| random.value(low, high)).collect();
@@ -392,4 +393,26 @@ fn non_finite_values_are_refused_in_every_column_and_build() {
             }
         }
     }
+}
+
+#[test]
+fn lanes_of_one_channel_at_far_apart_scales_are_exact() {
+    // A channel run puts consecutive values in consecutive lanes: here
+    // value i sits near 2^(step · (i mod 8)) times the smallest, so the
+    // lanes' level units are about `step` orders apart (7 · step across
+    // 8 lanes): added into the channel's sums all together while within
+    // 58 bits of each other, lane by lane beyond.
+    let mut random = Random(31);
+    let mut channels = Vec::new();
+    for step in [0u32, 1, 7, 8, 9, 15, 30] {
+        let values: Vec<f32> = (0..4110)
+            .map(|i| {
+                let exponent = 20 + step * (i % 8) as u32;
+                random.value(exponent, exponent + 2)
+            })
+            .collect();
+        channels.push(values);
+    }
+    check(&channels, 1, 4110);
+    check(&channels, 3, 1370);
 }

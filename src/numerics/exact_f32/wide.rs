@@ -1,6 +1,7 @@
 //! The integer side of the float32 accumulation: carry-save wide integers
-//! (one channel's sums during a batch) and the exponent buckets of the
-//! lanes the levels do not take. No floating point.
+//! (one channel's sums during a batch; `exact_f64`'s levels use them too)
+//! and the exponent buckets of the lanes the levels do not take. No
+//! floating point.
 
 use super::super::exact::{ChannelSums, ExactError, Magnitude};
 use super::lanes::Vectors;
@@ -21,14 +22,14 @@ const NORMALIZE_EVERY: u32 = 1 << 20;
 /// A signed integer in carry-save form: slot i holds a base-2^32 digit plus
 /// not yet propagated (signed) carries.
 #[derive(Clone)]
-pub(super) struct Wide<const N: usize> {
+pub(in crate::numerics) struct Wide<const N: usize> {
     slots: [i64; N],
     /// Additions since the carries were last resolved.
     adds: u32,
 }
 
 impl<const N: usize> Wide<N> {
-    const ZERO: Wide<N> = Wide {
+    pub(in crate::numerics) const ZERO: Wide<N> = Wide {
         slots: [0; N],
         adds: 0,
     };
@@ -36,7 +37,7 @@ impl<const N: usize> Wide<N> {
     /// Adds `value · 2^shift`; |value| < 2^66, shift / 32 + 2 < N (the
     /// callers' bounds, stated at the slot counts below).
     #[inline]
-    pub(super) fn add(&mut self, value: i128, shift: u32) {
+    pub(in crate::numerics) fn add(&mut self, value: i128, shift: u32) {
         let at = (shift / 32) as usize;
         let v = value << (shift % 32);
         self.slots[at] += (v & 0xffff_ffff) as i64;
@@ -45,10 +46,15 @@ impl<const N: usize> Wide<N> {
         self.adds += 1;
     }
 
+    /// Whether the carries are due to be resolved (see NORMALIZE_EVERY).
+    pub(in crate::numerics) fn is_due(&self) -> bool {
+        self.adds >= NORMALIZE_EVERY
+    }
+
     /// Resolves the carries: every slot a digit in [0, 2^32). False when the
     /// value is negative or does not fit (an internal error: sums of
     /// magnitudes are never negative and the slot counts bound them).
-    fn normalize(&mut self) -> bool {
+    pub(in crate::numerics) fn normalize(&mut self) -> bool {
         let mut carry = 0i64;
         for slot in self.slots.iter_mut() {
             let v = *slot + carry;
@@ -60,7 +66,7 @@ impl<const N: usize> Wide<N> {
     }
 
     /// The (normalized) value times 2^(64 · words).
-    fn to_magnitude(&self, words: usize) -> Magnitude {
+    pub(in crate::numerics) fn to_magnitude(&self, words: usize) -> Magnitude {
         let mut limbs = Vec::with_capacity(words + N.div_ceil(2));
         limbs.resize(words, 0);
         limbs.extend(self.slots.chunks(2).map(|pair| {
@@ -75,8 +81,8 @@ impl<const N: usize> Wide<N> {
 /// Slots: a batch has at most 2^64 values per channel; |x| < 2^128, so
 /// the sum of x in units of 2^-178 is below 2^370 (12 digits), and the sum
 /// of x² in units of 2^-356 below 2^676 (22 digits); and room for the
-/// highest shift (x: 2^282 from a bucket, 282/32 + 2 < 14; x²: 2^564,
-/// 564/32 + 2 < 22).
+/// highest shift (x: 2^282 from a bucket, 282/32 + 2 < 14; x²: 2^625, the
+/// high half of a one-channel level sum at 2^561, 625/32 + 2 < 22).
 const X_SLOTS: usize = 14;
 const X2_SLOTS: usize = 22;
 
@@ -111,12 +117,7 @@ impl ChannelWide {
     /// every sum is one of whole values (never negative).
     #[inline]
     pub(super) fn settle(&mut self) -> Result<(), ExactError> {
-        let adds = self
-            .positive
-            .adds
-            .max(self.negative.adds)
-            .max(self.squares.adds);
-        if adds >= NORMALIZE_EVERY {
+        if self.positive.is_due() || self.negative.is_due() || self.squares.is_due() {
             self.normalize()?;
         }
         Ok(())
