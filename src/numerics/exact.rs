@@ -16,13 +16,18 @@
 //! form is canonical); the sum of x² as an integer in units of 2^-2148. The
 //! square of a value is exact by construction: the integer square of its
 //! significand (at most 106 bits), with no overflow or underflow limit (an
-//! FMA split x·x = hi + lo would lose exactness for |x| > 2^511 or tiny x).
+//! FMA split x·x = hi + lo loses exactness for |x| > 2^511 or tiny x, so
+//! the levels below use it only inside those bounds).
 //!
-//! Speed (the large-superaccumulator idea): float64 values of a batch are
-//! first added, as plain integers, into buckets indexed by their sign and
-//! exponent bits (no shifts, no carries: one or two integer adds per value);
-//! only the few buckets a batch touched are then shifted into the wide sums.
-//! Float32 (and narrower) batches take `exact_f32`'s faster paths.
+//! Speed: on CPUs with AVX-512, float64 batches take `exact_f64`'s SIMD
+//! levels (x and an exact FMA split of x² taken apart into 51-bit
+//! integers). Elsewhere, and for the blocks the levels cannot take
+//! (subnormals, magnitudes below about 2^-459 or from 2^510 up, spans over
+//! 153 bits), the large-superaccumulator idea: values are first added, as
+//! plain integers, into buckets indexed by their sign and exponent bits (no
+//! shifts, no carries: one or two integer adds per value); only the few
+//! buckets a batch touched are then shifted into the wide sums. Float32
+//! (and narrower) batches take `exact_f32`'s paths.
 //!
 //! No tensors beyond reading an input, no sessions, no I/O.
 
@@ -31,7 +36,7 @@ use num_integer::Integer;
 use num_traits::{ToPrimitive, Zero};
 use tch::{Device, Kind, Tensor};
 
-use super::{exact_f32, host, NumericsError};
+use super::{exact_f32, exact_f64, host, NumericsError};
 
 /// The sum of x is an integer count of 2^SUM_X_EXPONENT.
 pub const SUM_X_EXPONENT: i32 = -1074;
@@ -299,13 +304,10 @@ impl ExactSums {
         }
         if double {
             let values = on_cpu.f_contiguous()?;
-            let finite = host::with_f64_values(&values, |data| {
+            host::with_f64_values(&values, |data| {
                 accumulate_f64(data, &layout, &mut sums.channels)
             })?
-            .ok_or_else(|| ExactError::Torch("internal: float64 input not readable".into()))?;
-            if !finite {
-                return Err(ExactError::NonFinite);
-            }
+            .ok_or_else(|| ExactError::Torch("internal: float64 input not readable".into()))??;
         } else {
             let values = on_cpu.f_to_kind(Kind::Float)?.f_contiguous()?;
             host::with_f32_values(&values, |data| {
@@ -353,9 +355,20 @@ impl<T: Copy + Default + PartialEq> Buckets<T> {
     }
 }
 
-/// Float64 values into `sums`; false when a value is NaN or infinite.
-fn accumulate_f64(data: &[f64], layout: &Layout, sums: &mut [ChannelSums]) -> bool {
+/// Float64 values into `sums`: by `exact_f64`'s levels where the CPU runs
+/// them (and the block allows), otherwise by exponent buckets. NaN or ±Inf
+/// anywhere: NonFinite.
+fn accumulate_f64(
+    data: &[f64],
+    layout: &Layout,
+    sums: &mut [ChannelSums],
+) -> Result<(), ExactError> {
     let mut buckets = Buckets::<u128>::new(4096);
+    let mut by_buckets =
+        |values: &[f64], channel: &mut ChannelSums| bucket_block(values, &mut buckets, channel);
+    if let Some(result) = exact_f64::accumulate(data, layout, sums, &mut by_buckets) {
+        return result;
+    }
     let mut finite = true;
     for (c, channel) in sums.iter_mut().enumerate() {
         let mut pending = 0usize;
@@ -366,26 +379,55 @@ fn accumulate_f64(data: &[f64], layout: &Layout, sums: &mut [ChannelSums]) -> bo
                     pending = 0;
                 }
                 pending += chunk.len();
-                let mut special = false;
-                for &x in chunk {
-                    let bits = x.to_bits();
-                    let index = (bits >> 52) as usize;
-                    let exponent = index & 0x7ff;
-                    special |= exponent == 0x7ff;
-                    let significand =
-                        u128::from(bits & 0xf_ffff_ffff_ffff) | (u128::from(exponent != 0) << 52);
-                    if buckets.squares[index] == 0 && significand != 0 {
-                        buckets.touched.push(index);
-                    }
-                    buckets.sum[index] += significand;
-                    buckets.squares[index] += significand * significand;
-                }
-                finite &= !special;
+                finite &= bucket_f64(chunk, &mut buckets);
             }
         }
         flush_f64(&mut buckets, channel);
     }
+    if finite {
+        Ok(())
+    } else {
+        Err(ExactError::NonFinite)
+    }
+}
+
+/// Adds float64 values into a channel's sums by the buckets (emptied
+/// again); false when one is NaN or infinite.
+fn bucket_block(values: &[f64], buckets: &mut Buckets<u128>, channel: &mut ChannelSums) -> bool {
+    let mut finite = true;
+    for chunk in values.chunks(F64_FLUSH_EVERY) {
+        finite &= bucket_f64(chunk, buckets);
+        flush_f64(buckets, channel);
+    }
     finite
+}
+
+/// [`bucket_block`] with buckets of its own: the float64 levels' tests
+/// compare the two paths.
+#[cfg(test)]
+pub(super) fn add_f64_by_buckets(values: &[f64], channel: &mut ChannelSums) -> bool {
+    bucket_block(values, &mut Buckets::new(4096), channel)
+}
+
+/// Adds at most F64_FLUSH_EVERY values into the buckets (with what they
+/// hold since the last flush, at most that many); false when one is NaN or
+/// infinite.
+fn bucket_f64(values: &[f64], buckets: &mut Buckets<u128>) -> bool {
+    let mut special = false;
+    for &x in values {
+        let bits = x.to_bits();
+        let index = (bits >> 52) as usize;
+        let exponent = index & 0x7ff;
+        special |= exponent == 0x7ff;
+        let significand =
+            u128::from(bits & 0xf_ffff_ffff_ffff) | (u128::from(exponent != 0) << 52);
+        if buckets.squares[index] == 0 && significand != 0 {
+            buckets.touched.push(index);
+        }
+        buckets.sum[index] += significand;
+        buckets.squares[index] += significand * significand;
+    }
+    !special
 }
 
 /// Float64 buckets shifted into a channel's wide sums, and emptied.

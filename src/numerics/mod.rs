@@ -12,6 +12,7 @@ pub mod compare;
 pub mod device_data;
 pub mod exact;
 mod exact_f32;
+mod exact_f64;
 pub mod host;
 pub mod merge_stats;
 pub mod state_dict;
