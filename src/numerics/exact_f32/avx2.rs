@@ -20,7 +20,6 @@ fn levels<const LX: usize, const LS: usize>(
         keep[2] as i32,
         keep[3] as i32,
     );
-    let magnitude = _mm_set1_epi32(0x7fff_ffff);
     let mut total = [_mm256_setzero_si256(); LX];
     let mut negative = [_mm256_setzero_si256(); LX];
     let mut squares = [_mm256_setzero_si256(); LS];
@@ -33,7 +32,8 @@ fn levels<const LX: usize, const LS: usize>(
         let bits = _mm_and_si128(_mm_castps_si128(_mm_setr_ps(v[0], v[1], v[2], v[3])), keep);
         // All ones in the lanes of negative values.
         let sign = _mm256_cvtepi32_epi64(_mm_srai_epi32::<31>(bits));
-        let mut a = _mm256_cvtps_pd(_mm_castsi128_ps(_mm_and_si128(bits, magnitude)));
+        // x itself, sign included.
+        let mut a = _mm256_cvtps_pd(_mm_castsi128_ps(bits));
         let mut s = _mm256_mul_pd(a, a);
         negatives = _mm256_sub_epi64(negatives, sign);
         for j in 0..LX {

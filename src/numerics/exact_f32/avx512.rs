@@ -1,5 +1,5 @@
 //! The level kernel for AVX-512: 8 float64 lanes per instruction, the
-//! negative values' sums added under a mask.
+//! negative values' level sums added under a mask.
 
 use std::arch::x86_64::*;
 
@@ -21,7 +21,6 @@ fn levels<const LX: usize, const LS: usize>(
     let cs = constants.cs.each_ref().map(constant);
     let k = keep.map(|k| k as i32);
     let keep = _mm256_setr_epi32(k[0], k[1], k[2], k[3], k[4], k[5], k[6], k[7]);
-    let magnitude = _mm256_set1_epi32(0x7fff_ffff);
     let one = _mm512_set1_epi64(1);
     // An FMA by 1 is an addition rounded once, as `+` is, but it runs on
     // the multiply units: this loop is bound by the CPU's add units (two
@@ -42,7 +41,9 @@ fn levels<const LX: usize, const LS: usize>(
         let bits = _mm256_and_si256(_mm256_castps_si256(values), keep);
         // The lanes of negative values.
         let sign = _mm256_movepi32_mask(bits);
-        let mut a = _mm512_cvtps_pd(_mm256_castsi256_ps(_mm256_and_si256(bits, magnitude)));
+        // x itself, sign included: the levels take negative values as
+        // they take positive ones.
+        let mut a = _mm512_cvtps_pd(_mm256_castsi256_ps(bits));
         negatives = _mm512_mask_add_epi64(negatives, sign, negatives, one);
         // x² first: its first level straight from a (fma(a, a, C) rounds
         // a² + C once, as (a²) + C does: a² is exact), and the first

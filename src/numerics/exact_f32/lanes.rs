@@ -3,7 +3,7 @@
 //! into blocks ([`lanes_build`], compiled once per build around that
 //! build's level kernel).
 
-use super::wide::{ChannelWide, Spill, Wide};
+use super::wide::{ChannelWide, Spill};
 use super::{
     levels_for, ExactError, FIRST_LEVEL_BITS, LEVEL_BITS, MAX_LEVEL_SPAN, X2_LOWEST, X2_UNIT,
     X_LOWEST, X_UNIT,
@@ -48,11 +48,27 @@ pub(super) struct Group<const L: usize> {
 pub(super) fn lane_ranges<const L: usize>(vectors: &Vectors<L>) -> ([u32; L], [u32; L]) {
     let mut high = [0u32; L];
     let mut low = [u32::MAX; L];
-    for vector in vectors.iter() {
+    let mut add = |vector: &[f32; L]| {
         for ((high, low), x) in high.iter_mut().zip(low.iter_mut()).zip(vector) {
             let magnitude = x.to_bits() & 0x7fff_ffff;
             *high = (*high).max(magnitude);
             *low = (*low).min(magnitude.wrapping_sub(1));
+        }
+    };
+    if vectors.stride == L {
+        // Contiguous vectors (the channel runs): a plain loop over the
+        // slice, which compiles to a few vector instructions per vector
+        // (the general iterator below costs several times that).
+        let values = &vectors.values[..(vectors.count * L).min(vectors.values.len())];
+        for vector in values.chunks_exact(L).filter_map(|chunk| chunk.first_chunk::<L>()) {
+            add(vector);
+        }
+        if let Some(tail) = &vectors.tail {
+            add(tail);
+        }
+    } else {
+        for vector in vectors.iter() {
+            add(vector);
         }
     }
     (high, low)
@@ -201,8 +217,9 @@ impl<const L: usize, const LX: usize, const LS: usize> Constants<L, LX, LS> {
 }
 
 /// What a level kernel returns: per lane, `total[j]` and `negative[j]` sum
-/// the raw bits of the j-th level's `|x| + C` over all values and over the
-/// negative ones, `squares[j]` those of `x² + C`, `negatives` counts the
+/// the raw bits of the j-th level's `x + C` (x signed: its level integers
+/// too) over all values and over the negative ones (−0 included: it adds
+/// nothing), `squares[j]` those of `x² + C`, `negatives` counts the
 /// negative values, `count` the vectors (tail included). The constants'
 /// bits are taken off by [`reduce`].
 pub(super) struct LevelSums<const L: usize, const LX: usize, const LS: usize> {
@@ -224,80 +241,28 @@ pub(super) fn reduce<const L: usize, const LX: usize, const LS: usize>(
 ) {
     // Each lane's level sums are exact modulo 2^64 and below 2^63 in
     // magnitude, so the wrapped i64 is the sum.
-    let negative = |j: usize, k: usize| {
-        let constant = constants.cx[j][k].to_bits() as i64;
-        i128::from(sums.negative[j][k].wrapping_sub(constant.wrapping_mul(sums.negatives[k])))
-    };
-    let positive = |j: usize, k: usize| {
-        let constant = constants.cx[j][k].to_bits() as i64;
-        let all = sums.total[j][k].wrapping_sub(constant.wrapping_mul(sums.count));
-        i128::from(all) - negative(j, k)
-    };
-    let square = |j: usize, k: usize| {
-        let constant = constants.cs[j][k].to_bits() as i64;
-        i128::from(sums.squares[j][k].wrapping_sub(constant.wrapping_mul(sums.count)))
-    };
-    let mut lanes = [0usize; L];
-    let mut kept = 0;
-    for k in (0..L).filter(|&k| keep[k] != 0) {
-        lanes[kept] = k;
-        kept += 1;
-    }
-    let lanes = &lanes[..kept];
-    let Some(&first) = lanes.first() else {
-        return;
-    };
-    if lanes.iter().all(|&k| channel[k] == channel[first]) {
-        // One channel (always so for the channel runs): per level, all
-        // lanes at once.
-        let wide = &mut wides[channel[first]];
-        for j in 0..LX {
-            add_lanes(&mut wide.positive, lanes, &constants.qx[j], X_UNIT, |k| positive(j, k));
-            add_lanes(&mut wide.negative, lanes, &constants.qx[j], X_UNIT, |k| negative(j, k));
+    for k in 0..L {
+        if keep[k] == 0 {
+            continue;
         }
-        for j in 0..LS {
-            add_lanes(&mut wide.squares, lanes, &constants.qs[j], X2_UNIT, |k| square(j, k));
-        }
-        return;
-    }
-    for &k in lanes {
         let wide = &mut wides[channel[k]];
         for j in 0..LX {
+            let constant = constants.cx[j][k].to_bits() as i64;
+            let all = sums.total[j][k].wrapping_sub(constant.wrapping_mul(sums.count));
+            let negative =
+                sums.negative[j][k].wrapping_sub(constant.wrapping_mul(sums.negatives[k]));
             let shift = (constants.qx[j][k] - X_UNIT) as u32;
-            wide.positive.add(positive(j, k), shift);
-            wide.negative.add(negative(j, k), shift);
+            // The negative values' levels are their signed integers: the
+            // sum of |x| over them is minus theirs.
+            wide.positive
+                .add(i128::from(all) - i128::from(negative), shift);
+            wide.negative.add(-i128::from(negative), shift);
         }
         for j in 0..LS {
+            let constant = constants.cs[j][k].to_bits() as i64;
+            let sum = sums.squares[j][k].wrapping_sub(constant.wrapping_mul(sums.count));
             wide.squares
-                .add(square(j, k), (constants.qs[j][k] - X2_UNIT) as u32);
-        }
-    }
-}
-
-/// Adds Σ value(k) · 2^unit[k] over `lanes` into `wide` (in units of
-/// 2^sum_unit; every |value| < 2^64): when the units are at most 58 bits
-/// apart, summed in an i128 first (below 8 · 2^64 · 2^58 = 2^125) and
-/// added as its low 64 bits and the rest (below 2^61), two additions
-/// instead of one per lane; otherwise lane by lane.
-#[inline(always)]
-fn add_lanes<const N: usize, const L: usize>(
-    wide: &mut Wide<N>,
-    lanes: &[usize],
-    unit: &[i32; L],
-    sum_unit: i32,
-    value: impl Fn(usize) -> i128,
-) {
-    let Some(low) = lanes.iter().map(|&k| unit[k]).min() else {
-        return;
-    };
-    if lanes.iter().all(|&k| unit[k] - low <= 58) {
-        let total: i128 = lanes.iter().map(|&k| value(k) << (unit[k] - low)).sum();
-        let shift = (low - sum_unit) as u32;
-        wide.add(i128::from(total as u64), shift);
-        wide.add(total >> 64, shift + 64);
-    } else {
-        for &k in lanes {
-            wide.add(value(k), (unit[k] - sum_unit) as u32);
+                .add(i128::from(sum), (constants.qs[j][k] - X2_UNIT) as u32);
         }
     }
 }

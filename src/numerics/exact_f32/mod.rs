@@ -29,9 +29,10 @@
 //! an integer, in the low bits of the sum's representation: `bits(v + C) −
 //! bits(C)` is it exactly, and `v − ((v + C) − C)` is the exact remainder,
 //! at most 2^(q−1) in magnitude (with the default rounding, to nearest). So
-//! the first level takes the 51 bits below the lane's top of every value
-//! as an integer (summed in i64 lanes, branch-free), and the remainders go
-//! to the next level: at most 2^(q−1), so that one takes 52 bits, and so
+//! the first level takes, as an integer, the 51 bits below the lane's top
+//! of every value, sign included (summed in i64 lanes, branch-free, and
+//! the negative values' apart too), and the remainders go to the next
+//! level: at most 2^(q−1), so that one takes 52 bits, and so
 //! on until the lane's smallest bit is reached. The number of levels
 //! follows from the block's widest lane: one for x and two for x² up to 51
 //! bits from the largest magnitude's top bit to the smallest one's lowest
@@ -72,7 +73,7 @@ pub(super) mod wide;
 /// BLOCK/4 + 1 level integers of at most 2^51 (|sum| < 2^62 in an i64),
 /// and at most BLOCK bucket significands (squares sum < 2^12 · 2^48 in a
 /// u64).
-const BLOCK: usize = 4096;
+const BLOCK: usize = 2048;
 /// Runs at least this long are added in place; shorter ones are gathered
 /// into blocks (fewer, fuller blocks).
 const DIRECT_RUN: usize = 512;

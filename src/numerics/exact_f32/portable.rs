@@ -39,7 +39,7 @@ fn step<const LX: usize, const LS: usize>(
     for k in 0..L {
         let bits = vector[k].to_bits() & keep[k];
         sign[k] = i64::from((bits as i32) >> 31);
-        a[k] = f64::from(f32::from_bits(bits & 0x7fff_ffff));
+        a[k] = f64::from(f32::from_bits(bits));
         s[k] = a[k] * a[k];
         sums.negatives[k] -= sign[k];
     }

@@ -398,10 +398,8 @@ fn non_finite_values_are_refused_in_every_column_and_build() {
 #[test]
 fn lanes_of_one_channel_at_far_apart_scales_are_exact() {
     // A channel run puts consecutive values in consecutive lanes: here
-    // value i sits near 2^(step · (i mod 8)) times the smallest, so the
-    // lanes' level units are about `step` orders apart (7 · step across
-    // 8 lanes): added into the channel's sums all together while within
-    // 58 bits of each other, lane by lane beyond.
+    // value i sits near 2^(step · (i mod 8)) times the smallest, so each
+    // lane of a block has its own scale, up to 7 · step orders apart.
     let mut random = Random(31);
     let mut channels = Vec::new();
     for step in [0u32, 1, 7, 8, 9, 15, 30] {

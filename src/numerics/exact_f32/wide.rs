@@ -81,8 +81,8 @@ impl<const N: usize> Wide<N> {
 /// Slots: a batch has at most 2^64 values per channel; |x| < 2^128, so
 /// the sum of x in units of 2^-178 is below 2^370 (12 digits), and the sum
 /// of x² in units of 2^-356 below 2^676 (22 digits); and room for the
-/// highest shift (x: 2^282 from a bucket, 282/32 + 2 < 14; x²: 2^625, the
-/// high half of a one-channel level sum at 2^561, 625/32 + 2 < 22).
+/// highest shift (x: 2^282 from a bucket, 282/32 + 2 < 14; x²: 2^564,
+/// 564/32 + 2 < 22).
 const X_SLOTS: usize = 14;
 const X2_SLOTS: usize = 22;
 
