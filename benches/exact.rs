@@ -10,9 +10,10 @@
 //! thread, medians of repeated rounds, ratios from the same run.
 //!
 //! Every shape runs twice: with values of many magnitudes ("wide", the
-//! slow case of the float32 path: two or three levels for x and four or
-//! five for x² per value) and with plain normal values ("randn", the common
-//! case: one level for x and two for x²).
+//! slow case: for float32 two or three levels for x and four or five for
+//! x² per value, for float64 three for x and five or six for x² and its
+//! FMA remainder) and with plain normal values ("randn", the common case:
+//! float32 one level for x and two for x², float64 two and three).
 //!
 //! Run: `cargo bench --bench exact` (or `-- TEXT`: only the rows whose name
 //! contains TEXT). It reports; it asserts nothing.

@@ -419,8 +419,7 @@ fn bucket_f64(values: &[f64], buckets: &mut Buckets<u128>) -> bool {
         let index = (bits >> 52) as usize;
         let exponent = index & 0x7ff;
         special |= exponent == 0x7ff;
-        let significand =
-            u128::from(bits & 0xf_ffff_ffff_ffff) | (u128::from(exponent != 0) << 52);
+        let significand = u128::from(bits & 0xf_ffff_ffff_ffff) | (u128::from(exponent != 0) << 52);
         if buckets.squares[index] == 0 && significand != 0 {
             buckets.touched.push(index);
         }

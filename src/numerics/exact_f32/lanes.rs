@@ -60,7 +60,10 @@ pub(super) fn lane_ranges<const L: usize>(vectors: &Vectors<L>) -> ([u32; L], [u
         // slice, which compiles to a few vector instructions per vector
         // (the general iterator below costs several times that).
         let values = &vectors.values[..(vectors.count * L).min(vectors.values.len())];
-        for vector in values.chunks_exact(L).filter_map(|chunk| chunk.first_chunk::<L>()) {
+        for vector in values
+            .chunks_exact(L)
+            .filter_map(|chunk| chunk.first_chunk::<L>())
+        {
             add(vector);
         }
         if let Some(tail) = &vectors.tail {
@@ -201,9 +204,8 @@ impl<const L: usize, const LX: usize, const LS: usize> Constants<L, LX, LS> {
         // below the lowest bit a value can have: closer levels are exact
         // too).
         let below = |j: usize| FIRST_LEVEL_BITS + LEVEL_BITS * j as i32;
-        let qx: [[i32; L]; LX] = std::array::from_fn(|j| {
-            std::array::from_fn(|k| (top[k] - below(j)).max(X_LOWEST))
-        });
+        let qx: [[i32; L]; LX] =
+            std::array::from_fn(|j| std::array::from_fn(|k| (top[k] - below(j)).max(X_LOWEST)));
         let qs: [[i32; L]; LS] = std::array::from_fn(|j| {
             std::array::from_fn(|k| (2 * top[k] - below(j)).max(X2_LOWEST))
         });

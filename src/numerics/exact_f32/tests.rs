@@ -138,7 +138,9 @@ fn every_level_count_and_the_buckets_are_exact_at_their_range_boundaries() {
     // range, the extremes always present with full significands.
     let mut random = Random(0x9e37_79b9_7f4a_7c15);
     let mut channels = Vec::new();
-    let boundaries = [51, 52, 53, 54, 55, 77, 78, 79, 80, 81, 103, 104, 105, 106, 107, 120];
+    let boundaries = [
+        51, 52, 53, 54, 55, 77, 78, 79, 80, 81, 103, 104, 105, 106, 107, 120,
+    ];
     for span in (0..=30).chain(boundaries).chain(129..=133) {
         for high in [254u32, 140, span + 1] {
             let low = high - span;

@@ -73,7 +73,11 @@ fn add_block(
     let Some(plan) = plan(high, low)? else {
         return Ok(());
     };
-    let Plan::Levels { top, levels: counts } = plan else {
+    let Plan::Levels {
+        top,
+        levels: counts,
+    } = plan
+    else {
         return if buckets(block, channel) {
             Ok(())
         } else {

@@ -194,13 +194,13 @@ impl<const LX: usize, const LS: usize> LevelSums<LX, LS> {
             return digits(&self.squares, &mut channel.squares, 2 * top, X2_UNIT);
         }
         // Each level sum is below 2^64 in magnitude (8 lanes of < 2^61).
-        for j in 0..LX {
+        for (j, (&positive, &negative)) in positive.iter().zip(&self.negative).enumerate() {
             let shift = unit(top, j, X_UNIT);
-            levels.positive.add(positive[j], shift);
-            levels.negative.add(self.negative[j], shift);
+            levels.positive.add(positive, shift);
+            levels.negative.add(negative, shift);
         }
-        for j in 0..LS {
-            levels.squares.add(self.squares[j], unit(2 * top, j, X2_UNIT));
+        for (j, &square) in self.squares.iter().enumerate() {
+            levels.squares.add(square, unit(2 * top, j, X2_UNIT));
         }
         levels.settle()
     }

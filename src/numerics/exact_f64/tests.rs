@@ -9,7 +9,8 @@ use super::{accumulate, is_supported, LEVELS_MAX_BITS, LEVELS_MIN_BITS};
 /// (of the positive values, of |x| over the negative ones) and 2^-2148
 /// (Σx²): the oracle.
 fn oracle(values: &[f64]) -> (BigUint, BigUint, BigUint) {
-    let (mut positive, mut negative, mut squares) = (BigInt::zero(), BigInt::zero(), BigInt::zero());
+    let (mut positive, mut negative, mut squares) =
+        (BigInt::zero(), BigInt::zero(), BigInt::zero());
     for &x in values {
         let bits = x.to_bits();
         let exponent = ((bits >> 52) & 0x7ff) as usize;
@@ -32,8 +33,16 @@ fn oracle(values: &[f64]) -> (BigUint, BigUint, BigUint) {
 
 fn assert_oracle(got: &ChannelSums, values: &[f64], what: &str) {
     let (positive, negative, squares) = oracle(values);
-    assert_eq!(got.positive.to_biguint(), positive, "{what}: sum of positives");
-    assert_eq!(got.negative.to_biguint(), negative, "{what}: sum of negatives");
+    assert_eq!(
+        got.positive.to_biguint(),
+        positive,
+        "{what}: sum of positives"
+    );
+    assert_eq!(
+        got.negative.to_biguint(),
+        negative,
+        "{what}: sum of negatives"
+    );
     assert_eq!(got.squares.to_biguint(), squares, "{what}: sum of squares");
 }
 
@@ -132,7 +141,11 @@ fn every_level_count_is_exact_at_its_span_boundaries() {
             let values = random.block(len, low, high);
             let (sums, bucketed) = levels_and_buckets(&values);
             assert_eq!(bucketed, 0, "d = {d}, center {center}: the levels take it");
-            assert_oracle(&sums, &values, &format!("d = {d}, center {center}, {len} values"));
+            assert_oracle(
+                &sums,
+                &values,
+                &format!("d = {d}, center {center}, {len} values"),
+            );
         }
     }
     // One order more: the buckets, exactly as well.
@@ -151,10 +164,26 @@ fn the_levels_range_ends_exactly_where_the_buckets_take_over() {
     let smallest = f64::from_bits(LEVELS_MIN_BITS);
     let largest = f64::from_bits(LEVELS_MAX_BITS);
     let cases: [(&str, Vec<f64>, bool); 8] = [
-        ("smallest the levels take", vec![smallest, -smallest * 3.0, smallest * 1e20], true),
-        ("just below it", vec![f64::from_bits(LEVELS_MIN_BITS - 1), smallest * 4.0], false),
-        ("largest the levels take", vec![largest, -largest, largest / 2f64.powi(90)], true),
-        ("2^510", vec![f64::from_bits(LEVELS_MAX_BITS + 1), 1.0], false),
+        (
+            "smallest the levels take",
+            vec![smallest, -smallest * 3.0, smallest * 1e20],
+            true,
+        ),
+        (
+            "just below it",
+            vec![f64::from_bits(LEVELS_MIN_BITS - 1), smallest * 4.0],
+            false,
+        ),
+        (
+            "largest the levels take",
+            vec![largest, -largest, largest / 2f64.powi(90)],
+            true,
+        ),
+        (
+            "2^510",
+            vec![f64::from_bits(LEVELS_MAX_BITS + 1), 1.0],
+            false,
+        ),
         ("float64's largest", vec![f64::MAX, -f64::MAX, 1.0], false),
         ("subnormals", vec![5e-324, -2.5e-310, 1.0, 0.5], false),
         ("zeros only", vec![0.0, -0.0, 0.0], true),
@@ -164,7 +193,11 @@ fn the_levels_range_ends_exactly_where_the_buckets_take_over() {
         let mut values = values;
         // Room for a vector and a tail.
         while values.len() < 11 {
-            values.push(if by_levels { 0.0 } else { random.value(1000, 1040) });
+            values.push(if by_levels {
+                0.0
+            } else {
+                random.value(1000, 1040)
+            });
         }
         let (sums, bucketed) = levels_and_buckets(&values);
         assert_eq!(bucketed == 0, by_levels, "{what}: which path");
@@ -211,7 +244,11 @@ fn channels_of_every_kind_and_layout_match_the_oracle() {
         let sums = ExactSums::of_batch(&batch(&channels, n, l)).unwrap();
         assert_eq!(sums.count, (n * l) as u64);
         for (index, values) in channels.iter().enumerate() {
-            assert_oracle(&sums.channels[index], values, &format!("({n},{c},{l}) channel {index}"));
+            assert_oracle(
+                &sums.channels[index],
+                values,
+                &format!("({n},{c},{l}) channel {index}"),
+            );
         }
     }
 }
@@ -227,7 +264,8 @@ fn cuts_and_orders_give_identical_sums() {
         })
         .collect();
     let sums_of = |values: &[f64]| {
-        ExactSums::of_batch(&Tensor::from_slice(values).reshape([1, 1, values.len() as i64])).unwrap()
+        ExactSums::of_batch(&Tensor::from_slice(values).reshape([1, 1, values.len() as i64]))
+            .unwrap()
     };
     let whole = sums_of(&values);
     assert_oracle(&whole.channels[0], &values, "20000 values");
@@ -268,7 +306,12 @@ fn random_blocks_of_any_range_and_length_match_the_oracle() {
         };
         let len = 1 + (random.next() % 3000) as usize;
         let values = random.block(len, low, high);
-        let sums = ExactSums::of_batch(&Tensor::from_slice(&values).reshape([len as i64, 1])).unwrap();
-        assert_oracle(&sums.channels[0], &values, &format!("case {case}: {low}..={high}, {len} values"));
+        let sums =
+            ExactSums::of_batch(&Tensor::from_slice(&values).reshape([len as i64, 1])).unwrap();
+        assert_oracle(
+            &sums.channels[0],
+            &values,
+            &format!("case {case}: {low}..={high}, {len} values"),
+        );
     }
 }
