@@ -155,18 +155,53 @@ fn applied(
     }
 }
 
-fn fingerprint_of(parts: &[&[u8]]) -> u64 {
-    let mut hasher = crc32fast::Hasher::new();
-    let mut total = 0u64;
-    for part in parts {
-        hasher.update(part);
-        total += part.len() as u64;
-    }
-    (u64::from(hasher.finalize()) << 32) ^ total
+/// A rank's request reduced to a number: the CRC-32 of its bytes and their
+/// total length, to tell the same rank sent twice with other data.
+struct Fingerprint {
+    hasher: crc32fast::Hasher,
+    total: u64,
 }
 
-fn f64_bytes(values: &[f64]) -> Vec<u8> {
-    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+/// Float64 values converted per block when fingerprinted (no copy of the
+/// whole field).
+const FINGERPRINT_BLOCK: usize = 512;
+
+impl Fingerprint {
+    fn new() -> Self {
+        Fingerprint {
+            hasher: crc32fast::Hasher::new(),
+            total: 0,
+        }
+    }
+
+    fn bytes(mut self, part: &[u8]) -> Self {
+        self.hasher.update(part);
+        self.total += part.len() as u64;
+        self
+    }
+
+    /// The values as little-endian bytes, as if they were one byte string.
+    fn doubles(mut self, values: &[f64]) -> Self {
+        let mut block = [0u8; FINGERPRINT_BLOCK * 8];
+        for part in values.chunks(FINGERPRINT_BLOCK) {
+            for (bytes, value) in block.chunks_exact_mut(8).zip(part) {
+                bytes.copy_from_slice(&value.to_le_bytes());
+            }
+            self = self.bytes(&block[..part.len() * 8]);
+        }
+        self
+    }
+
+    fn finish(self) -> u64 {
+        (u64::from(self.hasher.finalize()) << 32) ^ self.total
+    }
+}
+
+fn fingerprint_of(parts: &[&[u8]]) -> u64 {
+    parts
+        .iter()
+        .fold(Fingerprint::new(), |f, part| f.bytes(part))
+        .finish()
 }
 
 fn shard_fingerprint(input: &TensorData) -> u64 {
@@ -877,12 +912,12 @@ fn check_reduction(
             if stats.m2.iter().any(|m2| *m2 < 0.0) {
                 return Err(invalid("m2: values must be >= 0".into()));
             }
-            let fingerprint = fingerprint_of(&[
-                &stats.count.to_le_bytes(),
-                &f64_bytes(&stats.mean),
-                &f64_bytes(&stats.m2),
-                &[u8::from(update_running_stats)],
-            ]);
+            let fingerprint = Fingerprint::new()
+                .bytes(&stats.count.to_le_bytes())
+                .doubles(&stats.mean)
+                .doubles(&stats.m2)
+                .bytes(&[u8::from(update_running_stats)])
+                .finish();
             Ok(Checked::Arrive {
                 contribution: Contribution::Forward {
                     stats,
@@ -905,10 +940,10 @@ fn check_reduction(
             }
             check_len("sum_grad_output", &sum_grad_output)?;
             check_len("sum_grad_output_centered", &sum_grad_output_centered)?;
-            let fingerprint = fingerprint_of(&[
-                &f64_bytes(&sum_grad_output),
-                &f64_bytes(&sum_grad_output_centered),
-            ]);
+            let fingerprint = Fingerprint::new()
+                .doubles(&sum_grad_output)
+                .doubles(&sum_grad_output_centered)
+                .finish();
             Ok(Checked::Arrive {
                 contribution: Contribution::Backward {
                     sum_grad_output,

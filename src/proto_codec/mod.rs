@@ -1,0 +1,130 @@
+//! The gRPC codec of every service and client generated from `proto/`
+//! (`build.rs` names it): prost's messages, with each received message
+//! decoded from one `Bytes` of its own instead of through tonic's decode
+//! buffer. The message's bytes are taken whole (a split of the buffer, no
+//! copy) and prost reads them as a plain slice; `bytes` fields stay slices
+//! of the received message. A malformed message fails as prost's codec fails
+//! it (INTERNAL with prost's text; `transport::status` maps decoding
+//! failures).
+//!
+//! The statistics messages of synchronized steps (ReduceStatistics'
+//! requests and answers, a Forward's `step_statistics`) have their packed
+//! `repeated double` fields read and written whole (`packed`): the same
+//! messages and bytes as prost's, without coding a thousand values one at
+//! a time. Every other message is prost's alone.
+
+mod packed;
+#[cfg(test)]
+mod tests;
+
+use std::any::Any;
+use std::marker::PhantomData;
+
+use bytes::{Buf, BufMut, Bytes};
+use prost::{DecodeError, Message};
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::Status;
+
+use crate::proto::v1 as pb;
+
+/// Encodes `T`, decodes `U` from the message's own bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct WholeMessageCodec<T, U>(PhantomData<(T, U)>);
+
+impl<T, U> Default for WholeMessageCodec<T, U> {
+    fn default() -> Self {
+        WholeMessageCodec(PhantomData)
+    }
+}
+
+impl<T, U> Codec for WholeMessageCodec<T, U>
+where
+    T: Message + Send + 'static,
+    U: Message + Default + Send + 'static,
+{
+    type Encode = T;
+    type Decode = U;
+    type Encoder = PackedEncoder<T>;
+    type Decoder = WholeMessageDecoder<U>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        PackedEncoder(PhantomData)
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        WholeMessageDecoder(PhantomData)
+    }
+}
+
+/// Decodes `U` from the whole message taken as one `Bytes`.
+#[derive(Debug, Clone, Copy)]
+pub struct WholeMessageDecoder<U>(PhantomData<U>);
+
+impl<U: Message + Default + 'static> Decoder for WholeMessageDecoder<U> {
+    type Item = U;
+    type Error = Status;
+
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
+        let message = buf.copy_to_bytes(buf.remaining());
+        decode_message(message)
+            .map(Some)
+            .map_err(|error| Status::internal(error.to_string()))
+    }
+}
+
+/// Encodes `T` as prost does (the same bytes).
+#[derive(Debug, Clone, Copy)]
+pub struct PackedEncoder<T>(PhantomData<T>);
+
+impl<T: Message + 'static> Encoder for PackedEncoder<T> {
+    type Item = T;
+    type Error = Status;
+
+    fn encode(&mut self, item: T, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        buf.reserve(item.encoded_len());
+        encode_message(&item, buf);
+        Ok(())
+    }
+}
+
+/// Decodes one message as prost's `U::decode` would, reading the packed
+/// float64 fields of the statistics messages whole.
+pub fn decode_message<U: Message + Default + 'static>(bytes: Bytes) -> Result<U, DecodeError> {
+    let mut message = U::default();
+    let target: &mut dyn Any = &mut message;
+    let merged = if let Some(m) = target.downcast_mut::<pb::ReduceStatisticsRequest>() {
+        Some(packed::merge_reduce_request(m, bytes.clone()))
+    } else if let Some(m) = target.downcast_mut::<pb::ReduceStatisticsStreamResponse>() {
+        Some(packed::merge_reduce_stream_response(m, bytes.clone()))
+    } else if let Some(m) = target.downcast_mut::<pb::ReduceStatisticsResponse>() {
+        Some(packed::merge_reduce_response(m, bytes.clone()))
+    } else if let Some(m) = target.downcast_mut::<pb::ForwardResponse>() {
+        Some(packed::merge_forward_response(m, bytes.clone()))
+    } else {
+        None
+    };
+    match merged {
+        Some(Some(())) => Ok(message),
+        // Not one of them, or one the fast path would not take whole:
+        // prost's decode (and its error) from the start.
+        _ => U::decode(bytes),
+    }
+}
+
+/// Encodes one message with exactly prost's bytes (`encode_raw`: no length
+/// prefix), writing the packed float64 fields of the statistics messages
+/// whole. `buf` must have room for `message.encoded_len()` bytes or grow.
+pub fn encode_message<T: Message + 'static>(message: &T, buf: &mut impl BufMut) {
+    let source: &dyn Any = message;
+    if let Some(m) = source.downcast_ref::<pb::ReduceStatisticsStreamResponse>() {
+        packed::encode_reduce_stream_response(m, buf);
+    } else if let Some(m) = source.downcast_ref::<pb::ReduceStatisticsResponse>() {
+        packed::encode_reduce_response(m, buf);
+    } else if let Some(m) = source.downcast_ref::<pb::ReduceStatisticsRequest>() {
+        packed::encode_reduce_request(m, buf);
+    } else if let Some(m) = source.downcast_ref::<pb::StepStatistics>() {
+        packed::encode_step_statistics(m, buf);
+    } else {
+        message.encode_raw(buf);
+    }
+}
