@@ -122,6 +122,8 @@ pub fn encode_message<T: Message + 'static>(message: &T, buf: &mut impl BufMut) 
         packed::encode_reduce_response(m, buf);
     } else if let Some(m) = source.downcast_ref::<pb::ReduceStatisticsRequest>() {
         packed::encode_reduce_request(m, buf);
+    } else if let Some(m) = source.downcast_ref::<pb::ForwardResponse>() {
+        packed::encode_forward_response(m, buf);
     } else if let Some(m) = source.downcast_ref::<pb::StepStatistics>() {
         packed::encode_step_statistics(m, buf);
     } else {

@@ -241,6 +241,35 @@ pub(super) fn encode_reduce_stream_response(
     }
 }
 
+pub(super) fn encode_forward_response(message: &pb::ForwardResponse, buf: &mut impl BufMut) {
+    let pb::ForwardResponse {
+        output,
+        version,
+        num_batches_tracked,
+        replayed,
+        step_statistics,
+        output_region,
+    } = message;
+    if let Some(output) = output {
+        prost::encoding::message::encode(1, output, buf);
+    }
+    if *version != 0 {
+        prost::encoding::uint64::encode(2, version, buf);
+    }
+    if *num_batches_tracked != 0 {
+        prost::encoding::int64::encode(3, num_batches_tracked, buf);
+    }
+    if *replayed {
+        prost::encoding::bool::encode(4, replayed, buf);
+    }
+    if let Some(statistics) = step_statistics {
+        put_nested(5, statistics, buf, encode_step_statistics);
+    }
+    if let Some(region) = output_region {
+        prost::encoding::message::encode(10, region, buf);
+    }
+}
+
 pub(super) fn encode_reduce_request(
     message: &pb::ReduceStatisticsRequest,
     buf: &mut impl BufMut,

@@ -215,23 +215,36 @@ fn stream_response() -> impl Strategy<Value = pb::ReduceStatisticsStreamResponse
 }
 
 fn forward_response() -> impl Strategy<Value = pb::ForwardResponse> {
+    let output = prop::option::of(prop::collection::vec(any::<u8>(), 0..64).prop_map(|raw| {
+        pb::Tensor {
+            dtype: pb::DataType::Float32 as i32,
+            shape: vec![raw.len() as i64 / 4],
+            values: Some(pb::tensor::Values::Raw(Bytes::from(raw))),
+        }
+    }));
+    let region = prop::option::of((text(), any::<u64>(), any::<u64>()).prop_map(
+        |(region, offset, byte_size)| pb::SharedMemoryRange {
+            region,
+            offset,
+            byte_size,
+        },
+    ));
     (
-        any::<u64>(),
-        any::<bool>(),
+        output,
+        (any::<u64>(), any::<i64>(), any::<bool>()),
         prop::option::of(step_statistics()),
-        prop::collection::vec(any::<u8>(), 0..64),
+        region,
     )
         .prop_map(
-            |(version, replayed, step_statistics, raw)| pb::ForwardResponse {
-                output: Some(pb::Tensor {
-                    dtype: pb::DataType::Float32 as i32,
-                    shape: vec![raw.len() as i64 / 4],
-                    values: Some(pb::tensor::Values::Raw(Bytes::from(raw))),
-                }),
-                version,
-                replayed,
-                step_statistics,
-                ..Default::default()
+            |(output, (version, num_batches_tracked, replayed), step_statistics, output_region)| {
+                pb::ForwardResponse {
+                    output,
+                    version,
+                    num_batches_tracked,
+                    replayed,
+                    step_statistics,
+                    output_region,
+                }
             },
         )
 }
@@ -418,7 +431,7 @@ proptest! {
     }
 
     #[test]
-    fn other_messages_encode_and_decode_as_prost(reply in forward_response()) {
+    fn forward_replies_encode_and_decode_as_prost(reply in forward_response()) {
         encodes_as_prost(&reply)?;
         decodes_as_prost::<pb::ForwardResponse>(&reply.encode_to_vec())?;
     }

@@ -209,6 +209,20 @@ fn shard_fingerprint(input: &TensorData) -> u64 {
     fingerprint_of(&[&shape, &[input.dtype().code() as u8], input.bytes()])
 }
 
+/// The shard with its bytes where libtorch reads them in place (aligned to
+/// the element size): copied once here when they are not (they may be a
+/// slice of an HTTP/2 frame at any offset), instead of once in each of the
+/// rank's two computations (its statistics, then its normalization).
+fn aligned(input: TensorData) -> TensorData {
+    let itemsize = input.dtype().itemsize();
+    if itemsize == 0 || (input.bytes().as_ptr() as usize).is_multiple_of(itemsize) {
+        return input;
+    }
+    let bytes = bytes::Bytes::from(input.bytes().to_vec());
+    TensorData::from_raw("input", input.dtype(), input.shape().to_vec(), bytes, u64::MAX)
+        .unwrap_or(input)
+}
+
 /// A rank's refusal as its error.
 fn refused(refused: Refused) -> SessionError {
     match refused {
@@ -254,21 +268,51 @@ fn failure_of(error: &SessionError) -> Failure {
     }
 }
 
-/// (C,) values of an optional state tensor as float64.
+/// (C,) values of an optional state tensor as float64: one copy out of a
+/// float32 or float64 tensor (brought to the host by that copy), widened
+/// here; a step's commit makes as few libtorch calls as it can, since every
+/// rank waits for it.
 fn values(tensor: Option<&tch::Tensor>) -> Result<Option<Vec<f64>>, NumericsError> {
     let Some(tensor) = tensor else {
         return Ok(None);
     };
-    let host = tensor
-        .f_to_kind(tch::Kind::Double)?
-        .f_to_device(tch::Device::Cpu)?;
-    Ok(Some(Vec::<f64>::try_from(&host)?))
+    let numel = tensor.numel();
+    let values = match tensor.f_kind()? {
+        tch::Kind::Double => {
+            let mut values = vec![0f64; numel];
+            tensor.f_copy_data(&mut values, numel)?;
+            values
+        }
+        tch::Kind::Float => {
+            let mut narrow = vec![0f32; numel];
+            tensor.f_copy_data(&mut narrow, numel)?;
+            narrow.into_iter().map(f64::from).collect()
+        }
+        _ => {
+            let host = tensor
+                .f_to_kind(tch::Kind::Double)?
+                .f_to_device(tch::Device::Cpu)?;
+            Vec::<f64>::try_from(&host)?
+        }
+    };
+    Ok(Some(values))
 }
 
+/// (C,) float64 values as a state tensor of the session's dtype and device
+/// (float32 narrowed here, rounding to nearest as libtorch's conversion does).
 fn per_channel(values: &[f64], info: &SessionInfo) -> Result<tch::Tensor, NumericsError> {
-    Ok(tch::Tensor::f_from_slice(values)?
-        .f_to_kind(info.config.param_dtype.kind())?
-        .f_to_device(info.device)?)
+    let tensor = match info.config.param_dtype.kind() {
+        tch::Kind::Double => tch::Tensor::f_from_slice(values)?,
+        tch::Kind::Float => {
+            let narrow: Vec<f32> = values.iter().map(|v| *v as f32).collect();
+            tch::Tensor::f_from_slice(&narrow)?
+        }
+        kind => tch::Tensor::f_from_slice(values)?.f_to_kind(kind)?,
+    };
+    if info.device == tch::Device::Cpu {
+        return Ok(tensor);
+    }
+    Ok(tensor.f_to_device(info.device)?)
 }
 
 /// Whose step a commit is: Forward ranks normalize their shards with the
@@ -386,7 +430,7 @@ impl Registry {
     ) -> Result<StepForwardOutcome, SessionError> {
         let StepForward { forward, spec } = command;
         // A step's shards travel through its rendezvous as host bytes.
-        let Some(host_input) = forward.input.as_host().cloned() else {
+        let Some(mut host_input) = forward.input.as_host().cloned() else {
             return Err(NumericsError::invalid(
                 "input_region",
                 "a synchronized step takes its shard as host bytes, not as device memory",
@@ -423,6 +467,7 @@ impl Registry {
                 reject_non_finite,
                 timeout,
             }) => {
+                host_input = aligned(host_input);
                 let input = host_input.clone();
                 let (device, _) = placement.ok_or_else(not_checked)?;
                 self.pool
@@ -889,7 +934,9 @@ fn check_reduction(
                 values.len()
             )));
         }
-        if values.iter().any(|v| !v.is_finite()) {
+        // Branch-free folds: they vectorize (a few thousand values per rank,
+        // checked under the session's lock).
+        if !values.iter().fold(true, |all, v| all & v.is_finite()) {
             return Err(invalid(format!("{field}: values must be finite")));
         }
         Ok(())
@@ -909,7 +956,7 @@ fn check_reduction(
             }
             check_len("mean", &stats.mean)?;
             check_len("m2", &stats.m2)?;
-            if stats.m2.iter().any(|m2| *m2 < 0.0) {
+            if stats.m2.iter().fold(false, |any, m2| any | (*m2 < 0.0)) {
                 return Err(invalid("m2: values must be >= 0".into()));
             }
             let fingerprint = Fingerprint::new()
