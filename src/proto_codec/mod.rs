@@ -91,24 +91,30 @@ impl<T: Message + 'static> Encoder for PackedEncoder<T> {
 /// float64 fields of the statistics messages whole.
 pub fn decode_message<U: Message + Default + 'static>(bytes: Bytes) -> Result<U, DecodeError> {
     let mut message = U::default();
-    let target: &mut dyn Any = &mut message;
-    let merged = if let Some(m) = target.downcast_mut::<pb::ReduceStatisticsRequest>() {
-        Some(packed::merge_reduce_request(m, bytes.clone()))
-    } else if let Some(m) = target.downcast_mut::<pb::ReduceStatisticsStreamResponse>() {
-        Some(packed::merge_reduce_stream_response(m, bytes.clone()))
-    } else if let Some(m) = target.downcast_mut::<pb::ReduceStatisticsResponse>() {
-        Some(packed::merge_reduce_response(m, bytes.clone()))
-    } else if let Some(m) = target.downcast_mut::<pb::ForwardResponse>() {
-        Some(packed::merge_forward_response(m, bytes.clone()))
-    } else {
-        None
-    };
-    match merged {
-        Some(Some(())) => Ok(message),
-        // Not one of them, or one the fast path would not take whole:
-        // prost's decode (and its error) from the start.
-        _ => U::decode(bytes),
+    if merge_packed(&mut message, bytes.clone()).is_some() {
+        return Ok(message);
     }
+    // Not one of them, or one the fast path would not take whole: prost's
+    // decode (and its error) from the start.
+    U::decode(bytes)
+}
+
+/// `Some` when `message` is one of the statistics messages and the fast
+/// path merged all of `bytes` into it.
+fn merge_packed(message: &mut dyn Any, bytes: Bytes) -> Option<()> {
+    if let Some(m) = message.downcast_mut::<pb::ReduceStatisticsRequest>() {
+        return packed::merge_reduce_request(m, bytes);
+    }
+    if let Some(m) = message.downcast_mut::<pb::ReduceStatisticsStreamResponse>() {
+        return packed::merge_reduce_stream_response(m, bytes);
+    }
+    if let Some(m) = message.downcast_mut::<pb::ReduceStatisticsResponse>() {
+        return packed::merge_reduce_response(m, bytes);
+    }
+    if let Some(m) = message.downcast_mut::<pb::ForwardResponse>() {
+        return packed::merge_forward_response(m, bytes);
+    }
+    None
 }
 
 /// Encodes one message with exactly prost's bytes (`encode_raw`: no length

@@ -139,7 +139,12 @@ pub(super) fn merge_reduce_stream_response(
 
 pub(super) fn merge_forward_response(message: &mut pb::ForwardResponse, buf: Bytes) -> Option<()> {
     merge_with(message, buf, |m, tag, wire_type, buf| match tag {
-        5 => merge_nested(wire_type, &mut m.step_statistics, buf, merge_step_statistics),
+        5 => merge_nested(
+            wire_type,
+            &mut m.step_statistics,
+            buf,
+            merge_step_statistics,
+        ),
         _ => Some(false),
     })
 }
@@ -176,8 +181,7 @@ fn put_nested<M: Message, B: BufMut>(
     encode_raw(message, buf);
 }
 
-pub(super) fn encode_step_statistics(
-    message: &pb::StepStatistics, buf: &mut impl BufMut) {
+pub(super) fn encode_step_statistics(message: &pb::StepStatistics, buf: &mut impl BufMut) {
     let pb::StepStatistics {
         step,
         count,
@@ -270,10 +274,7 @@ pub(super) fn encode_forward_response(message: &pb::ForwardResponse, buf: &mut i
     }
 }
 
-pub(super) fn encode_reduce_request(
-    message: &pb::ReduceStatisticsRequest,
-    buf: &mut impl BufMut,
-) {
+pub(super) fn encode_reduce_request(message: &pb::ReduceStatisticsRequest, buf: &mut impl BufMut) {
     let pb::ReduceStatisticsRequest {
         session_id,
         step,

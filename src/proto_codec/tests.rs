@@ -8,9 +8,9 @@
 //! with a byte changed.
 
 use bytes::Bytes;
+use proptest::prelude::*;
 use prost::encoding::{encode_key, encode_varint, WireType};
 use prost::Message;
-use proptest::prelude::*;
 
 use super::{decode_message, encode_message, packed};
 use crate::proto::v1 as pb;
@@ -215,13 +215,14 @@ fn stream_response() -> impl Strategy<Value = pb::ReduceStatisticsStreamResponse
 }
 
 fn forward_response() -> impl Strategy<Value = pb::ForwardResponse> {
-    let output = prop::option::of(prop::collection::vec(any::<u8>(), 0..64).prop_map(|raw| {
-        pb::Tensor {
-            dtype: pb::DataType::Float32 as i32,
-            shape: vec![raw.len() as i64 / 4],
-            values: Some(pb::tensor::Values::Raw(Bytes::from(raw))),
-        }
-    }));
+    let output =
+        prop::option::of(
+            prop::collection::vec(any::<u8>(), 0..64).prop_map(|raw| pb::Tensor {
+                dtype: pb::DataType::Float32 as i32,
+                shape: vec![raw.len() as i64 / 4],
+                values: Some(pb::tensor::Values::Raw(Bytes::from(raw))),
+            }),
+        );
     let region = prop::option::of((text(), any::<u64>(), any::<u64>()).prop_map(
         |(region, offset, byte_size)| pb::SharedMemoryRange {
             region,
@@ -267,8 +268,8 @@ fn pieces_of(
         .boxed();
     }
     if let Some((tag, inner)) = nested {
-        piece = prop_oneof![3 => piece, 1 => inner.prop_map(move |p| Piece::Nested(tag, p))]
-            .boxed();
+        piece =
+            prop_oneof![3 => piece, 1 => inner.prop_map(move |p| Piece::Nested(tag, p))].boxed();
     }
     prop::collection::vec(piece, 0..6).boxed()
 }

@@ -219,8 +219,14 @@ fn aligned(input: TensorData) -> TensorData {
         return input;
     }
     let bytes = bytes::Bytes::from(input.bytes().to_vec());
-    TensorData::from_raw("input", input.dtype(), input.shape().to_vec(), bytes, u64::MAX)
-        .unwrap_or(input)
+    TensorData::from_raw(
+        "input",
+        input.dtype(),
+        input.shape().to_vec(),
+        bytes,
+        u64::MAX,
+    )
+    .unwrap_or(input)
 }
 
 /// A rank's refusal as its error.
