@@ -1,11 +1,22 @@
 //! The gRPC codec of every service and client generated from `proto/`
-//! (`build.rs` names it): prost's messages, with each received message
+//! (`build.rs` names it): prost's messages, each sent message encoded into
+//! room reserved for its whole length first, and each received message
 //! decoded from one `Bytes` of its own instead of through tonic's decode
 //! buffer. The message's bytes are taken whole (a split of the buffer, no
 //! copy) and prost reads them as a plain slice; `bytes` fields stay slices
-//! of the received message. A malformed message fails as prost's codec fails
-//! it (INTERNAL with prost's text; `transport::status` maps decoding
+//! of the received message. A malformed message fails as prost's codec
+//! fails it (INTERNAL with prost's text; `transport::status` maps decoding
 //! failures).
+//!
+//! Why the reservation: prost writes a message field by field into tonic's
+//! encode buffer (8 KiB at first), which grows as a `Vec` does. A 16 MiB
+//! tensor's bytes grow it to exactly their size, and the next field's first
+//! byte then doubles it to 32 MiB: above glibc's largest mmap threshold, so
+//! every such call mapped 32 MiB afresh, copied 16 MiB into it and
+//! faulted its pages in (how often depended on the allocator's history:
+//! the load generator sending 16 MiB requests slowed by about a third after
+//! a run of 1 MiB calls). Reserving `encoded_len` first grows the buffer
+//! once, to the message's size.
 //!
 //! The statistics messages of synchronized steps (ReduceStatistics'
 //! requests and answers, a Forward's `step_statistics`) have their packed
@@ -44,11 +55,11 @@ where
 {
     type Encode = T;
     type Decode = U;
-    type Encoder = PackedEncoder<T>;
+    type Encoder = SizedEncoder<T>;
     type Decoder = WholeMessageDecoder<U>;
 
     fn encoder(&mut self) -> Self::Encoder {
-        PackedEncoder(PhantomData)
+        SizedEncoder(PhantomData)
     }
 
     fn decoder(&mut self) -> Self::Decoder {
@@ -72,11 +83,12 @@ impl<U: Message + Default + 'static> Decoder for WholeMessageDecoder<U> {
     }
 }
 
-/// Encodes `T` as prost does (the same bytes).
+/// Encodes `T` as prost does (the same bytes), after reserving its encoded
+/// length.
 #[derive(Debug, Clone, Copy)]
-pub struct PackedEncoder<T>(PhantomData<T>);
+pub struct SizedEncoder<T>(PhantomData<T>);
 
-impl<T: Message + 'static> Encoder for PackedEncoder<T> {
+impl<T: Message + 'static> Encoder for SizedEncoder<T> {
     type Item = T;
     type Error = Status;
 
