@@ -209,8 +209,8 @@ pub fn encode_reply(mut response: pb::ForwardResponse, limit: usize) -> Result<V
     let mut head = BytesMut::with_capacity(head_len);
     head.put_u8(0);
     head.put_u32(message_len as u32);
-    // Encoding into a buffer with room for it cannot fail.
-    let _ = response.encode(&mut head);
+    // A step's statistics (packed float64) written whole; prost's bytes.
+    crate::proto_codec::encode_message(&response, &mut head);
     head.put_u8(OUTPUT_KEY);
     let _ = prost::encode_length_delimiter(tensor_len, &mut head);
     let _ = output.encode(&mut head);
@@ -227,7 +227,7 @@ fn encode_whole(response: &pb::ForwardResponse, limit: usize) -> Result<Vec<Byte
     let mut buf = BytesMut::with_capacity(PREFIX_BYTES + message_len);
     buf.put_u8(0);
     buf.put_u32(message_len as u32);
-    let _ = response.encode(&mut buf);
+    crate::proto_codec::encode_message(response, &mut buf);
     let mut whole = buf.freeze();
     if whole.len() > PIECED_REPLY_BYTES {
         return Ok(vec![whole]);

@@ -9,6 +9,8 @@ no partial step, and ReduceStatistics matches the same oracle."""
 
 import math
 import threading
+import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -18,7 +20,7 @@ import torch
 from normserve.v1 import batch_norm_pb2 as bn, batch_norm_pb2_grpc
 
 import wire
-from conftest import ServerProcess
+from conftest import ServerProcess, free_port
 from sessions import KINDS, get
 
 TRAIN = bn.MODE_TRAIN
@@ -248,26 +250,67 @@ def test_a_wrong_rank_or_world_size_fails_the_step_for_the_others(bn_stub, case,
     assert get(bn_stub, session.session_id).version == session.version
 
 
-def test_a_client_that_goes_away_while_waiting_counts_as_missing(bn_stub):
-    module = torch.nn.BatchNorm1d(2).train()
-    session = create(bn_stub, "1d", module, step_timeout=1.0)
-    shards = [torch.randn(2, 2), torch.randn(3, 2)]
-    requests = [step_request(session.session_id, s, 1, 2, r) for r, s in enumerate(shards)]
-    # Rank 0 gives up (its own deadline) before rank 1 arrives: without the
-    # withdrawal rank 1 would complete the step with rank 0's shard.
-    with pytest.raises(grpc.RpcError) as gone:
-        bn_stub.Forward(requests[0], timeout=0.3)
-    assert gone.value.code() in (grpc.StatusCode.ABORTED, grpc.StatusCode.DEADLINE_EXCEEDED)
-    [reply] = run_ranks(bn_stub, [requests[1]])
-    assert reply.code() == grpc.StatusCode.ABORTED
-    assert "rank 0" in reply.details()
-    assert get(bn_stub, session.session_id).version == session.version
-    future = bn_stub.Forward.future(requests[0], timeout=30)
-    future.cancel()
-    [reply] = run_ranks(bn_stub, [requests[1]])
-    assert reply.code() == grpc.StatusCode.ABORTED and "rank 0" in reply.details()
-    replies = run_ranks(bn_stub, requests)
-    assert_step_matches(replies, shards, module, 1)
+def metric(metrics_port, name):
+    """The sum of a metric's samples on the server's /metrics."""
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith((name + "{", name + " ")))
+
+
+def finished_requests(metrics_port):
+    """The server's count of gRPC requests it has finished (any status)."""
+    return metric(metrics_port, "normserve_requests_total")
+
+
+def await_finished(metrics_port, count):
+    """Waits until the server has finished `count` requests: a request it
+    has finished has left any barrier it waited at (the waiter is dropped
+    with the request). The client's own deadline or cancel says nothing of
+    when the server notices, and a rank sent before that would complete the
+    step with the departed rank's shard."""
+    deadline = time.monotonic() + 30
+    while finished_requests(metrics_port) < count:
+        assert time.monotonic() < deadline, "the server never finished the abandoned request"
+        time.sleep(0.01)
+
+
+def test_a_client_that_goes_away_while_waiting_counts_as_missing():
+    metrics_port = free_port()
+    server = ServerProcess("--metrics-addr", f"127.0.0.1:{metrics_port}")
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = batch_norm_pb2_grpc.BatchNormServiceStub(channel)
+            module = torch.nn.BatchNorm1d(2).train()
+            session = create(stub, "1d", module, step_timeout=1.0)
+            shards = [torch.randn(2, 2), torch.randn(3, 2)]
+            requests = [step_request(session.session_id, s, 1, 2, r) for r, s in enumerate(shards)]
+            # Rank 0 gives up (its own deadline) before rank 1 arrives: without the
+            # withdrawal rank 1 would complete the step with rank 0's shard.
+            done = finished_requests(metrics_port)
+            with pytest.raises(grpc.RpcError) as gone:
+                stub.Forward(requests[0], timeout=0.3)
+            assert gone.value.code() in (grpc.StatusCode.ABORTED, grpc.StatusCode.DEADLINE_EXCEEDED)
+            await_finished(metrics_port, done + 1)
+            [reply] = run_ranks(stub, [requests[1]])
+            assert reply.code() == grpc.StatusCode.ABORTED
+            assert "rank 0" in reply.details()
+            assert get(stub, session.session_id).version == session.version
+            # The same with a caller that cancels.
+            done = finished_requests(metrics_port)
+            future = stub.Forward.future(requests[0], timeout=30)
+            deadline = time.monotonic() + 30
+            while metric(metrics_port, "normserve_inflight_requests") < 1:  # rank 0 is at the server
+                assert time.monotonic() < deadline and not future.done()
+                time.sleep(0.01)
+            future.cancel()
+            await_finished(metrics_port, done + 1)
+            [reply] = run_ranks(stub, [requests[1]])
+            assert reply.code() == grpc.StatusCode.ABORTED and "rank 0" in reply.details()
+            replies = run_ranks(stub, requests)
+            assert_step_matches(replies, shards, module, 1)
+    finally:
+        assert server.stop() == 0
 
 
 def stats_request(session_id, shard, step, world_size, rank, update=True):

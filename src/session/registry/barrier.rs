@@ -67,6 +67,34 @@ pub enum Contribution {
     },
 }
 
+impl Contribution {
+    /// Moves the values out for the commit, leaving what later arrivals of
+    /// the step are still compared with (`agrees`: the kind, the flag, the
+    /// shape): the step's statistics are not copied while its lock is held.
+    fn take_values(&mut self) -> Contribution {
+        let hollow = match self {
+            Contribution::Forward {
+                shape,
+                update_running_stats,
+                ..
+            } => Contribution::Forward {
+                stats: ShardStats {
+                    count: 0,
+                    mean: Vec::new(),
+                    m2: Vec::new(),
+                },
+                shape: shape.clone(),
+                update_running_stats: *update_running_stats,
+            },
+            Contribution::Backward { .. } => Contribution::Backward {
+                sum_grad_output: Vec::new(),
+                sum_grad_output_centered: Vec::new(),
+            },
+        };
+        std::mem::replace(self, hollow)
+    }
+}
+
 /// How a step failed, as every rank of it is told.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Failure {
@@ -543,9 +571,9 @@ impl<T: Send + Sync + 'static, P: Send + Sync + 'static> Barriers<T, P> {
         open.committing = true;
         let contributions = open
             .arrivals
-            .iter()
+            .iter_mut()
             .flatten()
-            .map(|a| a.contribution.clone())
+            .map(|a| a.contribution.take_values())
             .collect();
         let bytes: u64 = open.arrivals.iter().flatten().map(|a| a.bytes).sum();
         inner.waiting_bytes = inner.waiting_bytes.saturating_sub(bytes);

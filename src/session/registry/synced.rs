@@ -155,23 +155,78 @@ fn applied(
     }
 }
 
-fn fingerprint_of(parts: &[&[u8]]) -> u64 {
-    let mut hasher = crc32fast::Hasher::new();
-    let mut total = 0u64;
-    for part in parts {
-        hasher.update(part);
-        total += part.len() as u64;
-    }
-    (u64::from(hasher.finalize()) << 32) ^ total
+/// A rank's request reduced to a number: the CRC-32 of its bytes and their
+/// total length, to tell the same rank sent twice with other data.
+struct Fingerprint {
+    hasher: crc32fast::Hasher,
+    total: u64,
 }
 
-fn f64_bytes(values: &[f64]) -> Vec<u8> {
-    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+/// Float64 values converted per block when fingerprinted (no copy of the
+/// whole field).
+const FINGERPRINT_BLOCK: usize = 512;
+
+impl Fingerprint {
+    fn new() -> Self {
+        Fingerprint {
+            hasher: crc32fast::Hasher::new(),
+            total: 0,
+        }
+    }
+
+    fn bytes(mut self, part: &[u8]) -> Self {
+        self.hasher.update(part);
+        self.total += part.len() as u64;
+        self
+    }
+
+    /// The values as little-endian bytes, as if they were one byte string.
+    fn doubles(mut self, values: &[f64]) -> Self {
+        let mut block = [0u8; FINGERPRINT_BLOCK * 8];
+        for part in values.chunks(FINGERPRINT_BLOCK) {
+            for (bytes, value) in block.chunks_exact_mut(8).zip(part) {
+                bytes.copy_from_slice(&value.to_le_bytes());
+            }
+            self = self.bytes(&block[..part.len() * 8]);
+        }
+        self
+    }
+
+    fn finish(self) -> u64 {
+        (u64::from(self.hasher.finalize()) << 32) ^ self.total
+    }
+}
+
+fn fingerprint_of(parts: &[&[u8]]) -> u64 {
+    parts
+        .iter()
+        .fold(Fingerprint::new(), |f, part| f.bytes(part))
+        .finish()
 }
 
 fn shard_fingerprint(input: &TensorData) -> u64 {
     let shape: Vec<u8> = input.shape().iter().flat_map(|d| d.to_le_bytes()).collect();
     fingerprint_of(&[&shape, &[input.dtype().code() as u8], input.bytes()])
+}
+
+/// The shard with its bytes where libtorch reads them in place (aligned to
+/// the element size): copied once here when they are not (they may be a
+/// slice of an HTTP/2 frame at any offset), instead of once in each of the
+/// rank's two computations (its statistics, then its normalization).
+fn aligned(input: TensorData) -> TensorData {
+    let itemsize = input.dtype().itemsize();
+    if itemsize == 0 || (input.bytes().as_ptr() as usize).is_multiple_of(itemsize) {
+        return input;
+    }
+    let bytes = bytes::Bytes::from(input.bytes().to_vec());
+    TensorData::from_raw(
+        "input",
+        input.dtype(),
+        input.shape().to_vec(),
+        bytes,
+        u64::MAX,
+    )
+    .unwrap_or(input)
 }
 
 /// A rank's refusal as its error.
@@ -219,21 +274,51 @@ fn failure_of(error: &SessionError) -> Failure {
     }
 }
 
-/// (C,) values of an optional state tensor as float64.
+/// (C,) values of an optional state tensor as float64: one copy out of a
+/// float32 or float64 tensor (brought to the host by that copy), widened
+/// here; a step's commit makes as few libtorch calls as it can, since every
+/// rank waits for it.
 fn values(tensor: Option<&tch::Tensor>) -> Result<Option<Vec<f64>>, NumericsError> {
     let Some(tensor) = tensor else {
         return Ok(None);
     };
-    let host = tensor
-        .f_to_kind(tch::Kind::Double)?
-        .f_to_device(tch::Device::Cpu)?;
-    Ok(Some(Vec::<f64>::try_from(&host)?))
+    let numel = tensor.numel();
+    let values = match tensor.f_kind()? {
+        tch::Kind::Double => {
+            let mut values = vec![0f64; numel];
+            tensor.f_copy_data(&mut values, numel)?;
+            values
+        }
+        tch::Kind::Float => {
+            let mut narrow = vec![0f32; numel];
+            tensor.f_copy_data(&mut narrow, numel)?;
+            narrow.into_iter().map(f64::from).collect()
+        }
+        _ => {
+            let host = tensor
+                .f_to_kind(tch::Kind::Double)?
+                .f_to_device(tch::Device::Cpu)?;
+            Vec::<f64>::try_from(&host)?
+        }
+    };
+    Ok(Some(values))
 }
 
+/// (C,) float64 values as a state tensor of the session's dtype and device
+/// (float32 narrowed here, rounding to nearest as libtorch's conversion does).
 fn per_channel(values: &[f64], info: &SessionInfo) -> Result<tch::Tensor, NumericsError> {
-    Ok(tch::Tensor::f_from_slice(values)?
-        .f_to_kind(info.config.param_dtype.kind())?
-        .f_to_device(info.device)?)
+    let tensor = match info.config.param_dtype.kind() {
+        tch::Kind::Double => tch::Tensor::f_from_slice(values)?,
+        tch::Kind::Float => {
+            let narrow: Vec<f32> = values.iter().map(|v| *v as f32).collect();
+            tch::Tensor::f_from_slice(&narrow)?
+        }
+        kind => tch::Tensor::f_from_slice(values)?.f_to_kind(kind)?,
+    };
+    if info.device == tch::Device::Cpu {
+        return Ok(tensor);
+    }
+    Ok(tensor.f_to_device(info.device)?)
 }
 
 /// Whose step a commit is: Forward ranks normalize their shards with the
@@ -351,7 +436,7 @@ impl Registry {
     ) -> Result<StepForwardOutcome, SessionError> {
         let StepForward { forward, spec } = command;
         // A step's shards travel through its rendezvous as host bytes.
-        let Some(host_input) = forward.input.as_host().cloned() else {
+        let Some(mut host_input) = forward.input.as_host().cloned() else {
             return Err(NumericsError::invalid(
                 "input_region",
                 "a synchronized step takes its shard as host bytes, not as device memory",
@@ -388,6 +473,7 @@ impl Registry {
                 reject_non_finite,
                 timeout,
             }) => {
+                host_input = aligned(host_input);
                 let input = host_input.clone();
                 let (device, _) = placement.ok_or_else(not_checked)?;
                 self.pool
@@ -854,7 +940,9 @@ fn check_reduction(
                 values.len()
             )));
         }
-        if values.iter().any(|v| !v.is_finite()) {
+        // Branch-free folds: they vectorize (a few thousand values per rank,
+        // checked under the session's lock).
+        if !values.iter().fold(true, |all, v| all & v.is_finite()) {
             return Err(invalid(format!("{field}: values must be finite")));
         }
         Ok(())
@@ -874,15 +962,15 @@ fn check_reduction(
             }
             check_len("mean", &stats.mean)?;
             check_len("m2", &stats.m2)?;
-            if stats.m2.iter().any(|m2| *m2 < 0.0) {
+            if stats.m2.iter().fold(false, |any, m2| any | (*m2 < 0.0)) {
                 return Err(invalid("m2: values must be >= 0".into()));
             }
-            let fingerprint = fingerprint_of(&[
-                &stats.count.to_le_bytes(),
-                &f64_bytes(&stats.mean),
-                &f64_bytes(&stats.m2),
-                &[u8::from(update_running_stats)],
-            ]);
+            let fingerprint = Fingerprint::new()
+                .bytes(&stats.count.to_le_bytes())
+                .doubles(&stats.mean)
+                .doubles(&stats.m2)
+                .bytes(&[u8::from(update_running_stats)])
+                .finish();
             Ok(Checked::Arrive {
                 contribution: Contribution::Forward {
                     stats,
@@ -905,10 +993,10 @@ fn check_reduction(
             }
             check_len("sum_grad_output", &sum_grad_output)?;
             check_len("sum_grad_output_centered", &sum_grad_output_centered)?;
-            let fingerprint = fingerprint_of(&[
-                &f64_bytes(&sum_grad_output),
-                &f64_bytes(&sum_grad_output_centered),
-            ]);
+            let fingerprint = Fingerprint::new()
+                .doubles(&sum_grad_output)
+                .doubles(&sum_grad_output_centered)
+                .finish();
             Ok(Checked::Arrive {
                 contribution: Contribution::Backward {
                     sum_grad_output,
@@ -917,6 +1005,54 @@ fn check_reduction(
                 fingerprint,
                 timeout,
             })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{fingerprint_of, Fingerprint, FINGERPRINT_BLOCK};
+
+    /// The values as one byte string, built here value by value.
+    fn le_bytes(values: &[f64]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for value in values {
+            out.extend_from_slice(&value.to_le_bytes());
+        }
+        out
+    }
+
+    #[test]
+    fn a_fingerprint_fed_in_blocks_is_the_crc_of_the_whole_byte_string() {
+        // Lengths around the block size, NaN payloads and signed zeros:
+        // the same number a replica computing it from one copy gets.
+        for len in [
+            0,
+            1,
+            FINGERPRINT_BLOCK - 1,
+            FINGERPRINT_BLOCK,
+            3 * FINGERPRINT_BLOCK + 5,
+        ] {
+            let values: Vec<f64> = (0..len as u64)
+                .map(|i| match i % 4 {
+                    0 => f64::from_bits(0x7ff8_0000_0000_0000 | i),
+                    1 => -0.0,
+                    _ => i as f64 * 0.1,
+                })
+                .collect();
+            let mut whole = 7i64.to_le_bytes().to_vec();
+            whole.extend(le_bytes(&values));
+            whole.push(1);
+            let mut crc = crc32fast::Hasher::new();
+            crc.update(&whole);
+            let expected = (u64::from(crc.finalize()) << 32) ^ whole.len() as u64;
+            let blocks = Fingerprint::new()
+                .bytes(&7i64.to_le_bytes())
+                .doubles(&values)
+                .bytes(&[1])
+                .finish();
+            assert_eq!(blocks, expected, "{len} values");
+            assert_eq!(fingerprint_of(&[&whole]), expected);
         }
     }
 }
