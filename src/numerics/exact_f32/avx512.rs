@@ -83,9 +83,10 @@ fn levels<const LX: usize, const LS: usize>(
     }
 }
 
+/// The eight 64-bit lanes of `v`, in order (the float64 kernel's too).
 #[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw")]
 #[inline]
-fn lanes(v: __m512i) -> [i64; L] {
+pub(in crate::numerics) fn lanes(v: __m512i) -> [i64; L] {
     let (low, high) = (_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64::<1>(v));
     [
         _mm256_extract_epi64::<0>(low),

@@ -64,7 +64,7 @@ use super::exact::{ChannelSums, ExactError, Layout};
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
-mod avx512;
+pub(super) mod avx512;
 mod lanes;
 mod portable;
 pub(super) mod wide;

@@ -4,6 +4,7 @@
 use std::arch::x86_64::*;
 
 use super::super::exact::{ChannelSums, ExactError, Layout};
+use super::super::exact_f32::avx512::lanes;
 use super::{constants, plan, ChannelLevels, LevelSums, Plan, BLOCK, DIRECT_RUN};
 
 const L: usize = 8;
@@ -218,20 +219,4 @@ fn add_levels<const LX: usize, const LS: usize>(
             level(squares[j], cs[j], [per_value * count; L])
         }),
     }
-}
-
-#[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw")]
-#[inline]
-fn lanes(v: __m512i) -> [i64; L] {
-    let (low, high) = (_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64::<1>(v));
-    [
-        _mm256_extract_epi64::<0>(low),
-        _mm256_extract_epi64::<1>(low),
-        _mm256_extract_epi64::<2>(low),
-        _mm256_extract_epi64::<3>(low),
-        _mm256_extract_epi64::<0>(high),
-        _mm256_extract_epi64::<1>(high),
-        _mm256_extract_epi64::<2>(high),
-        _mm256_extract_epi64::<3>(high),
-    ]
 }
