@@ -106,28 +106,42 @@ pub(super) fn borrow(
     }))
 }
 
+/// Where a contiguous, non-empty CPU tensor of `kind` keeps its values of
+/// type `T`, and how many there are; `None` for any other tensor, or one
+/// whose data pointer is null or not aligned for `T`.
+fn contiguous_values<T>(
+    tensor: &Tensor,
+    kind: tch::Kind,
+) -> Result<Option<(*mut T, usize)>, NumericsError> {
+    let numel = tensor.numel();
+    let data = tensor.data_ptr() as *mut T;
+    if tensor.device() != Device::Cpu
+        || tensor.f_kind()? != kind
+        || !tensor.is_contiguous()
+        || numel == 0
+        || data.is_null()
+        || !(data as usize).is_multiple_of(std::mem::align_of::<T>())
+    {
+        return Ok(None);
+    }
+    Ok(Some((data, numel)))
+}
+
 /// Runs `f` over a contiguous float32 CPU tensor's values in place, or
 /// returns `None` for any other tensor.
 pub(super) fn with_f32_values<R>(
     tensor: &Tensor,
     f: impl FnOnce(&[f32]) -> R,
 ) -> Result<Option<R>, NumericsError> {
-    let numel = tensor.numel();
-    let data = tensor.data_ptr() as *const f32;
-    if tensor.device() != Device::Cpu
-        || tensor.f_kind()? != tch::Kind::Float
-        || !tensor.is_contiguous()
-        || numel == 0
-        || data.is_null()
-        || !(data as usize).is_multiple_of(std::mem::align_of::<f32>())
-    {
+    let Some((data, numel)) = contiguous_values::<f32>(tensor, tch::Kind::Float)? else {
         return Ok(None);
-    }
+    };
     // SAFETY: a contiguous float32 CPU tensor of `numel` elements starts at
-    // `data` (non-null, aligned, checked above); `tensor` is borrowed for the
-    // whole call, so its storage stays alive, and `f` only reads.
+    // `data` (non-null, aligned, checked by `contiguous_values`); `tensor` is
+    // borrowed for the whole call, so its storage stays alive, and `f` only
+    // reads.
     #[allow(unsafe_code)]
-    let values = unsafe { std::slice::from_raw_parts(data, numel) };
+    let values = unsafe { std::slice::from_raw_parts(data.cast_const(), numel) };
     Ok(Some(f(values)))
 }
 
@@ -137,22 +151,15 @@ pub(super) fn with_f64_values<R>(
     tensor: &Tensor,
     f: impl FnOnce(&[f64]) -> R,
 ) -> Result<Option<R>, NumericsError> {
-    let numel = tensor.numel();
-    let data = tensor.data_ptr() as *const f64;
-    if tensor.device() != Device::Cpu
-        || tensor.f_kind()? != tch::Kind::Double
-        || !tensor.is_contiguous()
-        || numel == 0
-        || data.is_null()
-        || !(data as usize).is_multiple_of(std::mem::align_of::<f64>())
-    {
+    let Some((data, numel)) = contiguous_values::<f64>(tensor, tch::Kind::Double)? else {
         return Ok(None);
-    }
+    };
     // SAFETY: as in `with_f32_values`: a contiguous float64 CPU tensor of
-    // `numel` elements starts at `data` (non-null, aligned, checked above),
-    // `tensor` is borrowed for the whole call, and `f` only reads.
+    // `numel` elements starts at `data` (non-null, aligned, checked by
+    // `contiguous_values`), `tensor` is borrowed for the whole call, and `f`
+    // only reads.
     #[allow(unsafe_code)]
-    let values = unsafe { std::slice::from_raw_parts(data, numel) };
+    let values = unsafe { std::slice::from_raw_parts(data.cast_const(), numel) };
     Ok(Some(f(values)))
 }
 
@@ -179,22 +186,14 @@ pub(super) fn with_f32_values_mut<R>(
     tensor: &Tensor,
     fill: impl FnOnce(&mut [f32]) -> R,
 ) -> Result<Option<R>, NumericsError> {
-    let numel = tensor.numel();
-    let data = tensor.data_ptr() as *mut f32;
-    if tensor.device() != Device::Cpu
-        || tensor.f_kind()? != tch::Kind::Float
-        || !tensor.is_contiguous()
-        || numel == 0
-        || data.is_null()
-        || !(data as usize).is_multiple_of(std::mem::align_of::<f32>())
-    {
+    let Some((data, numel)) = contiguous_values::<f32>(tensor, tch::Kind::Float)? else {
         return Ok(None);
-    }
+    };
     // SAFETY: a contiguous float32 CPU tensor of `numel` elements starts at
-    // `data` (non-null, aligned, checked above); `tensor` is borrowed for the
-    // whole call, so its storage (or the external memory an OutputTensor
-    // keeps) stays alive; and by the contract above no other handle reads or
-    // writes it meanwhile.
+    // `data` (non-null, aligned, checked by `contiguous_values`); `tensor` is
+    // borrowed for the whole call, so its storage (or the external memory an
+    // OutputTensor keeps) stays alive; and by the contract above no other
+    // handle reads or writes it meanwhile.
     #[allow(unsafe_code)]
     let values = unsafe { std::slice::from_raw_parts_mut(data, numel) };
     Ok(Some(fill(values)))
