@@ -121,9 +121,13 @@ async fn zero_max_concurrent_requests_sheds_nothing() {
     drop(open);
 }
 
+/// Repeats in a batch large enough to be computed on a blocking thread
+/// (a repeat is 32 bytes of input), where a cancelled caller can go away
+/// while its step runs.
+const BLOCKING_REPEATS: usize = normserve::compute::INLINE_BYTES / 32 * 2;
+
 /// (4 × `repeats`, 2) float32 rows cycling through the four rows of
-/// `batch(4, 2)`: channel means -1.5 and -1.0 whatever `repeats` is. Large
-/// enough that its statistics run on a blocking compute thread.
+/// `batch(4, 2)`: channel means -1.5 and -1.0 whatever `repeats` is.
 fn repeated_batch(repeats: usize) -> pb::Tensor {
     let rows = [[-3.0f32, -2.5], [-2.0, -1.5], [-1.0, -0.5], [0.0, 0.5]];
     let values: Vec<f32> = (0..repeats)
@@ -162,7 +166,7 @@ async fn cancelled_forwards_are_applied_whole_or_not_at_all() {
         // A connection per call: cancellations reset streams, and h2 closes a
         // connection that sees many resets (rapid-reset protection).
         let mut client = server.batch_norm().await;
-        let request = train(&id, repeated_batch(4096));
+        let request = train(&id, repeated_batch(BLOCKING_REPEATS));
         // Deadlines from 0 to about 5 ms: some calls are cancelled before they
         // are sent, some while queued, some during compute, some not at all.
         let patience = std::time::Duration::from_micros((i % 12) * 400);
@@ -195,7 +199,7 @@ async fn cancelled_forwards_are_applied_whole_or_not_at_all() {
     );
     assert!(acknowledged.iter().all(|&k| k <= steps));
     let last = client
-        .forward(train(&id, repeated_batch(4096)))
+        .forward(train(&id, repeated_batch(BLOCKING_REPEATS)))
         .await
         .unwrap()
         .into_inner();
@@ -214,7 +218,7 @@ async fn forwards_whose_deadline_has_passed_are_not_computed() {
     // A 1 ns grpc-timeout has passed by the time the server handles the call:
     // small (inline) and large (blocking-thread) train steps alike must fail
     // without moving the session.
-    for input in [batch(4, 2), repeated_batch(4096)] {
+    for input in [batch(4, 2), repeated_batch(BLOCKING_REPEATS)] {
         for _ in 0..20 {
             let mut request = tonic::Request::new(train(&id, input.clone()));
             request.set_timeout(std::time::Duration::from_nanos(1));
