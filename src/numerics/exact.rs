@@ -326,11 +326,89 @@ pub(super) struct Layout {
     pub(super) inner: usize,
 }
 
+/// One block of a channel's values (see [`Layout::walk_blocks`]).
+pub(super) struct Block<'a, T> {
+    pub(super) channel: usize,
+    pub(super) values: &'a [T],
+    /// The values read next (at most a block's worth; empty after a
+    /// gathered block): the kernels ask the CPU to fetch them meanwhile.
+    pub(super) ahead: &'a [T],
+    /// The channel's last block (possibly empty).
+    pub(super) last: bool,
+}
+
 impl Layout {
     /// The contiguous runs of channel `c`'s values: one per sample.
     pub(super) fn runs<'a, T>(&self, data: &'a [T], c: usize) -> impl Iterator<Item = &'a [T]> {
         let (inner, stride) = (self.inner, self.channels * self.inner);
         (0..self.batch).map(move |n| &data[n * stride + c * inner..n * stride + (c + 1) * inner])
+    }
+
+    /// Hands `data`'s values to `add` channel after channel, in blocks of
+    /// at most `block` values: a run of at least `direct` values in place,
+    /// shorter runs gathered (copied) into full blocks; every channel ends
+    /// with one block marked `last`. Inlined into each SIMD kernel, whose
+    /// closure it calls with the kernel's CPU features.
+    #[inline(always)]
+    pub(super) fn walk_blocks<T: Copy, E>(
+        &self,
+        data: &[T],
+        block: usize,
+        direct: usize,
+        mut add: impl FnMut(Block<'_, T>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let (inner, stride) = (self.inner, self.channels * self.inner);
+        // The first block's worth of values from `start`: what comes next.
+        let from = |start: usize| &data[start.min(data.len())..(start + block).min(data.len())];
+        let mut gathered: Vec<T> = Vec::with_capacity(block);
+        for channel in 0..self.channels {
+            gathered.clear();
+            for n in 0..self.batch {
+                let start = n * stride + channel * inner;
+                let run = &data[start..start + inner];
+                if run.len() >= direct {
+                    // Next: this run's next block, or the next run of this
+                    // channel (or the first of the next channel).
+                    let next_run = if n + 1 < self.batch {
+                        start + stride
+                    } else {
+                        (channel + 1) * inner
+                    };
+                    for (i, values) in run.chunks(block).enumerate() {
+                        let next = if (i + 1) * block < inner {
+                            start + (i + 1) * block
+                        } else {
+                            next_run
+                        };
+                        let ahead = from(next);
+                        add(Block {
+                            channel,
+                            values,
+                            ahead,
+                            last: false,
+                        })?;
+                    }
+                    continue;
+                }
+                if gathered.len() + run.len() > block {
+                    add(Block {
+                        channel,
+                        values: &gathered,
+                        ahead: &[],
+                        last: false,
+                    })?;
+                    gathered.clear();
+                }
+                gathered.extend_from_slice(run);
+            }
+            add(Block {
+                channel,
+                values: &gathered,
+                ahead: &[],
+                last: true,
+            })?;
+        }
+        Ok(())
     }
 }
 

@@ -329,40 +329,9 @@ macro_rules! lanes_build {
                 }
                 return Ok(());
             }
-            let (inner, stride) = (layout.inner, layout.channels * layout.inner);
-            let mut gathered: Vec<f32> = Vec::with_capacity(BLOCK);
-            for c in 0..layout.channels {
-                gathered.clear();
-                for n in 0..layout.batch {
-                    let start = n * stride + c * inner;
-                    let run = &data[start..start + inner];
-                    if run.len() >= DIRECT_RUN {
-                        // Next: this run's next block, or the next run of
-                        // this channel (or the first of the next channel).
-                        let next_run = if n + 1 < layout.batch {
-                            start + stride
-                        } else {
-                            (c + 1) * inner
-                        };
-                        for (i, block) in run.chunks(BLOCK).enumerate() {
-                            let next = if (i + 1) * BLOCK < inner {
-                                start + (i + 1) * BLOCK
-                            } else {
-                                next_run
-                            };
-                            add_channel_block(block, c, from(next), wides, spill)?;
-                        }
-                        continue;
-                    }
-                    if gathered.len() + run.len() > BLOCK {
-                        add_channel_block(&gathered, c, &[], wides, spill)?;
-                        gathered.clear();
-                    }
-                    gathered.extend_from_slice(run);
-                }
-                add_channel_block(&gathered, c, &[], wides, spill)?;
-            }
-            Ok(())
+            layout.walk_blocks(data, BLOCK, DIRECT_RUN, |block| {
+                add_channel_block(block.values, block.channel, block.ahead, wides, spill)
+            })
         }
 
         /// Adds one block of channel `channel`'s values: consecutive

@@ -18,44 +18,15 @@ pub(super) fn accumulate(
     sums: &mut [ChannelSums],
     buckets: &mut dyn FnMut(&[f64], &mut ChannelSums) -> bool,
 ) -> Result<(), ExactError> {
-    let (inner, stride) = (layout.inner, layout.channels * layout.inner);
-    // The first block's worth of values from `start`: what comes next.
-    let from = |start: usize| &data[start.min(data.len())..(start + BLOCK).min(data.len())];
-    let mut gathered: Vec<f64> = Vec::with_capacity(BLOCK);
-    let mut levels = ChannelLevels::new(layout.batch * inner);
-    for (c, channel) in sums.iter_mut().enumerate() {
-        gathered.clear();
-        for n in 0..layout.batch {
-            let start = n * stride + c * inner;
-            let run = &data[start..start + inner];
-            if run.len() >= DIRECT_RUN {
-                // Next: this run's next block, or the next run of this
-                // channel (or the first of the next channel).
-                let next_run = if n + 1 < layout.batch {
-                    start + stride
-                } else {
-                    (c + 1) * inner
-                };
-                for (i, block) in run.chunks(BLOCK).enumerate() {
-                    let next = if (i + 1) * BLOCK < inner {
-                        start + (i + 1) * BLOCK
-                    } else {
-                        next_run
-                    };
-                    add_block(block, from(next), channel, &mut levels, buckets)?;
-                }
-                continue;
-            }
-            if gathered.len() + run.len() > BLOCK {
-                add_block(&gathered, &[], channel, &mut levels, buckets)?;
-                gathered.clear();
-            }
-            gathered.extend_from_slice(run);
+    let mut levels = ChannelLevels::new(layout.batch * layout.inner);
+    layout.walk_blocks(data, BLOCK, DIRECT_RUN, |block| {
+        let channel = &mut sums[block.channel];
+        add_block(block.values, block.ahead, channel, &mut levels, buckets)?;
+        if block.last {
+            levels.add_into(channel)?;
         }
-        add_block(&gathered, &[], channel, &mut levels, buckets)?;
-        levels.add_into(channel)?;
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 /// Adds one block (at most BLOCK values) of a channel: by levels into
