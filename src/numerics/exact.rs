@@ -346,9 +346,10 @@ impl Layout {
 
     /// Hands `data`'s values to `add` channel after channel, in blocks of
     /// at most `block` values: a run of at least `direct` values in place,
-    /// shorter runs gathered (copied) into full blocks; every channel ends
-    /// with one block marked `last`. Inlined into each SIMD kernel, whose
-    /// closure it calls with the kernel's CPU features.
+    /// shorter runs gathered (copied) into full blocks; one channel's runs
+    /// follow each other, so they are read in place as one. Every channel
+    /// ends with one block marked `last`. Inlined into each SIMD kernel,
+    /// whose closure it calls with the kernel's CPU features.
     #[inline(always)]
     pub(super) fn walk_blocks<T: Copy, E>(
         &self,
@@ -357,19 +358,24 @@ impl Layout {
         direct: usize,
         mut add: impl FnMut(Block<'_, T>) -> Result<(), E>,
     ) -> Result<(), E> {
-        let (inner, stride) = (self.inner, self.channels * self.inner);
+        let (batch, inner) = if self.channels == 1 {
+            (1, self.batch * self.inner)
+        } else {
+            (self.batch, self.inner)
+        };
+        let stride = self.channels * inner;
         // The first block's worth of values from `start`: what comes next.
         let from = |start: usize| &data[start.min(data.len())..(start + block).min(data.len())];
         let mut gathered: Vec<T> = Vec::with_capacity(block);
         for channel in 0..self.channels {
             gathered.clear();
-            for n in 0..self.batch {
+            for n in 0..batch {
                 let start = n * stride + channel * inner;
                 let run = &data[start..start + inner];
-                if run.len() >= direct {
+                if run.len() >= direct || batch == 1 {
                     // Next: this run's next block, or the next run of this
                     // channel (or the first of the next channel).
-                    let next_run = if n + 1 < self.batch {
+                    let next_run = if n + 1 < batch {
                         start + stride
                     } else {
                         (channel + 1) * inner

@@ -320,15 +320,6 @@ macro_rules! lanes_build {
             wides: &mut [ChannelWide],
             spill: &mut Spill,
         ) -> Result<(), ExactError> {
-            // The first block's worth of values from `start`: what comes next.
-            let from = |start: usize| &data[start.min(data.len())..(start + BLOCK).min(data.len())];
-            if layout.channels == 1 {
-                // One channel: its runs are one.
-                for (i, block) in data.chunks(BLOCK).enumerate() {
-                    add_channel_block(block, 0, from((i + 1) * BLOCK), wides, spill)?;
-                }
-                return Ok(());
-            }
             layout.walk_blocks(data, BLOCK, DIRECT_RUN, |block| {
                 add_channel_block(block.values, block.channel, block.ahead, wides, spill)
             })

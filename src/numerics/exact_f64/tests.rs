@@ -219,6 +219,9 @@ fn channels_of_every_kind_and_layout_match_the_oracle() {
         (3, 2, 512),
         (2, 3, 4097),
         (1, 1, 10_000),
+        // One channel: its short runs read as one run.
+        (40, 1, 70),
+        (1, 3, 100),
         // More values per channel than WIDE_FROM: the sums through the
         // wide integers.
         (4, 2, 5000),
