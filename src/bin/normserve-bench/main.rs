@@ -10,9 +10,11 @@
 //!
 //! This file parses the flags, runs each scenario (`rounds`, then
 //! `baseline`) and hands the figures to `report`; `scenarios` names the
-//! work, `target` is the server under test.
+//! work, `target` is the server under test, `disk` measures the floor a
+//! durable commit stands on.
 
 mod baseline;
+mod disk;
 mod report;
 mod rounds;
 mod scenarios;
@@ -143,6 +145,13 @@ fn main() {
     let server = runtime.block_on(target::server_description(&target));
     report::print_header(&settings, &server);
     let mut reports = Vec::new();
+    // The data directory of a started server with --durability sync that
+    // ran a scenario (the second server, or the first when the arguments
+    // after `--` chose sync).
+    let mut sync_dir: Option<PathBuf> = None;
+    let first_is_sync = server["features"]
+        .as_array()
+        .is_some_and(|features| features.iter().any(|f| f == "durability:sync"));
     for scenario in &selected {
         // With --addr, or a durability given after `--`, every scenario runs
         // against the one server.
@@ -157,6 +166,14 @@ fn main() {
         } else {
             (&target, server_pid.clone())
         };
+        let durability = if separate || first_is_sync {
+            Durability::Sync
+        } else {
+            Durability::None
+        };
+        if durability == Durability::Sync {
+            sync_dir = sync_dir.or_else(|| target.data_dir().map(PathBuf::from));
+        }
         let rounds = runtime.block_on(rounds::service_rounds(
             target,
             scenario,
@@ -169,9 +186,19 @@ fn main() {
             baseline::in_process_rounds(scenario, device, &args.device, args.rounds, duration);
         let figures = Figures::new(&rounds, &baseline, pid.is_some());
         report::print_row(scenario, &figures);
-        reports.push(report::scenario_json(scenario, &figures, &rounds));
+        reports.push(report::scenario_json(
+            scenario, durability, &figures, &rounds,
+        ));
     }
     report::print_notes(&reports);
+    let disk_floor = match &sync_dir {
+        Some(dir) => {
+            let floor = disk::durable_write_floor(dir);
+            report::print_disk_floor(&floor);
+            floor
+        }
+        None => Value::Null,
+    };
     let memory = match (&server_pid, args.idle_sessions) {
         (Some(pid), count) if count > 0 => {
             let value = runtime.block_on(target::idle_sessions(&target, pid, count));
@@ -180,7 +207,7 @@ fn main() {
         }
         _ => Value::Null,
     };
-    let document = report::document(&settings, server, memory, reports);
+    let document = report::document(&settings, server, memory, disk_floor, reports);
     report::write_json(&document, &args.json);
     // Close the client connections first, so the server drains at once.
     drop(runtime);

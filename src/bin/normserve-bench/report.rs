@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 
 use crate::fatal;
 use crate::rounds::Round;
-use crate::scenarios::Scenario;
+use crate::scenarios::{Durability, Scenario};
 
 /// The settings of a run, as the report states them.
 pub struct RunSettings<'a> {
@@ -123,12 +123,19 @@ pub fn print_row(scenario: &Scenario, figures: &Figures) {
 }
 
 /// The scenario's entry in the JSON report, with every round.
-pub fn scenario_json(scenario: &Scenario, figures: &Figures, rounds: &[Round]) -> Value {
+/// `durability`: the one of the server that ran it (the arguments after
+/// `--`, or a server at `--addr`, may differ from the scenario's own).
+pub fn scenario_json(
+    scenario: &Scenario,
+    durability: Durability,
+    figures: &Figures,
+    rounds: &[Round],
+) -> Value {
     let bytes = scenario.input_bytes();
     json!({
         "scenario": scenario.name,
         "description": scenario.what,
-        "durability": scenario.durability.flag(),
+        "durability": durability.flag(),
         "shape": scenario.shape,
         "mode": if scenario.train { "train" } else { "eval" },
         "input_bytes": bytes,
@@ -201,11 +208,43 @@ pub fn print_memory(memory: &Value, count: usize) {
     );
 }
 
+/// The disk line, from `disk::durable_write_floor`'s figures.
+pub fn print_disk_floor(floor: &Value) {
+    if let Some(error) = floor["error"].as_str() {
+        println!(
+            "disk: durable writes not measured in {}: {error}",
+            floor["dir"]
+        );
+        return;
+    }
+    let sizes: Vec<String> = floor["sizes"]
+        .as_array()
+        .map(|sizes| {
+            sizes
+                .iter()
+                .map(|s| {
+                    format!(
+                        "{} KiB p50 {:.0} µs (p99 {:.0})",
+                        s["bytes"].as_u64().unwrap_or(0) / 1024,
+                        s["p50_us"].as_f64().unwrap_or(f64::NAN),
+                        s["p99_us"].as_f64().unwrap_or(f64::NAN),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    println!(
+        "disk: one write made durable (pwrite + fdatasync) in the sync server's data directory: {}; whatever the store, a scenario's p50 at sync is at least its p50 at none plus this",
+        sizes.join(", ")
+    );
+}
+
 /// The whole JSON report.
 pub fn document(
     settings: &RunSettings,
     server: Value,
     memory: Value,
+    disk_floor: Value,
     scenarios: Vec<Value>,
 ) -> Value {
     let stream_ratio = calls_ratio(&scenarios, "stream_small", "latency_1k");
@@ -220,6 +259,7 @@ pub fn document(
         "stream_over_unary": stream_ratio,
         "stream_over_unary_sync": stream_ratio_sync,
         "idle_sessions": memory,
+        "disk_floor": disk_floor,
         "scenarios": scenarios,
     })
 }

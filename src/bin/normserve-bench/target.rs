@@ -100,6 +100,11 @@ impl Target {
         }
     }
 
+    /// The data directory of a server started here (none for `--addr`).
+    pub fn data_dir(&self) -> Option<&Path> {
+        self.data_dir.as_deref()
+    }
+
     /// The process id of a server started here (none for `--addr`).
     pub fn server_pid(&self) -> Option<String> {
         self.server.as_ref().map(|c| c.id().to_string())
