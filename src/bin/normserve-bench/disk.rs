@@ -1,6 +1,7 @@
 //! The disk's floor under `--durability sync`: how long one write takes to
-//! become durable (`pwrite` + `fdatasync` of 4 KiB and of 32 KiB, a step
-//! record's size for 1024 channels) in the data directory of the server
+//! become durable (`pwrite` + `fdatasync` of 4 KiB, and of 32 KiB: the
+//! redb page that holds a 1024-channel session's record) in the data
+//! directory of the server
 //! under test. No store, whatever its design, can answer a durable commit
 //! sooner than this, so a `_sync` scenario's p50 minus its `--durability
 //! none` twin's p50 reads against it. Measured after the scenarios, so it
