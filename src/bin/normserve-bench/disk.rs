@@ -2,10 +2,10 @@
 //! become durable (`pwrite` + `fdatasync` of 4 KiB, and of 32 KiB: the
 //! redb page that holds a 1024-channel session's record) in the data
 //! directory of the server
-//! under test. No store, whatever its design, can answer a durable commit
-//! sooner than this, so a `_sync` scenario's p50 minus its `--durability
-//! none` twin's p50 reads against it. Measured after the scenarios, so it
-//! does not compete with them; it talks to no server.
+//! under test. No store, whatever its design, makes a commit durable
+//! sooner than this, so the difference between a `_sync` scenario and its
+//! `--durability none` twin reads against it. Measured after the
+//! scenarios, so it does not compete with them; it talks to no server.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;

@@ -213,7 +213,7 @@ pub fn print_disk_floor(floor: &Value) {
     if let Some(error) = floor["error"].as_str() {
         println!(
             "disk: durable writes not measured in {}: {error}",
-            floor["dir"]
+            floor["dir"].as_str().unwrap_or("?")
         );
         return;
     }
@@ -234,7 +234,7 @@ pub fn print_disk_floor(floor: &Value) {
         })
         .unwrap_or_default();
     println!(
-        "disk: one write made durable (pwrite + fdatasync) in the sync server's data directory: {}; whatever the store, a scenario's p50 at sync is at least its p50 at none plus this",
+        "disk: one write made durable (pwrite + fdatasync) in the sync server's data directory: {}; no store makes a write durable sooner",
         sizes.join(", ")
     );
 }

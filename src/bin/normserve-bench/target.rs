@@ -54,10 +54,16 @@ impl Target {
     /// Starts the server on an ephemeral port with a data directory of its
     /// own and reads its address from its first line of output.
     pub fn start(command: &ServerCommand) -> Target {
-        let data_dir = std::env::temp_dir().join(format!(
-            "normserve-bench-{}-{}",
-            std::process::id(),
+        // Named after the durability the bench asks for; "given" when the
+        // arguments after `--` choose it.
+        let durability_name = if command.durability_given() {
+            "given"
+        } else {
             command.durability
+        };
+        let data_dir = std::env::temp_dir().join(format!(
+            "normserve-bench-{}-{durability_name}",
+            std::process::id(),
         ));
         let durability = if command.durability_given() {
             vec![]
