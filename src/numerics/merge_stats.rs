@@ -150,19 +150,33 @@ fn native_two_pass(values: &[f32], channels: usize, inner: usize) -> (Vec<f64>, 
 }
 
 /// The shards' statistics merged in the order given (rank order), for
-/// `channels` channels.
-pub fn merge<'a>(channels: usize, shards: impl IntoIterator<Item = &'a ShardStats>) -> GlobalStats {
+/// `channels` channels. The counts come from clients (ReduceStatistics), so
+/// their sum is checked: more than `i64::MAX` values per channel is
+/// refused rather than wrapped into a negative count.
+pub fn merge<'a>(
+    channels: usize,
+    shards: impl IntoIterator<Item = &'a ShardStats>,
+) -> Result<GlobalStats, NumericsError> {
     let mut total = ShardStats::empty(channels);
     for shard in shards {
+        if total.count.checked_add(shard.count).is_none() {
+            return Err(NumericsError::invalid(
+                "count",
+                format!(
+                    "the ranks' counts add up to more than {} values per channel",
+                    i64::MAX
+                ),
+            ));
+        }
         total.absorb(shard);
     }
     let n = total.count as f64;
-    GlobalStats {
+    Ok(GlobalStats {
         count: total.count,
         var: total.m2.iter().map(|m2| m2 / n).collect(),
         unbiased_var: total.m2.iter().map(|m2| m2 / (n - 1.0)).collect(),
         mean: total.mean,
-    }
+    })
 }
 
 /// PyTorch's `_verify_batch_size` on the global batch: one value per channel
@@ -316,7 +330,7 @@ mod tests {
         let all: Vec<f64> = shards.concat();
         let (mean, m2) = two_pass(&all);
         let stats: Vec<ShardStats> = shards.iter().map(|s| shard(s)).collect();
-        let global = merge(1, &stats);
+        let global = merge(1, &stats).unwrap();
         assert_eq!(global.count, all.len() as i64);
         assert!(
             (global.mean[0] - mean).abs() <= 1e-15 * mean.abs(),
@@ -387,18 +401,18 @@ mod tests {
     fn merge_order_is_rank_order_not_arrival_order() {
         let a = shard(&values(1, 9, 0.5, 1.0));
         let b = shard(&values(2, 4, 100.0, 1.0));
-        let forward = merge(1, [&a, &b]);
-        let backward = merge(1, [&b, &a]);
+        let forward = merge(1, [&a, &b]).unwrap();
+        let backward = merge(1, [&b, &a]).unwrap();
         // Same value up to rounding, but a deterministic order is what makes
         // every replica compute the identical bits.
         assert!((forward.mean[0] - backward.mean[0]).abs() < 1e-12);
-        assert_eq!(merge(1, [&a, &b]), forward);
+        assert_eq!(merge(1, [&a, &b]).unwrap(), forward);
     }
 
     #[test]
     fn one_value_per_channel_in_the_global_batch_is_refused() {
         let one = shard(&[3.0]);
-        let global = merge(1, [&ShardStats::empty(1), &one]);
+        let global = merge(1, [&ShardStats::empty(1), &one]).unwrap();
         assert_eq!(global.count, 1);
         assert!(global.unbiased_var[0].is_nan());
         let error = check_global_count(global.count, &[1, 1]).unwrap_err();
@@ -409,8 +423,37 @@ mod tests {
 
     #[test]
     fn an_empty_global_batch_keeps_the_running_statistics() {
-        let global = merge(2, [&ShardStats::empty(2)]);
+        let global = merge(2, [&ShardStats::empty(2)]).unwrap();
         let (mean, var) = updated_running_stats(&[1.0, 2.0], &[3.0, 4.0], &global, 0.1);
         assert_eq!((mean, var), (vec![1.0, 2.0], vec![3.0, 4.0]));
+    }
+
+    #[test]
+    fn counts_that_add_up_past_i64_max_are_refused_not_wrapped() {
+        let huge = ShardStats {
+            count: i64::MAX,
+            mean: vec![1.0],
+            m2: vec![1.0],
+        };
+        let one = ShardStats {
+            count: 1,
+            mean: vec![2.0],
+            m2: vec![0.0],
+        };
+        for shards in [[&huge, &huge], [&huge, &one], [&one, &huge]] {
+            let error = merge(1, shards).unwrap_err();
+            assert!(error.to_string().contains("add up to more than"), "{error}");
+        }
+        // i64::MAX itself is a count (the sum of two halves of it).
+        let half = ShardStats {
+            count: i64::MAX / 2,
+            mean: vec![1.0],
+            m2: vec![1.0],
+        };
+        let rest = ShardStats {
+            count: i64::MAX - i64::MAX / 2,
+            ..half.clone()
+        };
+        assert_eq!(merge(1, [&half, &rest]).unwrap().count, i64::MAX);
     }
 }

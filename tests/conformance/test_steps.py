@@ -367,6 +367,130 @@ def test_reduce_statistics_gives_the_concatenations_statistics_and_updates_once(
     assert get(bn_stub, session.session_id).version == session.version + 2
 
 
+def test_counts_that_add_up_past_int64_fail_the_step_and_apply_nothing(bn_stub):
+    # Each count is a valid int64; their sum is not (Python's integers are
+    # the oracle), so the step must fail rather than wrap into a negative count.
+    int64_max = 2**63 - 1
+    session = create(bn_stub, "1d", torch.nn.BatchNorm1d(3), step_timeout=30)
+    for counts in ([int64_max, int64_max], [int64_max, 1], [2**62, 2**62]):
+        assert sum(counts) > int64_max
+        requests = [bn.ReduceStatisticsRequest(
+            session_id=session.session_id, step=bn.StepSpec(step=1, world_size=2, rank=r),
+            phase=bn.REDUCE_PHASE_FORWARD, count=count, mean=[1.0, 2.0, 3.0], m2=[1.0, 1.0, 1.0],
+            update_running_stats=True) for r, count in enumerate(counts)]
+        replies = run_ranks(bn_stub, requests, method="ReduceStatistics")
+        for reply in replies:
+            assert isinstance(reply, grpc.RpcError), reply
+            assert reply.code() == grpc.StatusCode.INVALID_ARGUMENT, reply
+            assert "add up to more than 9223372036854775807" in reply.details()
+        assert get(bn_stub, session.session_id).version == session.version
+    # The step, sent again with counts that fit, completes.
+    module = torch.nn.BatchNorm1d(3).train()
+    shards = [torch.randn(4, 3), torch.randn(2, 3)]
+    replies = run_ranks(bn_stub, [stats_request(session.session_id, s, 1, 2, r) for r, s in enumerate(shards)],
+                        method="ReduceStatistics")
+    with torch.no_grad():
+        module(torch.cat(shards))
+    for reply in replies:
+        assert not isinstance(reply, grpc.RpcError), reply
+        assert reply.statistics.count == 6
+    assert_state(bn_stub, session.session_id, module, session.version + 1)
+
+
+def test_deleting_a_session_aborts_its_waiting_ranks_and_a_new_one_of_that_id_starts_clean():
+    metrics_port = free_port()
+    server = ServerProcess("--metrics-addr", f"127.0.0.1:{metrics_port}")
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = batch_norm_pb2_grpc.BatchNormServiceStub(channel)
+            session_id = new_id()
+            fields = dict(session_id=session_id, kind=bn.BATCH_NORM_1D, num_features=3, step_timeout_seconds=60)
+            for attempt in range(5):
+                stub.CreateSession(bn.CreateSessionRequest(**fields), timeout=10)
+                waiting = stub.Forward.future(step_request(session_id, torch.randn(2, 3), 1, 2, 0), timeout=30)
+                deadline = time.monotonic() + 30
+                while metric(metrics_port, "normserve_inflight_requests") < 1:  # rank 0 is at the server
+                    assert time.monotonic() < deadline and not waiting.done()
+                    time.sleep(0.01)
+                stub.DeleteSession(bn.DeleteSessionRequest(session_id=session_id), timeout=10)
+                # Told now, not at its 60 s timeout (nor at its own 30 s deadline).
+                error = waiting.exception()
+                assert error is not None
+                if error.code() == grpc.StatusCode.NOT_FOUND:
+                    continue  # deleted before rank 0 reached the barrier: again
+                assert error.code() == grpc.StatusCode.ABORTED, error
+                assert "was deleted while the step's ranks waited" in error.details()
+                break
+            else:
+                pytest.fail("rank 0 never reached the barrier before the delete")
+            # Created again under the id, with another configuration: the old
+            # incarnation's step is not its step.
+            module = torch.nn.BatchNorm1d(5).train()
+            new = stub.CreateSession(bn.CreateSessionRequest(**dict(fields, num_features=5)), timeout=10).session
+            shards = [torch.randn(3, 5), torch.randn(2, 5)]
+            replies = run_ranks(stub, [step_request(session_id, s, 1, 2, r) for r, s in enumerate(shards)])
+            assert_step_matches(replies, shards, module, 1)
+            assert_state(stub, session_id, module, new.version + 1)
+    finally:
+        assert server.stop() == 0
+
+
+def crc32_twin(data, positions):
+    """`data` with some of the given bits flipped so that its CRC-32 stays the
+    same (CRC is linear over GF(2): a set of flips whose CRC differences XOR
+    to zero leaves it unchanged), checked with zlib."""
+    import zlib
+    zero = zlib.crc32(bytes(len(data)))
+    basis = {}
+    for k, (byte, bit) in enumerate(positions):
+        flip = bytearray(len(data))
+        flip[byte] ^= 1 << bit
+        vector, mask = zlib.crc32(bytes(flip)) ^ zero, 1 << k
+        while vector:
+            top = vector.bit_length() - 1
+            if top not in basis:
+                basis[top] = (vector, mask)
+                break
+            vector, mask = vector ^ basis[top][0], mask ^ basis[top][1]
+        if vector == 0:
+            twin = bytearray(data)
+            for j, (b, bit) in enumerate(positions):
+                if mask >> j & 1:
+                    twin[b] ^= 1 << bit
+            assert zlib.crc32(bytes(twin)) == zlib.crc32(data) and bytes(twin) != data
+            return bytes(twin)
+    raise AssertionError("no collision among these bits")
+
+
+def test_a_rank_sent_twice_with_data_made_to_collide_in_crc32_is_still_refused(bn_stub):
+    import struct
+    channels = 8
+    session = create(bn_stub, "1d", torch.nn.BatchNorm1d(channels), step_timeout=30)
+    count, mean, m2 = 4, [float(c + 1) for c in range(channels)], [1.0] * channels
+    # The request's values as one byte string (count, mean, m2, the flag);
+    # only the low mantissa bytes of the means are flipped, so they stay finite.
+    data = struct.pack(f"<q{channels}d{channels}d?", count, *mean, *m2, True)
+    positions = [(8 + 8 * c + byte, bit) for c in range(channels) for byte in (0, 1) for bit in range(8)]
+    twin = struct.unpack(f"<q{channels}d{channels}d?", crc32_twin(data, positions))
+    twin_mean = list(twin[1:1 + channels])
+    assert twin_mean != mean and all(math.isfinite(v) for v in twin_mean)
+
+    def request(values):
+        return bn.ReduceStatisticsRequest(
+            session_id=session.session_id, step=bn.StepSpec(step=1, world_size=2, rank=0),
+            phase=bn.REDUCE_PHASE_FORWARD, count=count, mean=values, m2=m2, update_running_stats=True)
+
+    replies = run_ranks(bn_stub, [request(mean), request(twin_mean)], method="ReduceStatistics")
+    codes = sorted(r.code().name for r in replies if isinstance(r, grpc.RpcError))
+    assert codes == ["ABORTED", "INVALID_ARGUMENT"], replies
+    for reply in replies:
+        if reply.code() == grpc.StatusCode.INVALID_ARGUMENT:
+            assert "rank 0 already arrived at step 1 with different data" in reply.details()
+        else:
+            assert "rank 0 sent an invalid request" in reply.details()
+    assert get(bn_stub, session.session_id).version == session.version
+
+
 def test_a_backward_reduction_needs_its_forward_first(bn_stub):
     session = create(bn_stub, "1d", torch.nn.BatchNorm1d(2))
     with pytest.raises(grpc.RpcError) as error:

@@ -95,6 +95,35 @@ impl Contribution {
     }
 }
 
+/// Whether `arrived` (a rank's arrival held by the step) may be the same
+/// data as `again` (that rank once more), by their values, bit for bit.
+/// The fingerprints are compared too, but they are CRC-32: data made to
+/// collide must still carry the arrival's exact statistics, and then it
+/// makes the same step. Once the step is committing its values have been
+/// taken (hollow), and the fingerprint alone decides.
+fn same_values(arrived: &Contribution, again: &Contribution) -> bool {
+    let bits = |a: &[f64], b: &[f64]| {
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+    };
+    match (arrived, again) {
+        (Contribution::Forward { stats: a, .. }, Contribution::Forward { stats: b, .. }) => {
+            a.mean.is_empty() && a.m2.is_empty()
+                || a.count == b.count && bits(&a.mean, &b.mean) && bits(&a.m2, &b.m2)
+        }
+        (
+            Contribution::Backward {
+                sum_grad_output: a,
+                sum_grad_output_centered: ac,
+            },
+            Contribution::Backward {
+                sum_grad_output: b,
+                sum_grad_output_centered: bc,
+            },
+        ) => a.is_empty() && ac.is_empty() || bits(a, b) && bits(ac, bc),
+        _ => false,
+    }
+}
+
 /// How a step failed, as every rank of it is told.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Failure {
@@ -112,9 +141,13 @@ pub enum Failure {
 /// choosing (`T`), or the failure.
 pub type Outcome<T> = Result<Arc<T>, Failure>;
 
+/// One step of one session. `incarnation` (the session's creation time)
+/// keeps a session deleted and created again under the same id from
+/// meeting, or being committed by, the ranks that came for the old one.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Key {
     pub session: SessionId,
+    pub incarnation: i64,
     pub step: u64,
     pub phase: Phase,
 }
@@ -402,6 +435,24 @@ impl<T: Send + Sync + 'static, P: Send + Sync + 'static> Barriers<T, P> {
         );
     }
 
+    /// Ends every waiting attempt of `session` (any incarnation) with
+    /// `failure` and forgets its failed ones: the session is gone, its
+    /// ranks are told now instead of at their timeout. An attempt already
+    /// committing is left to its commit, which finds the session gone.
+    pub fn abort_session(&self, session: &SessionId, failure: &Failure) {
+        let mut inner = lock(&self.inner);
+        let keys: Vec<Key> = inner
+            .open
+            .iter()
+            .filter(|(key, open)| key.session == *session && !open.committing)
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in keys {
+            inner.fail(&key, failure.clone(), None);
+        }
+        inner.failed.retain(|key, _| key.session != *session);
+    }
+
     /// Places a rank in its step.
     pub fn arrive(&self, arrive: Arrive) -> Result<Ticket<T, P>, Refused> {
         let Arrive {
@@ -483,10 +534,15 @@ impl<T: Send + Sync + 'static, P: Send + Sync + 'static> Barriers<T, P> {
             ))
         } else {
             match (&open.arrivals[rank as usize], open.arrivals.iter().flatten().next()) {
-                (Some(same), _) if same.fingerprint != fingerprint => Some(format!(
-                    "rank {rank} already arrived at step {} with different data",
-                    key.step
-                )),
+                (Some(same), _)
+                    if same.fingerprint != fingerprint
+                        || !same_values(&same.contribution, &contribution) =>
+                {
+                    Some(format!(
+                        "rank {rank} already arrived at step {} with different data",
+                        key.step
+                    ))
+                }
                 (_, Some(other)) if !agrees(&other.contribution, &contribution) => {
                     Some(format!(
                         "rank {rank} disagrees with the step's other ranks (update_running_stats, or ReduceStatistics mixed with Forward)"
@@ -803,6 +859,7 @@ mod tests {
     fn key(step: u64) -> Key {
         Key {
             session: SessionId::parse("s").unwrap(),
+            incarnation: 1,
             step,
             phase: Phase::Forward,
         }
@@ -945,6 +1002,71 @@ mod tests {
         };
         assert_eq!(barriers.load(), (1, 100));
         drop(w0);
+        assert_eq!(barriers.load(), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn a_rank_again_with_the_same_fingerprint_but_other_values_is_invalid() {
+        let barriers: Barriers<u32, u32> = Barriers::new(limits());
+        let Ticket::Wait(w0) = barriers.arrive(arrive(1, 2, 0, 0.5, 60_000)).unwrap() else {
+            panic!()
+        };
+        // As if the data were made to collide with rank 0's CRC-32.
+        let collided = Arrive {
+            fingerprint: 0.5f64.to_bits(),
+            ..arrive(1, 2, 0, 0.25, 60_000)
+        };
+        let refused = barriers.arrive(collided).err().unwrap();
+        assert!(
+            matches!(refused, Refused::Invalid(ref m) if m.contains("with different data")),
+            "{refused:?}"
+        );
+        let Err(Failure::Aborted(message)) = w0.outcome().await else {
+            panic!()
+        };
+        assert!(
+            message.contains("rank 0 sent an invalid request"),
+            "{message}"
+        );
+        // The same values again are its retry.
+        let Ticket::Wait(_w0) = barriers.arrive(arrive(2, 2, 0, 0.5, 60_000)).unwrap() else {
+            panic!()
+        };
+        assert!(matches!(
+            barriers.arrive(arrive(2, 2, 0, 0.5, 60_000)),
+            Ok(Ticket::Wait(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_deleted_sessions_ranks_are_aborted_and_another_incarnation_meets_apart() {
+        let barriers: Barriers<u32, u32> = Barriers::new(limits());
+        let Ticket::Wait(w0) = barriers.arrive(arrive(1, 2, 0, 0.0, 60_000)).unwrap() else {
+            panic!()
+        };
+        // The id's next incarnation: rank 1 of the same step number does
+        // not complete the old incarnation's step.
+        let next = |rank| Arrive {
+            key: Key {
+                incarnation: 2,
+                ..key(1)
+            },
+            ..arrive(1, 2, rank, 1.0, 60_000)
+        };
+        let Ticket::Wait(w1) = barriers.arrive(next(1)).unwrap() else {
+            panic!("rank 1 of another incarnation completed the step")
+        };
+        assert_eq!(barriers.load(), (2, 200));
+        barriers.abort_session(
+            &SessionId::parse("s").unwrap(),
+            &Failure::Aborted("deleted".into()),
+        );
+        for waiter in [w0, w1] {
+            let Err(Failure::Aborted(message)) = waiter.outcome().await else {
+                panic!()
+            };
+            assert_eq!(message, "deleted");
+        }
         assert_eq!(barriers.load(), (0, 0));
     }
 

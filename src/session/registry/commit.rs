@@ -251,6 +251,7 @@ impl Registry {
                         store.delete(id, None).await?;
                     }
                     self.forget_unreadable(id);
+                    self.end_steps_of(id);
                     return Ok(());
                 }
                 Err(other) => return Err(other),
@@ -268,6 +269,7 @@ impl Registry {
             }
             state.deleted = true;
             self.forget(&session);
+            self.end_steps_of(id);
             return Ok(());
         }
         Err(SessionError::Contended(id.clone()))

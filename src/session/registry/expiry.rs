@@ -63,6 +63,7 @@ impl Registry {
                         }
                     }
                     state.deleted = true;
+                    self.end_steps_of(&id);
                 }
             }
             self.forget(&session);

@@ -103,7 +103,7 @@ pub(super) fn meeting_name(key: &Key) -> String {
         Phase::Forward => "forward",
         Phase::Backward => "backward",
     };
-    format!("{}:{}:{phase}", key.session, key.step)
+    format!("{}:{}:{}:{phase}", key.session, key.incarnation, key.step)
 }
 
 fn unix_ms(at: SystemTime) -> u64 {

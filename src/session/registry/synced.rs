@@ -24,7 +24,7 @@ use crate::numerics::merge_stats::{
 };
 use crate::numerics::{NumericsError, TensorData};
 use crate::session::replay::{step_key, Call, Replay, Replayable};
-use crate::session::state::{SessionInfo, SessionState};
+use crate::session::state::{unix_nanos, SessionInfo, SessionState};
 use crate::session::steps::Step;
 use crate::session::synced::{
     BackwardSums, ReduceOutcome, ReduceStatistics, Reduction, StepApplied, StepForward,
@@ -64,6 +64,14 @@ impl BackwardDone {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         map.insert(id.clone(), (step, done));
+    }
+
+    fn forget(&self, id: &SessionId) {
+        let mut map = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.remove(id);
     }
 }
 
@@ -107,12 +115,19 @@ fn not_checked() -> SessionError {
     ))
 }
 
-fn key(id: &SessionId, step: u64, phase: Phase) -> Key {
+fn key(id: &SessionId, incarnation: i64, step: u64, phase: Phase) -> Key {
     Key {
         session: id.clone(),
+        incarnation,
         step,
         phase,
     }
+}
+
+/// Which incarnation of its id a session is (deleted and created again, it
+/// is another one).
+fn incarnation(info: &SessionInfo) -> i64 {
+    unix_nanos(info.created_at)
 }
 
 /// The step below or at the last applied one that is not a retry.
@@ -258,6 +273,15 @@ pub(super) fn failed(failure: Failure) -> SessionError {
     }
 }
 
+/// The session the step's ranks checked against was deleted and created
+/// again under its id while they waited: the step is not the new one's.
+fn session_replaced(info: &SessionInfo, step: u64) -> SessionError {
+    SessionError::StepAborted(format!(
+        "session {} was deleted (and created again) while step {step}'s ranks waited; nothing was applied",
+        info.id
+    ))
+}
+
 /// A commit's error as the failure every rank of the step is told.
 fn failure_of(error: &SessionError) -> Failure {
     match error {
@@ -267,6 +291,10 @@ fn failure_of(error: &SessionError) -> Failure {
             Failure::Invalid(e.to_string())
         }
         SessionError::StepAborted(m) => Failure::Aborted(m.clone()),
+        // Deleted while its ranks waited: the step cannot happen.
+        SessionError::NotFound(id) => Failure::Aborted(format!(
+            "session {id} was deleted while the step's ranks waited; nothing was applied"
+        )),
         SessionError::Contended(_) | SessionError::VersionMismatch { .. } => {
             Failure::Aborted(format!("{error}; nothing was applied"))
         }
@@ -444,13 +472,12 @@ impl Registry {
             .into());
         };
         let id = forward.id.clone();
-        let step_key = key(&id, spec.step, Phase::Forward);
         let for_check = &forward;
         // Checked against the session under its lock; the shard's statistics
         // are computed after, without holding the lock (the ranks of a step
         // compute them in parallel).
         let mut placement = None;
-        let checked = match self
+        let (incarnation, checked) = self
             .check(&id, |info, state| {
                 let training = for_check.mode.unwrap_or(info.config.default_mode) == Mode::Train;
                 if !training {
@@ -467,8 +494,8 @@ impl Registry {
                     timeout: info.config.step_timeout,
                 })
             })
-            .await
-        {
+            .await;
+        let checked = match checked {
             Ok(Checked::Shard {
                 reject_non_finite,
                 timeout,
@@ -506,7 +533,9 @@ impl Registry {
         let checked = match checked {
             Ok(checked) => checked,
             Err(error) => {
-                if matches!(failure_of(&error), Failure::Invalid(_)) {
+                if let (Failure::Invalid(_), Some(incarnation)) = (failure_of(&error), incarnation)
+                {
+                    let step_key = key(&id, incarnation, spec.step, Phase::Forward);
                     self.fail_invalid(&step_key, spec, &error.to_string()).await;
                 }
                 return Err(error);
@@ -529,6 +558,7 @@ impl Registry {
             } => {
                 let bytes = host_input.bytes().len() as u64;
                 let (device, kind) = placement.ok_or_else(not_checked)?;
+                let incarnation = incarnation.ok_or_else(not_checked)?;
                 let shard = Shard {
                     input: host_input.clone(),
                     device,
@@ -537,7 +567,7 @@ impl Registry {
                 let (done, early) = self
                     .rendezvous(
                         spec,
-                        step_key,
+                        key(&id, incarnation, spec.step, Phase::Forward),
                         contribution,
                         fingerprint,
                         bytes,
@@ -623,17 +653,25 @@ impl Registry {
     /// current, inline: the checks are a few comparisons per channel, cheaper
     /// than a compute-pool job's two thread hops, and every rank of a step
     /// takes the session's lock for them one after another.
-    async fn check<T, F>(&self, id: &SessionId, mut job: F) -> Result<T, SessionError>
+    /// Also returns the session's incarnation, when the session was read
+    /// (the step's key: see [`Key`]).
+    async fn check<T, F>(
+        &self,
+        id: &SessionId,
+        mut job: F,
+    ) -> (Option<i64>, Result<T, SessionError>)
     where
         F: FnMut(&SessionInfo, &SessionState) -> Result<T, SessionError>,
     {
         for _ in 0..MAX_ATTEMPTS {
-            let Some((session, state)) = self.locked(id).await? else {
-                continue;
+            let (session, state) = match self.locked(id).await {
+                Ok(Some(locked)) => locked,
+                Ok(None) => continue,
+                Err(error) => return (None, Err(error)),
             };
-            return job(&session.info, &state);
+            return (Some(incarnation(&session.info)), job(&session.info, &state));
         }
-        Err(SessionError::Contended(id.clone()))
+        (None, Err(SessionError::Contended(id.clone())))
     }
 
     /// ReduceStatistics: the statistics of a step's ranks, merged.
@@ -650,14 +688,13 @@ impl Registry {
             Reduction::Forward { .. } => Phase::Forward,
             Reduction::Backward { .. } => Phase::Backward,
         };
-        let step_key = key(&id, spec.step, phase);
         if phase == Phase::Backward {
             if let Some(done) = self.backward_done.get(&id, spec.step) {
                 return Ok(reduce_outcome(&done, true));
             }
         }
         let mut reduction = Some(reduction);
-        let checked = self
+        let (incarnation, checked) = self
             .check(&id, |info, state| match reduction.take() {
                 Some(reduction) => check_reduction(info, state, spec, reduction),
                 None => Err(not_checked()),
@@ -666,7 +703,9 @@ impl Registry {
         let checked = match checked {
             Ok(checked) => checked,
             Err(error) => {
-                if matches!(failure_of(&error), Failure::Invalid(_)) {
+                if let (Failure::Invalid(_), Some(incarnation)) = (failure_of(&error), incarnation)
+                {
+                    let step_key = key(&id, incarnation, spec.step, phase);
                     self.fail_invalid(&step_key, spec, &error.to_string()).await;
                 }
                 return Err(error);
@@ -680,6 +719,7 @@ impl Registry {
                 fingerprint,
                 timeout,
             } => {
+                let step_key = key(&id, incarnation.ok_or_else(not_checked)?, spec.step, phase);
                 let (done, _) = self
                     .rendezvous(spec, step_key, contribution, fingerprint, 0, timeout, None)
                     .await?;
@@ -790,6 +830,17 @@ impl Registry {
         completion.publish(outcome);
     }
 
+    /// `id` was deleted: its waiting ranks are answered now (ABORTED)
+    /// instead of at their timeout, and its step state is forgotten, so a
+    /// session created again under the id starts with none of it.
+    pub(super) fn end_steps_of(&self, id: &SessionId) {
+        let failure = Failure::Aborted(format!(
+            "session {id} was deleted while the step's ranks waited; nothing was applied"
+        ));
+        self.barriers.abort_session(id, &failure);
+        self.backward_done.forget(id);
+    }
+
     fn remember_backward(&self, key: &Key, outcome: &Outcome<StepDone>) {
         if let Ok(done) = outcome {
             if let StepDone::Backward { .. } = **done {
@@ -831,7 +882,10 @@ impl Registry {
             }
         }
         let channels = shards.first().map_or(0, |s| s.mean.len());
-        let global = merge(channels, shards.iter().copied());
+        let global = match merge(channels, shards.iter().copied()) {
+            Ok(global) => global,
+            Err(error) => return Err(Failure::Invalid(error.to_string())),
+        };
         // Forward ranks send their shards' shapes, ReduceStatistics ranks none.
         let ranks = match global_shape {
             Some(_) => Ranks::Forward,
@@ -841,9 +895,12 @@ impl Registry {
         if let Err(error) = check_global_count(global.count, &shape) {
             return Err(Failure::Invalid(error.to_string()));
         }
-        let step = key.step;
+        let (step, expected) = (key.step, key.incarnation);
         let applied = self
             .mutate(&key.session, 0, move |info, state| {
+                if incarnation(info) != expected {
+                    return Err(session_replaced(info, step));
+                }
                 let step = commit_step(info, state, step, &global, update, ranks)?;
                 if let (Some(previewer), Step::Next(next)) = (&previewer, &step) {
                     if let Some(transform) = &next.value.transform {
@@ -881,8 +938,12 @@ impl Registry {
                     .for_each(|(s, v)| *s += v);
             }
         }
+        let (step, expected) = (key.step, key.incarnation);
         let (version, num_batches_tracked) = self
-            .read(&key.session, |_, state| {
+            .read(&key.session, move |info, state| {
+                if incarnation(info) != expected {
+                    return Err(session_replaced(info, step));
+                }
                 Ok((state.layer.version, state.layer.num_batches_tracked))
             })
             .await
