@@ -170,6 +170,17 @@ pub fn merge<'a>(
         }
         total.absorb(shard);
     }
+    if total.count == 0 {
+        // No values: every statistic is undefined, NaN as torch's mean and
+        // var of an empty tensor (not a mean of 0, nor M2 / -1 = -0).
+        let undefined = vec![f64::NAN; channels];
+        return Ok(GlobalStats {
+            count: 0,
+            mean: undefined.clone(),
+            var: undefined.clone(),
+            unbiased_var: undefined,
+        });
+    }
     let n = total.count as f64;
     Ok(GlobalStats {
         count: total.count,
@@ -424,6 +435,22 @@ mod tests {
     #[test]
     fn an_empty_global_batch_keeps_the_running_statistics() {
         let global = merge(2, [&ShardStats::empty(2)]).unwrap();
+        // Its statistics are torch's of an empty batch: NaN, all three.
+        let empty = Tensor::zeros([0, 2], (Kind::Double, tch::Device::Cpu));
+        let torch_mean = Vec::<f64>::try_from(empty.mean_dim(0, false, Kind::Double)).unwrap();
+        let torch_var = Vec::<f64>::try_from(empty.var_dim(0, false, false)).unwrap();
+        let torch_unbiased = Vec::<f64>::try_from(empty.var_dim(0, true, false)).unwrap();
+        for (ours, theirs) in [
+            (&global.mean, &torch_mean),
+            (&global.var, &torch_var),
+            (&global.unbiased_var, &torch_unbiased),
+        ] {
+            assert_eq!(ours.len(), 2);
+            assert!(
+                ours.iter().chain(theirs.iter()).all(|v| v.is_nan()),
+                "{ours:?} {theirs:?}"
+            );
+        }
         let (mean, var) = updated_running_stats(&[1.0, 2.0], &[3.0, 4.0], &global, 0.1);
         assert_eq!((mean, var), (vec![1.0, 2.0], vec![3.0, 4.0]));
     }

@@ -397,6 +397,28 @@ def test_counts_that_add_up_past_int64_fail_the_step_and_apply_nothing(bn_stub):
     assert_state(bn_stub, session.session_id, module, session.version + 1)
 
 
+def test_a_step_of_empty_shards_reports_torchs_statistics_of_an_empty_batch(bn_stub):
+    module = torch.nn.BatchNorm1d(3).train()
+    session = create(bn_stub, "1d", module)
+    shards = [torch.empty(0, 3), torch.empty(0, 3)]
+    replies = run_ranks(bn_stub, [stats_request(session.session_id, s, 1, 2, r) for r, s in enumerate(shards)],
+                        method="ReduceStatistics")
+    with torch.no_grad():
+        module(torch.cat(shards))
+    x = torch.cat(shards).double()
+    # torch warns that an empty batch has no degrees of freedom, and says NaN.
+    with pytest.warns(UserWarning, match="degrees of freedom"):
+        expected = (x.mean(0), x.var(0, unbiased=False), x.var(0))
+    for reply in replies:
+        assert not isinstance(reply, grpc.RpcError), reply
+        assert reply.statistics.count == 0
+        got = [torch.tensor(list(values), dtype=torch.float64) for values in
+               (reply.statistics.mean, reply.statistics.var, reply.statistics.unbiased_var)]
+        for ours, theirs in zip(got, expected):
+            torch.testing.assert_close(ours, theirs, equal_nan=True)
+    assert_state(bn_stub, session.session_id, module, session.version + 1)
+
+
 def test_deleting_a_session_aborts_its_waiting_ranks_and_a_new_one_of_that_id_starts_clean():
     metrics_port = free_port()
     server = ServerProcess("--metrics-addr", f"127.0.0.1:{metrics_port}")
