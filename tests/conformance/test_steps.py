@@ -7,6 +7,7 @@ invalid rank, nothing applied), retries of an applied step are answered
 again, an older step is FAILED_PRECONDITION, kill -9 during a barrier leaves
 no partial step, and ReduceStatistics matches the same oracle."""
 
+import contextlib
 import math
 import threading
 import time
@@ -275,42 +276,54 @@ def await_finished(metrics_port, count):
         time.sleep(0.01)
 
 
-def test_a_client_that_goes_away_while_waiting_counts_as_missing():
+@contextlib.contextmanager
+def metered_server():
+    """A server of its own with its /metrics, for tests that must know when
+    a request has reached it or left it: (stub, metrics port)."""
     metrics_port = free_port()
     server = ServerProcess("--metrics-addr", f"127.0.0.1:{metrics_port}")
     try:
         with grpc.insecure_channel(server.address) as channel:
-            stub = batch_norm_pb2_grpc.BatchNormServiceStub(channel)
-            module = torch.nn.BatchNorm1d(2).train()
-            session = create(stub, "1d", module, step_timeout=1.0)
-            shards = [torch.randn(2, 2), torch.randn(3, 2)]
-            requests = [step_request(session.session_id, s, 1, 2, r) for r, s in enumerate(shards)]
-            # Rank 0 gives up (its own deadline) before rank 1 arrives: without the
-            # withdrawal rank 1 would complete the step with rank 0's shard.
-            done = finished_requests(metrics_port)
-            with pytest.raises(grpc.RpcError) as gone:
-                stub.Forward(requests[0], timeout=0.3)
-            assert gone.value.code() in (grpc.StatusCode.ABORTED, grpc.StatusCode.DEADLINE_EXCEEDED)
-            await_finished(metrics_port, done + 1)
-            [reply] = run_ranks(stub, [requests[1]])
-            assert reply.code() == grpc.StatusCode.ABORTED
-            assert "rank 0" in reply.details()
-            assert get(stub, session.session_id).version == session.version
-            # The same with a caller that cancels.
-            done = finished_requests(metrics_port)
-            future = stub.Forward.future(requests[0], timeout=30)
-            deadline = time.monotonic() + 30
-            while metric(metrics_port, "normserve_inflight_requests") < 1:  # rank 0 is at the server
-                assert time.monotonic() < deadline and not future.done()
-                time.sleep(0.01)
-            future.cancel()
-            await_finished(metrics_port, done + 1)
-            [reply] = run_ranks(stub, [requests[1]])
-            assert reply.code() == grpc.StatusCode.ABORTED and "rank 0" in reply.details()
-            replies = run_ranks(stub, requests)
-            assert_step_matches(replies, shards, module, 1)
+            yield batch_norm_pb2_grpc.BatchNormServiceStub(channel), metrics_port
     finally:
         assert server.stop() == 0
+
+
+def await_at_server(metrics_port, future):
+    """Waits until the server holds a request (the one `future` sent)."""
+    deadline = time.monotonic() + 30
+    while metric(metrics_port, "normserve_inflight_requests") < 1:
+        assert time.monotonic() < deadline and not future.done()
+        time.sleep(0.01)
+
+
+def test_a_client_that_goes_away_while_waiting_counts_as_missing():
+    with metered_server() as (stub, metrics_port):
+        module = torch.nn.BatchNorm1d(2).train()
+        session = create(stub, "1d", module, step_timeout=1.0)
+        shards = [torch.randn(2, 2), torch.randn(3, 2)]
+        requests = [step_request(session.session_id, s, 1, 2, r) for r, s in enumerate(shards)]
+        # Rank 0 gives up (its own deadline) before rank 1 arrives: without the
+        # withdrawal rank 1 would complete the step with rank 0's shard.
+        done = finished_requests(metrics_port)
+        with pytest.raises(grpc.RpcError) as gone:
+            stub.Forward(requests[0], timeout=0.3)
+        assert gone.value.code() in (grpc.StatusCode.ABORTED, grpc.StatusCode.DEADLINE_EXCEEDED)
+        await_finished(metrics_port, done + 1)
+        [reply] = run_ranks(stub, [requests[1]])
+        assert reply.code() == grpc.StatusCode.ABORTED
+        assert "rank 0" in reply.details()
+        assert get(stub, session.session_id).version == session.version
+        # The same with a caller that cancels.
+        done = finished_requests(metrics_port)
+        future = stub.Forward.future(requests[0], timeout=30)
+        await_at_server(metrics_port, future)  # rank 0 is at the server
+        future.cancel()
+        await_finished(metrics_port, done + 1)
+        [reply] = run_ranks(stub, [requests[1]])
+        assert reply.code() == grpc.StatusCode.ABORTED and "rank 0" in reply.details()
+        replies = run_ranks(stub, requests)
+        assert_step_matches(replies, shards, module, 1)
 
 
 def stats_request(session_id, shard, step, world_size, rank, update=True):
@@ -420,41 +433,32 @@ def test_a_step_of_empty_shards_reports_torchs_statistics_of_an_empty_batch(bn_s
 
 
 def test_deleting_a_session_aborts_its_waiting_ranks_and_a_new_one_of_that_id_starts_clean():
-    metrics_port = free_port()
-    server = ServerProcess("--metrics-addr", f"127.0.0.1:{metrics_port}")
-    try:
-        with grpc.insecure_channel(server.address) as channel:
-            stub = batch_norm_pb2_grpc.BatchNormServiceStub(channel)
-            session_id = new_id()
-            fields = dict(session_id=session_id, kind=bn.BATCH_NORM_1D, num_features=3, step_timeout_seconds=60)
-            for attempt in range(5):
-                stub.CreateSession(bn.CreateSessionRequest(**fields), timeout=10)
-                waiting = stub.Forward.future(step_request(session_id, torch.randn(2, 3), 1, 2, 0), timeout=30)
-                deadline = time.monotonic() + 30
-                while metric(metrics_port, "normserve_inflight_requests") < 1:  # rank 0 is at the server
-                    assert time.monotonic() < deadline and not waiting.done()
-                    time.sleep(0.01)
-                stub.DeleteSession(bn.DeleteSessionRequest(session_id=session_id), timeout=10)
-                # Told now, not at its 60 s timeout (nor at its own 30 s deadline).
-                error = waiting.exception()
-                assert error is not None
-                if error.code() == grpc.StatusCode.NOT_FOUND:
-                    continue  # deleted before rank 0 reached the barrier: again
-                assert error.code() == grpc.StatusCode.ABORTED, error
-                assert "was deleted while the step's ranks waited" in error.details()
-                break
-            else:
-                pytest.fail("rank 0 never reached the barrier before the delete")
-            # Created again under the id, with another configuration: the old
-            # incarnation's step is not its step.
-            module = torch.nn.BatchNorm1d(5).train()
-            new = stub.CreateSession(bn.CreateSessionRequest(**dict(fields, num_features=5)), timeout=10).session
-            shards = [torch.randn(3, 5), torch.randn(2, 5)]
-            replies = run_ranks(stub, [step_request(session_id, s, 1, 2, r) for r, s in enumerate(shards)])
-            assert_step_matches(replies, shards, module, 1)
-            assert_state(stub, session_id, module, new.version + 1)
-    finally:
-        assert server.stop() == 0
+    with metered_server() as (stub, metrics_port):
+        session_id = new_id()
+        fields = dict(session_id=session_id, kind=bn.BATCH_NORM_1D, num_features=3, step_timeout_seconds=60)
+        for attempt in range(5):
+            stub.CreateSession(bn.CreateSessionRequest(**fields), timeout=10)
+            waiting = stub.Forward.future(step_request(session_id, torch.randn(2, 3), 1, 2, 0), timeout=30)
+            await_at_server(metrics_port, waiting)  # rank 0 is at the server
+            stub.DeleteSession(bn.DeleteSessionRequest(session_id=session_id), timeout=10)
+            # Told now, not at its 60 s timeout (nor at its own 30 s deadline).
+            error = waiting.exception()
+            assert error is not None
+            if error.code() == grpc.StatusCode.NOT_FOUND:
+                continue  # deleted before rank 0 reached the barrier: again
+            assert error.code() == grpc.StatusCode.ABORTED, error
+            assert "was deleted while the step's ranks waited" in error.details()
+            break
+        else:
+            pytest.fail("rank 0 never reached the barrier before the delete")
+        # Created again under the id, with another configuration: the old
+        # incarnation's step is not its step.
+        module = torch.nn.BatchNorm1d(5).train()
+        new = stub.CreateSession(bn.CreateSessionRequest(**dict(fields, num_features=5)), timeout=10).session
+        shards = [torch.randn(3, 5), torch.randn(2, 5)]
+        replies = run_ranks(stub, [step_request(session_id, s, 1, 2, r) for r, s in enumerate(shards)])
+        assert_step_matches(replies, shards, module, 1)
+        assert_state(stub, session_id, module, new.version + 1)
 
 
 def crc32_twin(data, positions):
