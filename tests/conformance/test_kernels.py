@@ -67,3 +67,23 @@ def test_running_statistics_stay_bit_identical_to_pytorch_over_many_steps(kernel
                 assert torch.equal(state[key], module.state_dict()[key]), (
                     f"{key} after {step} steps: {state[key].tolist()} != {module.state_dict()[key].tolist()}")
     session.delete()
+
+
+@pytest.mark.parametrize("shape", [(7, 5, 3), (4, 3, 6, 6), (2, 4, 3, 3, 3)], ids=lambda s: "x".join(map(str, s)))
+def test_channels_whose_spread_is_tiny_against_their_mean_give_pytorchs_output(kernel_client, shape):
+    """A channel of values 100 +- 1e-3 in float32 normalizes to numbers that
+    are mostly rounding (x * alpha and beta are ~3e4 and cancel): torch's own
+    error there is ~1e-3, and a kernel that rounds the variance or the
+    multiply-add differently from libtorch lands ~1e-3 away from it. Both
+    kernels must give PyTorch's numbers, not only its tolerance."""
+    gen = torch.Generator().manual_seed(sum(shape))
+    c = shape[1]
+    spread = torch.tensor([1.0, 1e3, 1e-3, 1e6] + [1.0] * (c - 4))[:c].view(1, c, *[1] * (len(shape) - 2))
+    module = MODULES[len(shape)](c)
+    session = kernel_client.create_session_from_module(module)
+    for step in range(3):
+        x = torch.randn(shape, generator=gen) * spread + 100
+        with torch.no_grad():
+            expected = module.train()(x)
+        assert torch.equal(session.forward(x, train=True), expected), f"step {step}"
+    session.delete()
