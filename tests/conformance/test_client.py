@@ -334,6 +334,16 @@ def test_update_and_reset_match_pytorch(client):
     assert info.momentum == 0.3
 
 
+def test_reset_without_running_statistics_does_nothing_as_in_pytorch(client):
+    module = torch.nn.BatchNorm1d(3, track_running_stats=False)
+    session = client.create_session_from_module(module)
+    before = session.info()
+    module.reset_running_stats()  # PyTorch: a no-op, no error
+    after = session.reset_running_stats()
+    assert after.version == before.version
+    assert_same_state(after.state_dict(), module)
+
+
 # --------------------------------------------------- versions and replays
 
 

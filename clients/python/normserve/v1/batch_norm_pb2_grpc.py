@@ -185,8 +185,9 @@ class BatchNormServiceServicer:
 
     def ResetRunningStats(self, request, context):
         """`module.reset_running_stats()`: running_mean = 0, running_var = 1,
-        num_batches_tracked = 0. Weight and bias are kept. FAILED_PRECONDITION
-        when the session does not track running statistics.
+        num_batches_tracked = 0. Weight and bias are kept. A session that does
+        not track running statistics is answered as it is, unchanged (PyTorch's
+        reset_running_stats() does nothing there).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
