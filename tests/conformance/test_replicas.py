@@ -7,6 +7,7 @@ import threading
 
 import grpc
 import normserve
+import pytest
 import torch
 
 from normserve.v1 import batch_norm_pb2 as bn, batch_norm_pb2_grpc
@@ -209,5 +210,41 @@ def test_a_store_that_went_back_in_time_is_data_loss_not_a_silent_rollback(redis
             assert error.code() == grpc.StatusCode.DATA_LOSS, error
             assert "went back in time" in error.details() and "version 2" in error.details()
     assert redis_command(redis_server.url, "HGET", key, "v").endswith(b":2")  # nothing applied on it
+    # A replica that never saw version 3 accepts what Redis holds and trains
+    # it to a version 3 of its own (other data: another history).
+    other = ServerProcess("--store", redis_server.url)
+    other_channel, other_stub = stub_for(other.address)
+    theirs = torch.randn(4, 3) * 5 + 2
+    assert other_stub.Forward(bn.ForwardRequest(session_id=sid, input=wire.to_proto(theirs),
+                                                mode=bn.MODE_TRAIN)).version == 3
+    stored = redis_command(redis_server.url, "HGETALL", key)
+    # The first replica's lost version 3 has the same number, not the same
+    # contents: it stays DATA_LOSS there (no answer from the lost history, no
+    # replay of a lost request, no write over the other replica's step).
+    for call in (lambda: get(stub, sid),
+                 lambda: stub.Forward(bn.ForwardRequest(session_id=sid, input=wire.to_proto(x),
+                                                        mode=bn.MODE_EVAL)),
+                 lambda: stub.Forward(bn.ForwardRequest(session_id=sid, input=wire.to_proto(x),
+                                                        mode=bn.MODE_TRAIN))):
+        try:
+            call()
+            raise AssertionError("the lost history was served")
+        except grpc.RpcError as error:
+            assert error.code() == grpc.StatusCode.DATA_LOSS, error
+    assert redis_command(redis_server.url, "HGETALL", key) == stored
+    # The other replica's state is PyTorch's on the history Redis holds.
+    with torch.no_grad():
+        module(x)
+        module(theirs)
+    state = get(other_stub, sid)
+    torch.testing.assert_close(wire.from_proto(state.running_mean), module.running_mean)
+    torch.testing.assert_close(wire.from_proto(state.running_var), module.running_var)
+    # Deleting the session ends it on every replica; created again, it is new.
+    stub.DeleteSession(bn.DeleteSessionRequest(session_id=sid))
+    with pytest.raises(grpc.RpcError) as gone:
+        get(other_stub, sid)
+    assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+    other_channel.close()
+    assert other.stop() == 0
     channel.close()
     assert replica.stop() == 0

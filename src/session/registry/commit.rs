@@ -84,8 +84,16 @@ impl Registry {
         }
         // Within one incarnation versions only grow: an older one in the
         // store means the store lost acknowledged writes. Serving it would
-        // roll the session back silently.
+        // roll the session back silently. The cached state is dropped too:
+        // once another replica (which never saw the lost versions) moves
+        // the store up to the cached version number again, with other
+        // contents, the cache would pass for current, answer from the lost
+        // history and win compare-and-sets over that replica's acknowledged
+        // steps. Until the session is deleted or this replica restarts, it
+        // is DATA_LOSS here.
         if record.version < state.layer.version {
+            state.evicted = true;
+            self.forget(session);
             return Err(self.mark_unreadable(
                 id,
                 format!(
