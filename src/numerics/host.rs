@@ -127,22 +127,33 @@ fn contiguous_values<T>(
     Ok(Some((data, numel)))
 }
 
+/// Runs `f` over a contiguous CPU tensor's values of type `T` (libtorch's
+/// `kind`) in place, or returns `None` for any other tensor.
+fn with_values<T, R>(
+    tensor: &Tensor,
+    kind: tch::Kind,
+    f: impl FnOnce(&[T]) -> R,
+) -> Result<Option<R>, NumericsError> {
+    let Some((data, numel)) = contiguous_values::<T>(tensor, kind)? else {
+        return Ok(None);
+    };
+    // SAFETY: a contiguous CPU tensor of `kind` (whose elements are `T`, as
+    // the callers pair them) with `numel` elements starts at `data`
+    // (non-null, aligned, checked by `contiguous_values`); `tensor` is
+    // borrowed for the whole call, so its storage stays alive, and `f` only
+    // reads.
+    #[allow(unsafe_code)]
+    let values = unsafe { std::slice::from_raw_parts(data.cast_const(), numel) };
+    Ok(Some(f(values)))
+}
+
 /// Runs `f` over a contiguous float32 CPU tensor's values in place, or
 /// returns `None` for any other tensor.
 pub(super) fn with_f32_values<R>(
     tensor: &Tensor,
     f: impl FnOnce(&[f32]) -> R,
 ) -> Result<Option<R>, NumericsError> {
-    let Some((data, numel)) = contiguous_values::<f32>(tensor, tch::Kind::Float)? else {
-        return Ok(None);
-    };
-    // SAFETY: a contiguous float32 CPU tensor of `numel` elements starts at
-    // `data` (non-null, aligned, checked by `contiguous_values`); `tensor` is
-    // borrowed for the whole call, so its storage stays alive, and `f` only
-    // reads.
-    #[allow(unsafe_code)]
-    let values = unsafe { std::slice::from_raw_parts(data.cast_const(), numel) };
-    Ok(Some(f(values)))
+    with_values(tensor, tch::Kind::Float, f)
 }
 
 /// Runs `f` over a contiguous float64 CPU tensor's values in place, or
@@ -151,16 +162,7 @@ pub(super) fn with_f64_values<R>(
     tensor: &Tensor,
     f: impl FnOnce(&[f64]) -> R,
 ) -> Result<Option<R>, NumericsError> {
-    let Some((data, numel)) = contiguous_values::<f64>(tensor, tch::Kind::Double)? else {
-        return Ok(None);
-    };
-    // SAFETY: as in `with_f32_values`: a contiguous float64 CPU tensor of
-    // `numel` elements starts at `data` (non-null, aligned, checked by
-    // `contiguous_values`), `tensor` is borrowed for the whole call, and `f`
-    // only reads.
-    #[allow(unsafe_code)]
-    let values = unsafe { std::slice::from_raw_parts(data.cast_const(), numel) };
-    Ok(Some(f(values)))
+    with_values(tensor, tch::Kind::Double, f)
 }
 
 /// A new contiguous float32 CPU tensor of `shape` whose values `fill` writes.

@@ -27,10 +27,16 @@ enum Current {
     Replaced,
 }
 
+/// Which incarnation of its id a session is: its creation time (deleted and
+/// created again, it is another one).
+pub(super) fn incarnation(info: &SessionInfo) -> i64 {
+    unix_nanos(info.created_at)
+}
+
 /// The stamp a compare-and-set expects: the cached incarnation and version.
 pub(super) fn stamp(info: &SessionInfo, state: &SessionState) -> Stamp {
     Stamp {
-        incarnation: unix_nanos(info.created_at),
+        incarnation: incarnation(info),
         version: state.layer.version,
     }
 }
@@ -77,7 +83,7 @@ impl Registry {
             Some(Err(error)) => return Err(self.mark_unreadable(id, error.to_string())),
             Some(Ok(record)) => record,
         };
-        if record.created_at_unix_nanos != unix_nanos(session.info.created_at) {
+        if record.created_at_unix_nanos != incarnation(&session.info) {
             state.deleted = true;
             self.forget(session);
             return Ok(Current::Replaced);

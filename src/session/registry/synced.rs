@@ -15,7 +15,7 @@ use super::barrier::{
     Arrive, Completion, Contribution, Failure, Key, Outcome, Phase, Previewer, Progress, Refused,
     Ticket,
 };
-use super::commit::MAX_ATTEMPTS;
+use super::commit::{incarnation, MAX_ATTEMPTS};
 use super::{rendezvous, Registry};
 use crate::compute::ComputeError;
 use crate::numerics::batch_norm::{all_finite, Layer};
@@ -24,7 +24,7 @@ use crate::numerics::merge_stats::{
 };
 use crate::numerics::{NumericsError, TensorData};
 use crate::session::replay::{step_key, Call, Replay, Replayable};
-use crate::session::state::{unix_nanos, SessionInfo, SessionState};
+use crate::session::state::{SessionInfo, SessionState};
 use crate::session::steps::Step;
 use crate::session::synced::{
     BackwardSums, ReduceOutcome, ReduceStatistics, Reduction, StepApplied, StepForward,
@@ -48,30 +48,25 @@ pub enum StepDone {
 pub struct BackwardDone(Mutex<HashMap<SessionId, (u64, Arc<StepDone>)>>);
 
 impl BackwardDone {
-    fn get(&self, id: &SessionId, step: u64) -> Option<Arc<StepDone>> {
-        let map = self
-            .0
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<SessionId, (u64, Arc<StepDone>)>> {
+        self.0
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        map.get(id)
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn get(&self, id: &SessionId, step: u64) -> Option<Arc<StepDone>> {
+        self.map()
+            .get(id)
             .filter(|(s, _)| *s == step)
             .map(|(_, d)| d.clone())
     }
 
     fn put(&self, id: &SessionId, step: u64, done: Arc<StepDone>) {
-        let mut map = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        map.insert(id.clone(), (step, done));
+        self.map().insert(id.clone(), (step, done));
     }
 
     fn forget(&self, id: &SessionId) {
-        let mut map = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        map.remove(id);
+        self.map().remove(id);
     }
 }
 
@@ -122,12 +117,6 @@ fn key(id: &SessionId, incarnation: i64, step: u64, phase: Phase) -> Key {
         step,
         phase,
     }
-}
-
-/// Which incarnation of its id a session is (deleted and created again, it
-/// is another one).
-fn incarnation(info: &SessionInfo) -> i64 {
-    unix_nanos(info.created_at)
 }
 
 /// The step below or at the last applied one that is not a retry.
@@ -282,6 +271,14 @@ fn session_replaced(info: &SessionInfo, step: u64) -> SessionError {
     ))
 }
 
+/// What the ranks of a step of session `id` are told when it was deleted
+/// while they waited.
+fn deleted_while_waiting(id: &SessionId) -> Failure {
+    Failure::Aborted(format!(
+        "session {id} was deleted while the step's ranks waited; nothing was applied"
+    ))
+}
+
 /// A commit's error as the failure every rank of the step is told.
 fn failure_of(error: &SessionError) -> Failure {
     match error {
@@ -292,9 +289,7 @@ fn failure_of(error: &SessionError) -> Failure {
         }
         SessionError::StepAborted(m) => Failure::Aborted(m.clone()),
         // Deleted while its ranks waited: the step cannot happen.
-        SessionError::NotFound(id) => Failure::Aborted(format!(
-            "session {id} was deleted while the step's ranks waited; nothing was applied"
-        )),
+        SessionError::NotFound(id) => deleted_while_waiting(id),
         SessionError::Contended(_) | SessionError::VersionMismatch { .. } => {
             Failure::Aborted(format!("{error}; nothing was applied"))
         }
@@ -834,10 +829,7 @@ impl Registry {
     /// instead of at their timeout, and its step state is forgotten, so a
     /// session created again under the id starts with none of it.
     pub(super) fn end_steps_of(&self, id: &SessionId) {
-        let failure = Failure::Aborted(format!(
-            "session {id} was deleted while the step's ranks waited; nothing was applied"
-        ));
-        self.barriers.abort_session(id, &failure);
+        self.barriers.abort_session(id, &deleted_while_waiting(id));
         self.backward_done.forget(id);
     }
 
